@@ -5,13 +5,34 @@ import PackageDescription
 let package = Package(
     name: "dllava",
     platforms: [.macOS(.v14)],
-    products: [],
-    dependencies: [],
+    products: [
+        .executable(name: "dllava", targets: ["dllava"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
     targets: [
         // System libraries (Debian -dev packages, installed by Scripts/setup).
         .systemLibrary(name: "CBLAS", pkgConfig: "openblas", providers: [.apt(["libopenblas-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CJPEG", pkgConfig: "libturbojpeg", providers: [.apt(["libturbojpeg0-dev"])]),
         .systemLibrary(name: "CPNG", pkgConfig: "spng", providers: [.apt(["libspng-dev"])]),
+        // dtype widening with run-time CPU dispatch (F16C); the only C the project holds.
+        .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3"])]),
+
+        .target(name: "Numerics", dependencies: ["CBLAS", "CKernels"]),
+        .target(name: "SafeTensors", dependencies: ["Numerics"]),
+        .target(name: "Vision", dependencies: ["Numerics", "SafeTensors"]),
+        .target(name: "Llama", dependencies: ["Numerics", "SafeTensors"]),
+        .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Vision", "Llama"]),
+        .executableTarget(name: "dllava", dependencies: [
+            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .testTarget(name: "NumericsTests", dependencies: ["Numerics"]),
+        .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
+        .testTarget(name: "EngineTests", dependencies: ["DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
+                    resources: [.copy("Fixtures")]),
     ]
 )

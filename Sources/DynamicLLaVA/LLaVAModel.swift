@@ -1,0 +1,212 @@
+// Loading a LLaVA-1.5 checkpoint in either layout (DYNAMIC_LLAVA.md section 1) and turning
+// images into the embeddings the language model reads.
+import Foundation
+import Llama
+import Numerics
+import SafeTensors
+import Vision
+
+/// Which of the two supported directory layouts a checkpoint uses.
+public enum CheckpointLayout: String, Sendable, Codable {
+    /// Original LLaVA / Dynamic-LLaVA: `model_type: llava_llama`, `model.mm_projector.*`, a
+    /// separate CLIPVisionModel directory named by `mm_vision_tower`.
+    case original
+    /// llava-hf `LlavaForConditionalGeneration`: one directory, `text_config` / `vision_config`.
+    case llavaHF = "llava-hf"
+}
+
+/// Fields of the original layout's config.json beyond the LLaMA ones.
+struct OriginalLayoutConfiguration: Decodable {
+    var modelType: String
+    var visionTower: String
+    var visionSelectLayer: Int
+    var visionSelectFeature: String
+    var projectorType: String
+    var multimodalHiddenSize: Int?
+
+    enum CodingKeys: String, CodingKey {
+        case modelType = "model_type", visionTower = "mm_vision_tower", visionSelectLayer = "mm_vision_select_layer"
+        case visionSelectFeature = "mm_vision_select_feature", projectorType = "mm_projector_type"
+        case multimodalHiddenSize = "mm_hidden_size"
+    }
+
+    init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        modelType = try c.decode(String.self, forKey: .modelType)
+        visionTower = try c.decode(String.self, forKey: .visionTower)
+        visionSelectLayer = try c.decodeIfPresent(Int.self, forKey: .visionSelectLayer) ?? -2
+        visionSelectFeature = try c.decodeIfPresent(String.self, forKey: .visionSelectFeature) ?? "patch"
+        projectorType = try c.decodeIfPresent(String.self, forKey: .projectorType) ?? "linear"
+        multimodalHiddenSize = try c.decodeIfPresent(Int.self, forKey: .multimodalHiddenSize)
+    }
+}
+
+/// The llava-hf layout's config.json.
+struct HFLayoutConfiguration: Decodable {
+    var textConfiguration: LlamaConfiguration
+    var visionConfiguration: CLIPVisionConfiguration
+    var visionFeatureLayer: Int
+    var visionFeatureSelectStrategy: String
+    var projectorActivation: String
+    var projectorBias: Bool
+
+    enum CodingKeys: String, CodingKey {
+        case textConfiguration = "text_config", visionConfiguration = "vision_config"
+        case visionFeatureLayer = "vision_feature_layer", visionFeatureSelectStrategy = "vision_feature_select_strategy"
+        case projectorActivation = "projector_hidden_act", projectorBias = "multimodal_projector_bias"
+    }
+
+    init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        textConfiguration = try c.decodeIfPresent(LlamaConfiguration.self, forKey: .textConfiguration) ?? LlamaConfiguration()
+        visionConfiguration = try c.decodeIfPresent(CLIPVisionConfiguration.self, forKey: .visionConfiguration) ?? CLIPVisionConfiguration()
+        visionFeatureLayer = try c.decodeIfPresent(Int.self, forKey: .visionFeatureLayer) ?? -2
+        visionFeatureSelectStrategy = try c.decodeIfPresent(String.self, forKey: .visionFeatureSelectStrategy) ?? "default"
+        projectorActivation = try c.decodeIfPresent(String.self, forKey: .projectorActivation) ?? "gelu"
+        projectorBias = try c.decodeIfPresent(Bool.self, forKey: .projectorBias) ?? true
+    }
+}
+
+/// A loaded LLaVA-1.5 model: CLIP tower, projector and LLaMA decoder.
+public struct LLaVAModel: Sendable {
+    public let directory: URL
+    public let layout: CheckpointLayout
+    public let vision: CLIPVisionTower
+    public let projector: MultimodalProjector
+    public let language: LlamaModel
+
+    public init(vision: CLIPVisionTower, projector: MultimodalProjector, language: LlamaModel, directory: URL, layout: CheckpointLayout) {
+        self.vision = vision
+        self.projector = projector
+        self.language = language
+        self.directory = directory
+        self.layout = layout
+    }
+
+    /// Loads a model directory in either layout; the layout is read from config.json.
+    public static func load(directory: URL) throws(CheckpointError) -> LLaVAModel {
+        let configURL = directory.appendingPathComponent("config.json")
+        let data = try readJSON(configURL)
+        guard let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+            throw .invalidConfiguration(file: configURL.path, reason: "not a JSON object")
+        }
+        if object["text_config"] != nil || (object["model_type"] as? String) == "llava" {
+            return try loadHF(directory: directory, configURL: configURL, data: data)
+        }
+        if object["mm_vision_tower"] != nil {
+            return try loadOriginal(directory: directory, configURL: configURL, data: data)
+        }
+        throw .invalidConfiguration(file: configURL.path, reason: "neither a llava-hf (text_config) nor an original LLaVA (mm_vision_tower) configuration")
+    }
+
+    static func readJSON(_ url: URL) throws(CheckpointError) -> Data {
+        guard let data = FileManager.default.contents(atPath: url.path) else {
+            throw .invalidConfiguration(file: url.path, reason: "the file is missing or unreadable")
+        }
+        return data
+    }
+
+    static func decode<T: Decodable>(_ type: T.Type, from data: Data, file: URL) throws(CheckpointError) -> T {
+        do {
+            return try JSONDecoder().decode(type, from: data)
+        } catch let error as DecodingError {
+            throw .invalidConfiguration(file: file.path, reason: describe(error))
+        } catch {
+            throw .invalidConfiguration(file: file.path, reason: "\(error)")
+        }
+    }
+
+    static func describe(_ error: DecodingError) -> String {
+        switch error {
+        case .keyNotFound(let key, _): return "missing field '\(key.stringValue)'"
+        case .typeMismatch(_, let context), .valueNotFound(_, let context), .dataCorrupted(let context):
+            let path = context.codingPath.map(\.stringValue).joined(separator: ".")
+            return path.isEmpty ? context.debugDescription : "field '\(path)': \(context.debugDescription)"
+        @unknown default: return "\(error)"
+        }
+    }
+
+    static func loadOriginal(directory: URL, configURL: URL, data: Data) throws(CheckpointError) -> LLaVAModel {
+        let mm = try decode(OriginalLayoutConfiguration.self, from: data, file: configURL)
+        let text = try decode(LlamaConfiguration.self, from: data, file: configURL)
+        guard mm.projectorType == "mlp2x_gelu" else {
+            throw .invalidConfiguration(file: configURL.path, reason: "mm_projector_type '\(mm.projectorType)' is not supported (mlp2x_gelu only)")
+        }
+        guard mm.visionSelectFeature == "patch" else {
+            throw .invalidConfiguration(file: configURL.path, reason: "mm_vision_select_feature '\(mm.visionSelectFeature)' is not supported (patch only)")
+        }
+        let towerDirectory = try resolveVisionTower(mm.visionTower, modelDirectory: directory, configURL: configURL)
+        let towerConfigURL = towerDirectory.appendingPathComponent("config.json")
+        let towerData = try readJSON(towerConfigURL)
+        // A CLIPVisionModel config is flat; a full CLIPModel config nests it under vision_config.
+        struct Nested: Decodable { var vision_config: CLIPVisionConfiguration? }
+        let nested = try decode(Nested.self, from: towerData, file: towerConfigURL).vision_config
+        let visionConfiguration: CLIPVisionConfiguration
+        if let nested {
+            visionConfiguration = nested
+        } else {
+            visionConfiguration = try decode(CLIPVisionConfiguration.self, from: towerData, file: towerConfigURL)
+        }
+        if let declared = mm.multimodalHiddenSize, declared != visionConfiguration.hiddenSize {
+            throw .invalidConfiguration(file: configURL.path, reason: "mm_hidden_size \(declared) differs from the vision tower's hidden_size \(visionConfiguration.hiddenSize)")
+        }
+        let towerCheckpoint = try Checkpoint(directory: towerDirectory)
+        let vision = try CLIPVisionTower(checkpoint: towerCheckpoint, prefix: "vision_model.", configuration: visionConfiguration, selectLayer: mm.visionSelectLayer)
+        let checkpoint = try Checkpoint(directory: directory)
+        let dv = visionConfiguration.hiddenSize, h = text.hiddenSize
+        let projector = MultimodalProjector(
+            linear1: try LinearLayer(checkpoint, "model.mm_projector.0.", inFeatures: dv, outFeatures: h, bias: true),
+            linear2: try LinearLayer(checkpoint, "model.mm_projector.2.", inFeatures: h, outFeatures: h, bias: true))
+        let language = try LlamaModel(checkpoint: checkpoint, prefix: "model.", headName: "lm_head.weight", configuration: text)
+        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .original)
+    }
+
+    /// `mm_vision_tower` is a directory (absolute, or relative to the model) or a hub name whose
+    /// last component names a directory beside or inside the model directory.
+    static func resolveVisionTower(_ name: String, modelDirectory: URL, configURL: URL) throws(CheckpointError) -> URL {
+        let last = (name as NSString).lastPathComponent
+        let candidates = [
+            name.hasPrefix("/") ? URL(fileURLWithPath: name) : modelDirectory.appendingPathComponent(name),
+            modelDirectory.appendingPathComponent(last),
+            modelDirectory.deletingLastPathComponent().appendingPathComponent(last),
+        ]
+        for candidate in candidates where FileManager.default.fileExists(atPath: candidate.appendingPathComponent("config.json").path) {
+            return candidate.standardizedFileURL
+        }
+        throw .invalidConfiguration(file: configURL.path, reason: "mm_vision_tower '\(name)' not found: tried \(candidates.map(\.path).joined(separator: ", ")) (put the CLIP checkpoint directory there; nothing is downloaded)")
+    }
+
+    static func loadHF(directory: URL, configURL: URL, data: Data) throws(CheckpointError) -> LLaVAModel {
+        let configuration = try decode(HFLayoutConfiguration.self, from: data, file: configURL)
+        guard configuration.visionFeatureSelectStrategy == "default" else {
+            throw .invalidConfiguration(file: configURL.path, reason: "vision_feature_select_strategy '\(configuration.visionFeatureSelectStrategy)' is not supported (default only)")
+        }
+        guard configuration.projectorActivation == "gelu" else {
+            throw .invalidConfiguration(file: configURL.path, reason: "projector_hidden_act '\(configuration.projectorActivation)' is not supported (gelu only)")
+        }
+        let checkpoint = try Checkpoint(directory: directory)
+        // Hub checkpoints use `language_model.model.*`; transformers >= 4.52 saves `model.language_model.*`.
+        let modern = checkpoint.contains("model.language_model.embed_tokens.weight")
+        let text = configuration.textConfiguration, visionConfiguration = configuration.visionConfiguration
+        let vision = try CLIPVisionTower(checkpoint: checkpoint, prefix: modern ? "model.vision_tower.vision_model." : "vision_tower.vision_model.",
+                                         configuration: visionConfiguration, selectLayer: configuration.visionFeatureLayer)
+        let projectorPrefix = modern ? "model.multi_modal_projector." : "multi_modal_projector."
+        let dv = visionConfiguration.hiddenSize, h = text.hiddenSize
+        let projector = MultimodalProjector(
+            linear1: try LinearLayer(checkpoint, projectorPrefix + "linear_1.", inFeatures: dv, outFeatures: h, bias: configuration.projectorBias),
+            linear2: try LinearLayer(checkpoint, projectorPrefix + "linear_2.", inFeatures: h, outFeatures: h, bias: configuration.projectorBias))
+        let language = try LlamaModel(checkpoint: checkpoint, prefix: modern ? "model.language_model." : "language_model.model.",
+                                      headName: modern ? "lm_head.weight" : "language_model.lm_head.weight", configuration: text)
+        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .llavaHF)
+    }
+
+    /// Image embeddings `[patchCount, H]` per image: CLIP features, then the projector.
+    /// `pixels`: one `[3, S, S]` normalised array per image.
+    public func imageEmbeddings(_ pixels: [[Float]]) -> [Matrix] {
+        guard !pixels.isEmpty else { return [] }
+        let features = vision.features(pixels)
+        let projected = projector(Matrix.concatenateRows(features))
+        let n = vision.configuration.patchCount
+        return (0..<pixels.count).map { projected.rows($0 * n ..< ($0 + 1) * n) }
+    }
+}
