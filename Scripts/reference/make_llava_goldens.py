@@ -23,6 +23,7 @@ import os
 import sys
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import (
     CLIPImageProcessor,
@@ -31,6 +32,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PretrainedConfig,
 )
 
 torch.set_num_threads(1)
@@ -403,6 +405,11 @@ def write_orig_model(model, d):
         "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
         "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "hidden_act",
     )}).to_dict()
+    # Keep the LlamaConfig fields (and the token ids / tying), not PretrainedConfig's generic
+    # generation defaults (max_length, top_k, id2label, ...), as in real LLaVA config.json files.
+    generic = set(PretrainedConfig().to_dict()) - {
+        "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "architectures"}
+    cfg = {k: v for k, v in cfg.items() if k not in generic}
     for k in ("dtype", "torch_dtype", "transformers_version"):
         cfg.pop(k, None)
     cfg.update({
@@ -410,7 +417,7 @@ def write_orig_model(model, d):
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava_llama",
         "torch_dtype": "float16",
-        "transformers_version": "4.31.0",  # what LLaVA-1.5 / Dynamic-LLaVA checkpoints carry
+        "transformers_version": transformers.__version__,
         "mm_vision_tower": "clip",
         "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch",
@@ -570,7 +577,7 @@ def main():
             g2 = compute_goldens(reloaded, case, pixels[f"pixel_values_{k}"])
             for name, v in goldens[k].items():
                 assert torch.equal(v, g2[name]), f"[{mname}] reload mismatch case{k} {name}"
-        print(f"  reload from {os.path.relpath(mdir, repo)}: goldens reproduced bit-exactly")
+        print(f"  reload from {mdir}: goldens reproduced bit-exactly")
 
         gdir = os.path.join(gold_dir, mname)
         os.makedirs(gdir, exist_ok=True)
@@ -583,7 +590,6 @@ def main():
             p = os.path.join(root, f)
             print(f"  {os.path.getsize(p):>9}  {sha256(p)[:16]}  {os.path.relpath(p, out)}")
     print(f"torch {torch.__version__}")
-    import transformers
     print(f"transformers {transformers.__version__}")
 
 
