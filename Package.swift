@@ -32,7 +32,8 @@ let package = Package(
 
         .testTarget(name: "NumericsTests", dependencies: ["Numerics"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
+        // Fixtures are read in place (located from #filePath), not copied into a bundle.
         .testTarget(name: "EngineTests", dependencies: ["DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
-                    resources: [.copy("Fixtures")]),
+                    exclude: ["Fixtures"]),
     ]
 )
