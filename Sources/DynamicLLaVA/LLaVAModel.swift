@@ -203,10 +203,7 @@ public struct LLaVAModel: Sendable {
     /// Image embeddings `[patchCount, H]` per image: CLIP features, then the projector.
     /// `pixels`: one `[3, S, S]` normalised array per image.
     public func imageEmbeddings(_ pixels: [[Float]]) -> [Matrix] {
-        guard !pixels.isEmpty else { return [] }
-        let features = vision.features(pixels)
-        let projected = projector(Matrix.concatenateRows(features))
-        let n = vision.configuration.patchCount
-        return (0..<pixels.count).map { projected.rows($0 * n ..< ($0 + 1) * n) }
+        // One image at a time: an image's embeddings never depend on the others in its batch.
+        pixels.map { projector(vision.features($0)) }
     }
 }

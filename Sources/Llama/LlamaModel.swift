@@ -155,10 +155,11 @@ public struct LlamaModel: Sendable {
     func layer(_ l: Int, _ x: Matrix, batch: TokenBatch, spans: [(sequence: Int, tokens: Range<Int>)],
                cache: inout KeyValueCache, observation: inout ForwardObservation) -> Matrix {
         let c = configuration, weights = layers[l]
+        let product = { (input: Matrix, weight: WeightMatrix) in linearPerSequence(input, weight, spans: spans) }
         let normed = rmsNorm(x, weight: weights.inputNorm, epsilon: c.rmsNormEpsilon)
-        var queries = linear(normed, weights.queryProjection)
-        var keys = linear(normed, weights.keyProjection)
-        let values = linear(normed, weights.valueProjection)
+        var queries = product(normed, weights.queryProjection)
+        var keys = product(normed, weights.keyProjection)
+        let values = product(normed, weights.valueProjection)
         rotary.apply(&queries, heads: c.attentionHeads, positions: batch.positions)
         rotary.apply(&keys, heads: c.keyValueHeads, positions: batch.positions)
 
@@ -221,10 +222,10 @@ public struct LlamaModel: Sendable {
             swap(&cells, &cache.layers[l][s])
         }
         var hidden = x
-        hidden += linear(attended, weights.outputProjection)
+        hidden += product(attended, weights.outputProjection)
         let normed2 = rmsNorm(hidden, weight: weights.postAttentionNorm, epsilon: c.rmsNormEpsilon)
-        let gated = siluGate(linear(normed2, weights.gateProjection), linear(normed2, weights.upProjection))
-        hidden += linear(gated, weights.downProjection)
+        let gated = siluGate(product(normed2, weights.gateProjection), product(normed2, weights.upProjection))
+        hidden += product(gated, weights.downProjection)
         return hidden
     }
 
@@ -233,8 +234,30 @@ public struct LlamaModel: Sendable {
         rmsNorm(hidden, weight: finalNorm, epsilon: configuration.rmsNormEpsilon)
     }
 
-    /// Logits `[N, V]` for hidden states `[N, H]` (final norm applied here).
+    /// Logits `[N, V]` for hidden states `[N, H]`, one row per sequence's last token (final
+    /// norm applied here). Each row is computed alone, so it does not depend on the others.
     public func logits(_ hidden: Matrix) -> Matrix {
-        linear(finalNormed(hidden), languageModelHead)
+        linearPerRow(finalNormed(hidden), languageModelHead)
     }
+}
+
+/// A batch's product `x · Wᵀ` computed so that each sequence's rows do not depend on the other
+/// sequences: a multi-token sequence (a prompt) is one sgemm of its own; single-token sequences
+/// (decode steps) go through `linearPerRow` together, sharing each widened weight band.
+func linearPerSequence(_ x: Matrix, _ weight: WeightMatrix, spans: [(sequence: Int, tokens: Range<Int>)]) -> Matrix {
+    if spans.allSatisfy({ $0.tokens.count == 1 }) { return linearPerRow(x, weight) }
+    if spans.count == 1 { return linear(x, weight) }
+    var output = Matrix(zeros: x.rows, weight.rows)
+    let single = spans.filter { $0.tokens.count == 1 }.map(\.tokens.lowerBound)
+    if !single.isEmpty {
+        let rows = linearPerRow(x.gatherRows(single), weight)
+        for (i, r) in single.enumerated() {
+            output.values.replaceSubrange(r * weight.rows ..< (r + 1) * weight.rows, with: rows.values[i * weight.rows ..< (i + 1) * weight.rows])
+        }
+    }
+    for (_, tokens) in spans where tokens.count > 1 {
+        let part = linear(x.rows(tokens), weight)
+        output.values.replaceSubrange(tokens.lowerBound * weight.rows ..< tokens.upperBound * weight.rows, with: part.values)
+    }
+    return output
 }

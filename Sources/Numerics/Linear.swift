@@ -1,4 +1,5 @@
 import CBLAS
+import Dispatch
 
 /// Thread control for OpenBLAS, which does all matrix products.
 public enum BLAS {
@@ -25,21 +26,13 @@ public enum BLAS {
     }
 }
 
-/// How many rows of a narrow (f16/bf16) weight are widened to f32 at a time.
+/// `y = x · Wᵀ + bias` for prompt-sized inputs: `x` `[M, K]`, `weight` `[N, K]` (PyTorch Linear
+/// layout), `bias` `[N]`; result `[M, N]`. One OpenBLAS sgemm over all M rows (multi-threaded);
+/// narrow weights are widened one band of rows at a time, never as a whole.
 ///
-/// Decode-sized products (few activation rows) use small bands that stay in cache, so a token
-/// streams the narrow weights once; prefill-sized products use large bands so the activation
-/// matrix is packed by OpenBLAS only a few times. The band never changes which products are summed
-/// for an output element, only how many columns one sgemm call produces.
-@inline(__always)
-func widenBandRows(activationRows: Int, weight: WeightMatrix) -> Int {
-    let targetBytes = activationRows <= 16 ? 256 << 10 : 32 << 20
-    return max(1, min(weight.rows, targetBytes / max(weight.columns * 4, 1)))
-}
-
-/// `y = x · Wᵀ + bias`: `x` `[M, K]`, `weight` `[N, K]` (PyTorch Linear layout), `bias` `[N]`;
-/// result `[M, N]`. Every product goes through OpenBLAS sgemm; narrow weights are widened one
-/// band of rows at a time, never as a whole.
+/// OpenBLAS rounds a row differently depending on where it falls in its micro-kernel tiles, so a
+/// row's result depends on the other rows of the call. Callers that need a row to be computed
+/// exactly as it would be alone (batched decoding) use `linearPerRow`.
 public func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
     precondition(x.columns == weight.columns, "linear: input has \(x.columns) features, weight expects \(weight.columns)")
     let m = x.rows, n = weight.rows, k = weight.columns
@@ -52,7 +45,8 @@ public func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) ->
                                b: weight.base.assumingMemoryBound(to: Float.self), ldb: k, transposeB: true,
                                c: yp.baseAddress!, ldc: n)
                 } else {
-                    let band = widenBandRows(activationRows: m, weight: weight)
+                    // Large bands: OpenBLAS packs `x` once per band.
+                    let band = max(1, min(n, (32 << 20) / max(k * 4, 1)))
                     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: band * k)
                     defer { scratch.deallocate() }
                     var start = 0
@@ -68,16 +62,92 @@ public func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) ->
             }
         }
     }
-    if let bias {
-        precondition(bias.count == n, "linear: bias has \(bias.count) values, expected \(n)")
-        output.withUnsafeMutableBufferPointer { yp in
-            bias.withUnsafeBufferPointer { bp in
-                for r in 0..<m {
-                    let row = yp.baseAddress! + r * n
-                    for c in 0..<n { row[c] += bp[c] }
+    if let bias { addBias(&output, bias, rows: m) }
+    return Matrix(rows: m, columns: n, values: output)
+}
+
+/// Threads used by every product: OpenBLAS's own for `linear`, workers for `linearPerRow`.
+/// Set once at start-up (results depend on it: OpenBLAS splits a product differently).
+public enum Parallelism {
+    nonisolated(unsafe) public private(set) static var threads = 1
+
+    public static func setThreads(_ count: Int) {
+        threads = max(1, count)
+        BLAS.threadCount = threads
+    }
+}
+
+/// Rows of a weight band for `linearPerRow`: sized so a widened band (f32) stays in L2 cache.
+/// Depends only on the weight's shape, never on the activations.
+@inline(__always)
+func perRowBandRows(_ weight: WeightMatrix) -> Int {
+    max(16, min(weight.rows, (192 << 10) / max(weight.columns * 4, 1)) / 16 * 16)
+}
+
+/// `y = x · Wᵀ + bias` where every row of `x` is multiplied alone (an sgemm with M = 1 per row
+/// and weight band), so row `r`'s result is bit-identical whatever other rows `x` holds: the
+/// decode path, where a batch of N must equal N batches of 1. Weight bands are widened once and
+/// reused by every row while they sit in cache, so the weights stream from memory once per call.
+/// Bands are spread over `Parallelism.threads` workers.
+public func linearPerRow(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
+    precondition(x.columns == weight.columns, "linearPerRow: input has \(x.columns) features, weight expects \(weight.columns)")
+    let m = x.rows, n = weight.rows, k = weight.columns
+    var output = [Float](repeating: 0, count: m * n)
+    let band = perRowBandRows(weight)
+    let bandCount = (n + band - 1) / band
+    if m > 0 && n > 0 {
+        x.values.withUnsafeBufferPointer { xp in
+            output.withUnsafeMutableBufferPointer { yp in
+                let pointers = UncheckedSendable((xp.baseAddress!, yp.baseAddress!))
+                let workers = max(1, min(Parallelism.threads, bandCount))
+                // Workers write disjoint column bands of `output`.
+                let work: @Sendable (Int) -> Void = { worker in
+                    let (xBase, yBase) = pointers.value
+                    let scratch = weight.storageType == .float32 ? nil : UnsafeMutablePointer<Float>.allocate(capacity: band * k)
+                    defer { scratch?.deallocate() }
+                    var b = worker
+                    while b < bandCount {
+                        let start = b * band, end = min(n, start + band)
+                        let bandWeights: UnsafePointer<Float>
+                        if let scratch {
+                            weight.widenRows(start..<end, into: scratch)
+                            bandWeights = UnsafePointer(scratch)
+                        } else {
+                            bandWeights = weight.base.assumingMemoryBound(to: Float.self) + start * k
+                        }
+                        for r in 0..<m {
+                            BLAS.sgemm(m: 1, n: end - start, k: k, a: xBase + r * k, lda: k,
+                                       b: bandWeights, ldb: k, transposeB: true,
+                                       c: yBase + r * n + start, ldc: n)
+                        }
+                        b += workers
+                    }
                 }
+                // A band call (M = 1, at most 48K multiply-adds) is below OpenBLAS's threading
+                // threshold, so each worker's calls run on that worker alone.
+                if workers == 1 { work(0) } else { DispatchQueue.concurrentPerform(iterations: workers, execute: work) }
             }
         }
     }
+    if let bias { addBias(&output, bias, rows: m) }
     return Matrix(rows: m, columns: n, values: output)
+}
+
+/// Lets raw pointers cross into `concurrentPerform` workers that touch disjoint memory.
+struct UncheckedSendable<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
+}
+
+func addBias(_ output: inout [Float], _ bias: [Float], rows m: Int) {
+    let n = bias.count
+    precondition(output.count == m * n, "linear: bias has \(n) values, output rows have \(output.count / max(m, 1))")
+    output.withUnsafeMutableBufferPointer { yp in
+        bias.withUnsafeBufferPointer { bp in
+            for r in 0..<m {
+                let row = yp.baseAddress! + r * n
+                for c in 0..<n { row[c] += bp[c] }
+            }
+        }
+    }
 }

@@ -119,8 +119,8 @@ struct CLIPEncoderLayer: Sendable {
         fc2 = try LinearLayer(checkpoint, prefix + "mlp.fc2.", inFeatures: i, outFeatures: d, bias: true)
     }
 
-    /// `x`: `[images * tokensPerImage, D]`; attention runs within each image.
-    func callAsFunction(_ x: Matrix, tokensPerImage: Int, configuration: CLIPVisionConfiguration) -> Matrix {
+    /// `x`: `[tokens, D]` of one image; attention is bidirectional.
+    func callAsFunction(_ x: Matrix, configuration: CLIPVisionConfiguration) -> Matrix {
         let normed = layerNorm1(x)
         let q = queryProjection(normed), k = keyProjection(normed), v = valueProjection(normed)
         var attended = Matrix(zeros: x.rows, x.columns)
@@ -129,16 +129,12 @@ struct CLIPEncoderLayer: Sendable {
             k.values.withUnsafeBufferPointer { kp in
                 v.values.withUnsafeBufferPointer { vp in
                     attended.values.withUnsafeMutableBufferPointer { op in
-                        for image in 0..<(x.rows / tokensPerImage) {
-                            let offset = image * tokensPerImage * d
-                            multiHeadAttention(
-                                queries: qp.baseAddress! + offset, queryStride: d, queryCount: tokensPerImage,
-                                keys: kp.baseAddress! + offset, keyStride: d,
-                                values: vp.baseAddress! + offset, valueStride: d, keyCount: tokensPerImage,
-                                heads: heads, keyValueHeads: heads, headDimension: headDimension,
-                                scale: 1 / Float(headDimension).squareRoot(), mask: nil,
-                                output: op.baseAddress! + offset, outputStride: d)
-                        }
+                        multiHeadAttention(
+                            queries: qp.baseAddress!, queryStride: d, queryCount: x.rows,
+                            keys: kp.baseAddress!, keyStride: d, values: vp.baseAddress!, valueStride: d, keyCount: x.rows,
+                            heads: heads, keyValueHeads: heads, headDimension: headDimension,
+                            scale: 1 / Float(headDimension).squareRoot(), mask: nil,
+                            output: op.baseAddress!, outputStride: d)
                     }
                 }
             }
@@ -192,35 +188,29 @@ public struct CLIPVisionTower: Sendable {
     /// Encoder layers actually run (those below the selected hidden state).
     public var layerCount: Int { layers.count }
 
-    /// Patch features for a batch of images.
+    /// Patch features of one image (images are never stacked, so an image's features do not
+    /// depend on the others of its batch).
     ///
-    /// - Parameter pixels: one `[C, S, S]` array per image (normalised, S = imageSize).
-    /// - Returns: one `[patchCount, hiddenSize]` matrix per image (the selected hidden state, CLS dropped).
-    public func features(_ pixels: [[Float]]) -> [Matrix] {
+    /// - Parameter pixels: `[C, S, S]` normalised pixels, S = imageSize.
+    /// - Returns: `[patchCount, hiddenSize]`: the selected hidden state, CLS dropped.
+    public func features(_ pixels: [Float]) -> Matrix {
         let c = configuration
         let tokens = c.patchCount + 1, d = c.hiddenSize
-        var embeddings = Matrix.concatenateRows(pixels.map { image in
-            precondition(image.count == c.channels * c.imageSize * c.imageSize, "vision: pixel array is not [\(c.channels), \(c.imageSize), \(c.imageSize)]")
-            return linear(patches(image), patchEmbedding)
-        })
-        // Prepend the class token per image, add positions.
-        var hidden = Matrix(zeros: pixels.count * tokens, d)
-        for image in 0..<pixels.count {
-            for t in 0..<tokens {
-                for j in 0..<d {
-                    let value = t == 0 ? classEmbedding[j] : embeddings.values[(image * c.patchCount + t - 1) * d + j]
-                    hidden.values[(image * tokens + t) * d + j] = value + positionEmbedding[t * d + j]
-                }
+        precondition(pixels.count == c.channels * c.imageSize * c.imageSize, "vision: pixel array is not [\(c.channels), \(c.imageSize), \(c.imageSize)]")
+        let embedded = linear(patches(pixels), patchEmbedding)
+        // Class token first, then the patches; learned positions added to all.
+        var hidden = Matrix(zeros: tokens, d)
+        for t in 0..<tokens {
+            for j in 0..<d {
+                let value = t == 0 ? classEmbedding[j] : embedded.values[(t - 1) * d + j]
+                hidden.values[t * d + j] = value + positionEmbedding[t * d + j]
             }
         }
-        embeddings = Matrix(zeros: 0, 0)
         hidden = preLayerNorm(hidden)
         for layer in layers {
-            hidden = layer(hidden, tokensPerImage: tokens, configuration: c)
+            hidden = layer(hidden, configuration: c)
         }
-        return (0..<pixels.count).map { image in
-            hidden.rows((image * tokens + 1) ..< ((image + 1) * tokens))
-        }
+        return hidden.rows(1..<tokens)
     }
 
     /// Unfolds `[C, S, S]` pixels into `[patchCount, C * P * P]`, patches in row-major order,

@@ -1,1 +1,144 @@
+// Every fast kernel against its plain double-precision twin in ReferenceKernels.
+import Foundation
 import Testing
+@testable import Numerics
+
+/// Deterministic pseudo-random floats in [-scale, scale].
+func randomValues(_ count: Int, seed: UInt64, scale: Float = 1) -> [Float] {
+    var state = seed &* 6364136223846793005 &+ 1442695040888963407
+    return (0..<count).map { _ in
+        state = state &* 6364136223846793005 &+ 1442695040888963407
+        return (Float(state >> 40) / Float(1 << 24) * 2 - 1) * scale
+    }
+}
+
+func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
+    precondition(a.count == b.count)
+    let norm = b.reduce(Float(0)) { max($0, abs($1)) }
+    return zip(a, b).reduce(Float(0)) { max($0, abs($1.0 - $1.1)) } / max(norm, 1e-30)
+}
+
+@Suite struct KernelTests {
+    @Test("linear through sgemm equals the triple loop, for every storage type and batch size",
+          arguments: [StorageType.float32, .float16, .bfloat16], [1, 3, 17, 40])
+    func linearMatchesReference(storage: StorageType, rows: Int) {
+        let k = 96, n = 70
+        let weight = WeightMatrix(rows: n, columns: k, values: randomValues(n * k, seed: 1), storageType: storage)
+        let bias = randomValues(n, seed: 2)
+        let x = Matrix(rows: rows, columns: k, values: randomValues(rows * k, seed: 3))
+        let fast = linear(x, weight, bias: bias)
+        // The reference sees the weight exactly as stored (already rounded).
+        let plain = ReferenceKernels.linear(x, weight.widened(), outFeatures: n, bias: bias)
+        #expect(fast.rows == rows && fast.columns == n)
+        #expect(maxRelativeDifference(fast.values, plain.values) < 1e-5)
+    }
+
+    @Test("linearPerRow gives each row exactly what it gets alone, for every storage type and thread count",
+          arguments: [StorageType.float32, .float16, .bfloat16], [1, 2])
+    func perRowIsBatchInvariant(storage: StorageType, threads: Int) {
+        Parallelism.setThreads(threads)
+        defer { Parallelism.setThreads(1) }
+        let k = 300, n = 2000
+        let weight = WeightMatrix(rows: n, columns: k, values: randomValues(n * k, seed: 4), storageType: storage)
+        let bias = randomValues(n, seed: 6)
+        let x = Matrix(rows: 33, columns: k, values: randomValues(33 * k, seed: 5))
+        let batched = linearPerRow(x, weight, bias: bias)
+        #expect(maxRelativeDifference(batched.values, ReferenceKernels.linear(x, weight.widened(), outFeatures: n, bias: bias).values) < 1e-5)
+        for r in 0..<33 {
+            #expect(linearPerRow(x.rows(r..<r + 1), weight, bias: bias).values == batched.row(r), "row \(r)")
+        }
+        // The same rows in another batch, at other positions.
+        let shuffled = x.gatherRows([32, 7, 0, 16])
+        let again = linearPerRow(shuffled, weight, bias: bias)
+        #expect(again.row(0) == batched.row(32) && again.row(2) == batched.row(0) && again.row(3) == batched.row(16))
+    }
+
+    @Test("f16 and bf16 widening round-trips representable values and rounds to nearest even")
+    func narrowingAndWidening() {
+        let values: [Float] = [0, -0, 1, -2.5, 65504, 6.1035156e-05, 5.9604645e-08, 1.0009766, .infinity, -.infinity]
+        let half = WeightMatrix(rows: 1, columns: values.count, values: values, storageType: .float16).widened()
+        #expect(half == values)
+        // 1 + 2^-11 is halfway between two halves: ties to even (1.0).
+        #expect(WeightMatrix(rows: 1, columns: 1, values: [1 + 1.0 / 2048], storageType: .float16).widened() == [1])
+        let brain = WeightMatrix(rows: 1, columns: 4, values: [1, -3, 1.0078125, 3.3895314e38], storageType: .bfloat16).widened()
+        #expect(brain == [1, -3, 1.0078125, 3.3895314e38])
+        #expect(WeightMatrix(rows: 1, columns: 1, values: [1 + 1.0 / 256], storageType: .bfloat16).widened() == [1])
+        // Swift's own Float16 conversion agrees with the kernel on many values.
+        let many = randomValues(4096, seed: 9, scale: 1000)
+        let widened = WeightMatrix(rows: 1, columns: many.count, values: many, storageType: .float16).widened()
+        #expect(widened == many.map { Float(Float16($0)) })
+    }
+
+    @Test("RMSNorm and LayerNorm match the plain formulas")
+    func norms() {
+        let x = Matrix(rows: 5, columns: 64, values: randomValues(320, seed: 6, scale: 3))
+        let weight = randomValues(64, seed: 7), bias = randomValues(64, seed: 8)
+        #expect(maxRelativeDifference(rmsNorm(x, weight: weight, epsilon: 1e-5).values,
+                                      ReferenceKernels.rmsNorm(x, weight: weight, epsilon: 1e-5).values) < 1e-5)
+        #expect(maxRelativeDifference(layerNorm(x, weight: weight, bias: bias, epsilon: 1e-5).values,
+                                      ReferenceKernels.layerNorm(x, weight: weight, bias: bias, epsilon: 1e-5).values) < 1e-5)
+    }
+
+    @Test("exact GELU, quick_gelu and SiLU match their formulas", arguments: [Activation.gelu, .quickGELU, .silu])
+    func activations(_ kind: Activation) {
+        for x in randomValues(1000, seed: 10, scale: 8) + [0, -20, 20] {
+            let expected = ReferenceKernels.activation(x, kind)
+            #expect(abs(kind.apply(x) - expected) <= 1e-6 * max(1, abs(expected)), "\(kind)(\(x))")
+        }
+    }
+
+    @Test("softmax matches, masks -infinity, and zeroes a fully masked row")
+    func softmax() {
+        var row = randomValues(50, seed: 11, scale: 10)
+        row[3] = -.infinity
+        let expected = ReferenceKernels.softmax(row)
+        row.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, count: $0.count) }
+        #expect(maxRelativeDifference(row, expected) < 1e-6)
+        #expect(row[3] == 0)
+        var masked: [Float] = [-.infinity, -.infinity]
+        masked.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, count: 2) }
+        #expect(masked == [0, 0])
+        let logProbabilities = logSoftmax([1, 2, 3])
+        #expect(abs(logProbabilities.map { expf($0) }.reduce(0, +) - 1) < 1e-6)
+    }
+
+    @Test("RoPE rotates pairs (i, i + d/2) by position times inverse frequency")
+    func rotaryEmbedding() {
+        let heads = 3, d = 16
+        let positions: [Int32] = [0, 1, 7, 600, 4095]
+        var x = Matrix(rows: positions.count, columns: heads * d, values: randomValues(positions.count * heads * d, seed: 12))
+        let expected = ReferenceKernels.rope(x, heads: heads, headDimension: d, positions: positions, theta: 10000)
+        RotaryEmbedding(headDimension: d, theta: 10000).apply(&x, heads: heads, positions: positions)
+        // Angles are computed in f32 as transformers does (position * inverse frequency), so at
+        // position 4095 they carry a relative rounding of ~1e-7 of a large angle.
+        #expect(maxRelativeDifference(x.values, expected.values) < 1e-4)
+        #expect(maxRelativeDifference(x.rows(0..<3).values, expected.rows(0..<3).values) < 1e-6)
+    }
+
+    @Test("multi-head attention with GQA and a mask matches the loop version")
+    func attention() {
+        let heads = 4, kvHeads = 2, d = 8, queries = 5, keys = 9
+        let q = Matrix(rows: queries, columns: heads * d, values: randomValues(queries * heads * d, seed: 13))
+        let k = Matrix(rows: keys, columns: kvHeads * d, values: randomValues(keys * kvHeads * d, seed: 14))
+        let v = Matrix(rows: keys, columns: kvHeads * d, values: randomValues(keys * kvHeads * d, seed: 15))
+        let visible: (Int, Int) -> Bool = { query, key in key <= query + 4 && key != 2 }
+        var mask = [Float](repeating: 0, count: queries * keys)
+        for i in 0..<queries { for j in 0..<keys where !visible(i, j) { mask[i * keys + j] = -.infinity } }
+        var out = [Float](repeating: 0, count: queries * heads * d)
+        q.values.withUnsafeBufferPointer { qp in
+            k.values.withUnsafeBufferPointer { kp in
+                v.values.withUnsafeBufferPointer { vp in
+                    out.withUnsafeMutableBufferPointer { op in
+                        multiHeadAttention(queries: qp.baseAddress!, queryStride: heads * d, queryCount: queries,
+                                           keys: kp.baseAddress!, keyStride: kvHeads * d, values: vp.baseAddress!,
+                                           valueStride: kvHeads * d, keyCount: keys, heads: heads, keyValueHeads: kvHeads,
+                                           headDimension: d, scale: 0.3, mask: mask, output: op.baseAddress!, outputStride: heads * d)
+                    }
+                }
+            }
+        }
+        let expected = ReferenceKernels.attention(queries: q, keys: k, values: v, heads: heads, keyValueHeads: kvHeads,
+                                                  headDimension: d, scale: 0.3, visible: visible)
+        #expect(maxRelativeDifference(out, expected.values) < 1e-5)
+    }
+}
