@@ -74,13 +74,26 @@ public struct LLaVAModel: Sendable {
     public let vision: CLIPVisionTower
     public let projector: MultimodalProjector
     public let language: LlamaModel
+    /// `eos_token_id` from config.json (top level or `text_config`), when it names one.
+    public let endOfSequenceTokenID: Int32?
 
-    public init(vision: CLIPVisionTower, projector: MultimodalProjector, language: LlamaModel, directory: URL, layout: CheckpointLayout) {
+    public init(vision: CLIPVisionTower, projector: MultimodalProjector, language: LlamaModel, directory: URL,
+                layout: CheckpointLayout, endOfSequenceTokenID: Int32?) {
         self.vision = vision
         self.projector = projector
         self.language = language
         self.directory = directory
         self.layout = layout
+        self.endOfSequenceTokenID = endOfSequenceTokenID
+    }
+
+    /// `eos_token_id` (an integer, or the first of a list) at the top level or in `text_config`.
+    static func endOfSequence(in object: [String: Any]) -> Int32? {
+        for source in [object, object["text_config"] as? [String: Any] ?? [:]] {
+            if let id = source["eos_token_id"] as? Int { return Int32(id) }
+            if let ids = source["eos_token_id"] as? [Int], let id = ids.first { return Int32(id) }
+        }
+        return nil
     }
 
     /// Loads a model directory in either layout; the layout is read from config.json.
@@ -90,11 +103,12 @@ public struct LLaVAModel: Sendable {
         guard let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
             throw .invalidConfiguration(file: configURL.path, reason: "not a JSON object")
         }
+        let endOfSequence = endOfSequence(in: object)
         if object["text_config"] != nil || (object["model_type"] as? String) == "llava" {
-            return try loadHF(directory: directory, configURL: configURL, data: data)
+            return try loadHF(directory: directory, configURL: configURL, data: data, endOfSequence: endOfSequence)
         }
         if object["mm_vision_tower"] != nil {
-            return try loadOriginal(directory: directory, configURL: configURL, data: data)
+            return try loadOriginal(directory: directory, configURL: configURL, data: data, endOfSequence: endOfSequence)
         }
         throw .invalidConfiguration(file: configURL.path, reason: "neither a llava-hf (text_config) nor an original LLaVA (mm_vision_tower) configuration")
     }
@@ -126,7 +140,7 @@ public struct LLaVAModel: Sendable {
         }
     }
 
-    static func loadOriginal(directory: URL, configURL: URL, data: Data) throws(CheckpointError) -> LLaVAModel {
+    static func loadOriginal(directory: URL, configURL: URL, data: Data, endOfSequence: Int32?) throws(CheckpointError) -> LLaVAModel {
         let mm = try decode(OriginalLayoutConfiguration.self, from: data, file: configURL)
         let text = try decode(LlamaConfiguration.self, from: data, file: configURL)
         guard mm.projectorType == "mlp2x_gelu" else {
@@ -158,7 +172,7 @@ public struct LLaVAModel: Sendable {
             linear1: try LinearLayer(checkpoint, "model.mm_projector.0.", inFeatures: dv, outFeatures: h, bias: true),
             linear2: try LinearLayer(checkpoint, "model.mm_projector.2.", inFeatures: h, outFeatures: h, bias: true))
         let language = try LlamaModel(checkpoint: checkpoint, prefix: "model.", headName: "lm_head.weight", configuration: text)
-        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .original)
+        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .original, endOfSequenceTokenID: endOfSequence)
     }
 
     /// `mm_vision_tower` is a directory (absolute, or relative to the model) or a hub name whose
@@ -176,7 +190,7 @@ public struct LLaVAModel: Sendable {
         throw .invalidConfiguration(file: configURL.path, reason: "mm_vision_tower '\(name)' not found: tried \(candidates.map(\.path).joined(separator: ", ")) (put the CLIP checkpoint directory there; nothing is downloaded)")
     }
 
-    static func loadHF(directory: URL, configURL: URL, data: Data) throws(CheckpointError) -> LLaVAModel {
+    static func loadHF(directory: URL, configURL: URL, data: Data, endOfSequence: Int32?) throws(CheckpointError) -> LLaVAModel {
         let configuration = try decode(HFLayoutConfiguration.self, from: data, file: configURL)
         guard configuration.visionFeatureSelectStrategy == "default" else {
             throw .invalidConfiguration(file: configURL.path, reason: "vision_feature_select_strategy '\(configuration.visionFeatureSelectStrategy)' is not supported (default only)")
@@ -197,7 +211,7 @@ public struct LLaVAModel: Sendable {
             linear2: try LinearLayer(checkpoint, projectorPrefix + "linear_2.", inFeatures: h, outFeatures: h, bias: configuration.projectorBias))
         let language = try LlamaModel(checkpoint: checkpoint, prefix: modern ? "model.language_model." : "language_model.model.",
                                       headName: modern ? "lm_head.weight" : "language_model.lm_head.weight", configuration: text)
-        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .llavaHF)
+        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .llavaHF, endOfSequenceTokenID: endOfSequence)
     }
 
     /// Image embeddings `[patchCount, H]` per image: CLIP features, then the projector.

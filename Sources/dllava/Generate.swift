@@ -1,0 +1,123 @@
+import ArgumentParser
+import DynamicLLaVA
+import Foundation
+import Numerics
+import SafeTensors
+
+/// Options every model-running command shares.
+struct ModelOptions: ParsableArguments {
+    @Option(help: "Model directory (either checkpoint layout). Defaults to $DLLAVA_MODEL.")
+    var model: String?
+
+    @Option(help: "Threads for matrix products (default: all cores). Results are reproducible for a given thread count.")
+    var threads: Int = ProcessInfo.processInfo.activeProcessorCount
+
+    func validate() throws {
+        guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+        guard model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] != nil else {
+            throw ValidationError("no model: pass --model DIR or set DLLAVA_MODEL")
+        }
+    }
+
+    var modelDirectory: URL {
+        URL(fileURLWithPath: model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] ?? ".")
+    }
+
+    func load() throws -> LLaVAModel {
+        Parallelism.setThreads(threads)
+        return try LLaVAModel.load(directory: modelDirectory)
+    }
+}
+
+struct Generate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Generate text for one image and prompt.",
+        discussion: """
+        Until the inputs pipeline lands, the prompt is given as token ids around the image slot and \
+        the image as a safetensors file holding `pixel_values` [1, 3, S, S] (already normalised).
+        """)
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(name: .customLong("token-ids-before"), help: "Comma-separated token ids before the image slot (BOS first).")
+    var tokenIDsBefore: String
+
+    @Option(name: .customLong("token-ids-after"), help: "Comma-separated token ids after the image slot.")
+    var tokenIDsAfter: String = ""
+
+    @Option(name: .customLong("pixel-values"), help: "A safetensors file with `pixel_values` [1, 3, S, S] (or [3, S, S]).")
+    var pixelValues: String?
+
+    @Option(name: .customLong("pixel-tensor"), help: "Tensor name inside --pixel-values.")
+    var pixelTensor = "pixel_values"
+
+    @Option(name: .customLong("max-tokens"), help: "Most tokens to generate.")
+    var maxTokens: Int = 256
+
+    @Option(help: "Sampling temperature; 0 is greedy.")
+    var temperature: Float = 0
+
+    @Option(name: .customLong("top-p"), help: "Nucleus sampling mass (1 = off).")
+    var topP: Float = 1
+
+    @Option(name: .customLong("top-k"), help: "Sample among the K most likely tokens (0 = off).")
+    var topK: Int = 0
+
+    @Option(help: "Random seed for sampling.")
+    var seed: UInt64 = 0
+
+    @Option(help: "Stop when the text contains this string (repeatable).")
+    var stop: [String] = []
+
+    @Option(help: "Report the top-K log-probabilities of every generated token (with --json).")
+    var logprobs: Int = 0
+
+    @Flag(help: "Print one JSON object: text, token_ids, finish_reason, logprobs, stats.")
+    var json = false
+
+    func validate() throws {
+        guard maxTokens >= 1 else { throw ValidationError("--max-tokens must be at least 1") }
+        guard temperature >= 0 else { throw ValidationError("--temperature must not be negative") }
+        guard topP > 0 && topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
+        guard topK >= 0, logprobs >= 0 else { throw ValidationError("--top-k and --logprobs must not be negative") }
+    }
+
+    func run() throws {
+        try reportingFailures {
+            let model = try modelOptions.load()
+            let before = try parseIDs(tokenIDsBefore, option: "--token-ids-before")
+            let after = try parseIDs(tokenIDsAfter, option: "--token-ids-after")
+            let pixels = try pixelValues.map(readPixels)
+            let parameters = GenerationParameters(
+                maxTokens: maxTokens,
+                sampling: SamplingParameters(temperature: temperature, topK: topK, topP: topP, seed: seed),
+                stop: stop, logprobs: logprobs, endOfSequence: model.endOfSequenceTokenID)
+            let request = GenerationRequest(idsBeforeImage: before, pixelValues: pixels, idsAfterImage: after, parameters: parameters)
+            let result = try Generator(model: model).generate([request])[0]
+            if json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.sortedKeys]
+                print(String(decoding: try encoder.encode(result), as: UTF8.self))
+            } else {
+                print(result.text.isEmpty ? result.tokenIDs.map(String.init).joined(separator: " ") : result.text)
+            }
+        }
+    }
+
+    func parseIDs(_ text: String, option: String) throws -> [Int32] {
+        try text.split(separator: ",").map { part in
+            guard let id = Int32(part.trimmingCharacters(in: .whitespaces)) else {
+                throw CommandFailure(message: "\(option): '\(part)' is not a token id", code: 64)
+            }
+            return id
+        }
+    }
+
+    func readPixels(_ path: String) throws -> [Float] {
+        let file = try SafeTensorsFile(path: path)
+        guard let tensor = file.tensors[pixelTensor] else {
+            throw CommandFailure(message: "\(path): no tensor named \(pixelTensor)", code: 65)
+        }
+        return try tensor.floats()
+    }
+}

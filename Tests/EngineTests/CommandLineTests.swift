@@ -1,0 +1,147 @@
+// `dllava generate` end to end, as a user or another tool runs it: a real process, JSON on stdout,
+// one sentence on stderr and a sysexits code on failure.
+import Foundation
+import Testing
+import Numerics
+import SafeTensors
+
+/// The `dllava` executable built beside this test bundle.
+let dllavaExecutable = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("dllava")
+
+struct ProcessResult {
+    let status: Int32
+    let standardOutput: String
+    let standardError: String
+}
+
+func runDLLaVA(_ arguments: [String]) throws -> ProcessResult {
+    let process = Process()
+    process.executableURL = dllavaExecutable
+    process.arguments = arguments
+    let output = Pipe(), error = Pipe()
+    process.standardOutput = output
+    process.standardError = error
+    try process.run()
+    let outputData = output.fileHandleForReading.readDataToEndOfFile()
+    let errorData = error.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return ProcessResult(status: process.terminationStatus, standardOutput: String(decoding: outputData, as: UTF8.self),
+                         standardError: String(decoding: errorData, as: UTF8.self))
+}
+
+/// Copies a fixture model into a temporary directory so a test can damage it.
+func copyOfFixtureModel(_ name: String) throws -> URL {
+    let destination = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-model-\(UUID().uuidString)")
+    try FileManager.default.copyItem(at: fixtures.appendingPathComponent("models/\(name)"), to: destination)
+    return destination
+}
+
+@Suite("dllava generate")
+struct CommandLineTests {
+    func arguments(model: String, case k: Int, extra: [String] = []) throws -> [String] {
+        let c = try Fixture.cases()[k]
+        return ["generate", "--model", model,
+                "--token-ids-before", c.idsBeforeImage.map(String.init).joined(separator: ","),
+                "--token-ids-after", c.idsAfterImage.map(String.init).joined(separator: ","),
+                "--pixel-values", fixtures.appendingPathComponent("goldens/inputs.safetensors").path,
+                "--pixel-tensor", "pixel_values_\(k)", "--max-tokens", "9", "--threads", "1"] + extra
+    }
+
+    @Test("--json --logprobs 5 gives transformers' greedy ids and log-probabilities within 1e-4", arguments: Fixture.modelNames)
+    func jsonMatchesTransformers(model name: String) throws {
+        for k in 0..<2 {
+            let run = try runDLLaVA(arguments(model: fixtures.appendingPathComponent("models/\(name)").path, case: k,
+                                              extra: ["--json", "--logprobs", "5"]))
+            #expect(run.status == 0, "\(run.standardError)")
+            struct Output: Decodable {
+                struct Entry: Decodable { let id: Int32; let logprob: Float }
+                let token_ids: [Int32]
+                let finish_reason: String
+                let logprobs: [[Entry]]
+                let stats: [String: JSONValue]
+            }
+            let output = try JSONDecoder().decode(Output.self, from: Data(run.standardOutput.utf8))
+            let golden = try Fixture.goldens(name, case: k)
+            let expectedIDs = try golden["greedy_ids"]!.integers().map(Int32.init)
+            #expect(output.token_ids == expectedIDs)
+            #expect(output.finish_reason == "length")
+            let logits = try golden["step_logits"]!.floats()
+            let vocabulary = logits.count / expectedIDs.count
+            for step in 0..<expectedIDs.count {
+                let reference = logSoftmax(Array(logits[step * vocabulary ..< (step + 1) * vocabulary]))
+                #expect(output.logprobs[step].count == 5)
+                #expect(output.logprobs[step][0].id == expectedIDs[step])
+                for entry in output.logprobs[step] {
+                    let expected = reference[Int(entry.id)]
+                    #expect(abs(entry.logprob - expected) <= 1e-4 * max(1, abs(expected)), "step \(step) id \(entry.id)")
+                }
+            }
+            for key in ["image_tokens_total", "image_tokens_kept", "kv_cells_per_layer", "prefill_ms", "decode_ms",
+                        "prefill_flops", "decode_flops", "kv_bytes_peak"] {
+                #expect(output.stats[key] != nil, "stats.\(key) missing")
+            }
+        }
+    }
+
+    @Test("a missing config.json exits 78 and names the file")
+    func missingConfiguration() throws {
+        let model = try copyOfFixtureModel("llava_orig_tiny")
+        try FileManager.default.removeItem(at: model.appendingPathComponent("config.json"))
+        let run = try runDLLaVA(arguments(model: model.path, case: 0))
+        #expect(run.status == 78)
+        #expect(run.standardError.contains(model.appendingPathComponent("config.json").path))
+    }
+
+    @Test("a truncated shard exits 65 and names the file and the tensor")
+    func truncatedShard() throws {
+        let model = try copyOfFixtureModel("llava_orig_tiny")
+        let shard = model.appendingPathComponent("model-00002-of-00002.safetensors")
+        let data = try Data(contentsOf: shard)
+        try data.prefix(data.count - 1000).write(to: shard)
+        let run = try runDLLaVA(arguments(model: model.path, case: 0))
+        #expect(run.status == 65)
+        #expect(run.standardError.contains(shard.path))
+        #expect(run.standardError.contains("truncated"))
+    }
+
+    @Test("a missing tensor or a wrong shape exits 78 and names the tensor")
+    func missingTensorAndWrongShape() throws {
+        let model = try copyOfFixtureModel("llava_orig_tiny")
+        let config = model.appendingPathComponent("config.json")
+        var object = try JSONSerialization.jsonObject(with: Data(contentsOf: config)) as! [String: Any]
+        object["intermediate_size"] = 100
+        try JSONSerialization.data(withJSONObject: object).write(to: config)
+        let wrongShape = try runDLLaVA(arguments(model: model.path, case: 0))
+        #expect(wrongShape.status == 78)
+        #expect(wrongShape.standardError.contains("mlp.gate_proj.weight"))
+
+        object["intermediate_size"] = 176
+        object["num_hidden_layers"] = 4
+        try JSONSerialization.data(withJSONObject: object).write(to: config)
+        let missing = try runDLLaVA(arguments(model: model.path, case: 0))
+        #expect(missing.status == 78)
+        #expect(missing.standardError.contains("model.layers.3."))
+    }
+
+    @Test("a token id outside the vocabulary exits 65; a malformed id list exits 64")
+    func badPromptIDs() throws {
+        let model = fixtures.appendingPathComponent("models/llava_hf_tiny").path
+        let outside = try runDLLaVA(["generate", "--model", model, "--token-ids-before", "1,5000"])
+        #expect(outside.status == 65)
+        #expect(outside.standardError.contains("5000"))
+        let malformed = try runDLLaVA(["generate", "--model", model, "--token-ids-before", "1,x"])
+        #expect(malformed.status == 64)
+    }
+}
+
+/// Any JSON value (stats are checked for presence only).
+enum JSONValue: Decodable {
+    case number(Double), array([JSONValue]), other
+
+    init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if let n = try? c.decode(Double.self) { self = .number(n) }
+        else if let a = try? c.decode([JSONValue].self) { self = .array(a) }
+        else { self = .other }
+    }
+}
