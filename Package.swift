@@ -7,6 +7,7 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "dllava", targets: ["dllava"]),
+        .executable(name: "dllava-bench", targets: ["dllava-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -27,6 +28,11 @@ let package = Package(
         .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Vision", "Llama"]),
         .executableTarget(name: "dllava", dependencies: [
             "DynamicLLaVA", "Numerics", "SafeTensors", "Llama",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        // Benchmarks live outside the test targets: speed is never asserted in a test.
+        .executableTarget(name: "dllava-bench", dependencies: [
+            "DynamicLLaVA", "Numerics", "Llama", "Vision",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 

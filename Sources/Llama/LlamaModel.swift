@@ -91,13 +91,12 @@ public struct LlamaModel: Sendable {
         rotary = RotaryEmbedding(headDimension: c.headDimension, theta: c.ropeTheta)
     }
 
-    /// A model with every weight drawn from `generator` (benchmarks), stored as `storageType`.
-    public init(randomWeights c: LlamaConfiguration, storageType: StorageType, scale: Float = 0.02,
-                generator: inout some RandomNumberGenerator) {
+    /// A model with small random weights stored as `storageType` (benchmarks), seeded.
+    public init(randomWeights c: LlamaConfiguration, storageType: StorageType, seed: UInt64) {
+        var counter = seed
         func weight(_ rows: Int, _ columns: Int) -> WeightMatrix {
-            WeightMatrix(rows: rows, columns: columns,
-                         values: (0..<rows * columns).map { _ in Float.random(in: -scale...scale, using: &generator) },
-                         storageType: storageType)
+            counter &+= 1
+            return WeightMatrix(randomRows: rows, columns: columns, storageType: storageType, seed: counter)
         }
         let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
         configuration = c

@@ -97,3 +97,44 @@ public struct WeightMatrix: @unchecked Sendable {
         return WeightMatrix(rows: elementCount / newColumns, columns: newColumns, storageType: storageType, base: base, owner: owner)
     }
 }
+
+extension WeightMatrix {
+    /// A weight of small random values (magnitudes 2^-9 to 2^-6, random sign), written straight
+    /// into its storage type from a seeded integer stream: fast enough to build a 7B model for
+    /// benchmarks (values are not meant to be meaningful, only finite and small).
+    public init(randomRows rows: Int, columns: Int, storageType: StorageType, seed: UInt64) {
+        let count = rows * columns
+        let storage = OwnedStorage(byteCount: count * storageType.byteCount)
+        var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+        @inline(__always) func next() -> UInt64 {
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
+            return state
+        }
+        switch storageType {
+        case .float32:
+            let out = storage.pointer.assumingMemoryBound(to: UInt32.self)
+            for i in 0..<count {
+                let r = UInt32(truncatingIfNeeded: next())
+                // sign | exponent 118...121 | 23 random mantissa bits
+                out[i] = (r & 0x8000_0000) | ((118 + (r >> 23 & 3)) << 23) | (r & 0x7F_FFFF)
+            }
+        case .float16, .bfloat16:
+            let out = storage.pointer.assumingMemoryBound(to: UInt16.self)
+            let (exponentBase, mantissaBits): (UInt16, UInt16) = storageType == .float16 ? (6, 10) : (118, 7)
+            var i = 0
+            while i < count {
+                var r = next()
+                for _ in 0..<4 where i < count {
+                    let bits = UInt16(truncatingIfNeeded: r)
+                    let exponent = exponentBase + (bits >> 13 & 3)
+                    out[i] = (bits & 0x8000) | (exponent << mantissaBits) | (bits & ((1 << mantissaBits) - 1))
+                    r >>= 16
+                    i += 1
+                }
+            }
+        }
+        self.init(rows: rows, columns: columns, storageType: storageType, base: UnsafeRawPointer(storage.pointer), owner: storage)
+    }
+}

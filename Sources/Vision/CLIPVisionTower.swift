@@ -71,6 +71,13 @@ public struct LayerNormWeights: Sendable {
         self.epsilon = epsilon
     }
 
+    /// Identity parameters (weight 1, bias 0).
+    public init(features: Int, epsilon: Float) {
+        weight = Array(repeating: 1, count: features)
+        bias = Array(repeating: 0, count: features)
+        self.epsilon = epsilon
+    }
+
     public func callAsFunction(_ x: Matrix) -> Matrix {
         layerNorm(x, weight: weight, bias: bias, epsilon: epsilon)
     }
@@ -106,6 +113,24 @@ struct CLIPEncoderLayer: Sendable {
     let layerNorm2: LayerNormWeights        // layer_norm2
     let fc1: LinearLayer                    // mlp.fc1 (I, D)
     let fc2: LinearLayer                    // mlp.fc2 (D, I)
+
+    init(randomWeights configuration: CLIPVisionConfiguration, storageType: StorageType, seed: UInt64) {
+        let d = configuration.hiddenSize, i = configuration.intermediateSize, eps = configuration.layerNormEpsilon
+        var counter = seed
+        func layer(_ outFeatures: Int, _ inFeatures: Int) -> LinearLayer {
+            counter &+= 1
+            return LinearLayer(weight: WeightMatrix(randomRows: outFeatures, columns: inFeatures, storageType: storageType, seed: counter),
+                               bias: Array(repeating: 0, count: outFeatures))
+        }
+        layerNorm1 = LayerNormWeights(features: d, epsilon: eps)
+        queryProjection = layer(d, d)
+        keyProjection = layer(d, d)
+        valueProjection = layer(d, d)
+        outputProjection = layer(d, d)
+        layerNorm2 = LayerNormWeights(features: d, epsilon: eps)
+        fc1 = layer(i, d)
+        fc2 = layer(d, i)
+    }
 
     init(_ checkpoint: Checkpoint, _ prefix: String, _ configuration: CLIPVisionConfiguration) throws(CheckpointError) {
         let d = configuration.hiddenSize, i = configuration.intermediateSize, eps = configuration.layerNormEpsilon
@@ -183,6 +208,19 @@ public struct CLIPVisionTower: Sendable {
             layers.append(try CLIPEncoderLayer(checkpoint, prefix + "encoder.layers.\(n).", c))
         }
         self.layers = layers
+    }
+
+    /// A tower with small random weights (benchmarks), seeded.
+    public init(randomWeights c: CLIPVisionConfiguration, selectLayer: Int, storageType: StorageType, seed: UInt64) {
+        configuration = c
+        self.selectLayer = selectLayer
+        let d = c.hiddenSize
+        patchEmbedding = WeightMatrix(randomRows: d, columns: c.channels * c.patchSize * c.patchSize, storageType: storageType, seed: seed)
+        classEmbedding = WeightMatrix(randomRows: 1, columns: d, storageType: .float32, seed: seed &+ 1).widened()
+        positionEmbedding = WeightMatrix(randomRows: c.patchCount + 1, columns: d, storageType: .float32, seed: seed &+ 2).widened()
+        preLayerNorm = LayerNormWeights(features: d, epsilon: c.layerNormEpsilon)
+        let stateIndex = selectLayer < 0 ? c.hiddenLayers + 1 + selectLayer : selectLayer
+        layers = (0..<stateIndex).map { n in CLIPEncoderLayer(randomWeights: c, storageType: storageType, seed: seed &+ 100 &* UInt64(n + 1)) }
     }
 
     /// Encoder layers actually run (those below the selected hidden state).

@@ -1,0 +1,188 @@
+// Engine benchmark: random weights at a preset shape, timed with 1 and 2 threads in one run,
+// next to OpenBLAS sgemm GFLOPS on the same GEMM shapes and the machine's memory read rate, so
+// every figure comes with the baseline it should be judged against.
+import ArgumentParser
+import Dispatch
+import DynamicLLaVA
+import Foundation
+import Llama
+import Numerics
+import Vision
+
+struct Preset {
+    let name: String
+    let vision: CLIPVisionConfiguration
+    let language: LlamaConfiguration
+    let storageType: StorageType
+
+    static let all: [String: Preset] = [
+        "tiny": Preset(name: "tiny",
+                       vision: CLIPVisionConfiguration(hiddenSize: 32, intermediateSize: 64, hiddenLayers: 3, attentionHeads: 4, imageSize: 336, patchSize: 14),
+                       language: LlamaConfiguration(vocabularySize: 1000, hiddenSize: 64, intermediateSize: 176, hiddenLayers: 3, attentionHeads: 4, rmsNormEpsilon: 1e-5),
+                       storageType: .float32),
+        "mid": Preset(name: "mid (CLIP-B/14-336 + 1.1B LLaMA, f16)",
+                      vision: CLIPVisionConfiguration(hiddenSize: 768, intermediateSize: 3072, hiddenLayers: 12, attentionHeads: 12, imageSize: 336, patchSize: 14),
+                      language: LlamaConfiguration(vocabularySize: 32000, hiddenSize: 2048, intermediateSize: 5632, hiddenLayers: 22, attentionHeads: 32, keyValueHeads: 32, rmsNormEpsilon: 1e-5),
+                      storageType: .float16),
+        "llava-1.5-7b": Preset(name: "llava-1.5-7b (CLIP-L/14-336 + Vicuna-7B shape, f16)",
+                               vision: CLIPVisionConfiguration(hiddenSize: 1024, intermediateSize: 4096, hiddenLayers: 24, attentionHeads: 16, imageSize: 336, patchSize: 14),
+                               language: LlamaConfiguration(vocabularySize: 32000, hiddenSize: 4096, intermediateSize: 11008, hiddenLayers: 32, attentionHeads: 32, rmsNormEpsilon: 1e-5, maxPositionEmbeddings: 4096),
+                               storageType: .float16),
+    ]
+}
+
+@main
+struct Benchmark: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dllava-bench",
+        abstract: "Time the engine at a preset shape with random weights.",
+        discussion: "Presets: \(Preset.all.keys.sorted().joined(separator: ", ")). Prints a Markdown table.")
+
+    @Option(help: "tiny, mid or llava-1.5-7b.")
+    var preset = "tiny"
+
+    @Option(help: "Comma-separated thread counts to measure.")
+    var threads = "1,2"
+
+    @Option(name: .customLong("text-tokens"), help: "Text tokens around the image (about 35 before, the rest after).")
+    var textTokens = 40
+
+    @Option(name: .customLong("decode-tokens"), help: "Decode steps timed per batch size.")
+    var decodeTokens = 8
+
+    func run() throws {
+        guard let preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
+        let threadCounts = threads.split(separator: ",").compactMap { Int($0) }
+        print("# dllava-bench: \(preset.name)")
+        print("machine: \(ProcessInfo.processInfo.activeProcessorCount) cores, \(ProcessInfo.processInfo.physicalMemory >> 30) GiB; weights \(preset.storageType.rawValue)")
+        let start = DispatchTime.now()
+        let vision = CLIPVisionTower(randomWeights: preset.vision, selectLayer: -2, storageType: preset.storageType, seed: 1)
+        let language = LlamaModel(randomWeights: preset.language, storageType: preset.storageType, seed: 2)
+        print(String(format: "built random model in %.1f s; language weights %.2f GiB", seconds(since: start), Double(language.weightByteCount) / Double(1 << 30)))
+
+        let c = preset.language
+        let before = min(35, textTokens), after = textTokens - before
+        let promptLength = before + preset.vision.patchCount + after
+        let pixels = (0..<3 * preset.vision.imageSize * preset.vision.imageSize).map { Float(($0 * 7919) % 255) / 127.5 - 1 }
+        print("prompt: \(before) + \(preset.vision.patchCount) image + \(after) = \(promptLength) tokens; decode \(decodeTokens) steps")
+        print("")
+        print("| threads | vision ms/image | prefill tok/s | prefill GFLOP/s | sgemm GFLOP/s (same shapes) | prefill / sgemm | decode tok/s b=1 | decode tok/s b=8 | weight-stream ms | decode b=1 ms/tok / stream |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for count in threadCounts {
+            Parallelism.setThreads(count)
+            // Vision tower (one image).
+            let visionStart = DispatchTime.now()
+            _ = vision.features(pixels)
+            let visionMilliseconds = seconds(since: visionStart) * 1000
+
+            // Prefill over the whole prompt (embeddings of random ids stand in for the image rows).
+            var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
+            var hidden = language.embed((0..<promptLength).map { Int32(3 + $0 % (c.vocabularySize - 3)) })
+            var observation = ForwardObservation()
+            let prefillStart = DispatchTime.now()
+            language.forward(&hidden, batch: TokenBatch(positions: (0..<Int32(promptLength)).map { $0 }, sequences: Array(repeating: 0, count: promptLength)),
+                             layers: 0..<c.hiddenLayers, cache: &cache, observation: &observation)
+            _ = language.logits(hidden.rows((promptLength - 1)..<promptLength))
+            let prefillSeconds = seconds(since: prefillStart)
+            let prefillFlops = Double(prefillFlopCount(c, tokens: promptLength))
+            let gemmRate = sgemmRate(c, tokens: promptLength)
+
+            // Decode at batch 1 and 8 (the batch-8 caches are copies of the prefilled one).
+            var rates: [Double] = []
+            var batchOneStep = 0.0
+            for batch in [1, 8] {
+                var decodeCache = KeyValueCache(layers: c.hiddenLayers, sequences: batch, keyValueWidth: c.keyValueWidth)
+                for l in 0..<c.hiddenLayers { decodeCache.layers[l] = Array(repeating: cache.layers[l][0], count: batch) }
+                let decodeStart = DispatchTime.now()
+                for step in 0..<decodeTokens {
+                    var stepHidden = language.embed((0..<batch).map { Int32(5 + ($0 + step) % 900) })
+                    var stepObservation = ForwardObservation()
+                    language.forward(&stepHidden, batch: TokenBatch(positions: Array(repeating: Int32(promptLength + step), count: batch), sequences: Array(0..<batch)),
+                                     layers: 0..<c.hiddenLayers, cache: &decodeCache, observation: &stepObservation)
+                    _ = language.logits(stepHidden)
+                }
+                let elapsed = seconds(since: decodeStart)
+                rates.append(Double(batch * decodeTokens) / elapsed)
+                if batch == 1 { batchOneStep = elapsed / Double(decodeTokens) }
+            }
+            let streamSeconds = Double(language.weightByteCount) / memoryReadRate(threads: count)
+            print(String(format: "| %d | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f | %.2f | %.1f | %.2f |",
+                         count, visionMilliseconds, Double(promptLength) / prefillSeconds, prefillFlops / prefillSeconds / 1e9,
+                         gemmRate / 1e9, prefillFlops / prefillSeconds / gemmRate, rates[0], rates[1],
+                         streamSeconds * 1000, batchOneStep / streamSeconds))
+        }
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        print("")
+        print(String(format: "peak RSS: %.2f GiB", Double(usage.ru_maxrss) / Double(1 << 20)))
+    }
+}
+
+/// Prints and flushes at once, so rows appear as they are measured, also in a log file.
+func print(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}
+
+func seconds(since start: DispatchTime) -> Double {
+    Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e9
+}
+
+/// Multiply-adds x2 of a full prefill: the decoder's projections and causal attention, and the
+/// LM head row.
+func prefillFlopCount(_ c: LlamaConfiguration, tokens n: Int) -> Int {
+    let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
+    let projections = 2 * n * h * (q + 2 * c.keyValueWidth) + 2 * n * q * h + 3 * 2 * n * h * c.intermediateSize
+    let attention = 2 * 2 * q * (n * (n + 1) / 2)
+    return c.hiddenLayers * (projections + attention) + 2 * h * c.vocabularySize
+}
+
+/// OpenBLAS sgemm FLOP/s over one decoder layer's product shapes (f32 weights already widened),
+/// `[tokens, K] x [K, N]`: the ceiling the prefill is measured against.
+func sgemmRate(_ c: LlamaConfiguration, tokens m: Int) -> Double {
+    let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
+    let shapes = [(q, h), (c.keyValueWidth, h), (c.keyValueWidth, h), (h, q), (c.intermediateSize, h), (c.intermediateSize, h), (h, c.intermediateSize)]
+    var flops = 0.0, elapsed = 0.0
+    for (n, k) in shapes {
+        let a = [Float](repeating: 0.01, count: m * k), b = [Float](repeating: 0.02, count: n * k)
+        var out = [Float](repeating: 0, count: m * n)
+        let start = DispatchTime.now()
+        a.withUnsafeBufferPointer { ap in
+            b.withUnsafeBufferPointer { bp in
+                out.withUnsafeMutableBufferPointer { op in
+                    BLAS.sgemm(m: m, n: n, k: k, a: ap.baseAddress!, lda: k, b: bp.baseAddress!, ldb: k, transposeB: true, c: op.baseAddress!, ldc: n)
+                }
+            }
+        }
+        elapsed += seconds(since: start)
+        flops += 2 * Double(m * n * k)
+    }
+    return flops / elapsed
+}
+
+/// Bytes per second at which `threads` threads read a 1 GiB buffer (best of 3).
+func memoryReadRate(threads: Int) -> Double {
+    let count = 1 << 28
+    let buffer = UnsafeMutablePointer<Float>.allocate(capacity: count)
+    defer { buffer.deallocate() }
+    buffer.initialize(repeating: 1, count: count)
+    let shared = UncheckedPointer(buffer)
+    var best = Double.infinity
+    for _ in 0..<3 {
+        let start = DispatchTime.now()
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            let chunk = count / threads
+            let base = shared.pointer + t * chunk
+            var s0: Float = 0, s1: Float = 0, s2: Float = 0, s3: Float = 0
+            var i = 0
+            while i < chunk { s0 += base[i]; s1 += base[i + 1]; s2 += base[i + 2]; s3 += base[i + 3]; i += 4 }
+            if s0 + s1 + s2 + s3 == -1 { print("") }
+        }
+        best = min(best, seconds(since: start))
+    }
+    return Double(count * 4) / best
+}
+
+struct UncheckedPointer: @unchecked Sendable {
+    let pointer: UnsafeMutablePointer<Float>
+    init(_ pointer: UnsafeMutablePointer<Float>) { self.pointer = pointer }
+}
