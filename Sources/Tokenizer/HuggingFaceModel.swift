@@ -63,60 +63,55 @@ struct HuggingFaceModel: Sendable {
         do { data = try Data(contentsOf: file) } catch {
             throw TokenizerError(.unreadable, file: file, error.localizedDescription)
         }
-        let root: [String: Any]
+        let root: JSONValue
         do {
-            guard let object = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
-                throw TokenizerError(.malformed, file: file, "the top level is not a JSON object")
-            }
-            root = object
-        } catch let error as TokenizerError {
-            throw error
+            root = try JSONValue.parse([UInt8](data))
         } catch {
-            throw TokenizerError(.malformed, file: file, "not valid JSON (\(error.localizedDescription))")
+            throw TokenizerError(.malformed, file: file, "not valid JSON: \(error.reason)")
+        }
+        guard root.members != nil else {
+            throw TokenizerError(.malformed, file: file, "the top level is not a JSON object")
         }
         try parse(root, file: file)
     }
 
-    private static func bytes(_ value: Any?) -> [UInt8]? {
-        (value as? String).map { Array($0.utf8) }
-    }
-
-    private mutating func parse(_ root: [String: Any], file: URL) throws(TokenizerError) {
+    private mutating func parse(_ root: JSONValue, file: URL) throws(TokenizerError) {
         func malformed(_ reason: String) -> TokenizerError { TokenizerError(.malformed, file: file, reason) }
         func unsupported(_ reason: String) -> TokenizerError { TokenizerError(.unsupported, file: file, reason) }
+        func text(_ bytes: [UInt8]) -> String { String(decoding: bytes, as: UTF8.self) }
 
-        guard let model = root["model"] as? [String: Any] else { throw malformed("no \"model\" object") }
-        let type = model["type"] as? String ?? "BPE"
+        guard let model = root["model"], model.members != nil else { throw malformed("no \"model\" object") }
+        let type = model["type"]?.string ?? "BPE"
         guard type == "BPE" else { throw unsupported("model type \(type); only BPE is implemented") }
         for key in ["continuing_subword_prefix", "end_of_word_suffix", "dropout"] {
-            if let value = model[key], !(value is NSNull), !(value as? String == "") {
+            if let value = model[key], !value.isNull, value.string != "" {
                 throw unsupported("BPE \(key) \(value)")
             }
         }
-        guard let vocabObject = model["vocab"] as? [String: Any] else { throw malformed("model has no \"vocab\" object") }
+        guard let vocabMembers = model["vocab"]?.members else { throw malformed("model has no \"vocab\" object") }
         var maxID = -1
         var entries: [([UInt8], Int32)] = []
-        entries.reserveCapacity(vocabObject.count)
-        for (token, value) in vocabObject {
-            guard let number = value as? NSNumber, let id = Int32(exactly: number.doubleValue), id >= 0 else {
-                throw malformed("vocab entry \"\(token)\" has id \(value), not a non-negative integer")
+        entries.reserveCapacity(vocabMembers.count)
+        for (token, value) in vocabMembers {
+            guard let number = value.int, let id = Int32(exactly: number), id >= 0 else {
+                throw malformed("vocab entry \"\(text(token))\" has id \(value), not a non-negative integer")
             }
-            entries.append((Array(token.utf8), id))
+            entries.append((token, id))
             maxID = max(maxID, Int(id))
         }
         var addedTokens: [AddedToken] = []
-        for item in root["added_tokens"] as? [[String: Any]] ?? [] {
-            guard let content = Self.bytes(item["content"]), !content.isEmpty,
-                  let number = item["id"] as? NSNumber, let id = Int32(exactly: number.doubleValue), id >= 0 else {
+        for item in root["added_tokens"]?.array ?? [] {
+            guard let content = item["content"]?.bytes, !content.isEmpty,
+                  let number = item["id"]?.int, let id = Int32(exactly: number), id >= 0 else {
                 throw malformed("an added token lacks content or id: \(item)")
             }
-            for flag in ["lstrip", "rstrip", "single_word"] where item[flag] as? Bool == true {
-                throw unsupported("added token \"\(String(decoding: content, as: UTF8.self))\" with \(flag)")
+            for flag in ["lstrip", "rstrip", "single_word"] where item[flag]?.bool == true {
+                throw unsupported("added token \"\(text(content))\" with \(flag)")
             }
-            if item["normalized"] as? Bool == true {
-                throw unsupported("added token \"\(String(decoding: content, as: UTF8.self))\" with normalized = true")
+            if item["normalized"]?.bool == true {
+                throw unsupported("added token \"\(text(content))\" with normalized = true")
             }
-            addedTokens.append(AddedToken(content: content, id: id, special: item["special"] as? Bool ?? false))
+            addedTokens.append(AddedToken(content: content, id: id, special: item["special"]?.bool ?? false))
             maxID = max(maxID, Int(id))
         }
         tokens = Array(repeating: [], count: maxID + 1)
@@ -134,30 +129,29 @@ struct HuggingFaceModel: Sendable {
         }
         for i in 0..<256 { addedByFirstByte[i].sort { added[$0].content.count > added[$1].content.count } }
 
-        if let unknown = model["unk_token"] as? String {
-            guard let id = vocab.value(Array(unknown.utf8)) else { throw malformed("unk_token \"\(unknown)\" is not in the vocab") }
+        if let unknown = model["unk_token"]?.bytes {
+            guard let id = vocab.value(unknown) else { throw malformed("unk_token \"\(text(unknown))\" is not in the vocab") }
             unknownID = id
         }
-        fuseUnknown = model["fuse_unk"] as? Bool ?? false
-        byteFallback = model["byte_fallback"] as? Bool ?? false
-        ignoreMerges = model["ignore_merges"] as? Bool ?? false
+        fuseUnknown = model["fuse_unk"]?.bool ?? false
+        byteFallback = model["byte_fallback"]?.bool ?? false
+        ignoreMerges = model["ignore_merges"]?.bool ?? false
         byteIDs = (0...255).map { vocab.value(UTF8Bytes.byteFallbackPiece(UInt8($0))) }
 
-        guard let mergeList = model["merges"] as? [Any] else { throw malformed("model has no \"merges\" list") }
+        guard let mergeList = model["merges"]?.array else { throw malformed("model has no \"merges\" list") }
         merges.reserveCapacity(mergeList.count)
         for (rank, item) in mergeList.enumerated() {
-            let pair: [String]
-            if let text = item as? String {
-                pair = text.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
-            } else if let array = item as? [String] {
-                pair = array
+            let pair: [[UInt8]]
+            if let joined = item.bytes {
+                pair = joined.split(separator: 0x20, omittingEmptySubsequences: false).map(Array.init)
+            } else if let array = item.array {
+                pair = array.compactMap(\.bytes)
             } else {
                 throw malformed("merge \(rank) is neither \"a b\" nor [\"a\", \"b\"]")
             }
-            guard pair.count == 2 else { throw malformed("merge \(rank) \(pair) does not have two parts") }
-            let left = Array(pair[0].utf8), right = Array(pair[1].utf8)
-            guard let l = vocab.value(left), let r = vocab.value(right), let m = vocab.value(left + right) else {
-                throw malformed("merge \(rank) \(pair) uses a token that is not in the vocab")
+            guard pair.count == 2 else { throw malformed("merge \(rank) \(item) does not have two parts") }
+            guard let l = vocab.value(pair[0]), let r = vocab.value(pair[1]), let m = vocab.value(pair[0] + pair[1]) else {
+                throw malformed("merge \(rank) \"\(text(pair[0])) \(text(pair[1]))\" uses a token that is not in the vocab")
             }
             merges[UInt64(UInt32(l)) << 32 | UInt64(UInt32(r))] = (Int32(rank), m)
         }
@@ -167,24 +161,23 @@ struct HuggingFaceModel: Sendable {
         try parseDecoder(root["decoder"], file: file)
     }
 
-    private static func stringPattern(_ value: Any?) -> [UInt8]? {
-        if let text = value as? String { return Array(text.utf8) }
-        return bytes((value as? [String: Any])?["String"])
+    private static func stringPattern(_ value: JSONValue?) -> [UInt8]? {
+        value?.bytes ?? value?["String"]?.bytes
     }
 
-    private mutating func parseNormalizer(_ value: Any?, file: URL) throws(TokenizerError) {
-        guard let object = value as? [String: Any] else { return }
-        let type = object["type"] as? String ?? "?"
+    private mutating func parseNormalizer(_ value: JSONValue?, file: URL) throws(TokenizerError) {
+        guard let object = value, object.members != nil else { return }
+        let type = object["type"]?.string ?? "?"
         switch type {
         case "Sequence":
-            for item in object["normalizers"] as? [Any] ?? [] { try parseNormalizer(item, file: file) }
+            for item in object["normalizers"]?.array ?? [] { try parseNormalizer(item, file: file) }
         case "Prepend":
-            guard let prepend = Self.bytes(object["prepend"]) else {
+            guard let prepend = object["prepend"]?.bytes else {
                 throw TokenizerError(.malformed, file: file, "Prepend normalizer without \"prepend\"")
             }
             normalizer.append(.prepend(prepend))
         case "Replace":
-            guard let pattern = Self.stringPattern(object["pattern"]), let content = Self.bytes(object["content"]) else {
+            guard let pattern = Self.stringPattern(object["pattern"]), let content = object["content"]?.bytes else {
                 throw TokenizerError(.unsupported, file: file, "Replace normalizer with a regex or missing pattern")
             }
             normalizer.append(.replace(pattern, content))
@@ -193,52 +186,52 @@ struct HuggingFaceModel: Sendable {
         }
     }
 
-    private mutating func parsePreTokenizer(_ value: Any?, file: URL) throws(TokenizerError) {
-        guard let object = value as? [String: Any] else { return }
-        let type = object["type"] as? String ?? "?"
-        if type == "Sequence", let items = object["pretokenizers"] as? [Any], items.count <= 1 {
+    private mutating func parsePreTokenizer(_ value: JSONValue?, file: URL) throws(TokenizerError) {
+        guard let object = value, object.members != nil else { return }
+        let type = object["type"]?.string ?? "?"
+        if type == "Sequence", let items = object["pretokenizers"]?.array, items.count <= 1 {
             if let item = items.first { try parsePreTokenizer(item, file: file) }
             return
         }
         guard type == "Metaspace", metaspace == nil else {
             throw TokenizerError(.unsupported, file: file, "pre-tokenizer \(type)")
         }
-        guard let replacement = Self.bytes(object["replacement"]),
+        guard let replacement = object["replacement"]?.bytes,
               String(decoding: replacement, as: UTF8.self).unicodeScalars.count == 1 else {
             throw TokenizerError(.malformed, file: file, "Metaspace pre-tokenizer without a one-character replacement")
         }
         let scheme: PrependScheme
-        switch object["prepend_scheme"] as? String {
+        switch object["prepend_scheme"]?.string {
         case "always": scheme = .always
         case "first": scheme = .first
         case "never": scheme = .never
-        case nil: scheme = object["add_prefix_space"] as? Bool ?? true ? .always : .never
+        case nil: scheme = object["add_prefix_space"]?.bool ?? true ? .always : .never
         case let other?: throw TokenizerError(.unsupported, file: file, "Metaspace prepend_scheme \(other)")
         }
-        metaspace = Metaspace(replacement: replacement, prependScheme: scheme, split: object["split"] as? Bool ?? true)
+        metaspace = Metaspace(replacement: replacement, prependScheme: scheme, split: object["split"]?.bool ?? true)
     }
 
-    private mutating func parseDecoder(_ value: Any?, file: URL) throws(TokenizerError) {
-        guard let object = value as? [String: Any] else { return }
-        let type = object["type"] as? String ?? "?"
+    private mutating func parseDecoder(_ value: JSONValue?, file: URL) throws(TokenizerError) {
+        guard let object = value, object.members != nil else { return }
+        let type = object["type"]?.string ?? "?"
         var steps = decoder ?? []
         switch type {
         case "Sequence":
             decoder = steps
-            for item in object["decoders"] as? [Any] ?? [] { try parseDecoder(item, file: file) }
+            for item in object["decoders"]?.array ?? [] { try parseDecoder(item, file: file) }
             return
         case "Replace":
-            guard let pattern = Self.stringPattern(object["pattern"]), let content = Self.bytes(object["content"]) else {
+            guard let pattern = Self.stringPattern(object["pattern"]), let content = object["content"]?.bytes else {
                 throw TokenizerError(.unsupported, file: file, "Replace decoder with a regex or missing pattern")
             }
             steps.append(.replace(pattern, content))
         case "ByteFallback": steps.append(.byteFallback)
         case "Fuse": steps.append(.fuse)
         case "Strip":
-            guard let content = (object["content"] as? String)?.unicodeScalars, content.count == 1 else {
+            guard let content = object["content"]?.string?.unicodeScalars, content.count == 1 else {
                 throw TokenizerError(.malformed, file: file, "Strip decoder without a one-character content")
             }
-            steps.append(.strip(content: content.first!, start: (object["start"] as? Int) ?? 0, stop: (object["stop"] as? Int) ?? 0))
+            steps.append(.strip(content: content.first!, start: object["start"]?.int ?? 0, stop: object["stop"]?.int ?? 0))
         default:
             throw TokenizerError(.unsupported, file: file, "decoder \(type)")
         }

@@ -342,7 +342,8 @@ struct SentencePieceModel: Sendable {
 
     /// sentencepiece's `DecodeIds`: control pieces vanish, the unknown piece shows its surface,
     /// runs of byte pieces are re-assembled (each invalid byte becomes U+FFFD), U+2581 becomes a
-    /// space, and the leading space of the first visible piece is dropped (the dummy prefix).
+    /// space, and one leading U+2581 of the first piece that shows anything is dropped (the dummy
+    /// prefix).
     /// Ids outside the vocabulary are skipped.
     func decode(_ ids: [Int32]) -> String {
         var out: [UInt8] = []
@@ -359,6 +360,7 @@ struct SentencePieceModel: Sendable {
                     offset += 1
                 }
             }
+            if !pendingBytes.isEmpty { expectingBOSWhitespace = false }
             pendingBytes.removeAll(keepingCapacity: true)
         }
         for id in ids {
@@ -382,9 +384,6 @@ struct SentencePieceModel: Sendable {
                     if UTF8Bytes.hasPrefix(piece.bytes, UTF8Bytes.metaspace) {
                         start = 3
                         hadBOSWhitespace = true
-                    }
-                    if removeExtraWhitespaces {
-                        while UTF8Bytes.hasPrefix(piece.bytes, UTF8Bytes.metaspace, at: start) { start += 3 }
                     }
                 }
                 let decoded = UTF8Bytes.replacing(UTF8Bytes.metaspace, with: [0x20], in: Array(piece.bytes[start...]))
