@@ -282,13 +282,18 @@ def main():
 
     # Prompt goldens from the slow tokenizer, the way LLaVA loads Vicuna's (legacy=False in its
     # tokenizer_config.json, add_bos_token=True).
+    # `same_with_legacy_true` records where that setting matters (special tokens or U+2581 written
+    # in the question).
     slow = LlamaTokenizer(vocab_file=str(FIX / "sp32k" / "tokenizer.model"), legacy=False)
+    slow_legacy = LlamaTokenizer(vocab_file=str(FIX / "sp32k" / "tokenizer.model"), legacy=True)
     prompts = []
     for q in QUESTIONS:
         ids = tokenizer_image_token(vicuna_v1_prompt(q), slow)
         cut = ids.index(IMAGE_TOKEN_INDEX)
         assert ids.count(IMAGE_TOKEN_INDEX) == 1
-        prompts.append({"question": q, "ids_before_image": ids[:cut], "ids_after_image": ids[cut + 1:]})
+        legacy_ids = tokenizer_image_token(vicuna_v1_prompt(q), slow_legacy)
+        prompts.append({"question": q, "ids_before_image": ids[:cut], "ids_after_image": ids[cut + 1:],
+                        "same_with_legacy_true": legacy_ids == ids})
     goldens["prompts"] = {"model": "sp32k", "legacy": False, "items": prompts}
     with open(FIX / "goldens.json", "w", encoding="utf-8") as f:
         json.dump(goldens, f, ensure_ascii=False, separators=(",", ":"))
