@@ -6,6 +6,8 @@ Outputs (under Tests/TokenizerTests/Fixtures/):
                                                     also the tokenizer of the engine's tiny models
   sp1k/tokenizer-metaspace.json                     same model converted with legacy=False
                                                     (Metaspace pre-tokenizer instead of Prepend+Replace)
+  sp1k/tokenizer-variant.json                       Metaspace with split=true and prepend_scheme "always",
+                                                    merges in the older "a b" string form
   sp32k/tokenizer.model, sp32k/tokenizer.json       BPE, vocab 32000, byte fallback (LLaMA-like)
   udef/tokenizer.model, udef/tokenizer.json         BPE, vocab 600, NO byte fallback, user-defined and
                                                     control symbols (unknown handling, frozen pieces)
@@ -111,6 +113,17 @@ def mark_unused(path, count):
             piece.type = pb.ModelProto.SentencePiece.UNUSED
             marked += 1
     path.write_bytes(proto.SerializeToString())
+
+
+def write_variant(source, target):
+    """A tokenizer.json exercising options transformers does not emit for LLaMA today but older
+    files and other converters do."""
+    data = json.loads(source.read_text(encoding="utf-8"))
+    data["pre_tokenizer"]["split"] = True
+    data["pre_tokenizer"]["prepend_scheme"] = "always"
+    assert all(" " not in a and " " not in b for a, b in data["model"]["merges"])
+    data["model"]["merges"] = [a + " " + b for a, b in data["model"]["merges"]]
+    target.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
 def convert(model_dir, legacy, name):
@@ -243,6 +256,7 @@ def main():
     for d in ["sp1k", "sp32k", "udef"]:
         convert(FIX / d, legacy=True, name="tokenizer.json")
     convert(FIX / "sp1k", legacy=False, name="tokenizer-metaspace.json")
+    write_variant(FIX / "sp1k" / "tokenizer-metaspace.json", FIX / "sp1k" / "tokenizer-variant.json")
 
     corpus = corpus_lines()
     with open(FIX / "corpus.jsonl", "w", encoding="utf-8") as f:
@@ -253,7 +267,7 @@ def main():
     goldens = {"versions": {"sentencepiece": spm.__version__, "tokenizers": tokenizers.__version__,
                             "transformers": transformers.__version__},
                "corpus": "corpus.jsonl", "models": {}}
-    for d, jsons in [("sp1k", ["tokenizer.json", "tokenizer-metaspace.json"]), ("sp32k", ["tokenizer.json"]),
+    for d, jsons in [("sp1k", ["tokenizer.json", "tokenizer-metaspace.json", "tokenizer-variant.json"]), ("sp32k", ["tokenizer.json"]),
                      ("udef", ["tokenizer.json"])]:
         sp = spm.SentencePieceProcessor(model_file=str(FIX / d / "tokenizer.model"))
         n = sp.get_piece_size()

@@ -306,7 +306,7 @@ struct HuggingFaceModel: Sendable {
         }
         // Split before every replacement character (the character stays with what follows).
         var start = 0
-        var i = metaspace.replacement.count
+        var i = 1
         while i < text.count {
             if UTF8Bytes.hasPrefix(text, metaspace.replacement, at: i) {
                 encodeWord(Array(text[start..<i]), into: &ids)

@@ -5,6 +5,7 @@ import Tokenizer
 /// (model directory, tokenizer file) pairs with goldens.
 let tokenizerFiles: [(String, String)] = [
     ("sp1k", "tokenizer.model"), ("sp1k", "tokenizer.json"), ("sp1k", "tokenizer-metaspace.json"),
+    ("sp1k", "tokenizer-variant.json"),
     ("sp32k", "tokenizer.model"), ("sp32k", "tokenizer.json"),
     ("udef", "tokenizer.model"), ("udef", "tokenizer.json"),
 ]
