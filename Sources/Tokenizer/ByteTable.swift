@@ -87,14 +87,12 @@ struct ByteTable: Sendable {
     }
 }
 
-/// A binary max-heap ordered by `areInIncreasingOrder` (the top is the greatest element).
-struct Heap<Element> {
+/// A binary max-heap: `pop` returns the greatest element by `<`.
+struct Heap<Element: Comparable> {
     private var items: [Element] = []
-    private let less: (Element, Element) -> Bool
 
-    init(reserving capacity: Int, _ areInIncreasingOrder: @escaping (Element, Element) -> Bool) {
+    init(reserving capacity: Int) {
         items.reserveCapacity(capacity)
-        less = areInIncreasingOrder
     }
 
     mutating func push(_ element: Element) {
@@ -102,28 +100,29 @@ struct Heap<Element> {
         var child = items.count - 1
         while child > 0 {
             let parent = (child - 1) / 2
-            guard less(items[parent], items[child]) else { break }
-            items.swapAt(parent, child)
+            guard items[parent] < element else { break }
+            items[child] = items[parent]
             child = parent
         }
+        items[child] = element
     }
 
     mutating func pop() -> Element? {
         guard let top = items.first else { return nil }
         let last = items.removeLast()
-        if !items.isEmpty {
-            items[0] = last
-            var parent = 0
-            while true {
-                let left = 2 * parent + 1
-                if left >= items.count { break }
-                var largest = left
-                if left + 1 < items.count, less(items[left], items[left + 1]) { largest = left + 1 }
-                guard less(items[parent], items[largest]) else { break }
-                items.swapAt(parent, largest)
-                parent = largest
-            }
+        if items.isEmpty { return top }
+        var parent = 0
+        let count = items.count
+        while true {
+            let left = 2 * parent + 1
+            if left >= count { break }
+            var larger = left
+            if left + 1 < count, items[left] < items[left + 1] { larger = left + 1 }
+            guard last < items[larger] else { break }
+            items[parent] = items[larger]
+            parent = larger
         }
+        items[parent] = last
         return top
     }
 }

@@ -326,10 +326,16 @@ struct HuggingFaceModel: Sendable {
         var length: Int
     }
 
-    private struct Merge {
+    /// A possible merge at `position` and its right neighbour. Greater means merged first: the
+    /// lowest rank, then the leftmost position.
+    private struct Merge: Comparable {
         var position: Int
         var rank: Int32
         var id: Int32
+
+        static func < (a: Merge, b: Merge) -> Bool {
+            a.rank > b.rank || (a.rank == b.rank && a.position > b.position)
+        }
     }
 
     private func mergeKey(_ left: Int32, _ right: Int32) -> UInt64 {
@@ -388,10 +394,7 @@ struct HuggingFaceModel: Sendable {
         if let unknown = pendingUnknown { add(unknown.id, unknown.length) }
         if symbols.isEmpty { return }
 
-        // Lowest rank first; among equal ranks the leftmost position.
-        var queue = Heap<Merge>(reserving: symbols.count) { a, b in
-            a.rank > b.rank || (a.rank == b.rank && a.position > b.position)
-        }
+        var queue = Heap<Merge>(reserving: symbols.count)
         for i in 1..<max(symbols.count, 1) {
             if let merge = merges[mergeKey(symbols[i - 1].id, symbols[i].id)] {
                 queue.push(Merge(position: i - 1, rank: merge.rank, id: merge.id))

@@ -241,11 +241,17 @@ struct SentencePieceModel: Sendable {
         var frozen: Bool
     }
 
-    private struct Candidate {
+    /// A possible merge of two adjacent symbols. Greater means merged first: the higher score,
+    /// then the leftmost pair.
+    private struct Candidate: Comparable {
         var score: Float
         var left: Int
         var right: Int
         var length: Int
+
+        static func < (a: Candidate, b: Candidate) -> Bool {
+            a.score < b.score || (a.score == b.score && a.left > b.left)
+        }
     }
 
     /// Ids for `text`: normalization, BPE merges by piece score (user-defined pieces frozen),
@@ -266,10 +272,7 @@ struct SentencePieceModel: Sendable {
                 offset += length
             }
 
-            // Highest score first; among equal scores the leftmost pair.
-            var agenda = Heap<Candidate>(reserving: symbols.count) { a, b in
-                a.score < b.score || (a.score == b.score && a.left > b.left)
-            }
+            var agenda = Heap<Candidate>(reserving: symbols.count)
             var reverseMerges: [[UInt8]: ([UInt8], [UInt8])] = [:]
             func consider(_ left: Int, _ right: Int) {
                 guard left >= 0, right >= 0, !symbols[left].frozen, !symbols[right].frozen else { return }
