@@ -25,6 +25,9 @@ public struct SentencePieceTokenizer: Sendable {
     public let vocabularySize: Int
 
     /// Loads `tokenizer.model` or a `*.json` tokenizer file, choosing the format by file name.
+    /// Special ids come from the file: `tokenizer.model` names them in its trainer spec; a
+    /// `tokenizer.json` does not name BOS and EOS, so they are its `<s>` and `</s>` tokens (LLaMA's
+    /// spelling) and the unknown id is the BPE model's `unk_token`.
     public init(contentsOf url: URL) throws(TokenizerError) {
         file = url
         if url.pathExtension.lowercased() == "json" {
