@@ -23,11 +23,15 @@ let package = Package(
 
         .target(name: "Numerics", dependencies: ["CBLAS", "CKernels"]),
         .target(name: "SafeTensors", dependencies: ["Numerics"]),
+        // LLaMA's sentencepiece tokenizer and the LLaVA prompt (Foundation only).
+        .target(name: "Tokenizer"),
+        // Image files -> RGB pixels -> CLIP pixel values, as LLaVA-1.5's Python pipeline computes them.
+        .target(name: "Imaging", dependencies: ["CJPEG", "CPNG"]),
         .target(name: "Vision", dependencies: ["Numerics", "SafeTensors"]),
         .target(name: "Llama", dependencies: ["Numerics", "SafeTensors"]),
-        .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Vision", "Llama"]),
+        .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Tokenizer", "Imaging", "Vision", "Llama"]),
         .executableTarget(name: "dllava", dependencies: [
-            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama",
+            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
@@ -35,9 +39,12 @@ let package = Package(
             "DynamicLLaVA", "Numerics", "Llama", "Vision",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),
 
         .testTarget(name: "NumericsTests", dependencies: ["Numerics"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
+        .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "ImagingTests", dependencies: ["Imaging"], resources: [.copy("Fixtures")]),
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
         .testTarget(name: "EngineTests", dependencies: ["DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
                     exclude: ["Fixtures"]),
