@@ -13,5 +13,11 @@ let package = Package(
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CJPEG", pkgConfig: "libturbojpeg", providers: [.apt(["libturbojpeg0-dev"])]),
         .systemLibrary(name: "CPNG", pkgConfig: "spng", providers: [.apt(["libspng-dev"])]),
+
+        // Image files -> RGB pixels -> CLIP pixel values, as LLaVA-1.5's Python pipeline computes them.
+        .target(name: "Imaging", dependencies: ["CJPEG", "CPNG"]),
+        .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),
+
+        .testTarget(name: "ImagingTests", dependencies: ["Imaging"], resources: [.copy("Fixtures")]),
     ]
 )

@@ -25,7 +25,7 @@ import zlib
 import numpy as np
 import PIL
 import transformers
-from PIL import Image, features
+from PIL import Image, ImageOps, features
 from transformers import CLIPImageProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -159,6 +159,8 @@ def main():
         with Image.open(os.path.join(IMAGES, name)) as im:
             mode = im.mode
             rgb = im.convert("RGB")
+            orientation = im.getexif().get(0x0112)
+            transposed = np.asarray(ImageOps.exif_transpose(im).convert("RGB")) if orientation not in (None, 1) else None
         decoded = np.asarray(rgb)
         square = expand2square(rgb, pad)
         # channels_last is stated because transformers guesses the layout from the shape and
@@ -180,6 +182,11 @@ def main():
             "golden_png": f"{stem}.png",
             "normalise_max_abs_err": err,
         }
+        if transposed is not None:
+            # What ImageDecoder gives with applyExifOrientation (LLaVA itself ignores orientation).
+            images[name]["exif_orientation"] = orientation
+            images[name]["exif_transposed"] = {"width": transposed.shape[1], "height": transposed.shape[0],
+                                               "rgb_sha256": sha(transposed)}
         print(f"{name:28s} {mode:5s} {decoded.shape[1]}x{decoded.shape[0]}")
     doc = {
         "schema": 1,
