@@ -21,7 +21,10 @@ struct JPEGDecoder {
             let message = String(cString: tjGetErrorStr2(handle))
             throw ImageError(file: name, kind: Self.looksTruncated(message, bytes) ? .truncated : .corrupt(message))
         }
-        guard width > 0, height > 0 else { throw ImageError(file: name, kind: .corrupt("zero width or height")) }
+        guard width > 0, height > 0 else {
+            // libjpeg can report an empty header when the data stops before the frame header.
+            throw ImageError(file: name, kind: Self.hasFrameHeader(bytes) ? .corrupt("zero width or height") : .truncated)
+        }
         let w = Int(width), h = Int(height)
         if w * h > options.maxPixels {
             throw ImageError(file: name, kind: .tooLarge(width: w, height: h, maxPixels: options.maxPixels))
@@ -71,6 +74,24 @@ struct JPEGDecoder {
             if max(w, h) >= minimum { best = (w, h) } else { break }
         }
         return best
+    }
+
+    /// Whether the marker segments before the first scan include a frame header (SOFn) that the
+    /// data holds completely.
+    static func hasFrameHeader(_ b: [UInt8]) -> Bool {
+        var i = 2
+        while i + 4 <= b.count {
+            guard b[i] == 0xFF else { return false }
+            let marker = b[i + 1]
+            if marker == 0xFF { i += 1; continue }
+            if (0xD0...0xD7).contains(marker) || marker == 0x01 { i += 2; continue }
+            if marker == 0xDA || marker == 0xD9 { return false }
+            let length = Int(b[i + 2]) << 8 | Int(b[i + 3])
+            guard i + 2 + length <= b.count else { return false }
+            if (0xC0...0xCF).contains(marker) && marker != 0xC4 && marker != 0xC8 && marker != 0xCC { return true }
+            i += 2 + max(length, 2)
+        }
+        return false
     }
 
     static func looksTruncated(_ message: String, _ bytes: [UInt8]) -> Bool {
