@@ -40,12 +40,33 @@ public struct CLIPImagePreprocessor: Sendable {
     /// Steps 1-3: the `resolution` x `resolution` 8-bit image before rescaling and normalising
     /// (the stage the parity goldens store).
     public func croppedSquare(for image: RGBImage) -> RGBImage {
-        let square = Self.expandToSquare(image, fill: padColor)
-        let short = min(square.width, square.height), long = max(square.width, square.height)
-        let longSide = Int(Double(resolution) * Double(long) / Double(short))
-        let (w, h) = square.width <= square.height ? (resolution, longSide) : (longSide, resolution)
-        let resized = (w == square.width && h == square.height) ? square : PillowResample.resize(square, width: w, height: h)
+        // The padded square is never built: the resampler treats the padding as virtual rows and
+        // columns of `padColor`. `referenceCroppedSquare` is the literal version, kept for tests.
+        let side = max(image.width, image.height)
+        let (left, top) = Self.pastePosition(width: image.width, height: image.height)
+        let (w, h) = resizedSize(width: side, height: side)
+        let resized = PillowResample.resizePadded(image, canvasWidth: side, canvasHeight: side, left: left, top: top,
+                                                  fill: padColor, width: w, height: h)
         return Self.centreCrop(resized, width: resolution, height: resolution)
+    }
+
+    /// Steps 1-3 done literally: `expandToSquare`, `PillowResample.resize`, `centreCrop`.
+    func referenceCroppedSquare(for image: RGBImage) -> RGBImage {
+        let square = Self.expandToSquare(image, fill: padColor)
+        let (w, h) = resizedSize(width: square.width, height: square.height)
+        return Self.centreCrop(PillowResample.resize(square, width: w, height: h), width: resolution, height: resolution)
+    }
+
+    /// transformers' `get_resize_output_image_size` for `{"shortest_edge": resolution}`.
+    func resizedSize(width: Int, height: Int) -> (width: Int, height: Int) {
+        let short = min(width, height), long = max(width, height)
+        let longSide = Int(Double(resolution) * Double(long) / Double(short))
+        return width <= height ? (resolution, longSide) : (longSide, resolution)
+    }
+
+    /// Where `expand2square` pastes a `width` x `height` image in its square.
+    static func pastePosition(width: Int, height: Int) -> (left: Int, top: Int) {
+        width > height ? (0, (width - height) / 2) : ((height - width) / 2, 0)
     }
 
     /// Steps 4-5 on an 8-bit RGB image: `[3, height, width]` float32.
@@ -79,7 +100,7 @@ public struct CLIPImagePreprocessor: Sendable {
         if w == h { return image }
         let side = max(w, h)
         var square = RGBImage(width: side, height: side, filledWith: fill)
-        let (left, top) = w > h ? (0, (w - h) / 2) : ((h - w) / 2, 0)
+        let (left, top) = pastePosition(width: w, height: h)
         image.pixels.withUnsafeBufferPointer { src in
             square.pixels.withUnsafeMutableBufferPointer { dst in
                 for y in 0..<h {

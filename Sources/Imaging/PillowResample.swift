@@ -80,8 +80,8 @@ enum PillowResample {
         return current
     }
 
-    static func horizontal(_ image: RGBImage, width outW: Int) -> RGBImage {
-        let c = coefficients(inputSize: image.width, outputSize: outW)
+    static func horizontal(_ image: RGBImage, width outW: Int, coefficients given: Coefficients? = nil) -> RGBImage {
+        let c = given ?? coefficients(inputSize: image.width, outputSize: outW)
         let inW = image.width, h = image.height
         var out = [UInt8](repeating: 0, count: outW * h * 3)
         let half = Int32(1 << (precisionBits - 1))
@@ -109,6 +109,38 @@ enum PillowResample {
             }
         }
         return RGBImage(width: outW, height: h, pixels: out)
+    }
+
+    /// The same result as `resize(paddedCanvas, width:height:)` where `paddedCanvas` is
+    /// `canvasWidth` x `canvasHeight` filled with `fill` and `image` pasted at (`left`, `top`),
+    /// without building the canvas: the horizontal pass runs once for all fill-only rows and once
+    /// per image row. This is how expand2square + resize runs; `resize` on a materialised canvas
+    /// is the plain version it is tested against.
+    static func resizePadded(_ image: RGBImage, canvasWidth: Int, canvasHeight: Int, left: Int, top: Int,
+                             fill: (UInt8, UInt8, UInt8), width outW: Int, height outH: Int) -> RGBImage {
+        precondition(left >= 0 && top >= 0 && left + image.width <= canvasWidth && top + image.height <= canvasHeight)
+        let fillRow = RGBImage(width: canvasWidth, height: 1, filledWith: fill)
+        let rowStride = outW * 3
+        var intermediate = [UInt8](repeating: 0, count: canvasHeight * rowStride)
+        let c = coefficients(inputSize: canvasWidth, outputSize: outW)
+        let fillOut = outW == canvasWidth ? fillRow : horizontal(fillRow, width: outW, coefficients: c)
+        intermediate.withUnsafeMutableBufferPointer { dst in
+            fillOut.pixels.withUnsafeBufferPointer { f in
+                for y in 0..<canvasHeight where y < top || y >= top + image.height {
+                    for i in 0..<rowStride { dst[y * rowStride + i] = f[i] }
+                }
+            }
+        }
+        // One canvas row at a time: fill, then the image's pixels.
+        var canvasRow = fillRow
+        for y in 0..<image.height {
+            let s = y * image.width * 3
+            canvasRow.pixels.replaceSubrange((left * 3)..<((left + image.width) * 3), with: image.pixels[s..<(s + image.width * 3)])
+            let out = outW == canvasWidth ? canvasRow : horizontal(canvasRow, width: outW, coefficients: c)
+            intermediate.replaceSubrange(((top + y) * rowStride)..<((top + y + 1) * rowStride), with: out.pixels)
+        }
+        let rows = RGBImage(width: outW, height: canvasHeight, pixels: intermediate)
+        return outH == canvasHeight ? rows : vertical(rows, height: outH)
     }
 
     static func vertical(_ image: RGBImage, height outH: Int) -> RGBImage {

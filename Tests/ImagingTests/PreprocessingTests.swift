@@ -86,3 +86,28 @@ import Testing
         #expect(resized == RGBImage(width: 336, height: 336, filledWith: (10, 128, 250)))
     }
 }
+
+/// The fast path (virtual padding) against the literal one (pad, resize, crop).
+@Suite struct FastPathTests {
+    let preprocessor = CLIPImagePreprocessor()
+
+    @Test(arguments: Fixtures.goodImageNames)
+    func virtualPaddingEqualsExpandToSquareThenResize(name: String) throws {
+        let image = try ImageDecoder().decode(contentsOf: Fixtures.image(name))
+        #expect(preprocessor.croppedSquare(for: image) == preprocessor.referenceCroppedSquare(for: image))
+    }
+
+    @Test func virtualPaddingEqualsTheLiteralPathOnRandomShapes() {
+        var rng = SystemRandomNumberGenerator()
+        // Both orientations, odd and even differences, up- and downscaling, and side == resolution.
+        let shapes = [(1, 2), (2, 1), (3, 336), (336, 200), (335, 17), (700, 699), (40, 90), (1000, 3), (336, 336)]
+        for (w, h) in shapes {
+            let pixels = (0..<(w * h * 3)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            let image = RGBImage(width: w, height: h, pixels: pixels)
+            #expect(preprocessor.croppedSquare(for: image) == preprocessor.referenceCroppedSquare(for: image), "\(w)x\(h)")
+        }
+        let small = CLIPImagePreprocessor(resolution: 7)
+        let image = RGBImage(width: 5, height: 3, pixels: (0..<45).map { UInt8($0 * 5) })
+        #expect(small.croppedSquare(for: image) == small.referenceCroppedSquare(for: image))
+    }
+}
