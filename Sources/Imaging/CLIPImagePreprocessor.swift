@@ -50,8 +50,9 @@ public struct CLIPImagePreprocessor: Sendable {
         return Self.centreCrop(resized, width: resolution, height: resolution)
     }
 
-    /// Steps 1-3 done literally: `expandToSquare`, `PillowResample.resize`, `centreCrop`.
-    func referenceCroppedSquare(for image: RGBImage) -> RGBImage {
+    /// Steps 1-3 done literally: `expandToSquare`, `PillowResample.resize`, `centreCrop`. The same
+    /// result as `croppedSquare(for:)`, slower; the plain version tests and benchmarks compare with.
+    public func referenceCroppedSquare(for image: RGBImage) -> RGBImage {
         let square = Self.expandToSquare(image, fill: padColor)
         let (w, h) = resizedSize(width: square.width, height: square.height)
         return Self.centreCrop(PillowResample.resize(square, width: w, height: h), width: resolution, height: resolution)

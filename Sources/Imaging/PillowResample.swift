@@ -80,35 +80,45 @@ enum PillowResample {
         return current
     }
 
-    static func horizontal(_ image: RGBImage, width outW: Int, coefficients given: Coefficients? = nil) -> RGBImage {
-        let c = given ?? coefficients(inputSize: image.width, outputSize: outW)
-        let inW = image.width, h = image.height
-        var out = [UInt8](repeating: 0, count: outW * h * 3)
-        let half = Int32(1 << (precisionBits - 1))
+    static func horizontal(_ image: RGBImage, width outW: Int) -> RGBImage {
+        let c = coefficients(inputSize: image.width, outputSize: outW)
+        let inStride = image.width * 3, outStride = outW * 3
+        var out = [UInt8](repeating: 0, count: outW * image.height * 3)
         image.pixels.withUnsafeBufferPointer { src in
             out.withUnsafeMutableBufferPointer { dst in
-                c.weights.withUnsafeBufferPointer { k in
-                    for y in 0..<h {
-                        let row = y * inW * 3
-                        for x in 0..<outW {
-                            var r = half, g = half, b = half
-                            let base = x * c.taps
-                            var p = row + c.first[x] * 3
-                            for t in 0..<c.count[x] {
-                                let w = k[base + t]
-                                r &+= Int32(src[p]) &* w
-                                g &+= Int32(src[p + 1]) &* w
-                                b &+= Int32(src[p + 2]) &* w
-                                p += 3
-                            }
-                            let o = (y * outW + x) * 3
-                            dst[o] = clip8(r); dst[o + 1] = clip8(g); dst[o + 2] = clip8(b)
+                for y in 0..<image.height {
+                    horizontalRow(UnsafeBufferPointer(rebasing: src[(y * inStride)..<((y + 1) * inStride)]),
+                                  into: UnsafeMutableBufferPointer(rebasing: dst[(y * outStride)..<((y + 1) * outStride)]),
+                                  coefficients: c)
+                }
+            }
+        }
+        return RGBImage(width: outW, height: image.height, pixels: out)
+    }
+
+    /// One row of the horizontal pass: `src` is `[inputSize, 3]`, `dst` is `[outputSize, 3]`.
+    static func horizontalRow(_ src: UnsafeBufferPointer<UInt8>, into dst: UnsafeMutableBufferPointer<UInt8>,
+                              coefficients c: Coefficients) {
+        let half = Int32(1 << (precisionBits - 1))
+        c.weights.withUnsafeBufferPointer { k in
+            c.first.withUnsafeBufferPointer { first in
+                c.count.withUnsafeBufferPointer { count in
+                    for x in 0..<count.count {
+                        var r = half, g = half, b = half
+                        let base = x * c.taps
+                        var p = first[x] * 3
+                        for t in 0..<count[x] {
+                            let w = k[base + t]
+                            r &+= Int32(src[p]) &* w
+                            g &+= Int32(src[p + 1]) &* w
+                            b &+= Int32(src[p + 2]) &* w
+                            p += 3
                         }
+                        dst[3 * x] = clip8(r); dst[3 * x + 1] = clip8(g); dst[3 * x + 2] = clip8(b)
                     }
                 }
             }
         }
-        return RGBImage(width: outW, height: h, pixels: out)
     }
 
     /// The same result as `resize(paddedCanvas, width:height:)` where `paddedCanvas` is
@@ -123,21 +133,34 @@ enum PillowResample {
         let rowStride = outW * 3
         var intermediate = [UInt8](repeating: 0, count: canvasHeight * rowStride)
         let c = coefficients(inputSize: canvasWidth, outputSize: outW)
-        let fillOut = outW == canvasWidth ? fillRow : horizontal(fillRow, width: outW, coefficients: c)
+        let resizeRows = outW != canvasWidth
+        var canvasRow = fillRow.pixels  // one canvas row: fill, then the image's pixels
         intermediate.withUnsafeMutableBufferPointer { dst in
-            fillOut.pixels.withUnsafeBufferPointer { f in
-                for y in 0..<canvasHeight where y < top || y >= top + image.height {
-                    for i in 0..<rowStride { dst[y * rowStride + i] = f[i] }
+            func emit(_ row: UnsafeBufferPointer<UInt8>, at y: Int) {
+                let target = UnsafeMutableBufferPointer(rebasing: dst[(y * rowStride)..<((y + 1) * rowStride)])
+                if resizeRows {
+                    horizontalRow(row, into: target, coefficients: c)
+                } else {
+                    for i in 0..<rowStride { target[i] = row[i] }
                 }
             }
-        }
-        // One canvas row at a time: fill, then the image's pixels.
-        var canvasRow = fillRow
-        for y in 0..<image.height {
-            let s = y * image.width * 3
-            canvasRow.pixels.replaceSubrange((left * 3)..<((left + image.width) * 3), with: image.pixels[s..<(s + image.width * 3)])
-            let out = outW == canvasWidth ? canvasRow : horizontal(canvasRow, width: outW, coefficients: c)
-            intermediate.replaceSubrange(((top + y) * rowStride)..<((top + y + 1) * rowStride), with: out.pixels)
+            // Fill-only rows all resample to the same row: compute it once, copy it.
+            let firstFill = top > 0 ? 0 : top + image.height < canvasHeight ? top + image.height : nil
+            if let firstFill {
+                canvasRow.withUnsafeBufferPointer { emit($0, at: firstFill) }
+                for y in 0..<canvasHeight where y != firstFill && (y < top || y >= top + image.height) {
+                    for i in 0..<rowStride { dst[y * rowStride + i] = dst[firstFill * rowStride + i] }
+                }
+            }
+            image.pixels.withUnsafeBufferPointer { src in
+                canvasRow.withUnsafeMutableBufferPointer { row in
+                    let width3 = image.width * 3
+                    for y in 0..<image.height {
+                        for i in 0..<width3 { row[left * 3 + i] = src[y * width3 + i] }
+                        emit(UnsafeBufferPointer(row), at: top + y)
+                    }
+                }
+            }
         }
         let rows = RGBImage(width: outW, height: canvasHeight, pixels: intermediate)
         return outH == canvasHeight ? rows : vertical(rows, height: outH)
