@@ -81,11 +81,33 @@ def png_chunk(kind, data):
     return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
-def write_png(path, width, height, bit_depth, colour_type, rows, plte=None, trns=None):
-    """Minimal PNG writer (filter 0 rows) for the cases Pillow cannot save."""
-    raw = b"".join(b"\x00" + r for r in rows)
+def write_png(path, depth, colour_type, values, plte=None, trns=None, interlace=False):
+    """Minimal PNG writer (filter 0 rows, optional Adam7) for the cases Pillow cannot save.
+    values: integer array [height, width, channels]."""
+    height, width, _ = values.shape
+
+    def pack(rows):
+        out = b""
+        for r in rows:
+            flat = r.reshape(-1)
+            if depth < 8:
+                out += b"\x00" + pack_bits(flat, depth)
+            elif depth == 8:
+                out += b"\x00" + flat.astype(np.uint8).tobytes()
+            else:
+                out += b"\x00" + flat.astype(">u2").tobytes()
+        return out
+
+    if interlace:
+        raw = b""
+        for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)):
+            sub = values[y0::dy, x0::dx]
+            if sub.shape[0] and sub.shape[1]:
+                raw += pack(sub)
+    else:
+        raw = pack(values)
     data = b"\x89PNG\r\n\x1a\n"
-    data += png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0))
+    data += png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 1 if interlace else 0))
     if plte is not None:
         data += png_chunk(b"PLTE", plte)
     if trns is not None:
@@ -99,7 +121,7 @@ def write_png(path, width, height, bit_depth, colour_type, rows, plte=None, trns
 def pack_bits(values, bits):
     out, acc, n = bytearray(), 0, 0
     for v in values:
-        acc = (acc << bits) | v
+        acc = (acc << bits) | int(v)
         n += bits
         if n == 8:
             out.append(acc)
@@ -109,40 +131,73 @@ def pack_bits(values, bits):
     return bytes(out)
 
 
+def write_ycck_jpeg(path, cmyk):
+    """A YCCK JPEG (Adobe transform 2), which Pillow cannot write: compressed from CMYK pixels by
+    the system's libturbojpeg through ctypes (TurboJPEG turns CMYK input into YCCK)."""
+    import ctypes
+    import ctypes.util
+    tj = ctypes.CDLL(ctypes.util.find_library("turbojpeg") or "libturbojpeg.so.0")
+    tj.tjInitCompress.restype = ctypes.c_void_p
+    tj.tjCompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong), ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    tj.tjFree.argtypes = [ctypes.c_void_p]
+    tj.tjDestroy.argtypes = [ctypes.c_void_p]
+    handle = tj.tjInitCompress()
+    height, width, _ = cmyk.shape
+    out, size = ctypes.c_void_p(), ctypes.c_ulong(0)
+    TJPF_CMYK, TJSAMP_420 = 11, 2
+    status = tj.tjCompress2(handle, cmyk.astype(np.uint8).tobytes(), width, 0, height, TJPF_CMYK,
+                            ctypes.byref(out), ctypes.byref(size), TJSAMP_420, 90, 0)
+    assert status == 0, "tjCompress2 failed"
+    with open(path, "wb") as f:
+        f.write(ctypes.string_at(out, size.value))
+    tj.tjFree(out)
+    tj.tjDestroy(handle)
+
+
 def synthetic(outdir):
-    """Small PNGs for every colour type / bit depth; expected = Pillow's convert("RGB")."""
+    """Small PNGs for every colour type / bit depth, and a YCCK JPEG; expected = Pillow's convert("RGB")."""
     os.makedirs(outdir, exist_ok=True)
     rng = np.random.default_rng(3)
     w, h = 7, 5
     cases = {}
 
-    def u16(a):
-        return [a[y].astype(">u2").tobytes() for y in range(h)]
+    def rand(bits, channels, width=w, height=h):
+        return rng.integers(0, 1 << bits, size=(height, width, channels))
 
     for bits in (1, 2, 4, 8):
-        v = rng.integers(0, 1 << bits, size=(h, w))
-        write_png(f"{outdir}/gray{bits}.png", w, h, bits, 0, [pack_bits(r, bits) for r in v])
-    g16 = rng.integers(0, 65536, size=(h, w)); g16[0, :3] = [0, 255, 256]
-    write_png(f"{outdir}/gray16.png", w, h, 16, 0, u16(g16))
-    write_png(f"{outdir}/gray8_trns.png", w, h, 8, 0,
-              [rng.integers(0, 256, size=w).astype(np.uint8).tobytes() for _ in range(h)], trns=b"\x00\x10")
-    write_png(f"{outdir}/rgb8.png", w, h, 8, 2, [rng.integers(0, 256, size=3 * w).astype(np.uint8).tobytes() for _ in range(h)])
-    write_png(f"{outdir}/rgb16.png", w, h, 16, 2, u16(rng.integers(0, 65536, size=(h, 3 * w))))
-    write_png(f"{outdir}/gray_alpha8.png", w, h, 8, 4, [rng.integers(0, 256, size=2 * w).astype(np.uint8).tobytes() for _ in range(h)])
-    write_png(f"{outdir}/gray_alpha16.png", w, h, 16, 4, u16(rng.integers(0, 65536, size=(h, 2 * w))))
-    write_png(f"{outdir}/rgba8.png", w, h, 8, 6, [rng.integers(0, 256, size=4 * w).astype(np.uint8).tobytes() for _ in range(h)])
-    write_png(f"{outdir}/rgba16.png", w, h, 16, 6, u16(rng.integers(0, 65536, size=(h, 4 * w))))
+        write_png(f"{outdir}/gray{bits}.png", bits, 0, rand(bits, 1))
+    g16 = rand(16, 1); g16[0, :3, 0] = [0, 255, 256]
+    write_png(f"{outdir}/gray16.png", 16, 0, g16)
+    write_png(f"{outdir}/gray8_trns.png", 8, 0, rand(8, 1), trns=b"\x00\x10")
+    write_png(f"{outdir}/rgb8.png", 8, 2, rand(8, 3))
+    write_png(f"{outdir}/rgb16.png", 16, 2, rand(16, 3))
+    write_png(f"{outdir}/gray_alpha8.png", 8, 4, rand(8, 2))
+    write_png(f"{outdir}/gray_alpha16.png", 16, 4, rand(16, 2))
+    write_png(f"{outdir}/rgba8.png", 8, 6, rand(8, 4))
+    write_png(f"{outdir}/rgba16.png", 16, 6, rand(16, 4))
     for bits in (1, 2, 4, 8):
         n = 1 << bits
         plte = rng.integers(0, 256, size=3 * n).astype(np.uint8).tobytes()
-        v = rng.integers(0, n, size=(h, w))
         trns = bytes(rng.integers(0, 256, size=max(1, n // 2)).astype(np.uint8)) if bits in (2, 8) else None
-        write_png(f"{outdir}/palette{bits}.png", w, h, bits, 3, [pack_bits(r, bits) for r in v], plte=plte, trns=trns)
+        write_png(f"{outdir}/palette{bits}.png", bits, 3, rand(bits, 1), plte=plte, trns=trns)
+    # Adam7 interlacing, including sub-byte samples and passes that are empty for small images.
+    write_png(f"{outdir}/interlaced_gray4.png", 4, 0, rand(4, 1, 11, 9), interlace=True)
+    write_png(f"{outdir}/interlaced_rgb16.png", 16, 2, rand(16, 3, 10, 13), interlace=True)
+    plte = rng.integers(0, 256, size=3 * 4).astype(np.uint8).tobytes()
+    write_png(f"{outdir}/interlaced_palette2.png", 2, 3, rand(2, 1, 3, 2), plte=plte, interlace=True)
+    # Smooth CMYK content so the JPEG is not all noise.
+    yy, xx = np.mgrid[0:24, 0:32]
+    cmyk = np.stack([xx * 8, yy * 10, (xx + yy) * 4, (xx * yy) % 256], axis=-1) % 256
+    write_ycck_jpeg(f"{outdir}/ycck.jpg", cmyk)
     for name in sorted(os.listdir(outdir)):
         with Image.open(os.path.join(outdir, name)) as im:
             rgb = np.asarray(im.convert("RGB"))
-            cases[name] = {"mode": im.mode, "width": im.size[0], "height": im.size[1], "rgb_sha256": sha(rgb),
-                           "rgb_hex": rgb.tobytes().hex()}
+            info = {"mode": im.mode, "width": im.size[0], "height": im.size[1], "rgb_sha256": sha(rgb),
+                    "rgb_hex": rgb.tobytes().hex()}
+            if name.endswith(".jpg"):
+                info["adobe_transform"] = im.info.get("adobe_transform")
+            cases[name] = info
     return cases
 
 

@@ -25,7 +25,7 @@ import Testing
     }
 
     @Test(arguments: Fixtures.goldens.synthetic.keys.sorted())
-    func everyPNGColourTypeAndBitDepthConvertsAsPillowDoes(name: String) throws {
+    func everyPNGColourTypeBitDepthAndInterlaceAndYCCKJPEGConvertsAsPillowDoes(name: String) throws {
         let golden = try #require(Fixtures.goldens.synthetic[name])
         let image = try decoder.decode(contentsOf: Fixtures.pixels.appendingPathComponent("synthetic/\(name)"))
         #expect(image.width == golden.width && image.height == golden.height)
