@@ -2,6 +2,19 @@ import Foundation
 import Testing
 @testable import Imaging
 
+/// Deterministic random numbers, so a failing corruption is reproducible.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
 /// Leading bytes of formats the decoder does not read, and the name it gives them.
 let otherFormats: [([UInt8], String)] = {
     let gif89: [UInt8] = Array("GIF89a".utf8) + [1, 0, 1, 0, 0, 0, 0]
@@ -137,6 +150,33 @@ let otherFormats: [([UInt8], String)] = {
             bytes[0] = 0xFF; bytes[1] = 0xD8; bytes[2] = 0xFF
             #expect(decodingError(bytes, name: "noise.jpg") != nil)
         }
+    }
+
+    @Test(arguments: ["rocket.jpg", "chelsea_progressive.jpg", "coffee_cmyk.jpg", "camera_gray.jpg", "horse.png", "astronaut_palette.png", "coffee_gray16.png"])
+    func corruptedSampleFilesGiveAnImageOrATypedErrorNeverACrash(name: String) throws {
+        let original = [UInt8](try Data(contentsOf: Fixtures.image(name)))
+        let reference = try ImageDecoder().decode(data: Data(original), name: name)
+        var rng = SplitMix64(seed: 0x1A9E5 &+ UInt64(original.count))
+        var failures = 0
+        for round in 0..<40 {
+            var bytes = original
+            // A few random byte changes, sometimes a cut as well.
+            for _ in 0..<(1 + Int(rng.next() % 8)) {
+                let i = 8 + Int(rng.next() % UInt64(bytes.count - 8))
+                bytes[i] = UInt8(truncatingIfNeeded: rng.next())
+            }
+            if round % 5 == 0 { bytes.removeLast(Int(rng.next() % UInt64(bytes.count / 2))) }
+            do {
+                let image = try decoder.decode(data: Data(bytes), name: "mutated-\(name)")
+                // Damage inside entropy-coded data can still decode (libjpeg warns, Pillow accepts).
+                #expect(image.pixels.count == image.width * image.height * 3)
+                #expect(image.width * image.height <= 4 * reference.width * reference.height)
+            } catch {
+                failures += 1
+                #expect(error.file == "mutated-\(name)")
+            }
+        }
+        #expect(failures > 0, "40 corruptions of \(name) all decoded: the checks are not working")
     }
 
     @Test func aMissingFileIsUnreadable() throws {
