@@ -247,7 +247,7 @@ def main():
         "schema": 1,
         "generator": "Scripts/reference/make_pixel_goldens.py",
         "versions": {"python": sys.version.split()[0], "pillow": PIL.__version__, "transformers": transformers.__version__,
-                     "numpy": np.__version__, "libjpeg": features.version("jpg"), "zlib": features.version("zlib")},
+                     "numpy": np.__version__, "libjpeg_turbo": features.version("libjpeg_turbo"), "zlib": features.version("zlib")},
         "pipeline": "Image.open().convert('RGB') -> expand2square(pad (122,116,104)) -> CLIPImageProcessor(slow) "
                     "shortest_edge 336, bicubic, centre crop 336, rescale 1/255, normalise OPENAI_CLIP mean/std",
         "pixel_values": "float32 [3,336,336] C order",
