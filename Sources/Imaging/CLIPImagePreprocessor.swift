@@ -28,7 +28,7 @@ public struct CLIPImagePreprocessor: Sendable {
         self.resolution = resolution
         self.mean = mean
         self.std = std
-        self.padColor = padColor ?? (UInt8(mean[0] * 255), UInt8(mean[1] * 255), UInt8(mean[2] * 255))
+        self.padColor = padColor ?? (UInt8(clamping: Int(mean[0] * 255)), UInt8(clamping: Int(mean[1] * 255)), UInt8(clamping: Int(mean[2] * 255)))
     }
 
     /// The model input for one image: `[3, resolution, resolution]` float32, channels first

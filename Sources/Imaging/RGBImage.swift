@@ -7,7 +7,7 @@ public struct RGBImage: Equatable, Sendable {
     public let width: Int
     public let height: Int
     /// `[height, width, 3]`, row-major.
-    public var pixels: [UInt8]
+    public internal(set) var pixels: [UInt8]
 
     public init(width: Int, height: Int, pixels: [UInt8]) {
         precondition(width > 0 && height > 0, "an image has at least one pixel")
