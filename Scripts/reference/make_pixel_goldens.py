@@ -81,7 +81,7 @@ def png_chunk(kind, data):
     return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
-def write_png(path, depth, colour_type, values, plte=None, trns=None, interlace=False):
+def write_png(path, depth, colour_type, values, plte=None, trns=None, interlace=False, exif=None):
     """Minimal PNG writer (filter 0 rows, optional Adam7) for the cases Pillow cannot save.
     values: integer array [height, width, channels]."""
     height, width, _ = values.shape
@@ -112,6 +112,8 @@ def write_png(path, depth, colour_type, values, plte=None, trns=None, interlace=
         data += png_chunk(b"PLTE", plte)
     if trns is not None:
         data += png_chunk(b"tRNS", trns)
+    if exif is not None:
+        data += png_chunk(b"eXIf", exif)
     data += png_chunk(b"IDAT", zlib.compress(raw, 9))
     data += png_chunk(b"IEND", b"")
     with open(path, "wb") as f:
@@ -186,6 +188,9 @@ def synthetic(outdir):
     write_png(f"{outdir}/interlaced_rgb16.png", 16, 2, rand(16, 3, 10, 13), interlace=True)
     plte = rng.integers(0, 256, size=3 * 4).astype(np.uint8).tobytes()
     write_png(f"{outdir}/interlaced_palette2.png", 2, 3, rand(2, 1, 3, 2), plte=plte, interlace=True)
+    # EXIF orientation in a PNG eXIf chunk (big-endian TIFF, orientation 8 = rotate 90 anticlockwise).
+    exif = b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x01" + b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x08\x00\x00" + b"\x00\x00\x00\x00"
+    write_png(f"{outdir}/rgb8_exif_orientation8.png", 8, 2, rand(8, 3), exif=exif)
     # Smooth CMYK content so the JPEG is not all noise.
     yy, xx = np.mgrid[0:24, 0:32]
     cmyk = np.stack([xx * 8, yy * 10, (xx + yy) * 4, (xx * yy) % 256], axis=-1) % 256
@@ -197,6 +202,12 @@ def synthetic(outdir):
                     "rgb_hex": rgb.tobytes().hex()}
             if name.endswith(".jpg"):
                 info["adobe_transform"] = im.info.get("adobe_transform")
+            orientation = im.getexif().get(0x0112)
+            if orientation not in (None, 1):
+                transposed = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+                info["exif_orientation"] = orientation
+                info["exif_transposed"] = {"width": transposed.shape[1], "height": transposed.shape[0],
+                                           "rgb_hex": transposed.tobytes().hex()}
             cases[name] = info
     return cases
 

@@ -29,6 +29,13 @@ public struct ImageError: Error, CustomStringConvertible, Equatable, Sendable {
         self.kind = kind
     }
 
+    /// The process exit status a command-line tool reports for this error (sysexits.h):
+    /// 66 `EX_NOINPUT` when the file cannot be read, otherwise 65 `EX_DATAERR`.
+    public var exitCode: Int32 {
+        if case .unreadable = kind { return 66 }
+        return 65
+    }
+
     public var description: String {
         switch kind {
         case .empty: return "\(file): empty file (0 bytes)"

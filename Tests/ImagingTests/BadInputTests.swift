@@ -58,6 +58,7 @@ let otherFormats: [([UInt8], String)] = {
         #expect(error.kind == kind)
         #expect(error.file.hasSuffix(name))
         #expect(error.description.contains(name))
+        #expect(error.exitCode == 65)
     }
 
     @Test func everySampleBadFileIsCovered() throws {

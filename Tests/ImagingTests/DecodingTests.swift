@@ -54,6 +54,34 @@ import Testing
         #expect(Array(upright.pixels[0..<3]) == Array(asStored.pixels[(426 * 640 * 3)..<(426 * 640 * 3 + 3)]))
     }
 
+    @Test func pngEXIfOrientationIsAppliedOnRequest() throws {
+        let name = "rgb8_exif_orientation8.png"
+        let golden = try #require(Fixtures.goldens.synthetic[name])
+        let transposed = try #require(golden.exif_transposed)
+        #expect(golden.exif_orientation == 8)
+        let url = Fixtures.pixels.appendingPathComponent("synthetic/\(name)")
+        #expect(try decoder.decode(contentsOf: url).pixels == hexBytes(golden.rgb_hex))
+        let upright = try ImageDecoder(options: .init(applyExifOrientation: true)).decode(contentsOf: url)
+        #expect(upright.width == transposed.width && upright.height == transposed.height)
+        #expect(upright.pixels == hexBytes(transposed.rgb_hex))
+    }
+
+    @Test func orientationIsReadFromBothTIFFByteOrders() {
+        // IFD0 with two entries (ImageWidth, then Orientation = 3), little- and big-endian.
+        let little: [UInt8] = [0x49, 0x49, 0x2A, 0x00, 0x08, 0x00, 0x00, 0x00, 0x02, 0x00,
+                               0x00, 0x01, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x40, 0x00, 0x00, 0x00,
+                               0x12, 0x01, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00,
+                               0x00, 0x00, 0x00, 0x00]
+        let big: [UInt8] = [0x4D, 0x4D, 0x00, 0x2A, 0x00, 0x00, 0x00, 0x08, 0x00, 0x02,
+                            0x01, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x40, 0x00, 0x00,
+                            0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x03, 0x00, 0x00,
+                            0x00, 0x00, 0x00, 0x00]
+        #expect(EXIF.orientation(inTIFF: little[...]) == 3)
+        #expect(EXIF.orientation(inTIFF: big[...]) == 3)
+        #expect(EXIF.orientation(inTIFF: little.prefix(20)) == nil)  // cut inside the entry table
+        #expect(EXIF.orientation(inTIFF: [0x49, 0x49, 0x2A, 0x00, 0xFF, 0xFF, 0xFF, 0x7F][...]) == nil)  // IFD offset past the end
+    }
+
     @Test func imagesWithoutOrientationAreUnchangedByTheOption() throws {
         let plain = try decoder.decode(contentsOf: Fixtures.image("rocket.jpg"))
         let withOption = try ImageDecoder(options: .init(applyExifOrientation: true)).decode(contentsOf: Fixtures.image("rocket.jpg"))

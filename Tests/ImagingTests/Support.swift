@@ -25,7 +25,15 @@ enum Fixtures {
             let exif_orientation: Int?
             let exif_transposed: Transposed?
         }
-        struct Synthetic: Decodable { let mode: String; let width: Int; let height: Int; let rgb_hex: String }
+        struct TransposedHex: Decodable { let width: Int; let height: Int; let rgb_hex: String }
+        struct Synthetic: Decodable {
+            let mode: String
+            let width: Int
+            let height: Int
+            let rgb_hex: String
+            let exif_orientation: Int?
+            let exif_transposed: TransposedHex?
+        }
         let schema: Int
         let images: [String: Image]
         let synthetic: [String: Synthetic]
