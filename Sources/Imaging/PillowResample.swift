@@ -156,8 +156,14 @@ enum PillowResample {
                 canvasRow.withUnsafeMutableBufferPointer { row in
                     let width3 = image.width * 3
                     for y in 0..<image.height {
-                        for i in 0..<width3 { row[left * 3 + i] = src[y * width3 + i] }
-                        emit(UnsafeBufferPointer(row), at: top + y)
+                        let imageRow = UnsafeBufferPointer(rebasing: src[(y * width3)..<((y + 1) * width3)])
+                        if image.width == canvasWidth {
+                            emit(imageRow, at: top + y)  // no padding columns: use the row in place
+                        } else {
+                            _ = UnsafeMutableBufferPointer(rebasing: row[(left * 3)..<(left * 3 + width3)])
+                                .update(fromContentsOf: imageRow)
+                            emit(UnsafeBufferPointer(row), at: top + y)
+                        }
                     }
                 }
             }
