@@ -32,6 +32,16 @@ import Testing
         #expect(image.pixels == hexBytes(golden.rgb_hex), "\(name) (Pillow mode \(golden.mode))")
     }
 
+    @Test func jpegDecodeTimeScalingKeepsTheLongSideAtTheRequestedMinimum() throws {
+        let scaling = ImageDecoder(options: .init(jpegMinimumLongSide: 336))
+        let hubble = try scaling.decode(contentsOf: Fixtures.image("hubble_deep_field.jpg"))
+        #expect(hubble.width == 500 && hubble.height == 436)  // 1/2; 1/4 would give 250 < 336
+        let rocket = try scaling.decode(contentsOf: Fixtures.image("rocket.jpg"))
+        #expect(rocket == (try decoder.decode(contentsOf: Fixtures.image("rocket.jpg"))))  // 640 / 2 < 336: full size
+        let png = try scaling.decode(contentsOf: Fixtures.image("astronaut.png"))
+        #expect(png.width == 512)  // PNG is never scaled
+    }
+
     @Test func formatComesFromTheBytesNotTheName() throws {
         let png = try Data(contentsOf: Fixtures.image("one_pixel.png"))
         let image = try decoder.decode(data: png, name: "misnamed.jpg")
