@@ -24,6 +24,13 @@ public enum BLAS {
             CblasRowMajor, CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
             blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc))
     }
+
+    /// `y[N] = A[N, K] · x[K]`, row-major `A` with leading dimension `lda`.
+    @inline(__always)
+    public static func sgemv(n: Int, k: Int, a: UnsafePointer<Float>, lda: Int, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>) {
+        guard n > 0 else { return }
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, blasint(n), blasint(k), 1, a, blasint(lda), x, 1, 0, y, 1)
+    }
 }
 
 /// `y = x · Wᵀ + bias` for prompt-sized inputs: `x` `[M, K]`, `weight` `[N, K]` (PyTorch Linear
@@ -77,18 +84,25 @@ public enum Parallelism {
     }
 }
 
-/// Rows of a weight band for `linearPerRow`: sized so a widened band (f32) stays in L2 cache.
-/// Depends only on the weight's shape, never on the activations.
+/// Rows of a weight band for `linearPerRow`: a widened band (f32) of about 4 MiB, which stays
+/// in the last-level cache while every row of the batch reads it. Depends only on the weight's
+/// shape, never on the activations, so a row's result never depends on the batch.
 @inline(__always)
 func perRowBandRows(_ weight: WeightMatrix) -> Int {
-    max(16, min(weight.rows, (192 << 10) / max(weight.columns * 4, 1)) / 16 * 16)
+    max(16, min(weight.rows, (4 << 20) / max(weight.columns * 4, 1)) / 16 * 16)
 }
 
-/// `y = x · Wᵀ + bias` where every row of `x` is multiplied alone (an sgemm with M = 1 per row
-/// and weight band), so row `r`'s result is bit-identical whatever other rows `x` holds: the
-/// decode path, where a batch of N must equal N batches of 1. Weight bands are widened once and
-/// reused by every row while they sit in cache, so the weights stream from memory once per call.
-/// Bands are spread over `Parallelism.threads` workers.
+/// `y = x · Wᵀ + bias` where every row of `x` is multiplied alone, so row `r`'s result is
+/// bit-identical whatever other rows `x` holds: the decode path, where a batch of N must equal
+/// N batches of 1.
+///
+/// Why not one sgemm: OpenBLAS's sgemm rounds a row differently depending on its place in the
+/// micro-kernel tiles, hence on M (measured: padding M to a multiple of 16 does not help either).
+/// Each row is therefore an OpenBLAS sgemv (a dot product per output, its order fixed by the
+/// weight band alone), which also costs a third of an M = 1 sgemm call. Weight bands are widened
+/// once and reused by every row while they sit in cache, so the weights stream from memory once
+/// per call whatever the batch size. Bands are spread over `Parallelism.threads` workers, each
+/// calling single-threaded OpenBLAS.
 public func linearPerRow(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
     precondition(x.columns == weight.columns, "linearPerRow: input has \(x.columns) features, weight expects \(weight.columns)")
     let m = x.rows, n = weight.rows, k = weight.columns
@@ -116,16 +130,16 @@ public func linearPerRow(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = n
                             bandWeights = weight.base.assumingMemoryBound(to: Float.self) + start * k
                         }
                         for r in 0..<m {
-                            BLAS.sgemm(m: 1, n: end - start, k: k, a: xBase + r * k, lda: k,
-                                       b: bandWeights, ldb: k, transposeB: true,
-                                       c: yBase + r * n + start, ldc: n)
+                            BLAS.sgemv(n: end - start, k: k, a: bandWeights, lda: k, x: xBase + r * k, y: yBase + r * n + start)
                         }
                         b += workers
                     }
                 }
-                // A band call (M = 1, at most 48K multiply-adds) is below OpenBLAS's threading
-                // threshold, so each worker's calls run on that worker alone.
+                // OpenBLAS would split a large sgemv over its own threads; the workers are the threads here.
+                let saved = BLAS.threadCount
+                BLAS.threadCount = 1
                 if workers == 1 { work(0) } else { DispatchQueue.concurrentPerform(iterations: workers, execute: work) }
+                BLAS.threadCount = saved
             }
         }
     }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import DynamicLLaVA
 import Foundation
+import Imaging
 import Numerics
 import SafeTensors
 
@@ -33,22 +34,32 @@ struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Generate text for one image and prompt.",
         discussion: """
-        Until the inputs pipeline lands, the prompt is given as token ids around the image slot and \
-        the image as a safetensors file holding `pixel_values` [1, 3, S, S] (already normalised).
+        The prompt is the user's question; it is wrapped in the model's chat template (vicuna_v1) \
+        with the image slot. For testing, --token-ids-before/--token-ids-after and --pixel-values \
+        feed token ids and a pixel tensor directly instead of --prompt and --image.
         """)
 
     @OptionGroup var modelOptions: ModelOptions
 
-    @Option(name: .customLong("token-ids-before"), help: "Comma-separated token ids before the image slot (BOS first).")
-    var tokenIDsBefore: String
+    @Option(help: "Image file (JPEG or PNG).")
+    var image: String?
 
-    @Option(name: .customLong("token-ids-after"), help: "Comma-separated token ids after the image slot.")
+    @Option(help: "The question about the image, e.g. \"Describe the image.\"")
+    var prompt: String?
+
+    @Flag(name: .customLong("apply-exif-orientation"), help: "Rotate the image as its EXIF orientation says (LLaVA does not).")
+    var applyExifOrientation = false
+
+    @Option(name: .customLong("token-ids-before"), help: "Testing: comma-separated token ids before the image slot (BOS first).")
+    var tokenIDsBefore: String?
+
+    @Option(name: .customLong("token-ids-after"), help: "Testing: comma-separated token ids after the image slot.")
     var tokenIDsAfter: String = ""
 
-    @Option(name: .customLong("pixel-values"), help: "A safetensors file with `pixel_values` [1, 3, S, S] (or [3, S, S]).")
+    @Option(name: .customLong("pixel-values"), help: "Testing: a safetensors file with normalised pixels [1, 3, S, S].")
     var pixelValues: String?
 
-    @Option(name: .customLong("pixel-tensor"), help: "Tensor name inside --pixel-values.")
+    @Option(name: .customLong("pixel-tensor"), help: "Testing: tensor name inside --pixel-values.")
     var pixelTensor = "pixel_values"
 
     @Option(name: .customLong("max-tokens"), help: "Most tokens to generate.")
@@ -80,26 +91,46 @@ struct Generate: ParsableCommand {
         guard temperature >= 0 else { throw ValidationError("--temperature must not be negative") }
         guard topP > 0 && topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
         guard topK >= 0, logprobs >= 0 else { throw ValidationError("--top-k and --logprobs must not be negative") }
+        if tokenIDsBefore == nil {
+            guard prompt != nil else { throw ValidationError("pass --prompt TEXT (and --image PATH)") }
+            guard pixelValues == nil else { throw ValidationError("--pixel-values goes with --token-ids-before, not --prompt") }
+        } else {
+            guard prompt == nil, image == nil else { throw ValidationError("use either --prompt/--image or --token-ids-before/--pixel-values") }
+        }
     }
 
     func run() throws {
         try reportingFailures {
             let model = try modelOptions.load()
-            let before = try parseIDs(tokenIDsBefore, option: "--token-ids-before")
-            let after = try parseIDs(tokenIDsAfter, option: "--token-ids-after")
-            let pixels = try pixelValues.map(readPixels)
-            let parameters = GenerationParameters(
-                maxTokens: maxTokens,
-                sampling: SamplingParameters(temperature: temperature, topK: topK, topP: topP, seed: seed),
-                stop: stop, logprobs: logprobs, endOfSequence: model.endOfSequenceTokenID)
-            let request = GenerationRequest(idsBeforeImage: before, pixelValues: pixels, idsAfterImage: after, parameters: parameters)
-            let result = try Generator(model: model).generate([request])[0]
+            let sampling = SamplingParameters(temperature: temperature, topK: topK, topP: topP, seed: seed)
+            var parameters = GenerationParameters(maxTokens: maxTokens, sampling: sampling, stop: stop, logprobs: logprobs,
+                                                  endOfSequence: model.endOfSequenceTokenID)
+            let request: GenerationRequest
+            let generator: Generator
+            if let tokenIDsBefore {
+                request = GenerationRequest(
+                    idsBeforeImage: try parseIDs(tokenIDsBefore, option: "--token-ids-before"), pixelValues: try pixelValues.map(readPixels),
+                    idsAfterImage: try parseIDs(tokenIDsAfter, option: "--token-ids-after"), parameters: parameters)
+                generator = Generator(model: model)
+            } else {
+                let pipeline = try LLaVAPipeline(model: model, decoderOptions: ImageDecoder.Options(applyExifOrientation: applyExifOrientation))
+                parameters.endOfSequence = pipeline.endOfSequenceTokenID
+                if let image {
+                    request = try pipeline.request(imageAt: URL(fileURLWithPath: image), question: prompt ?? "", parameters: parameters)
+                } else {
+                    let tokens = pipeline.template.tokens(question: prompt ?? "", tokenizer: pipeline.tokenizer)
+                    request = GenerationRequest(idsBeforeImage: tokens.idsBeforeImage + tokens.idsAfterImage, pixelValues: nil,
+                                                idsAfterImage: [], parameters: parameters)
+                }
+                generator = pipeline.generator
+            }
+            let result = try generator.generate([request])[0]
             if json {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.sortedKeys]
                 print(String(decoding: try encoder.encode(result), as: UTF8.self))
             } else {
-                print(result.text.isEmpty ? result.tokenIDs.map(String.init).joined(separator: " ") : result.text)
+                print(tokenIDsBefore != nil ? result.tokenIDs.map(String.init).joined(separator: " ") : result.text)
             }
         }
     }

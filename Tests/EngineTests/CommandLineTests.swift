@@ -145,3 +145,66 @@ enum JSONValue: Decodable {
         else { self = .other }
     }
 }
+
+/// The shared sample images (../shared/data/images beside the checkout).
+let sampleImages = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    .appendingPathComponent("../../../shared/data/images").standardizedFileURL
+
+@Suite("dllava generate --image --prompt and dllava tokenize")
+struct PipelineCommandLineTests {
+    let model = fixtures.appendingPathComponent("models/llava_orig_tiny").path
+
+    @Test("an image and a question run through the whole pipeline and give JSON with text")
+    func imageAndPrompt() throws {
+        let run = try runDLLaVA(["generate", "--model", model, "--image", sampleImages.appendingPathComponent("horse.png").path,
+                                 "--prompt", "Describe the image.", "--max-tokens", "5", "--json", "--threads", "1"])
+        #expect(run.status == 0, "\(run.standardError)")
+        let object = try JSONSerialization.jsonObject(with: Data(run.standardOutput.utf8)) as! [String: Any]
+        #expect((object["token_ids"] as! [Int]).count == 5)
+        #expect(object["text"] is String)
+        let stats = object["stats"] as! [String: Any]
+        // 576 image tokens plus the vicuna_v1 prompt around them.
+        #expect(stats["image_tokens_total"] as? Int == 576)
+        #expect((stats["prompt_tokens"] as! Int) > 576 + 60)
+    }
+
+    @Test("every bad_* sample image exits 65 with a sentence naming the file")
+    func badImages() throws {
+        let names = try FileManager.default.contentsOfDirectory(atPath: sampleImages.path).filter { $0.hasPrefix("bad_") }
+        #expect(!names.isEmpty)
+        for name in names {
+            let path = sampleImages.appendingPathComponent(name).path
+            let run = try runDLLaVA(["generate", "--model", model, "--image", path, "--prompt", "Describe the image."])
+            #expect(run.status == 65, "\(name): \(run.standardError)")
+            #expect(run.standardError.contains(path), "\(name): \(run.standardError)")
+            #expect(run.standardOutput.isEmpty)
+        }
+    }
+
+    @Test("a model directory without a tokenizer exits 78")
+    func missingTokenizer() throws {
+        let copy = try copyOfFixtureModel("llava_orig_tiny")
+        try FileManager.default.removeItem(at: copy.appendingPathComponent("tokenizer.model"))
+        let run = try runDLLaVA(["generate", "--model", copy.path, "--image", sampleImages.appendingPathComponent("horse.png").path,
+                                 "--prompt", "Describe the image."])
+        #expect(run.status == 78, "\(run.standardError)")
+    }
+
+    @Test("tokenize prints BOS then the pieces' ids; --prompt splits the vicuna_v1 prompt at the image")
+    func tokenize() throws {
+        let run = try runDLLaVA(["tokenize", "--model", model, "--text", "Describe the image.", "--json"])
+        #expect(run.status == 0, "\(run.standardError)")
+        let object = try JSONSerialization.jsonObject(with: Data(run.standardOutput.utf8)) as! [String: Any]
+        let ids = object["ids"] as! [Int]
+        #expect(ids.first == 1)
+        #expect((object["pieces"] as! [String]).first == "<s>")
+        let prompt = try runDLLaVA(["tokenize", "--model", model, "--text", "Describe the image.", "--prompt", "--json"])
+        let split = try JSONSerialization.jsonObject(with: Data(prompt.standardOutput.utf8)) as! [String: [Int]]
+        #expect(split["ids_before_image"]!.first == 1)
+        #expect(!split["ids_after_image"]!.contains(1))
+        // The question's pieces appear after the image, without BOS.
+        let question = Array(ids.dropFirst())
+        let after = split["ids_after_image"]!
+        #expect(after.count > question.count)
+    }
+}
