@@ -237,6 +237,8 @@ def main():
         assert u8.shape == (3, 336, 336)
         assert np.array_equal(u8, np.round(u8)) and u8.min() >= 0 and u8.max() <= 255
         u8 = u8.astype(np.uint8)
+        # Without expand2square: llava-hf's plain CLIPImageProcessor (image_aspect_ratio != "pad").
+        pv_nopad = proc.preprocess(rgb, return_tensors="np", input_data_format="channels_last")["pixel_values"][0]
         err = float(np.abs(normalise(u8) - pv).max())
         assert err <= 1e-6, (name, err)
         stem = os.path.splitext(name)[0]
@@ -245,6 +247,7 @@ def main():
             "mode": mode, "width": decoded.shape[1], "height": decoded.shape[0],
             "decoded_rgb_sha256": sha(decoded),
             "pixel_values_sha256": sha(pv),
+            "pixel_values_nopad_sha256": sha(pv_nopad),
             "golden_png": f"{stem}.png",
             "normalise_max_abs_err": err,
         }

@@ -15,6 +15,24 @@ public enum CheckpointLayout: String, Sendable, Codable {
     case llavaHF = "llava-hf"
 }
 
+/// How the model's images are prepared: read from the checkpoint, as its reference pipeline does.
+public struct ImagePreprocessing: Sendable, Equatable {
+    /// LLaVA's `expand2square` before CLIP's processor: the original layout's
+    /// `image_aspect_ratio == "pad"` (LLaVA-1.5), or llava-hf's `do_pad`.
+    public var padToSquare: Bool
+    /// `image_mean` / `image_std` of preprocessor_config.json, when the checkpoint has one.
+    public var mean: [Double]?
+    public var std: [Double]?
+
+    /// Reads `image_mean`, `image_std` and `do_pad` from a preprocessor_config.json if it exists.
+    static func read(_ url: URL, padToSquare: Bool?) -> ImagePreprocessing {
+        let object = FileManager.default.contents(atPath: url.path)
+            .flatMap { try? JSONSerialization.jsonObject(with: $0) as? [String: Any] } ?? [:]
+        return ImagePreprocessing(padToSquare: padToSquare ?? (object["do_pad"] as? Bool ?? false),
+                                  mean: object["image_mean"] as? [Double], std: object["image_std"] as? [Double])
+    }
+}
+
 /// Fields of the original layout's config.json beyond the LLaMA ones.
 struct OriginalLayoutConfiguration: Decodable {
     var modelType: String
@@ -23,11 +41,12 @@ struct OriginalLayoutConfiguration: Decodable {
     var visionSelectFeature: String
     var projectorType: String
     var multimodalHiddenSize: Int?
+    var imageAspectRatio: String?
 
     enum CodingKeys: String, CodingKey {
         case modelType = "model_type", visionTower = "mm_vision_tower", visionSelectLayer = "mm_vision_select_layer"
         case visionSelectFeature = "mm_vision_select_feature", projectorType = "mm_projector_type"
-        case multimodalHiddenSize = "mm_hidden_size"
+        case multimodalHiddenSize = "mm_hidden_size", imageAspectRatio = "image_aspect_ratio"
     }
 
     init(from decoder: Decoder) throws {
@@ -38,6 +57,7 @@ struct OriginalLayoutConfiguration: Decodable {
         visionSelectFeature = try c.decodeIfPresent(String.self, forKey: .visionSelectFeature) ?? "patch"
         projectorType = try c.decodeIfPresent(String.self, forKey: .projectorType) ?? "linear"
         multimodalHiddenSize = try c.decodeIfPresent(Int.self, forKey: .multimodalHiddenSize)
+        imageAspectRatio = try c.decodeIfPresent(String.self, forKey: .imageAspectRatio)
     }
 }
 
@@ -76,9 +96,11 @@ public struct LLaVAModel: Sendable {
     public let language: LlamaModel
     /// `eos_token_id` from config.json (top level or `text_config`), when it names one.
     public let endOfSequenceTokenID: Int32?
+    public let imagePreprocessing: ImagePreprocessing
 
     public init(vision: CLIPVisionTower, projector: MultimodalProjector, language: LlamaModel, directory: URL,
-                layout: CheckpointLayout, endOfSequenceTokenID: Int32?) {
+                layout: CheckpointLayout, endOfSequenceTokenID: Int32?, imagePreprocessing: ImagePreprocessing) {
+        self.imagePreprocessing = imagePreprocessing
         self.vision = vision
         self.projector = projector
         self.language = language
@@ -172,7 +194,9 @@ public struct LLaVAModel: Sendable {
             linear1: try LinearLayer(checkpoint, "model.mm_projector.0.", inFeatures: dv, outFeatures: h, bias: true),
             linear2: try LinearLayer(checkpoint, "model.mm_projector.2.", inFeatures: h, outFeatures: h, bias: true))
         let language = try LlamaModel(checkpoint: checkpoint, prefix: "model.", headName: "lm_head.weight", configuration: text)
-        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .original, endOfSequenceTokenID: endOfSequence)
+        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .original, endOfSequenceTokenID: endOfSequence,
+                          imagePreprocessing: .read(towerDirectory.appendingPathComponent("preprocessor_config.json"),
+                                                    padToSquare: mm.imageAspectRatio == "pad"))
     }
 
     /// `mm_vision_tower` is a directory (absolute, or relative to the model) or a hub name whose
@@ -211,7 +235,8 @@ public struct LLaVAModel: Sendable {
             linear2: try LinearLayer(checkpoint, projectorPrefix + "linear_2.", inFeatures: h, outFeatures: h, bias: configuration.projectorBias))
         let language = try LlamaModel(checkpoint: checkpoint, prefix: modern ? "model.language_model." : "language_model.model.",
                                       headName: modern ? "lm_head.weight" : "language_model.lm_head.weight", configuration: text)
-        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .llavaHF, endOfSequenceTokenID: endOfSequence)
+        return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .llavaHF, endOfSequenceTokenID: endOfSequence,
+                          imagePreprocessing: .read(directory.appendingPathComponent("preprocessor_config.json"), padToSquare: nil))
     }
 
     /// Image embeddings `[patchCount, H]` per image: CLIP features, then the projector.

@@ -43,7 +43,11 @@ public struct LLaVAPipeline: Sendable {
         }
         template = .vicunaV1
         decoder = ImageDecoder(options: decoderOptions)
-        preprocessor = CLIPImagePreprocessor(resolution: model.vision.configuration.imageSize)
+        let settings = model.imagePreprocessing
+        preprocessor = CLIPImagePreprocessor(resolution: model.vision.configuration.imageSize,
+                                             mean: settings.mean ?? CLIPImagePreprocessor.openAICLIPMean,
+                                             std: settings.std ?? CLIPImagePreprocessor.openAICLIPStd,
+                                             padToSquare: settings.padToSquare)
     }
 
     /// The end-of-sequence id: config.json's `eos_token_id`, else the tokenizer's `</s>`.

@@ -18,14 +18,18 @@ public struct CLIPImagePreprocessor: Sendable {
     public var std: [Double]
     /// The fill of `expand2square`: LLaVA passes `tuple(int(x * 255) for x in image_mean)`.
     public var padColor: (UInt8, UInt8, UInt8)
+    /// Step 1 on or off: LLaVA pads when `image_aspect_ratio` is "pad" (LLaVA-1.5); without it
+    /// (llava-hf's plain CLIPImageProcessor) the image is resized and centre-cropped directly.
+    public var padToSquare: Bool
 
     public static let openAICLIPMean = [0.48145466, 0.4578275, 0.40821073]
     public static let openAICLIPStd = [0.26862954, 0.26130258, 0.27577711]
 
     public init(resolution: Int = 336, mean: [Double] = Self.openAICLIPMean, std: [Double] = Self.openAICLIPStd,
-                padColor: (UInt8, UInt8, UInt8)? = nil) {
+                padColor: (UInt8, UInt8, UInt8)? = nil, padToSquare: Bool = true) {
         precondition(resolution > 0 && mean.count == 3 && std.count == 3, "three channels, positive resolution")
         self.resolution = resolution
+        self.padToSquare = padToSquare
         self.mean = mean
         self.std = std
         self.padColor = padColor ?? (UInt8(clamping: Int(mean[0] * 255)), UInt8(clamping: Int(mean[1] * 255)), UInt8(clamping: Int(mean[2] * 255)))
@@ -40,6 +44,10 @@ public struct CLIPImagePreprocessor: Sendable {
     /// Steps 1-3: the `resolution` x `resolution` 8-bit image before rescaling and normalising
     /// (the stage the parity goldens store).
     public func croppedSquare(for image: RGBImage) -> RGBImage {
+        guard padToSquare else {
+            let (w, h) = resizedSize(width: image.width, height: image.height)
+            return Self.centreCrop(PillowResample.resize(image, width: w, height: h), width: resolution, height: resolution)
+        }
         // The padded square is never built: the resampler treats the padding as virtual rows and
         // columns of `padColor`. `referenceCroppedSquare` is the literal version, kept for tests.
         let side = max(image.width, image.height)
@@ -53,7 +61,7 @@ public struct CLIPImagePreprocessor: Sendable {
     /// Steps 1-3 done literally: `expandToSquare`, `PillowResample.resize`, `centreCrop`. The same
     /// result as `croppedSquare(for:)`, slower; the plain version tests and benchmarks compare with.
     public func referenceCroppedSquare(for image: RGBImage) -> RGBImage {
-        let square = Self.expandToSquare(image, fill: padColor)
+        let square = padToSquare ? Self.expandToSquare(image, fill: padColor) : image
         let (w, h) = resizedSize(width: square.width, height: square.height)
         return Self.centreCrop(PillowResample.resize(square, width: w, height: h), width: resolution, height: resolution)
     }

@@ -42,6 +42,15 @@ import Testing
         #expect(sha256Hex(littleEndianBytes(preprocessor.pixelValues(for: image))) == golden.pixel_values_sha256)
     }
 
+    @Test(arguments: Fixtures.goodImageNames)
+    func withoutPaddingPixelValuesAreBitIdenticalToThePlainProcessor(name: String) throws {
+        let golden = try #require(Fixtures.goldens.images[name])
+        let image = try decoder.decode(contentsOf: Fixtures.image(name))
+        let plain = CLIPImagePreprocessor(padToSquare: false)
+        #expect(sha256Hex(littleEndianBytes(plain.pixelValues(for: image))) == golden.pixel_values_nopad_sha256, "\(name)")
+        #expect(plain.croppedSquare(for: image) == plain.referenceCroppedSquare(for: image))
+    }
+
     @Test func padColourIsRoundedDownCLIPMean() {
         let p = CLIPImagePreprocessor()
         #expect(p.padColor == (122, 116, 104))

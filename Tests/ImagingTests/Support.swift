@@ -21,6 +21,7 @@ enum Fixtures {
             let height: Int
             let decoded_rgb_sha256: String
             let pixel_values_sha256: String
+            let pixel_values_nopad_sha256: String
             let golden_png: String
             let exif_orientation: Int?
             let exif_transposed: Transposed?
