@@ -29,7 +29,8 @@ let package = Package(
         .target(name: "Imaging", dependencies: ["CJPEG", "CPNG"]),
         .target(name: "Vision", dependencies: ["Numerics", "SafeTensors"]),
         .target(name: "Llama", dependencies: ["Numerics", "SafeTensors"]),
-        .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Tokenizer", "Imaging", "Vision", "Llama"]),
+        .target(name: "Sparsification", dependencies: ["Numerics", "SafeTensors"]),
+        .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Tokenizer", "Imaging", "Vision", "Llama", "Sparsification"]),
         .executableTarget(name: "dllava", dependencies: [
             "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -59,50 +59,6 @@ public struct CLIPVisionConfiguration: Codable, Sendable, Equatable {
     public var headDimension: Int { hiddenSize / attentionHeads }
 }
 
-/// A LayerNorm's parameters, `[features]` each.
-public struct LayerNormWeights: Sendable {
-    public let weight: [Float]
-    public let bias: [Float]
-    public let epsilon: Float
-
-    public init(_ checkpoint: Checkpoint, _ prefix: String, features: Int, epsilon: Float) throws(CheckpointError) {
-        weight = try checkpoint.floats(prefix + "weight", shape: [features])
-        bias = try checkpoint.floats(prefix + "bias", shape: [features])
-        self.epsilon = epsilon
-    }
-
-    /// Identity parameters (weight 1, bias 0).
-    public init(features: Int, epsilon: Float) {
-        weight = Array(repeating: 1, count: features)
-        bias = Array(repeating: 0, count: features)
-        self.epsilon = epsilon
-    }
-
-    public func callAsFunction(_ x: Matrix) -> Matrix {
-        layerNorm(x, weight: weight, bias: bias, epsilon: epsilon)
-    }
-}
-
-/// A linear layer `y = x Wᵀ + b`; weight `[outFeatures, inFeatures]` kept in its stored dtype.
-public struct LinearLayer: Sendable {
-    public let weight: WeightMatrix
-    public let bias: [Float]?
-
-    public init(_ checkpoint: Checkpoint, _ prefix: String, inFeatures: Int, outFeatures: Int, bias hasBias: Bool) throws(CheckpointError) {
-        weight = try checkpoint.weight(prefix + "weight", shape: [outFeatures, inFeatures])
-        bias = hasBias ? try checkpoint.floats(prefix + "bias", shape: [outFeatures]) : nil
-    }
-
-    public init(weight: WeightMatrix, bias: [Float]?) {
-        self.weight = weight
-        self.bias = bias
-    }
-
-    public func callAsFunction(_ x: Matrix) -> Matrix {
-        linear(x, weight, bias: bias)
-    }
-}
-
 /// One pre-norm encoder block (`vision_model.encoder.layers.N`).
 struct CLIPEncoderLayer: Sendable {
     let layerNorm1: LayerNormWeights        // layer_norm1
