@@ -1,10 +1,13 @@
-// Full-context generation for a batch of requests (DYNAMIC_LLAVA.md section 1): prefill every
-// row's [text | image | text] sequence packed without padding, then decode one token per active
-// row per step. Every row owns its KV-cache sequence and sampler, so a batch of N gives each row
-// exactly what it gets alone.
+// Generation for a batch of requests in the inference modes of DYNAMIC_LLAVA.md section 4: full
+// context, Dynamic-LLaVA (image pruning at the sparse layer and the output-text gate on the KV
+// cache), decoding without a KV cache, and the FastV and random baselines. Every row owns its
+// KV-cache sequence, sampler and decisions, so a batch of N gives each row exactly what it gets
+// alone.
 import Foundation
 import Llama
 import Numerics
+import SafeTensors
+import Sparsification
 
 /// One sample: the prompt split at the image slot, and the image's pixels.
 public struct GenerationRequest: Sendable {
@@ -34,14 +37,47 @@ public struct GenerationParameters: Sendable, Codable, Equatable {
     public var logprobs: Int = 0
     /// Generation ends after this token (included in `tokenIDs`, not in the text); nil = never.
     public var endOfSequence: Int32? = nil
+    public var sparsity = SparsityParameters()
 
     public init(maxTokens: Int = 256, sampling: SamplingParameters = SamplingParameters(), stop: [String] = [],
-                logprobs: Int = 0, endOfSequence: Int32? = nil) {
+                logprobs: Int = 0, endOfSequence: Int32? = nil, sparsity: SparsityParameters = SparsityParameters()) {
         self.maxTokens = maxTokens
         self.sampling = sampling
         self.stop = stop
         self.logprobs = logprobs
         self.endOfSequence = endOfSequence
+        self.sparsity = sparsity
+    }
+}
+
+/// Which context sparsification a request runs with.
+public enum SparsityMode: String, Sendable, Codable, CaseIterable {
+    /// Plain LLaVA-1.5: every token everywhere.
+    case full
+    /// Dynamic-LLaVA: the image predictor prunes image tokens at the sparse layer; the
+    /// output-text predictor gates generated tokens' K/V (needs a Dynamic-LLaVA checkpoint).
+    case dynamic
+    /// FastV (training-free): image tokens pruned after layer K by the last prompt token's attention.
+    case fastv
+    /// Image tokens dropped uniformly at random (seeded by the sampling seed) at the sparse layer.
+    case random
+}
+
+public struct SparsityParameters: Sendable, Codable, Equatable {
+    public var mode: SparsityMode = .full
+    /// Fraction of image tokens kept; nil = the mode's default (dynamic and random:
+    /// sparse_config's vision_keep_rate, else 0.2; fastv: 1 - 0.75).
+    public var visionKeepRate: Double? = nil
+    /// false: recompute the whole sequence every step (DYNAMIC_LLAVA.md "decoding without KV cache").
+    public var usesKeyValueCache = true
+    /// FastV's K: the pruning reads layer K-1's attention and applies from layer K on.
+    public var fastVLayer = 3
+
+    public init(mode: SparsityMode = .full, visionKeepRate: Double? = nil, usesKeyValueCache: Bool = true, fastVLayer: Int = 3) {
+        self.mode = mode
+        self.visionKeepRate = visionKeepRate
+        self.usesKeyValueCache = usesKeyValueCache
+        self.fastVLayer = fastVLayer
     }
 }
 
@@ -81,6 +117,12 @@ public struct GenerationResult: Sendable, Codable, Equatable {
     public var logprobs: [[TokenLogprob]] = []
     /// Raw logits of every step (only when `Generator.recordsLogits`; parity tests read them).
     public var stepLogits: [[Float]] = []
+    /// The output-text gate's logits per decode step with a KV cache (dynamic mode).
+    public var gateLogits: [[Float]] = []
+    /// Image tokens kept (indices into the image's tokens, ascending), when pruned.
+    public var keptImageIndices: [Int]? = nil
+    /// Without a KV cache (dynamic): per step, the generated tokens kept besides the newest.
+    public var keptGeneratedIndices: [[Int]] = []
     public var stats = GenerationStats()
 
     enum CodingKeys: String, CodingKey {
@@ -93,6 +135,7 @@ public enum GenerationError: Error, CustomStringConvertible, Equatable {
     case promptTooLong(request: Int, tokens: Int, context: Int)
     case tokenOutOfVocabulary(request: Int, id: Int32, vocabulary: Int)
     case wrongPixelCount(request: Int, found: Int, expected: Int)
+    case sparsityUnavailable(request: Int, reason: String)
 
     public var description: String {
         switch self {
@@ -102,6 +145,8 @@ public enum GenerationError: Error, CustomStringConvertible, Equatable {
             return "request \(r): token id \(id) is outside the vocabulary of \(vocabulary)"
         case .wrongPixelCount(let r, let found, let expected):
             return "request \(r): \(found) pixel values, expected \(expected)"
+        case .sparsityUnavailable(let r, let reason):
+            return "request \(r): \(reason)"
         }
     }
 }
@@ -111,7 +156,7 @@ public struct Generator: Sendable {
     public let model: LLaVAModel
     /// Turns generated ids into text (stop strings and `text` need it); nil leaves `text` empty.
     public var detokenize: (@Sendable ([Int32]) -> String)?
-    /// Keep every step's raw logits in the result (for parity tests).
+    /// Keep every step's raw logits and the output gate's logits in the result (parity tests).
     public var recordsLogits = false
 
     public init(model: LLaVAModel, detokenize: (@Sendable ([Int32]) -> String)? = nil) {
@@ -121,11 +166,18 @@ public struct Generator: Sendable {
 
     /// Per-request state during generation; lives here, never on the model.
     struct RequestState {
+        let request: GenerationRequest
         var sequence: Int
-        var nextPosition: Int32
         var sampler: Sampler
+        /// `[n, H]` prompt embeddings (text | image | text) and where the image sits in them.
+        var promptEmbeddings: Matrix
+        var imageSpan: Range<Int>?
         var result = GenerationResult()
         var finished = false
+
+        var parameters: GenerationParameters { request.parameters }
+        var sparsity: SparsityParameters { request.parameters.sparsity }
+        var nextPosition: Int32 { Int32(promptEmbeddings.rows + result.tokenIDs.count - 1) }
     }
 
     /// Validates a batch before any work is done.
@@ -143,6 +195,25 @@ public struct Generator: Sendable {
             if length >= c.maxPositionEmbeddings {
                 throw .promptTooLong(request: r, tokens: length, context: c.maxPositionEmbeddings)
             }
+            let sparsity = request.parameters.sparsity
+            if let rate = sparsity.visionKeepRate, !(rate > 0 && rate <= 1) {
+                throw .sparsityUnavailable(request: r, reason: "vision keep rate \(rate) is not in (0, 1]")
+            }
+            switch sparsity.mode {
+            case .dynamic:
+                guard let sparse = model.sparse else {
+                    throw .sparsityUnavailable(request: r, reason: "dynamic sparsity needs a Dynamic-LLaVA checkpoint (config.json has no sparse_config)")
+                }
+                for error in [sparse.imagePredictor.error, sparse.outputTextPredictor.error].compactMap({ $0 }) {
+                    throw .sparsityUnavailable(request: r, reason: "dynamic sparsity needs the predictors: \(error.description)")
+                }
+            case .fastv:
+                guard (1..<c.hiddenLayers).contains(sparsity.fastVLayer) else {
+                    throw .sparsityUnavailable(request: r, reason: "FastV layer \(sparsity.fastVLayer) is outside 1..<\(c.hiddenLayers)")
+                }
+            case .full, .random:
+                break
+            }
         }
     }
 
@@ -150,83 +221,237 @@ public struct Generator: Sendable {
         request.idsBeforeImage.count + (request.pixelValues == nil ? 0 : model.vision.configuration.patchCount) + request.idsAfterImage.count
     }
 
+    /// The sparse layer `l`: where the predictors read and pruning applies (random too).
+    var sparseLayer: Int { model.sparse?.configuration.sparseLayer ?? 2 }
+
+    /// Image tokens kept by a request's mode (`patchCount` for full context).
+    func keptImageCount(_ sparsity: SparsityParameters) -> Int {
+        let n = model.vision.configuration.patchCount
+        switch sparsity.mode {
+        case .full: return n
+        case .dynamic, .random: return Int(Double(n) * (sparsity.visionKeepRate ?? model.sparse?.configuration.visionKeepRate ?? 0.2))
+        case .fastv: return Int((Double(n) * (sparsity.visionKeepRate ?? 0.25)).rounded())
+        }
+    }
+
     /// Generates for every request; row `i` of the result belongs to `requests[i]`.
     public func generate(_ requests: [GenerationRequest]) throws(GenerationError) -> [GenerationResult] {
         try validate(requests)
         let language = model.language, c = language.configuration
         var cache = KeyValueCache(layers: c.hiddenLayers, sequences: requests.count, keyValueWidth: c.keyValueWidth)
-        var states = requests.enumerated().map { r, request in
-            RequestState(sequence: r, nextPosition: Int32(promptLength(request)), sampler: Sampler(request.parameters.sampling))
-        }
+        var states: [RequestState] = []
 
-        // Prefill: every row's full prompt, packed.
-        let prefillStart = DispatchTime.now()
-        let images = model.imageEmbeddings(requests.compactMap(\.pixelValues))
-        var imageIndex = 0
-        var parts: [Matrix] = []
-        var positions: [Int32] = [], sequences: [Int] = []
+        // Prefill, one request at a time (a prompt is never multiplied together with another).
         for (r, request) in requests.enumerated() {
-            parts.append(language.embed(request.idsBeforeImage))
-            if request.pixelValues != nil {
-                parts.append(images[imageIndex])
-                imageIndex += 1
-                states[r].result.stats.imageTokensTotal = model.vision.configuration.patchCount
-                states[r].result.stats.imageTokensKept = model.vision.configuration.patchCount
+            let start = DispatchTime.now()
+            var imageSpan: Range<Int>?
+            var parts = [language.embed(request.idsBeforeImage)]
+            var flops = 2 * c.hiddenSize * c.vocabularySize
+            if let pixels = request.pixelValues {
+                parts.append(model.imageEmbeddings([pixels])[0])
+                imageSpan = request.idsBeforeImage.count ..< request.idsBeforeImage.count + model.vision.configuration.patchCount
+                flops += visionFlops()
             }
             parts.append(language.embed(request.idsAfterImage))
-            let length = promptLength(request)
-            positions += (0..<Int32(length))
-            sequences += Array(repeating: r, count: length)
-            states[r].result.stats.promptTokens = length
-        }
-        var hidden = Matrix.concatenateRows(parts)
-        let batch = TokenBatch(positions: positions, sequences: sequences)
-        var observation = ForwardObservation()
-        language.forward(&hidden, batch: batch, layers: 0..<c.hiddenLayers, cache: &cache, observation: &observation)
-        let lastRows = batch.spans.map { $0.tokens.upperBound - 1 }
-        let logits = language.logits(hidden.gatherRows(lastRows))
-        let prefillMilliseconds = milliseconds(since: prefillStart)
-        for r in states.indices {
-            states[r].result.stats.prefillMilliseconds = prefillMilliseconds
-            states[r].result.stats.prefillFlops = prefillFlops(promptTokens: states[r].result.stats.promptTokens,
-                                                               hasImage: requests[r].pixelValues != nil)
-            accept(logits.row(r), into: &states[r], request: requests[r], cache: cache)
+            var state = RequestState(request: request, sequence: r, sampler: Sampler(request.parameters.sampling),
+                                     promptEmbeddings: Matrix.concatenateRows(parts), imageSpan: imageSpan)
+            state.result.stats.promptTokens = state.promptEmbeddings.rows
+            state.result.stats.imageTokensTotal = imageSpan?.count ?? 0
+            let logits: [Float]
+            if state.sparsity.usesKeyValueCache {
+                logits = prefill(&state, cache: &cache, flops: &flops)
+                state.result.stats.kvCellsPerLayer = cache.cellCounts(sequence: r)
+            } else {
+                logits = recompute(&state, flops: &flops)
+            }
+            state.result.stats.prefillMilliseconds = milliseconds(since: start)
+            state.result.stats.prefillFlops = flops
+            accept(logits, into: &state, cellsNow: state.result.stats.kvCellsPerLayer)
+            states.append(state)
         }
 
-        // Decode: one token per unfinished row per step.
+        // Decode: one token per unfinished row per step; rows with a KV cache step together.
         while true {
             let active = states.indices.filter { !states[$0].finished }
             if active.isEmpty { break }
-            let stepStart = DispatchTime.now()
-            var stepHidden = language.embed(active.map { states[$0].result.tokenIDs.last! })
-            let stepBatch = TokenBatch(positions: active.map { states[$0].nextPosition }, sequences: active.map { states[$0].sequence })
-            var stepObservation = ForwardObservation()
-            language.forward(&stepHidden, batch: stepBatch, layers: 0..<c.hiddenLayers, cache: &cache, observation: &stepObservation)
-            let stepLogits = language.logits(stepHidden)
-            let stepMilliseconds = milliseconds(since: stepStart)
-            for (row, r) in active.enumerated() {
-                states[r].result.stats.decodeMilliseconds += stepMilliseconds
-                states[r].result.stats.decodeFlops += decodeStepFlops(cache: cache, sequence: states[r].sequence)
-                states[r].nextPosition += 1
-                accept(stepLogits.row(row), into: &states[r], request: requests[r], cache: cache)
+            let cached = active.filter { states[$0].sparsity.usesKeyValueCache }
+            if !cached.isEmpty {
+                let start = DispatchTime.now()
+                let (logits, gates) = decodeStep(cached.map { states[$0] }, cache: &cache)
+                let elapsed = milliseconds(since: start)
+                for (row, r) in cached.enumerated() {
+                    states[r].result.stats.decodeMilliseconds += elapsed
+                    if let gate = gates[row] { states[r].result.gateLogits.append(gate) }
+                    let cells = cache.cellCounts(sequence: states[r].sequence)
+                    states[r].result.stats.decodeFlops += decodeStepFlops(cells: cells, gated: gates[row] != nil)
+                    states[r].result.stats.kvCellsPerLayer = cells
+                    accept(logits.row(row), into: &states[r], cellsNow: cells)
+                }
+            }
+            for r in active where !states[r].sparsity.usesKeyValueCache {
+                let start = DispatchTime.now()
+                var flops = 0
+                let logits = recompute(&states[r], flops: &flops)
+                states[r].result.stats.decodeMilliseconds += milliseconds(since: start)
+                states[r].result.stats.decodeFlops += flops
+                accept(logits, into: &states[r], cellsNow: states[r].result.stats.kvCellsPerLayer)
             }
         }
-        return states.map { state in
-            var result = state.result
-            result.stats.kvCellsPerLayer = cache.cellCounts(sequence: state.sequence)
-            return result
+        return states.map(\.result)
+    }
+
+    /// Runs a request's prompt through every layer, pruning image tokens as its mode says, and
+    /// leaves its cells in `cache`. Returns the logits of the last prompt token.
+    func prefill(_ state: inout RequestState, cache: inout KeyValueCache, flops: inout Int) -> [Float] {
+        let language = model.language, layerCount = language.layerCount
+        let n = state.promptEmbeddings.rows
+        var hidden = state.promptEmbeddings
+        var batch = TokenBatch(positions: (0..<Int32(n)).map { $0 }, sequences: Array(repeating: state.sequence, count: n))
+        var observation = ForwardObservation()
+        let keptCount = keptImageCount(state.sparsity)
+        let split: Int
+        switch state.sparsity.mode {
+        case .full: split = layerCount
+        case .dynamic, .random: split = sparseLayer
+        case .fastv:
+            split = state.sparsity.fastVLayer
+            observation.attentionLayers = [split - 1]
+        }
+        language.forward(&hidden, batch: batch, layers: 0..<split, cache: &cache, observation: &observation)
+        state.result.stats.imageTokensKept = state.imageSpan?.count ?? 0
+        if split < layerCount {
+            if let imageSpan = state.imageSpan {
+                let kept = keptImageTokens(state, sequence: state.sequence, imageSpan: imageSpan, count: keptCount,
+                                           hiddenAtSplit: hidden, observation: observation, flops: &flops)
+                let selection = Array(0..<imageSpan.lowerBound) + kept.map { imageSpan.lowerBound + $0 } + Array(imageSpan.upperBound..<n)
+                hidden = hidden.gatherRows(selection)
+                batch = batch.selecting(selection)
+                state.result.stats.imageTokensKept = kept.count
+                state.result.keptImageIndices = kept
+            }
+            language.forward(&hidden, batch: batch, layers: split..<layerCount, cache: &cache, observation: &observation)
+        }
+        flops += observation.flops
+        return language.logits(hidden.rows((hidden.rows - 1)..<hidden.rows)).row(0)
+    }
+
+    /// The image tokens (indices into the image span, ascending) a request keeps.
+    /// `sequence` names the cache sequence whose attention FastV reads; the last prompt token is
+    /// `state.promptEmbeddings.rows - 1`.
+    func keptImageTokens(_ state: RequestState, sequence: Int, imageSpan: Range<Int>, count: Int, hiddenAtSplit: Matrix,
+                         observation: ForwardObservation, flops: inout Int) -> [Int] {
+        switch state.sparsity.mode {
+        case .full:
+            return Array(0..<imageSpan.count)
+        case .dynamic:
+            guard case .success(let predictor)? = model.sparse?.imagePredictor else { preconditionFailure("validated") }
+            let logits = predictor.logits(hiddenAtSplit.rows(imageSpan))
+            flops += predictor.flops(tokens: imageSpan.count)
+            return KeepRules.topImageTokens(logits: logits, k: count)
+        case .random:
+            return KeepRules.randomImageTokens(count: imageSpan.count, k: count, seed: state.parameters.sampling.seed)
+        case .fastv:
+            let layer = state.sparsity.fastVLayer - 1
+            guard let weights = observation.attentionWeights[layer]?[sequence] else { preconditionFailure("FastV weights recorded") }
+            let tokens = hiddenAtSplit.rows
+            return KeepRules.fastVImageTokens(weights: weights, heads: model.language.configuration.attentionHeads, queries: tokens, keys: tokens,
+                                              query: state.promptEmbeddings.rows - 1, imageKeys: imageSpan, k: count)
         }
     }
 
+    /// One decode step for rows with a KV cache: each feeds its last generated token. A dynamic
+    /// row's output-text gate, read at the sparse layer, decides whether the token's K/V enter
+    /// the cache of layers >= l; the token always attends to itself and reaches the LM head.
+    /// Returns the logits `[rows, V]` and, per row, the gate logits (dynamic rows only).
+    func decodeStep(_ rows: [RequestState], cache: inout KeyValueCache) -> (Matrix, [[Float]?]) {
+        let language = model.language, layerCount = language.layerCount
+        var hidden = language.embed(rows.map { $0.result.tokenIDs.last! })
+        var batch = TokenBatch(positions: rows.map(\.nextPosition), sequences: rows.map(\.sequence))
+        var observation = ForwardObservation()
+        var gates = [[Float]?](repeating: nil, count: rows.count)
+        let gated = rows.indices.filter { rows[$0].sparsity.mode == .dynamic }
+        if gated.isEmpty {
+            language.forward(&hidden, batch: batch, layers: 0..<layerCount, cache: &cache, observation: &observation)
+        } else {
+            let l = sparseLayer
+            language.forward(&hidden, batch: batch, layers: 0..<l, cache: &cache, observation: &observation)
+            guard case .success(let predictor)? = model.sparse?.outputTextPredictor else { preconditionFailure("validated") }
+            let logits = predictor.logits(hidden.gatherRows(gated))
+            for (i, row) in gated.enumerated() {
+                gates[row] = logits.row(i)
+                batch.writesKeyValue[row] = KeepRules.keepsOutputToken(logits.row(i))
+            }
+            language.forward(&hidden, batch: batch, layers: l..<layerCount, cache: &cache, observation: &observation)
+        }
+        return (language.logits(hidden), gates)
+    }
+
+    /// Decoding without a KV cache: the whole sequence (prompt and every generated token) runs
+    /// again through a fresh cache. Image tokens are pruned as in prefill; for a dynamic row the
+    /// generated tokens other than the newest are gated at the sparse layer, and the row keeps the
+    /// `k` with the highest raw logit0, `k` = its own count of logit0 > logit1 (we differ from the
+    /// reference's batch maximum, so that a row's result does not depend on its batch-mates).
+    /// Prompt tokens and the newest token are always kept; positions stay the original ones.
+    /// Returns the newest token's logits.
+    func recompute(_ state: inout RequestState, flops: inout Int) -> [Float] {
+        let language = model.language, c = language.configuration, layerCount = language.layerCount
+        let n = state.promptEmbeddings.rows, generated = state.result.tokenIDs.count
+        var hidden = Matrix.concatenateRows([state.promptEmbeddings, language.embed(state.result.tokenIDs)])
+        let total = n + generated
+        var batch = TokenBatch(positions: (0..<Int32(total)).map { $0 }, sequences: Array(repeating: 0, count: total))
+        var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
+        var observation = ForwardObservation()
+        let split: Int
+        switch state.sparsity.mode {
+        case .full: split = layerCount
+        case .dynamic, .random: split = sparseLayer
+        case .fastv:
+            split = state.sparsity.fastVLayer
+            observation.attentionLayers = [split - 1]
+        }
+        // The newest token's hidden state is what predicts the next one.
+        language.forward(&hidden, batch: batch, layers: 0..<split, cache: &cache, observation: &observation)
+        state.result.stats.imageTokensKept = state.imageSpan?.count ?? 0
+        if split < layerCount {
+            var selection = Array(0..<n)
+            if let imageSpan = state.imageSpan {
+                let kept = keptImageTokens(state, sequence: 0, imageSpan: imageSpan, count: keptImageCount(state.sparsity),
+                                           hiddenAtSplit: hidden, observation: observation, flops: &flops)
+                selection = Array(0..<imageSpan.lowerBound) + kept.map { imageSpan.lowerBound + $0 } + Array(imageSpan.upperBound..<n)
+                state.result.stats.imageTokensKept = kept.count
+                state.result.keptImageIndices = kept
+            }
+            var keptGenerated: [Int] = []
+            if state.sparsity.mode == .dynamic && generated > 1 {
+                guard case .success(let predictor)? = model.sparse?.outputTextPredictor else { preconditionFailure("validated") }
+                let candidates = Array(n ..< total - 1)
+                let logits = predictor.logits(hidden.gatherRows(candidates))
+                let k = (0..<logits.rows).filter { KeepRules.keepsOutputToken(logits.row($0)) }.count
+                keptGenerated = KeepRules.topIndices((0..<logits.rows).map { logits.values[$0 * 2] }, k: k).map { n + $0 }
+                flops += predictor.flops(tokens: candidates.count)
+            } else if generated > 1 {
+                keptGenerated = Array(n ..< total - 1)
+            }
+            if generated > 0 { selection += keptGenerated + [total - 1] }
+            if state.sparsity.mode == .dynamic { state.result.keptGeneratedIndices.append(keptGenerated.map { $0 - n }) }
+            hidden = hidden.gatherRows(selection)
+            batch = batch.selecting(selection)
+            language.forward(&hidden, batch: batch, layers: split..<layerCount, cache: &cache, observation: &observation)
+        }
+        flops += observation.flops + 2 * c.hiddenSize * c.vocabularySize
+        state.result.stats.kvCellsPerLayer = cache.cellCounts(sequence: 0)
+        return language.logits(hidden.rows((hidden.rows - 1)..<hidden.rows)).row(0)
+    }
+
     /// Takes one step's logits for a row: logprobs, sampling, stop rules, accounting.
-    func accept(_ logits: [Float], into state: inout RequestState, request: GenerationRequest, cache: KeyValueCache) {
-        let parameters = request.parameters
+    func accept(_ logits: [Float], into state: inout RequestState, cellsNow: [Int]) {
+        let parameters = state.parameters
         if recordsLogits { state.result.stepLogits.append(logits) }
         if parameters.logprobs > 0 { state.result.logprobs.append(topLogprobs(logits, k: parameters.logprobs)) }
         let token = state.sampler.sample(logits)
         state.result.tokenIDs.append(token)
-        let cells = cache.cellCounts(sequence: state.sequence).reduce(0, +)
-        state.result.stats.kvBytesPeak = max(state.result.stats.kvBytesPeak, cells * cache.keyValueWidth * 2 * 4)
+        let bytes = cellsNow.reduce(0, +) * model.language.configuration.keyValueWidth * 2 * 4
+        state.result.stats.kvBytesPeak = max(state.result.stats.kvBytesPeak, bytes)
 
         let generated = token == parameters.endOfSequence ? Array(state.result.tokenIDs.dropLast()) : state.result.tokenIDs
         if let detokenize {
@@ -247,35 +472,35 @@ public struct Generator: Sendable {
         }
     }
 
-    /// Multiply-adds x2 of the prompt pass: vision tower and projector (if an image), every
-    /// decoder layer's projections and attention over the causal prompt, and the LM head row.
-    func prefillFlops(promptTokens n: Int, hasImage: Bool) -> Int {
-        let c = model.language.configuration
-        let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
-        let projections = 2 * n * h * (q + 2 * c.keyValueWidth) + 2 * n * q * h + 3 * 2 * n * h * c.intermediateSize
-        let attention = 2 * 2 * c.attentionHeads * c.headDimension * (n * (n + 1) / 2)
-        var total = c.hiddenLayers * (projections + attention) + 2 * h * c.vocabularySize
-        if hasImage {
-            let v = model.vision.configuration
-            let tokens = v.patchCount + 1, d = v.hiddenSize
-            let perLayer = 2 * tokens * d * d * 4 + 2 * 2 * tokens * tokens * d + 2 * 2 * tokens * d * v.intermediateSize
-            total += 2 * v.patchCount * d * v.channels * v.patchSize * v.patchSize + model.vision.layerCount * perLayer
-            total += 2 * v.patchCount * (d * h + h * h)
-        }
-        return total
+    /// Multiply-adds x2 of the vision tower and projector for one image.
+    func visionFlops() -> Int {
+        let v = model.vision.configuration, h = model.language.configuration.hiddenSize
+        let tokens = v.patchCount + 1, d = v.hiddenSize
+        let perLayer = 2 * tokens * d * d * 4 + 2 * 2 * tokens * tokens * d + 2 * 2 * tokens * d * v.intermediateSize
+        return 2 * v.patchCount * d * v.channels * v.patchSize * v.patchSize + model.vision.layerCount * perLayer
+            + 2 * v.patchCount * (d * h + h * h)
     }
 
-    /// Multiply-adds x2 of one decode step for one row, given the cells it attended to.
-    func decodeStepFlops(cache: KeyValueCache, sequence: Int) -> Int {
+    /// Multiply-adds x2 of one decode step for one row, given its cells per layer after the step
+    /// (a token that did not enter a layer's cache still attended to itself there).
+    func decodeStepFlops(cells: [Int], gated: Bool) -> Int {
         let c = model.language.configuration
         let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
         let projections = 2 * h * (q + 2 * c.keyValueWidth) + 2 * q * h + 3 * 2 * h * c.intermediateSize
-        let cells = cache.cellCounts(sequence: sequence)
-        let attention = cells.reduce(0) { $0 + 2 * 2 * c.attentionHeads * c.headDimension * $1 }
-        return c.hiddenLayers * projections + attention + 2 * h * c.vocabularySize
+        let attention = cells.reduce(0) { $0 + 2 * 2 * q * $1 }
+        var total = c.hiddenLayers * projections + attention + 2 * h * c.vocabularySize
+        if gated, case .success(let predictor)? = model.sparse?.outputTextPredictor { total += predictor.flops(tokens: 1) }
+        return total
     }
 }
 
 func milliseconds(since start: DispatchTime) -> Double {
     Double(DispatchTime.now().uptimeNanoseconds - start.uptimeNanoseconds) / 1e6
+}
+
+extension Result {
+    var error: Failure? {
+        if case .failure(let error) = self { return error }
+        return nil
+    }
 }

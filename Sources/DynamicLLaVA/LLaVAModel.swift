@@ -4,6 +4,7 @@ import Foundation
 import Llama
 import Numerics
 import SafeTensors
+import Sparsification
 import Vision
 
 /// Which of the two supported directory layouts a checkpoint uses.
@@ -33,6 +34,15 @@ public struct ImagePreprocessing: Sendable, Equatable {
     }
 }
 
+/// Dynamic-LLaVA's predictors as loaded from a checkpoint with a `sparse_config`. A missing
+/// predictor tensor is kept as its error and reported only when sparsity is requested, so the
+/// same checkpoint still runs with full context.
+public struct SparseModules: Sendable {
+    public let configuration: SparseConfiguration
+    public let imagePredictor: Result<ImagePredictor, CheckpointError>
+    public let outputTextPredictor: Result<OutputTextPredictor, CheckpointError>
+}
+
 /// Fields of the original layout's config.json beyond the LLaMA ones.
 struct OriginalLayoutConfiguration: Decodable {
     var modelType: String
@@ -42,11 +52,13 @@ struct OriginalLayoutConfiguration: Decodable {
     var projectorType: String
     var multimodalHiddenSize: Int?
     var imageAspectRatio: String?
+    var sparseConfiguration: SparseConfiguration?
 
     enum CodingKeys: String, CodingKey {
         case modelType = "model_type", visionTower = "mm_vision_tower", visionSelectLayer = "mm_vision_select_layer"
         case visionSelectFeature = "mm_vision_select_feature", projectorType = "mm_projector_type"
         case multimodalHiddenSize = "mm_hidden_size", imageAspectRatio = "image_aspect_ratio"
+        case sparseConfiguration = "sparse_config"
     }
 
     init(from decoder: Decoder) throws {
@@ -58,6 +70,7 @@ struct OriginalLayoutConfiguration: Decodable {
         projectorType = try c.decodeIfPresent(String.self, forKey: .projectorType) ?? "linear"
         multimodalHiddenSize = try c.decodeIfPresent(Int.self, forKey: .multimodalHiddenSize)
         imageAspectRatio = try c.decodeIfPresent(String.self, forKey: .imageAspectRatio)
+        sparseConfiguration = try c.decodeIfPresent(SparseConfiguration.self, forKey: .sparseConfiguration)
     }
 }
 
@@ -97,10 +110,14 @@ public struct LLaVAModel: Sendable {
     /// `eos_token_id` from config.json (top level or `text_config`), when it names one.
     public let endOfSequenceTokenID: Int32?
     public let imagePreprocessing: ImagePreprocessing
+    /// The predictors of a Dynamic-LLaVA checkpoint (nil: no `sparse_config`).
+    public let sparse: SparseModules?
 
     public init(vision: CLIPVisionTower, projector: MultimodalProjector, language: LlamaModel, directory: URL,
-                layout: CheckpointLayout, endOfSequenceTokenID: Int32?, imagePreprocessing: ImagePreprocessing) {
+                layout: CheckpointLayout, endOfSequenceTokenID: Int32?, imagePreprocessing: ImagePreprocessing,
+                sparse: SparseModules? = nil) {
         self.imagePreprocessing = imagePreprocessing
+        self.sparse = sparse
         self.vision = vision
         self.projector = projector
         self.language = language
@@ -194,9 +211,22 @@ public struct LLaVAModel: Sendable {
             linear1: try LinearLayer(checkpoint, "model.mm_projector.0.", inFeatures: dv, outFeatures: h, bias: true),
             linear2: try LinearLayer(checkpoint, "model.mm_projector.2.", inFeatures: h, outFeatures: h, bias: true))
         let language = try LlamaModel(checkpoint: checkpoint, prefix: "model.", headName: "lm_head.weight", configuration: text)
+        var sparse: SparseModules?
+        if let configuration = mm.sparseConfiguration {
+            guard (1..<text.hiddenLayers).contains(configuration.sparseLayer) else {
+                throw .invalidConfiguration(file: configURL.path, reason: "sparse_config.sparse_layer \(configuration.sparseLayer) is outside 1..<\(text.hiddenLayers)")
+            }
+            sparse = SparseModules(
+                configuration: configuration,
+                imagePredictor: Result { () throws(CheckpointError) in
+                    try ImagePredictor(checkpoint: checkpoint, hiddenSize: text.hiddenSize, configuration: configuration) },
+                outputTextPredictor: Result { () throws(CheckpointError) in
+                    try OutputTextPredictor(checkpoint: checkpoint, hiddenSize: text.hiddenSize) })
+        }
         return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .original, endOfSequenceTokenID: endOfSequence,
                           imagePreprocessing: .read(towerDirectory.appendingPathComponent("preprocessor_config.json"),
-                                                    padToSquare: mm.imageAspectRatio == "pad"))
+                                                    padToSquare: mm.imageAspectRatio == "pad"),
+                          sparse: sparse)
     }
 
     /// `mm_vision_tower` is a directory (absolute, or relative to the model) or a hub name whose

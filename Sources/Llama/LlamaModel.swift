@@ -54,6 +54,9 @@ public struct ForwardObservation: Sendable {
     /// Hidden states after each layer in `hiddenLayers` (parity tests trace them).
     public var hiddenAfterLayer: [Int: Matrix] = [:]
     public var hiddenLayers: Set<Int> = []
+    /// Multiply-adds x2 of the decoder layers run, counted from the actual shapes (projections,
+    /// FFN, and attention over the keys each token was scored against).
+    public var flops = 0
 
     public init(attentionLayers: Set<Int> = [], hiddenLayers: Set<Int> = []) {
         self.attentionLayers = attentionLayers
@@ -173,6 +176,7 @@ public struct LlamaModel: Sendable {
             cells.keys.append(contentsOf: keys.values[tokens.lowerBound * width ..< tokens.upperBound * width])
             cells.values.append(contentsOf: values.values[tokens.lowerBound * width ..< tokens.upperBound * width])
             let keyCount = cells.cellCount, queryCount = tokens.count
+            observation.flops += 2 * 2 * c.attentionHeads * c.headDimension * queryCount * keyCount
             // Mask: earlier cells are all visible; among this batch's tokens, causal, and a token
             // that does not write K/V is visible only to itself.
             var mask = [Float](repeating: 0, count: queryCount * keyCount)
@@ -220,6 +224,8 @@ public struct LlamaModel: Sendable {
             cells.values.removeLast((keyCount - kept) * width)
             swap(&cells, &cache.layers[l][s])
         }
+        let t = x.rows, h = c.hiddenSize
+        observation.flops += 2 * t * h * (queryWidth + 2 * width) + 2 * t * queryWidth * h + 3 * 2 * t * h * c.intermediateSize
         var hidden = x
         hidden += product(attended, weights.outputProjection)
         let normed2 = rmsNorm(hidden, weight: weights.postAttentionNorm, epsilon: c.rmsNormEpsilon)

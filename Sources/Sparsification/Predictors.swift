@@ -190,3 +190,23 @@ public struct OutputTextPredictor: Sendable {
         return x
     }
 }
+
+extension ImagePredictor {
+    /// Multiply-adds x2 for `tokens` image tokens.
+    public func flops(tokens n: Int) -> Int {
+        let h = downNorm.weight.count, d = down.weight.rows
+        var total = 2 * n * h * d
+        for block in blocks {
+            let ff = block.fc1.weight.rows
+            total += 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * ff
+        }
+        return total + output.reduce(0) { $0 + 2 * n * $1.weight.rows * $1.weight.columns }
+    }
+}
+
+extension OutputTextPredictor {
+    /// Multiply-adds x2 for `tokens` tokens.
+    public func flops(tokens n: Int) -> Int {
+        layers.reduce(0) { $0 + 2 * n * $1.weight.rows * $1.weight.columns }
+    }
+}
