@@ -32,7 +32,7 @@ let package = Package(
         .target(name: "Sparsification", dependencies: ["Numerics", "SafeTensors"]),
         .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Tokenizer", "Imaging", "Vision", "Llama", "Sparsification"]),
         .executableTarget(name: "dllava", dependencies: [
-            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging",
+            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
