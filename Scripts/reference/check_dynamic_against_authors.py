@@ -79,6 +79,7 @@ def build_authors_model(adm, mdir):
     assert all("rotary_emb" in k for k in missing), missing
     lm_head = torch.nn.Linear(lc.hidden_size, lc.vocab_size, bias=False)
     lm_head.weight.data.copy_(sd["lm_head.weight"].to(torch.float32))
+    lm_head.requires_grad_(False)
     return model, lm_head
 
 
