@@ -167,42 +167,51 @@ def check_case(am, lm_head, ours, case, pixel_values, g, k):
     return worst, dup_diff
 
 
-def main():
+def run(authors_src=None, authors_git=None, commit=AUTHORS_COMMIT, out=None, inputs=None):
+    """Compare the goldens under `out` (a Fixtures directory) with the authors' code; raises on a mismatch."""
     here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(os.path.dirname(here))
-    fx = os.path.join(repo, "Tests", "EngineTests", "Fixtures")
+    fx = os.path.join(os.path.dirname(os.path.dirname(here)), "Tests", "EngineTests", "Fixtures")
+    out = out or fx
+    inputs = inputs or os.path.join(fx, "goldens")
+    adm = import_authors(argparse.Namespace(authors_src=authors_src, authors_git=authors_git, commit=commit))
+    mdir = os.path.join(out, "models", mdg.MODEL_NAME)
+    gdir = os.path.join(out, "goldens", mdg.MODEL_NAME)
+    am, lm_head = build_authors_model(adm, mdir)
+    ours = mdg.reload_model(mdir)
+    with open(os.path.join(inputs, "inputs.json")) as f:
+        cases = json.load(f)["cases"]
+    pixels = load_file(os.path.join(inputs, "inputs.safetensors"))
+    for k, case in enumerate(cases):
+        g = load_file(os.path.join(gdir, f"case{k}.safetensors"))
+        worst, dup = check_case(am, lm_head, ours, case, pixels[f"pixel_values_{k}"], g, k)
+        print(f"authors' code, case{k}: decisions identical; worst rel diffs: "
+              + ", ".join(f"{n} {v:.1e}" for n, v in worst.items()))
+        print(f"authors' code, case{k}: their no-cache step 0 (duplicated last prompt token) vs our step 0: "
+              f"rel {dup:.2e}")
+
+    # the never-reset quirk: case 1 decoded after case 0 without resetting answer_indice
+    g1 = load_file(os.path.join(gdir, "case1.safetensors"))
+    with torch.no_grad():
+        emb, s = mdg.Ref(ours).embed_prompt(cases[1], pixels["pixel_values_1"])
+        T, j = emb.shape[0], 5
+        x = torch.cat([emb, ours.lm.embed_tokens(g1["nocache_greedy_ids"][:j])])
+        am.answer_indice = int(load_file(os.path.join(gdir, "case0.safetensors"))
+                               ["dynamic_kept_positions"].shape[0])  # left over from case 0
+        out = am(inputs_embeds=x[None], input_embeds_indices=indices(s, T + j), use_cache=False)
+    print(f"authors' code: never-reset quirk, case 1 no-cache step {j} with case 0's answer_indice: rel diff "
+          f"{rel(lm_head(out.last_hidden_state[0, -1]), g1['nocache_step_logits'][j]):.2e}")
+
+
+def main():
     ap = argparse.ArgumentParser()
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--authors-src", help="checkout of Osilly/dynamic_llava")
     src.add_argument("--authors-git", help="git directory of Osilly/dynamic_llava (read with git show)")
     ap.add_argument("--commit", default=AUTHORS_COMMIT)
+    ap.add_argument("--out", help="Fixtures directory holding models/ and goldens/ (default: the repo's)")
+    ap.add_argument("--inputs", help="directory with inputs.json / inputs.safetensors (default: the repo's)")
     args = ap.parse_args()
-
-    adm = import_authors(args)
-    mdir = os.path.join(fx, "models", mdg.MODEL_NAME)
-    am, lm_head = build_authors_model(adm, mdir)
-    ours = mdg.reload_model(mdir)
-    with open(os.path.join(fx, "goldens", "inputs.json")) as f:
-        cases = json.load(f)["cases"]
-    pixels = load_file(os.path.join(fx, "goldens", "inputs.safetensors"))
-    for k, case in enumerate(cases):
-        g = load_file(os.path.join(fx, "goldens", mdg.MODEL_NAME, f"case{k}.safetensors"))
-        worst, dup = check_case(am, lm_head, ours, case, pixels[f"pixel_values_{k}"], g, k)
-        print(f"case{k}: authors' code agrees; decisions identical; worst rel diffs: "
-              + ", ".join(f"{n} {v:.1e}" for n, v in worst.items()))
-        print(f"case{k}: authors' no-cache step 0 (duplicated last prompt token) vs our step 0: rel {dup:.2e}")
-
-    # the never-reset quirk: case 1 decoded after case 0 without resetting answer_indice
-    g1 = load_file(os.path.join(fx, "goldens", mdg.MODEL_NAME, "case1.safetensors"))
-    with torch.no_grad():
-        emb, s = mdg.Ref(ours).embed_prompt(cases[1], pixels["pixel_values_1"])
-        T, j = emb.shape[0], 5
-        x = torch.cat([emb, ours.lm.embed_tokens(g1["nocache_greedy_ids"][:j])])
-        am.answer_indice = int(load_file(os.path.join(fx, "goldens", mdg.MODEL_NAME, "case0.safetensors"))
-                               ["dynamic_kept_positions"].shape[0])  # left over from case 0
-        out = am(inputs_embeds=x[None], input_embeds_indices=indices(s, T + j), use_cache=False)
-    print(f"never-reset quirk: case 1 no-cache step {j} with case 0's answer_indice: rel diff "
-          f"{rel(lm_head(out.last_hidden_state[0, -1]), g1['nocache_step_logits'][j]):.2e}")
+    run(args.authors_src, args.authors_git, args.commit, args.out, args.inputs)
     print("OK")
 
 

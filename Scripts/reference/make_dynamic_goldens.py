@@ -497,7 +497,7 @@ class Ref:
 
     def run_masked_training(self, emb, s, gen_ids, image_keep, gen_keep):
         """Full sequence prompt ++ gen_ids; layers >= l use the keep mask (text always kept)."""
-        T, n_gen = emb.shape[0], len(gen_ids)
+        T = emb.shape[0]
         h = torch.cat([emb, self.lm.embed_tokens(torch.tensor(gen_ids))])
         N = h.shape[0]
         pos = torch.arange(N)
@@ -516,7 +516,7 @@ class Ref:
                 hp, pos = hp[rows], pos[rows]
             hp = self.layer(i, hp, pos)
         removed_logits = self.logits(hp)
-        return keep, masked_logits, removed_logits, n_gen
+        return keep, masked_logits, removed_logits
 
 
 def rel(a, b):
@@ -641,10 +641,9 @@ def compute_case(model, case, pixel_values, with_masked):
     assert rel(noc["step_logits"][0], dyn["step_logits"][0]) <= TOL
     for info in noc["infos"]:
         assert torch.equal(info["kept_image"], pre["kept_image"])
-    # the gate logits recomputed without a cache equal the cached-mode ones (layers < l see the
-    # whole context in both modes), as long as the generated tokens are the same
-    # no-cache step j equals cached step j when the tokens agree and the no-cache kept set is
-    # the cached mode's gate-positive set (true at steps 0..2 always)
+    # While the ids agree: the no-cache gate logits equal the cached ones (layers < l see the whole
+    # context in both modes), and no-cache step j equals cached step j whenever the no-cache kept
+    # set is the cached mode's gate-positive set (always true at steps 0..2).
     agree_steps = []
     dg, ng = dyn["greedy"].tolist(), noc["greedy"].tolist()
     for j, info in enumerate(noc["infos"]):
@@ -669,7 +668,7 @@ def compute_case(model, case, pixel_values, with_masked):
 
     # ---------------- training-path equivalence (section 7) ----------------------------------
     gen15 = dyn["greedy"][: N_DYNAMIC_STEPS - 1].tolist()
-    keep, masked, removed, _ = ref.run_masked_training(emb, s, gen15, pre["kept_image"], dyn["gate_keep"])
+    keep, masked, removed = ref.run_masked_training(emb, s, gen15, pre["kept_image"], dyn["gate_keep"])
     rows = torch.nonzero(keep)[:, 0]
     d_removed = rel(masked[rows], removed)
     d_cached = rel(masked[T - 1:], dyn["step_logits"])
@@ -774,6 +773,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(repo, "Tests", "EngineTests", "Fixtures"))
     ap.add_argument("--inputs", default=os.path.join(repo, "Tests", "EngineTests", "Fixtures", "goldens"),
                     help="directory holding inputs.json and inputs.safetensors (read only)")
+    ap.add_argument("--authors-src", help="optional: checkout of Osilly/dynamic_llava; after writing, "
+                    "compare the goldens with the authors' model code (check_dynamic_against_authors.py)")
+    ap.add_argument("--authors-git", help="optional: same, from a git directory of Osilly/dynamic_llava")
     args = ap.parse_args()
     with open(os.path.join(args.inputs, "inputs.json")) as f:
         cases = json.load(f)["cases"]
@@ -848,6 +850,9 @@ def main():
                 p = os.path.join(r, f)
                 print(f"  {os.path.getsize(p):>9}  {base.sha256(p)[:16]}  {os.path.relpath(p, args.out)}")
     print(f"torch {torch.__version__}  transformers {transformers.__version__}")
+    if args.authors_src or args.authors_git:
+        import check_dynamic_against_authors as authors  # imports this module; only when asked
+        authors.run(args.authors_src, args.authors_git, out=args.out, inputs=args.inputs)
 
 
 if __name__ == "__main__":
