@@ -5,9 +5,14 @@ import Numerics
 public enum KeepRules {
     /// Image tokens kept by the image predictor: the `k` highest `log_softmax(logits)[:, 0]`,
     /// returned in ascending (original) order. `logits`: `[N, 2]`.
+    ///
+    /// `log_softmax(l)[0] = -softplus(l1 - l0)` orders tokens exactly as `l0 - l1` does, but in
+    /// f32 it saturates to 0 once `l0 - l1` exceeds ~17, making ties the reference then breaks
+    /// arbitrarily; ranking by `l0 - l1` keeps the same order without the ties (lower index
+    /// first on a true tie).
     public static func topImageTokens(logits: Matrix, k: Int) -> [Int] {
         precondition(logits.columns == 2, "image predictor logits are [N, 2]")
-        let scores = (0..<logits.rows).map { t in logSoftmax(logits.row(t))[0] }
+        let scores = (0..<logits.rows).map { t in logits.values[2 * t] - logits.values[2 * t + 1] }
         return topIndices(scores, k: k)
     }
 

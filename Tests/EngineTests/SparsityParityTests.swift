@@ -1,0 +1,199 @@
+// Dynamic-LLaVA's sparsified inference against the PyTorch reference (checked against the
+// authors' code): Scripts/reference/make_dynamic_goldens.py, README-dynamic.md.
+import Foundation
+import Testing
+@testable import DynamicLLaVA
+import Llama
+import Numerics
+import SafeTensors
+import Sparsification
+
+enum DynamicFixture {
+    static func model() throws -> LLaVAModel {
+        try LLaVAModel.load(directory: fixtures.appendingPathComponent("models/dynamic_llava_tiny"))
+    }
+
+    static func goldens(case k: Int) throws -> [String: TensorView] {
+        try SafeTensorsFile(path: fixtures.appendingPathComponent("goldens/dynamic_llava_tiny/case\(k).safetensors").path).tensors
+    }
+
+    static func request(_ c: GoldenCase, mode: SparsityMode, maxTokens: Int, cache: Bool = true) -> GenerationRequest {
+        var request = Fixture.request(c, maxTokens: maxTokens)
+        request.parameters.sparsity = SparsityParameters(mode: mode, usesKeyValueCache: cache, fastVLayer: 2)
+        return request
+    }
+}
+
+func rows(_ values: [Float], width: Int) -> [[Float]] {
+    stride(from: 0, to: values.count, by: width).map { Array(values[$0 ..< $0 + width]) }
+}
+
+@Suite("Dynamic-LLaVA parity")
+struct SparsityParityTests {
+    func generator() throws -> Generator {
+        var generator = Generator(model: try DynamicFixture.model())
+        generator.recordsLogits = true
+        return generator
+    }
+
+    func expectLogits(_ actual: [[Float]], _ golden: TensorView, _ label: String) throws {
+        let expected = rows(try golden.floats(), width: golden.shape[1])
+        #expect(actual.count == expected.count, "\(label): \(actual.count) steps, expected \(expected.count)")
+        for (step, (a, e)) in zip(actual, expected).enumerated() {
+            let error = relativeError(a, e)
+            #expect(error <= tolerance, "\(label) step \(step): relative error \(error)")
+        }
+    }
+
+    @Test("sparse_config is read (unknown fields ignored) and the predictors load")
+    func loadsSparseConfiguration() throws {
+        let model = try DynamicFixture.model()
+        let sparse = try #require(model.sparse)
+        #expect(sparse.configuration.sparseLayer == 2 && sparse.configuration.visionKeepRate == 0.2)
+        #expect(sparse.configuration.modelDimension == 32 && sparse.configuration.heads == 4)
+        #expect(sparse.imagePredictor.error == nil && sparse.outputTextPredictor.error == nil)
+    }
+
+    @Test("image predictor logits and the kept top-115 image tokens", arguments: [0, 1])
+    func imagePredictor(case k: Int) throws {
+        let model = try DynamicFixture.model()
+        let golden = try DynamicFixture.goldens(case: k)
+        let c = try Fixture.cases()[k]
+        let input = try golden["sparse_layer_input"]!.floats()
+        let h = model.language.configuration.hiddenSize
+        let image = Matrix(rows: input.count / h, columns: h, values: input).rows(c.idsBeforeImage.count ..< c.idsBeforeImage.count + 576)
+        guard case .success(let predictor)? = model.sparse?.imagePredictor else { Issue.record("no predictor"); return }
+        let logits = predictor.logits(image)
+        let error = relativeError(logits.values, try golden["image_predictor_logits"]!.floats())
+        #expect(error <= tolerance, "image predictor logits relative error \(error)")
+        #expect(KeepRules.topImageTokens(logits: logits, k: 115) == (try golden["kept_image_indices"]!.integers()))
+    }
+
+    @Test("decoder layers below and above the sparse layer, fed the golden inputs and kept rows", arguments: [0, 1])
+    func prunedLayers(case k: Int) throws {
+        let language = try DynamicFixture.model().language
+        let golden = try DynamicFixture.goldens(case: k)
+        let h = language.configuration.hiddenSize
+        let embeddings = try golden["inputs_embeds"]!.floats()
+        let n = embeddings.count / h
+        var hidden = Matrix(rows: n, columns: h, values: embeddings)
+        var cache = KeyValueCache(layers: 4, sequences: 1, keyValueWidth: language.configuration.keyValueWidth)
+        var observation = ForwardObservation(hiddenLayers: [0, 1, 2, 3])
+        var batch = TokenBatch(positions: (0..<Int32(n)).map { $0 }, sequences: Array(repeating: 0, count: n))
+        language.forward(&hidden, batch: batch, layers: 0..<2, cache: &cache, observation: &observation)
+        let kept = try golden["dynamic_kept_positions"]!.integers()
+        hidden = hidden.gatherRows(kept)
+        batch = batch.selecting(kept)
+        language.forward(&hidden, batch: batch, layers: 2..<4, cache: &cache, observation: &observation)
+        for l in 0..<4 {
+            let error = relativeError(observation.hiddenAfterLayer[l]!.values, try golden["dynamic_hidden_after_layer_\(l)"]!.floats())
+            #expect(error <= tolerance, "layer \(l): relative error \(error)")
+        }
+        #expect(cache.cellCounts(sequence: 0) == [n, n, kept.count, kept.count])
+    }
+
+    @Test("dynamic with KV cache: logits, ids, gate logits and decisions, kept image tokens, KV cells", arguments: [0, 1])
+    func dynamicWithCache(case k: Int) throws {
+        let golden = try DynamicFixture.goldens(case: k)
+        let result = try generator().generate([DynamicFixture.request(try Fixture.cases()[k], mode: .dynamic, maxTokens: 16)])[0]
+        #expect(result.tokenIDs == (try golden["dynamic_greedy_ids"]!.integers()).map(Int32.init))
+        try expectLogits(result.stepLogits, golden["dynamic_step_logits"]!, "dynamic")
+        try expectLogits(result.gateLogits, golden["dynamic_gate_logits"]!, "gate")
+        #expect(result.gateLogits.map { KeepRules.keepsOutputToken($0) ? 1 : 0 } == (try golden["dynamic_gate_keep"]!.integers()))
+        #expect(result.keptImageIndices == (try golden["kept_image_indices"]!.integers()))
+        #expect(result.stats.kvCellsPerLayer == (try golden["dynamic_kv_cells_per_layer"]!.integers()))
+        #expect(result.stats.imageTokensKept == 115 && result.stats.imageTokensTotal == 576)
+    }
+
+    @Test("dynamic without KV cache: logits, ids and the generated tokens kept at every step", arguments: [0, 1])
+    func dynamicWithoutCache(case k: Int) throws {
+        let golden = try DynamicFixture.goldens(case: k)
+        let result = try generator().generate([DynamicFixture.request(try Fixture.cases()[k], mode: .dynamic, maxTokens: 16, cache: false)])[0]
+        #expect(result.tokenIDs == (try golden["nocache_greedy_ids"]!.integers()).map(Int32.init))
+        try expectLogits(result.stepLogits, golden["nocache_step_logits"]!, "no-cache")
+        let expectedKept = rows(try golden["nocache_kept_generated"]!.integers().map(Float.init), width: 16)
+            .map { $0.filter { $0 >= 0 }.map { Int($0) } }
+        #expect(result.keptGeneratedIndices == expectedKept)
+    }
+
+    @Test("FastV (K = 2, 144 kept) and full context on the same checkpoint", arguments: [0, 1])
+    func baselines(case k: Int) throws {
+        let golden = try DynamicFixture.goldens(case: k)
+        let c = try Fixture.cases()[k]
+        let fastV = try generator().generate([DynamicFixture.request(c, mode: .fastv, maxTokens: 8)])[0]
+        #expect(fastV.keptImageIndices == (try golden["fastv_kept_image_indices"]!.integers()))
+        #expect(fastV.tokenIDs == (try golden["fastv_greedy_ids"]!.integers()).map(Int32.init))
+        try expectLogits(fastV.stepLogits, golden["fastv_step_logits"]!, "fastv")
+        #expect(fastV.stats.kvCellsPerLayer == (try golden["fastv_kv_cells_per_layer"]!.integers()))
+        let full = try generator().generate([DynamicFixture.request(c, mode: .full, maxTokens: 8)])[0]
+        #expect(full.tokenIDs == (try golden["full_greedy_ids"]!.integers()).map(Int32.init))
+        try expectLogits(full.stepLogits, golden["full_step_logits"]!, "full")
+    }
+
+    @Test("masking dropped tokens' keys (diagonal kept) equals physically removing them")
+    func maskedAttentionEqualsRemoval() throws {
+        let model = try DynamicFixture.model()
+        let language = model.language, h = language.configuration.hiddenSize
+        let golden = try DynamicFixture.goldens(case: 0)
+        let ids = try golden["masked_training_input_ids"]!.integers()
+        let keep = try golden["masked_training_keep_mask"]!.integers().map { $0 == 1 }
+        let prompt = try golden["inputs_embeds"]!.floats()
+        let n = prompt.count / h
+        let generated = ids[n...].map { Int32($0) }
+        let embeddings = Matrix.concatenateRows([Matrix(rows: n, columns: h, values: prompt), language.embed(Array(generated))])
+        let total = embeddings.rows
+        let positions = (0..<Int32(total)).map { $0 }
+        let keptRows = (0..<total).filter { keep[$0] }
+
+        // Masked: every token runs; in layers >= 2 a dropped token is seen by itself only.
+        var masked = embeddings
+        var cache = KeyValueCache(layers: 4, sequences: 1, keyValueWidth: language.configuration.keyValueWidth)
+        var observation = ForwardObservation()
+        language.forward(&masked, batch: TokenBatch(positions: positions, sequences: Array(repeating: 0, count: total)),
+                         layers: 0..<2, cache: &cache, observation: &observation)
+        language.forward(&masked, batch: TokenBatch(positions: positions, sequences: Array(repeating: 0, count: total), writesKeyValue: keep),
+                         layers: 2..<4, cache: &cache, observation: &observation)
+        let maskedLogits = language.logits(masked.gatherRows(keptRows))
+
+        // Removed: the dropped tokens leave the sequence after layer 2's input.
+        var removed = embeddings
+        var removedCache = KeyValueCache(layers: 4, sequences: 1, keyValueWidth: language.configuration.keyValueWidth)
+        var batch = TokenBatch(positions: positions, sequences: Array(repeating: 0, count: total))
+        language.forward(&removed, batch: batch, layers: 0..<2, cache: &removedCache, observation: &observation)
+        removed = removed.gatherRows(keptRows)
+        batch = batch.selecting(keptRows)
+        language.forward(&removed, batch: batch, layers: 2..<4, cache: &removedCache, observation: &observation)
+        let removedLogits = language.logits(removed)
+
+        let error = relativeError(maskedLogits.values, removedLogits.values)
+        #expect(error <= 1e-5, "masked vs removed relative error \(error)")
+        let goldenError = relativeError(maskedLogits.values, try golden["masked_training_logits_kept"]!.floats())
+        #expect(goldenError <= tolerance, "masked vs PyTorch MaskedSoftmax relative error \(goldenError)")
+        #expect(cache.cellCounts(sequence: 0)[2] == keptRows.count)
+    }
+
+    @Test("a batch of N equals N batches of 1 in every mode, rows with different prompts, caches and modes together")
+    func batchInvarianceAcrossModes() throws {
+        let generator = try generator()
+        let cases = try Fixture.cases()
+        let requests = [
+            DynamicFixture.request(cases[0], mode: .dynamic, maxTokens: 12),
+            DynamicFixture.request(cases[1], mode: .dynamic, maxTokens: 9),
+            DynamicFixture.request(cases[1], mode: .dynamic, maxTokens: 7, cache: false),
+            DynamicFixture.request(cases[0], mode: .fastv, maxTokens: 6),
+            DynamicFixture.request(cases[0], mode: .random, maxTokens: 5),
+            DynamicFixture.request(cases[1], mode: .full, maxTokens: 8),
+        ]
+        let batched = try generator.generate(requests)
+        for (r, request) in requests.enumerated() {
+            let alone = try generator.generate([request])[0]
+            #expect(batched[r].tokenIDs == alone.tokenIDs, "row \(r) (\(request.parameters.sparsity.mode))")
+            #expect(batched[r].stepLogits == alone.stepLogits, "row \(r): logits differ from the row alone")
+            #expect(batched[r].gateLogits == alone.gateLogits)
+            #expect(batched[r].stats.kvCellsPerLayer == alone.stats.kvCellsPerLayer)
+            #expect(batched[r].keptImageIndices == alone.keptImageIndices)
+        }
+        // Rows really differ in cache length.
+        #expect(Set(batched.map { $0.stats.kvCellsPerLayer }).count >= 4)
+    }
+}
