@@ -18,12 +18,17 @@ public struct GenerationRequest: Sendable {
     /// Token ids after the image.
     public var idsAfterImage: [Int32]
     public var parameters: GenerationParameters
+    /// Tokens already generated (a resumed job): they are fed, not sampled, and generation goes
+    /// on after them; they count towards `maxTokens` and appear in `tokenIDs`.
+    public var generatedPrefix: [Int32]
 
-    public init(idsBeforeImage: [Int32], pixelValues: [Float]?, idsAfterImage: [Int32], parameters: GenerationParameters) {
+    public init(idsBeforeImage: [Int32], pixelValues: [Float]?, idsAfterImage: [Int32], parameters: GenerationParameters,
+                generatedPrefix: [Int32] = []) {
         self.idsBeforeImage = idsBeforeImage
         self.pixelValues = pixelValues
         self.idsAfterImage = idsAfterImage
         self.parameters = parameters
+        self.generatedPrefix = generatedPrefix
     }
 }
 
@@ -149,6 +154,12 @@ public enum GenerationError: Error, CustomStringConvertible, Equatable {
             return "request \(r): \(reason)"
         }
     }
+
+    /// 78 (configuration) when the model cannot run the requested mode, else 65 (bad input).
+    public var exitCode: Int32 {
+        if case .sparsityUnavailable = self { return 78 }
+        return 65
+    }
 }
 
 /// Runs batches of requests on a model.
@@ -174,6 +185,8 @@ public struct Generator: Sendable {
         var imageSpan: Range<Int>?
         var result = GenerationResult()
         var finished = false
+        /// Prefix tokens still to be fed instead of sampled.
+        var forced: [Int32] = []
 
         var parameters: GenerationParameters { request.parameters }
         var sparsity: SparsityParameters { request.parameters.sparsity }
@@ -185,13 +198,13 @@ public struct Generator: Sendable {
         let c = model.language.configuration, vision = model.vision.configuration
         let pixelCount = vision.channels * vision.imageSize * vision.imageSize
         for (r, request) in requests.enumerated() {
-            for id in request.idsBeforeImage + request.idsAfterImage where id < 0 || Int(id) >= c.vocabularySize {
+            for id in request.idsBeforeImage + request.idsAfterImage + request.generatedPrefix where id < 0 || Int(id) >= c.vocabularySize {
                 throw .tokenOutOfVocabulary(request: r, id: id, vocabulary: c.vocabularySize)
             }
             if let pixels = request.pixelValues, pixels.count != pixelCount {
                 throw .wrongPixelCount(request: r, found: pixels.count, expected: pixelCount)
             }
-            let length = promptLength(request)
+            let length = promptLength(request) + request.generatedPrefix.count
             if length >= c.maxPositionEmbeddings {
                 throw .promptTooLong(request: r, tokens: length, context: c.maxPositionEmbeddings)
             }
@@ -259,9 +272,12 @@ public struct Generator: Sendable {
             state.result.stats.imageTokensTotal = imageSpan?.count ?? 0
             let logits: [Float]
             if state.sparsity.usesKeyValueCache {
+                state.forced = request.generatedPrefix
                 logits = prefill(&state, cache: &cache, flops: &flops)
                 state.result.stats.kvCellsPerLayer = cache.cellCounts(sequence: r)
             } else {
+                // Recomputing needs no replay: the prefix is simply part of the sequence.
+                state.result.tokenIDs = request.generatedPrefix
                 logits = recompute(&state, flops: &flops)
             }
             state.result.stats.prefillMilliseconds = milliseconds(since: start)
@@ -446,12 +462,17 @@ public struct Generator: Sendable {
     /// Takes one step's logits for a row: logprobs, sampling, stop rules, accounting.
     func accept(_ logits: [Float], into state: inout RequestState, cellsNow: [Int]) {
         let parameters = state.parameters
+        let bytes = cellsNow.reduce(0, +) * model.language.configuration.keyValueWidth * 2 * 4
+        state.result.stats.kvBytesPeak = max(state.result.stats.kvBytesPeak, bytes)
+        if !state.forced.isEmpty {
+            state.result.tokenIDs.append(state.forced.removeFirst())
+            if state.forced.isEmpty && state.result.tokenIDs.count >= parameters.maxTokens { state.finished = true }
+            return
+        }
         if recordsLogits { state.result.stepLogits.append(logits) }
         if parameters.logprobs > 0 { state.result.logprobs.append(topLogprobs(logits, k: parameters.logprobs)) }
         let token = state.sampler.sample(logits)
         state.result.tokenIDs.append(token)
-        let bytes = cellsNow.reduce(0, +) * model.language.configuration.keyValueWidth * 2 * 4
-        state.result.stats.kvBytesPeak = max(state.result.stats.kvBytesPeak, bytes)
 
         let generated = token == parameters.endOfSequence ? Array(state.result.tokenIDs.dropLast()) : state.result.tokenIDs
         if let detokenize {

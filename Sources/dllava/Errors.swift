@@ -7,7 +7,7 @@ import Tokenizer
 func describe(_ error: Error) -> (String, Int32) {
     switch error {
     case let error as CheckpointError: return (error.description, error.exitCode)
-    case let error as GenerationError: return (error.description, 65)
+    case let error as GenerationError: return (error.description, error.exitCode)
     case let error as InputError: return (error.description, error.exitCode)
     case let error as ImageError: return (error.description, error.exitCode)
     case let error as TokenizerError: return (error.description, 78)

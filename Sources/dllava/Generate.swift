@@ -30,6 +30,8 @@ struct ModelOptions: ParsableArguments {
     }
 }
 
+extension SparsityMode: ExpressibleByArgument {}
+
 struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Generate text for one image and prompt.",
@@ -83,6 +85,18 @@ struct Generate: ParsableCommand {
     @Option(help: "Report the top-K log-probabilities of every generated token (with --json).")
     var logprobs: Int = 0
 
+    @Option(help: "Context sparsification: dynamic (Dynamic-LLaVA; the default for a checkpoint with sparse_config), full, fastv, random.")
+    var sparsity: SparsityMode?
+
+    @Option(name: .customLong("vision-keep-rate"), help: "Fraction of image tokens kept (default: sparse_config's vision_keep_rate, 0.2; FastV 0.25).")
+    var visionKeepRate: Double?
+
+    @Flag(name: .customLong("no-kv-cache"), help: "Recompute the whole sequence every step instead of keeping a KV cache.")
+    var noKVCache = false
+
+    @Option(name: .customLong("fastv-layer"), help: "FastV's K: prune after layer K using layer K-1's attention.")
+    var fastVLayer = 3
+
     @Flag(help: "Print one JSON object: text, token_ids, finish_reason, logprobs, stats.")
     var json = false
 
@@ -91,6 +105,7 @@ struct Generate: ParsableCommand {
         guard temperature >= 0 else { throw ValidationError("--temperature must not be negative") }
         guard topP > 0 && topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
         guard topK >= 0, logprobs >= 0 else { throw ValidationError("--top-k and --logprobs must not be negative") }
+        if let visionKeepRate, !(visionKeepRate > 0 && visionKeepRate <= 1) { throw ValidationError("--vision-keep-rate must be in (0, 1]") }
         if tokenIDsBefore == nil {
             guard prompt != nil else { throw ValidationError("pass --prompt TEXT (and --image PATH)") }
             guard pixelValues == nil else { throw ValidationError("--pixel-values goes with --token-ids-before, not --prompt") }
@@ -103,8 +118,10 @@ struct Generate: ParsableCommand {
         try reportingFailures {
             let model = try modelOptions.load()
             let sampling = SamplingParameters(temperature: temperature, topK: topK, topP: topP, seed: seed)
-            var parameters = GenerationParameters(maxTokens: maxTokens, sampling: sampling, stop: stop, logprobs: logprobs,
-                                                  endOfSequence: model.endOfSequenceTokenID)
+            let mode = sparsity ?? (model.sparse == nil ? .full : .dynamic)
+            var parameters = GenerationParameters(
+                maxTokens: maxTokens, sampling: sampling, stop: stop, logprobs: logprobs, endOfSequence: model.endOfSequenceTokenID,
+                sparsity: SparsityParameters(mode: mode, visionKeepRate: visionKeepRate, usesKeyValueCache: !noKVCache, fastVLayer: fastVLayer))
             let request: GenerationRequest
             let generator: Generator
             if let tokenIDsBefore {

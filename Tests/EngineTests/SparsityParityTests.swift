@@ -197,3 +197,63 @@ struct SparsityParityTests {
         #expect(Set(batched.map { $0.stats.kvCellsPerLayer }).count >= 4)
     }
 }
+
+@Suite("Sparsity modes: resumption, random baseline, command line")
+struct SparsityModeTests {
+    @Test("continuing after a generated prefix gives what the uninterrupted run gives", arguments: [true, false])
+    func generatedPrefixContinuesExactly(cache: Bool) throws {
+        var generator = Generator(model: try DynamicFixture.model())
+        generator.recordsLogits = true
+        let c = try Fixture.cases()[0]
+        let whole = try generator.generate([DynamicFixture.request(c, mode: .dynamic, maxTokens: 10, cache: cache)])[0]
+        var resumed = DynamicFixture.request(c, mode: .dynamic, maxTokens: 10, cache: cache)
+        resumed.generatedPrefix = Array(whole.tokenIDs.prefix(4))
+        let rest = try generator.generate([resumed])[0]
+        #expect(rest.tokenIDs == whole.tokenIDs)
+        #expect(rest.stepLogits == Array(whole.stepLogits.dropFirst(4)))
+        #expect(rest.stats.kvCellsPerLayer == whole.stats.kvCellsPerLayer)
+    }
+
+    @Test("random dropping keeps k seeded image tokens: the same seed the same set, another seed another")
+    func randomBaselineIsSeeded() throws {
+        let generator = Generator(model: try DynamicFixture.model())
+        let c = try Fixture.cases()[1]
+        func kept(seed: UInt64) throws -> [Int] {
+            var request = DynamicFixture.request(c, mode: .random, maxTokens: 1)
+            request.parameters.sampling.seed = seed
+            return try #require(try generator.generate([request])[0].keptImageIndices)
+        }
+        let first = try kept(seed: 1)
+        #expect(first.count == 115 && first == first.sorted() && Set(first).count == 115)
+        #expect(try kept(seed: 1) == first)
+        #expect(try kept(seed: 2) != first)
+    }
+
+    @Test("--sparsity dynamic reports kept image tokens and per-layer KV cells; a plain model refuses it with 78")
+    func commandLine() throws {
+        let model = fixtures.appendingPathComponent("models/dynamic_llava_tiny").path
+        let c = try Fixture.cases()[0]
+        let arguments = ["generate", "--model", model,
+                         "--token-ids-before", c.idsBeforeImage.map(String.init).joined(separator: ","),
+                         "--token-ids-after", c.idsAfterImage.map(String.init).joined(separator: ","),
+                         "--pixel-values", fixtures.appendingPathComponent("goldens/inputs.safetensors").path,
+                         "--pixel-tensor", "pixel_values_0", "--max-tokens", "16", "--json"]
+        let run = try runDLLaVA(arguments + ["--sparsity", "dynamic"])
+        #expect(run.status == 0, "\(run.standardError)")
+        let object = try JSONSerialization.jsonObject(with: Data(run.standardOutput.utf8)) as! [String: Any]
+        let stats = object["stats"] as! [String: Any]
+        let golden = try DynamicFixture.goldens(case: 0)
+        #expect(stats["image_tokens_kept"] as? Int == 115)
+        #expect(stats["kv_cells_per_layer"] as? [Int] == (try golden["dynamic_kv_cells_per_layer"]!.integers()))
+        #expect(object["token_ids"] as? [Int] == (try golden["dynamic_greedy_ids"]!.integers()))
+
+        let noCache = try runDLLaVA(arguments + ["--sparsity", "dynamic", "--no-kv-cache"])
+        let noCacheObject = try JSONSerialization.jsonObject(with: Data(noCache.standardOutput.utf8)) as! [String: Any]
+        #expect(noCacheObject["token_ids"] as? [Int] == (try golden["nocache_greedy_ids"]!.integers()))
+
+        let plain = try runDLLaVA(["generate", "--model", fixtures.appendingPathComponent("models/llava_orig_tiny").path,
+                                   "--token-ids-before", "1,5", "--sparsity", "dynamic"])
+        #expect(plain.status == 78)
+        #expect(plain.standardError.contains("sparse_config"))
+    }
+}
