@@ -25,6 +25,12 @@ public struct ImagePreprocessing: Sendable, Equatable {
     public var mean: [Double]?
     public var std: [Double]?
 
+    public init(padToSquare: Bool, mean: [Double]? = nil, std: [Double]? = nil) {
+        self.padToSquare = padToSquare
+        self.mean = mean
+        self.std = std
+    }
+
     /// Reads `image_mean`, `image_std` and `do_pad` from a preprocessor_config.json if it exists.
     static func read(_ url: URL, padToSquare: Bool?) -> ImagePreprocessing {
         let object = FileManager.default.contents(atPath: url.path)
@@ -41,6 +47,13 @@ public struct SparseModules: Sendable {
     public let configuration: SparseConfiguration
     public let imagePredictor: Result<ImagePredictor, CheckpointError>
     public let outputTextPredictor: Result<OutputTextPredictor, CheckpointError>
+
+    public init(configuration: SparseConfiguration, imagePredictor: Result<ImagePredictor, CheckpointError>,
+                outputTextPredictor: Result<OutputTextPredictor, CheckpointError>) {
+        self.configuration = configuration
+        self.imagePredictor = imagePredictor
+        self.outputTextPredictor = outputTextPredictor
+    }
 }
 
 /// Fields of the original layout's config.json beyond the LLaMA ones.

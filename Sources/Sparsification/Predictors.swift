@@ -61,6 +61,12 @@ public struct SparseConfiguration: Codable, Sendable, Equatable {
     }
 }
 
+/// A random linear layer (benchmarks): small weights, zero bias.
+func randomLayer(_ outFeatures: Int, _ inFeatures: Int, seed: UInt64) -> LinearLayer {
+    LinearLayer(weight: WeightMatrix(randomRows: outFeatures, columns: inFeatures, storageType: .float32, seed: seed),
+                bias: Array(repeating: 0, count: outFeatures))
+}
+
 /// One pre-norm ViT block of the image predictor (`transformer.N`):
 /// `x += proj(attn(qkv(norm1(x))))`, `x += fc2(GELU(fc1(norm2(x))))`; qkv has no bias.
 struct PredictorBlock: Sendable {
@@ -79,6 +85,16 @@ struct PredictorBlock: Sendable {
         norm2 = try LayerNormWeights(checkpoint, prefix + "norm2.", features: d, epsilon: 1e-5)
         fc1 = try LinearLayer(checkpoint, prefix + "mlp.fc1.", inFeatures: d)
         fc2 = try LinearLayer(checkpoint, prefix + "mlp.fc2.", inFeatures: fc1.weight.rows, outFeatures: d, bias: true)
+        self.heads = heads
+    }
+
+    init(randomWeights d: Int, heads: Int, feedForward: Int, seed: UInt64) {
+        norm1 = LayerNormWeights(features: d, epsilon: 1e-5)
+        queryKeyValue = LinearLayer(weight: WeightMatrix(randomRows: 3 * d, columns: d, storageType: .float32, seed: seed), bias: nil)
+        projection = randomLayer(d, d, seed: seed &+ 1)
+        norm2 = LayerNormWeights(features: d, epsilon: 1e-5)
+        fc1 = randomLayer(feedForward, d, seed: seed &+ 2)
+        fc2 = randomLayer(d, feedForward, seed: seed &+ 3)
         self.heads = heads
     }
 
@@ -139,6 +155,17 @@ public struct ImagePredictor: Sendable {
         self.output = output
     }
 
+    /// A predictor with small random weights at `configuration`'s sizes (benchmarks), seeded.
+    public init(randomWeights configuration: SparseConfiguration, hiddenSize: Int, seed: UInt64) {
+        let d = configuration.modelDimension
+        downNorm = LayerNormWeights(features: hiddenSize, epsilon: 1e-5)
+        down = randomLayer(d, hiddenSize, seed: seed)
+        blocks = (0..<configuration.layers).map {
+            PredictorBlock(randomWeights: d, heads: configuration.heads, feedForward: configuration.feedForwardDimension, seed: seed &+ 10 &* UInt64($0 + 1))
+        }
+        output = [randomLayer(d / 2, d, seed: seed &+ 100), randomLayer(d / 4, d / 2, seed: seed &+ 101), randomLayer(2, d / 4, seed: seed &+ 102)]
+    }
+
     /// Logits `[N, 2]` (channel 0 = keep) for one sample's image-token hidden states `[N, H]`.
     public func logits(_ imageHidden: Matrix) -> Matrix {
         var x = down(downNorm(imageHidden))
@@ -178,6 +205,27 @@ public struct OutputTextPredictor: Sendable {
             throw .wrongShape(file: checkpoint.directory.path, tensor: prefix + "output_mlp.7.weight", expected: [2, layers[2].weight.rows], found: [width, layers[2].weight.rows])
         }
         self.layers = layers
+    }
+
+    /// A predictor with small random weights (benchmarks), seeded; widths as released (512, 256, 128).
+    public init(randomWeights hiddenSize: Int, seed: UInt64) {
+        norm = LayerNormWeights(features: hiddenSize, epsilon: 1e-5)
+        layers = [randomLayer(512, hiddenSize, seed: seed), randomLayer(256, 512, seed: seed &+ 1),
+                  randomLayer(128, 256, seed: seed &+ 2), randomLayer(2, 128, seed: seed &+ 3)]
+    }
+
+    init(norm: LayerNormWeights, layers: [LinearLayer]) {
+        self.norm = norm
+        self.layers = layers
+    }
+
+    /// The same predictor with `shift` added to the keep logit (channel 0 of the last layer's
+    /// bias): benchmarks with random weights use it to calibrate the gate to a target keep rate.
+    public func shiftingKeepLogit(by shift: Float) -> OutputTextPredictor {
+        let last = layers[layers.count - 1]
+        var bias = last.bias ?? [0, 0]
+        bias[0] += shift
+        return OutputTextPredictor(norm: norm, layers: Array(layers.dropLast()) + [LinearLayer(weight: last.weight, bias: bias)])
     }
 
     /// Logits `[N, 2]` (channel 0 = keep) for hidden states `[N, H]`, each row alone.

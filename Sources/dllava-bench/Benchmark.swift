@@ -32,10 +32,18 @@ struct Preset {
 }
 
 @main
-struct Benchmark: ParsableCommand {
+struct BenchmarkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dllava-bench",
-        abstract: "Time the engine at a preset shape with random weights.",
+        abstract: "Benchmarks with random weights at a preset shape (tiny, mid, llava-1.5-7b); Markdown tables.",
+        subcommands: [EngineBenchmark.self, SparsityBenchmark.self],
+        defaultSubcommand: EngineBenchmark.self)
+}
+
+struct EngineBenchmark: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "engine",
+        abstract: "Vision, prefill and decode speed against sgemm and memory bandwidth, 1 and 2 threads.",
         discussion: "Presets: \(Preset.all.keys.sorted().joined(separator: ", ")). Prints a Markdown table.")
 
     @Option(help: "tiny, mid or llava-1.5-7b.")
