@@ -237,6 +237,16 @@ public struct Generator: Sendable {
     /// The sparse layer `l`: where the predictors read and pruning applies (random too).
     var sparseLayer: Int { model.sparse?.configuration.sparseLayer ?? 2 }
 
+    /// The layer from which a mode runs on pruned tokens (the layer count: never), and the layers
+    /// whose attention weights the pruning reads (FastV: K-1).
+    func pruningLayer(_ sparsity: SparsityParameters) -> (layer: Int, observedAttention: Set<Int>) {
+        switch sparsity.mode {
+        case .full: return (model.language.layerCount, [])
+        case .dynamic, .random: return (sparseLayer, [])
+        case .fastv: return (sparsity.fastVLayer, [sparsity.fastVLayer - 1])
+        }
+    }
+
     /// Image tokens kept by a request's mode (`patchCount` for full context).
     func keptImageCount(_ sparsity: SparsityParameters) -> Int {
         let n = model.vision.configuration.patchCount
@@ -323,16 +333,9 @@ public struct Generator: Sendable {
         let n = state.promptEmbeddings.rows
         var hidden = state.promptEmbeddings
         var batch = TokenBatch(positions: (0..<Int32(n)).map { $0 }, sequences: Array(repeating: state.sequence, count: n))
-        var observation = ForwardObservation()
+        let (split, observed) = pruningLayer(state.sparsity)
+        var observation = ForwardObservation(attentionLayers: observed)
         let keptCount = keptImageCount(state.sparsity)
-        let split: Int
-        switch state.sparsity.mode {
-        case .full: split = layerCount
-        case .dynamic, .random: split = sparseLayer
-        case .fastv:
-            split = state.sparsity.fastVLayer
-            observation.attentionLayers = [split - 1]
-        }
         language.forward(&hidden, batch: batch, layers: 0..<split, cache: &cache, observation: &observation)
         state.result.stats.imageTokensKept = state.imageSpan?.count ?? 0
         if split < layerCount {
@@ -416,15 +419,8 @@ public struct Generator: Sendable {
         let total = n + generated
         var batch = TokenBatch(positions: (0..<Int32(total)).map { $0 }, sequences: Array(repeating: 0, count: total))
         var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
-        var observation = ForwardObservation()
-        let split: Int
-        switch state.sparsity.mode {
-        case .full: split = layerCount
-        case .dynamic, .random: split = sparseLayer
-        case .fastv:
-            split = state.sparsity.fastVLayer
-            observation.attentionLayers = [split - 1]
-        }
+        let (split, observed) = pruningLayer(state.sparsity)
+        var observation = ForwardObservation(attentionLayers: observed)
         // The newest token's hidden state is what predicts the next one.
         language.forward(&hidden, batch: batch, layers: 0..<split, cache: &cache, observation: &observation)
         state.result.stats.imageTokensKept = state.imageSpan?.count ?? 0
