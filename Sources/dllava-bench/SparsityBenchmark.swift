@@ -50,7 +50,13 @@ struct SparsityBenchmark: ParsableCommand {
         let before = (0..<min(35, textTokens)).map { Int32(3 + ($0 * 37) % (c.vocabularySize - 3)) }
         let after = (0..<max(0, textTokens - 35)).map { Int32(3 + ($0 * 53) % (c.vocabularySize - 3)) }
         let pixels = (0..<3 * preset.vision.imageSize * preset.vision.imageSize).map { Float(($0 * 7919) % 255) / 127.5 - 1 }
-        let outputPredictor = try calibratedOutputPredictor(model: plain, before: before, pixels: pixels, after: after)
+        let counts = decodeTokens.split(separator: ",").compactMap { Int($0) }.filter { $0 > 0 }
+        let prefix = (0..<noCacheTokens).map { Int32(3 + ($0 * 97) % (c.vocabularySize - 3)) }
+        // Calibrate on the tokens the gate will see: greedy output when decoding is measured,
+        // else the no-cache measurement's generated prefix.
+        let calibrationTokens = counts.isEmpty ? prefix : try Generator(model: plain).generate([GenerationRequest(
+            idsBeforeImage: before, pixelValues: pixels, idsAfterImage: after, parameters: GenerationParameters(maxTokens: 64))])[0].tokenIDs
+        let outputPredictor = calibratedOutputPredictor(model: plain, before: before, pixels: pixels, after: after, gated: calibrationTokens)
         let model = LLaVAModel(vision: vision, projector: projector, language: language, directory: plain.directory, layout: .original,
                                endOfSequenceTokenID: nil, imagePreprocessing: plain.imagePreprocessing,
                                sparse: SparseModules(configuration: sparseConfiguration, imagePredictor: .success(imagePredictor),
@@ -82,7 +88,6 @@ struct SparsityBenchmark: ParsableCommand {
                          total - visionMilliseconds, (total - visionMilliseconds) / (fullPrefill - visionMilliseconds)))
         }
 
-        let counts = decodeTokens.split(separator: ",").compactMap { Int($0) }.filter { $0 > 0 }
         if !counts.isEmpty {
             print("")
             print("## Decoding with a KV cache (greedy; gate calibrated to keep about 50% of generated tokens)")
@@ -111,7 +116,6 @@ struct SparsityBenchmark: ParsableCommand {
             print("")
             print("| mode | step ms | vs full | tokens in layers >= 2 |")
             print("|---|---|---|---|")
-            let prefix = (0..<noCacheTokens).map { Int32(3 + ($0 * 97) % (c.vocabularySize - 3)) }
             var fullStep = 0.0
             for mode in [SparsityMode.full, .dynamic] {
                 let result = try generator.generate([request(mode, maxTokens: noCacheTokens + 1, cache: false, prefix: prefix)])[0]
@@ -123,21 +127,18 @@ struct SparsityBenchmark: ParsableCommand {
     }
 
     /// A random output-text predictor whose keep logit is shifted by the median of
-    /// `logit0 - logit1` over the tokens it will gate: 64 tokens greedily generated with full
-    /// context, read at the sparse layer's input in their real sequence, so that it keeps about
-    /// half of the generated tokens (random weights alone keep all or none).
-    func calibratedOutputPredictor(model: LLaVAModel, before: [Int32], pixels: [Float], after: [Int32]) throws -> OutputTextPredictor {
+    /// `logit0 - logit1` over the `gated` tokens, read at the sparse layer's input after the
+    /// prompt, so that it keeps about half of them (random weights alone keep all or none).
+    func calibratedOutputPredictor(model: LLaVAModel, before: [Int32], pixels: [Float], after: [Int32], gated: [Int32]) -> OutputTextPredictor {
         let language = model.language, c = language.configuration
         let predictor = OutputTextPredictor(randomWeights: c.hiddenSize, seed: 6)
-        let generated = try Generator(model: model).generate([GenerationRequest(
-            idsBeforeImage: before, pixelValues: pixels, idsAfterImage: after, parameters: GenerationParameters(maxTokens: 64))])[0].tokenIDs
-        var hidden = Matrix.concatenateRows([language.embed(before), model.imageEmbeddings([pixels])[0], language.embed(after), language.embed(generated)])
+        var hidden = Matrix.concatenateRows([language.embed(before), model.imageEmbeddings([pixels])[0], language.embed(after), language.embed(gated)])
         let total = hidden.rows
         var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
         var observation = ForwardObservation()
         language.forward(&hidden, batch: TokenBatch(positions: (0..<Int32(total)).map { $0 }, sequences: Array(repeating: 0, count: total)),
                          layers: 0..<2, cache: &cache, observation: &observation)
-        let logits = predictor.logits(hidden.rows((total - generated.count)..<total))
+        let logits = predictor.logits(hidden.rows((total - gated.count)..<total))
         let margins = (0..<logits.rows).map { logits.values[2 * $0] - logits.values[2 * $0 + 1] }.sorted()
         return predictor.shiftingKeepLogit(by: -margins[margins.count / 2])
     }
