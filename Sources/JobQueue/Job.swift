@@ -135,11 +135,15 @@ public struct NewJob: Sendable, Hashable {
     /// `sha256:` + hex sha256 of `<image sha256 hex> NUL <prompt> NUL <canonical parameters JSON>`: the same
     /// image bytes asked the same question with the same parameters is the same job, wherever the file lives.
     public static func contentKey(imageSHA256: String, prompt: String, parameters: JobParameters) -> String {
+        contentKey(imageSHA256: imageSHA256, prompt: prompt, canonicalParameters: parameters.canonicalJSON())
+    }
+
+    static func contentKey(imageSHA256: String, prompt: String, canonicalParameters: String) -> String {
         var bytes = Data(imageSHA256.utf8)
         bytes.append(0)
         bytes.append(contentsOf: Data(prompt.utf8))
         bytes.append(0)
-        bytes.append(contentsOf: Data(parameters.canonicalJSON().utf8))
+        bytes.append(contentsOf: Data(canonicalParameters.utf8))
         return "sha256:" + Hashing.sha256Hex(bytes)
     }
 }

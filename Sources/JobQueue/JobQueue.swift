@@ -159,6 +159,8 @@ public final class JobQueue: Sendable {
             if let problem = job.parameters.problem() { throw JobQueueError.invalidJob(reason: problem) }
         }
         var result = EnqueueResult()
+        // Jobs of one manifest mostly share their parameters: encode each distinct set once.
+        var canonical: [JobParameters: String] = [:]
         var start = 0
         while start < jobs.count {
             let chunk = jobs[start ..< min(start + Self.chunkSize, jobs.count)]
@@ -173,9 +175,15 @@ public final class JobQueue: Sendable {
                     """)
                 let existing = try db.cachedStatement(sql: "SELECT id FROM job WHERE idempotency_key = ?")
                 for job in chunk {
-                    let key = job.idempotencyKey
+                    let params = canonical[job.parameters] ?? {
+                        let json = job.parameters.canonicalJSON()
+                        canonical[job.parameters] = json
+                        return json
+                    }()
+                    let key = job.customID.map { "custom_id:" + $0 }
+                        ?? NewJob.contentKey(imageSHA256: job.imageSHA256, prompt: job.prompt, canonicalParameters: params)
                     let arguments: StatementArguments = [
-                        job.customID, key, job.imagePath, job.imageSHA256, job.prompt, job.parameters.canonicalJSON(),
+                        job.customID, key, job.imagePath, job.imageSHA256, job.prompt, params,
                         job.priority, job.maxAttempts, job.runAt ?? now, now, now,
                     ]
                     if let id = try Int64.fetchOne(insert, arguments: arguments) {
