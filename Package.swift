@@ -44,6 +44,7 @@ let package = Package(
         .executableTarget(name: "dllava", dependencies: [
             "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "JobQueue", "Artifacts",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "GRDB", package: "GRDB.swift"),
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
         .executableTarget(name: "dllava-bench", dependencies: [

@@ -213,3 +213,15 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
         finalizedAt = row["finalized_at"]
     }
 }
+
+/// A job as `show --json` and `list --json` print it: the table's column names, absent values left out.
+extension Job: Encodable {
+    enum CodingKeys: String, CodingKey {
+        case id, customID = "custom_id", idempotencyKey = "idempotency_key", imagePath = "image_path"
+        case imageSHA256 = "image_sha256", prompt, parameters = "params", priority, state, attempt
+        case maxAttempts = "max_attempts", runAt = "run_at", leaseOwner = "lease_owner", leaseExpiresAt = "lease_expires_at"
+        case heartbeatAt = "heartbeat_at", cancelRequested = "cancel_requested", error, outputPath = "output_path"
+        case outputSHA256 = "output_sha256", timings, createdAt = "created_at", updatedAt = "updated_at"
+        case startedAt = "started_at", finalizedAt = "finalized_at"
+    }
+}
