@@ -66,6 +66,8 @@ let package = Package(
         .testTarget(name: "JobQueueTests", dependencies: ["JobQueue"]),
         .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts"]),
         // Runs the built `dllava` executable (found beside the test bundle) on queue databases.
-        .testTarget(name: "QueueCommandLineTests", dependencies: ["JobQueue", "Artifacts"]),
+        .testTarget(name: "QueueCommandLineTests", dependencies: [
+            "JobQueue", "Artifacts", .product(name: "GRDB", package: "GRDB.swift"),
+        ]),
     ]
 )

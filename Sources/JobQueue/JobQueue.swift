@@ -134,10 +134,12 @@ public final class JobQueue: Sendable {
         self.clock = clock
         self.retryPolicy = retryPolicy
         let migrator = Schema.migrator
-        if try pool.read({ try migrator.hasBeenSuperseded($0) }) {
-            throw JobQueueError.newerSchema(path: path)
+        let (superseded, complete) = try pool.read { db in
+            (try migrator.hasBeenSuperseded(db), try migrator.hasCompletedMigrations(db))
         }
-        try migrator.migrate(pool)
+        if superseded { throw JobQueueError.newerSchema(path: path) }
+        // Only a database that lacks migrations takes the write lock on opening; readers (status) never wait.
+        if !complete { try migrator.migrate(pool) }
     }
 
     /// Migration identifiers applied to this database, in order.

@@ -17,12 +17,19 @@ struct DatabaseOptions: ParsableArguments {
     @Option(name: .customLong("db"), help: "Queue database (default: $DLLAVA_DB, else ./dllava.sqlite).")
     var database: String?
 
+    @Option(name: .customLong("busy-timeout"), help: "Seconds to wait for another process's write before giving up (exit 75).")
+    var busyTimeout: Double = 10
+
+    func validate() throws {
+        guard busyTimeout >= 0 else { throw ValidationError("--busy-timeout must not be negative") }
+    }
+
     var path: String {
         database ?? ProcessInfo.processInfo.environment["DLLAVA_DB"] ?? "dllava.sqlite"
     }
 
     func open(create: Bool = false) throws -> JobQueue {
-        try JobQueue(path: path, create: create)
+        try JobQueue(path: path, create: create, busyTimeout: busyTimeout)
     }
 }
 
