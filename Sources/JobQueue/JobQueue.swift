@@ -119,10 +119,19 @@ public final class JobQueue: Sendable {
     /// Rows a bulk operation changes per write transaction.
     static let chunkSize = 1_000
 
+    /// When a commit reaches the disk. Both survive a killed process (WAL); they differ on power loss.
+    public enum Durability: String, Sendable {
+        /// fsync on every commit: a reported enqueue or completion survives power loss. The default.
+        case full
+        /// fsync at checkpoints only (SQLite's advice for WAL): the last commits may roll back on power loss,
+        /// never corrupting the database. A lost completion re-runs the job into a new per-attempt file.
+        case normal
+    }
+
     /// Opens the queue at `path`, applying migrations it lacks. Without `create`, a missing file is an error
     /// (`JobQueueError.noDatabase`); a database with migrations this build does not know is refused.
-    public init(path: String, create: Bool = false, busyTimeout: TimeInterval = 10, clock: QueueClock = .system,
-                retryPolicy: RetryPolicy = RetryPolicy()) throws {
+    public init(path: String, create: Bool = false, busyTimeout: TimeInterval = 10, durability: Durability = .full,
+                clock: QueueClock = .system, retryPolicy: RetryPolicy = RetryPolicy()) throws {
         if !create && !FileManager.default.fileExists(atPath: path) {
             throw JobQueueError.noDatabase(path: path)
         }
@@ -130,6 +139,8 @@ public final class JobQueue: Sendable {
         configuration.busyMode = .timeout(busyTimeout)
         configuration.label = "dllava-queue"
         pool = try DatabasePool(path: path, configuration: configuration)
+        // GRDB sets NORMAL when it turns WAL on; only the one writer connection commits, so setting it there suffices.
+        try pool.writeWithoutTransaction { try $0.execute(sql: "PRAGMA synchronous = \(durability == .full ? "FULL" : "NORMAL")") }
         self.path = path
         self.clock = clock
         self.retryPolicy = retryPolicy
