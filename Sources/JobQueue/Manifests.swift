@@ -52,36 +52,36 @@ extension JobQueue {
     public func enqueueFolder(_ folder: URL, prompt: String, recursive: Bool = false, options: ManifestOptions = ManifestOptions(),
                               onProblem: (ManifestProblem) -> Void = { _ in }) throws -> ManifestReport {
         try withoutActuallyEscaping(onProblem) { onProblem in
-        let root = folder.standardizedFileURL
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: root.path, isDirectory: &isDirectory), isDirectory.boolValue else {
-            throw ManifestError(file: root.path, reason: "no such folder")
-        }
-        guard !prompt.isEmpty else { throw ManifestError(file: root.path, reason: "the prompt is empty") }
-        if let problem = options.defaults.problem() { throw ManifestError(file: root.path, reason: problem) }
-        let extensions: Set<String> = ["jpg", "jpeg", "png"]
-        var relativePaths: [String] = []
-        if recursive {
-            guard let enumerator = FileManager.default.enumerator(atPath: root.path) else {
-                throw ManifestError(file: root.path, reason: "cannot list the folder")
-            }
-            while let relative = enumerator.nextObject() as? String {
-                if extensions.contains((relative as NSString).pathExtension.lowercased()) { relativePaths.append(relative) }
-            }
-        } else {
-            relativePaths = try FileManager.default.contentsOfDirectory(atPath: root.path)
-                .filter { extensions.contains(($0 as NSString).pathExtension.lowercased()) }
-        }
-        relativePaths.sort()
-        var batch = ManifestBatch(queue: self, file: root.path, options: options, onProblem: onProblem)
-        for relative in relativePaths {
-            let path = root.appendingPathComponent(relative).path
+            let root = folder.standardizedFileURL
             var isDirectory: ObjCBool = false
-            if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { continue }
-            try batch.add(line: nil, entry: ManifestEntry(customID: String?.none, image: path, prompt: prompt,
-                                                          parameters: JobParameters(), priority: nil))
-        }
-        return try batch.finish()
+            guard FileManager.default.fileExists(atPath: root.path, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw ManifestError(file: root.path, reason: "no such folder")
+            }
+            guard !prompt.isEmpty else { throw ManifestError(file: root.path, reason: "the prompt is empty") }
+            if let problem = options.defaults.problem() { throw ManifestError(file: root.path, reason: problem) }
+            let extensions: Set<String> = ["jpg", "jpeg", "png"]
+            var relativePaths: [String] = []
+            if recursive {
+                guard let enumerator = FileManager.default.enumerator(atPath: root.path) else {
+                    throw ManifestError(file: root.path, reason: "cannot list the folder")
+                }
+                while let relative = enumerator.nextObject() as? String {
+                    if extensions.contains((relative as NSString).pathExtension.lowercased()) { relativePaths.append(relative) }
+                }
+            } else {
+                relativePaths = try FileManager.default.contentsOfDirectory(atPath: root.path)
+                    .filter { extensions.contains(($0 as NSString).pathExtension.lowercased()) }
+            }
+            relativePaths.sort()
+            var batch = ManifestBatch(queue: self, file: root.path, options: options, onProblem: onProblem)
+            for relative in relativePaths {
+                let path = root.appendingPathComponent(relative).path
+                var isDirectory: ObjCBool = false
+                if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { continue }
+                try batch.add(line: nil, entry: ManifestEntry(customID: String?.none, image: path, prompt: prompt,
+                                                              parameters: JobParameters(), priority: nil))
+            }
+            return try batch.finish()
         }
     }
 
@@ -92,30 +92,30 @@ extension JobQueue {
     public func enqueueJSONL(_ file: URL, options: ManifestOptions = ManifestOptions(),
                              onProblem: (ManifestProblem) -> Void = { _ in }) throws -> ManifestReport {
         try withoutActuallyEscaping(onProblem) { onProblem in
-        let reader = try ChunkedReader(path: file.path)
-        var batch = ManifestBatch(queue: self, file: file.path, options: options, onProblem: onProblem)
-        let decoder = JSONDecoder()
-        var lineNumber = 0
-        while var line = try reader.nextLine() {
-            lineNumber += 1
-            if lineNumber == 1, line.starts(with: [0xEF, 0xBB, 0xBF]) { line.removeFirst(3) }
-            if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
-            let entry: ManifestEntry
-            do {
-                entry = try decoder.decode(ManifestEntry.self, from: Data(line))
-            } catch let error as ManifestLineError {
-                batch.report(line: lineNumber, error.reason)
-                continue
-            } catch DecodingError.typeMismatch {
-                batch.report(line: lineNumber, "not a JSON object")
-                continue
-            } catch {
-                batch.report(line: lineNumber, "not valid JSON")
-                continue
+            let reader = try ChunkedReader(path: file.path)
+            var batch = ManifestBatch(queue: self, file: file.path, options: options, onProblem: onProblem)
+            let decoder = JSONDecoder()
+            var lineNumber = 0
+            while var line = try reader.nextLine() {
+                lineNumber += 1
+                if lineNumber == 1, line.starts(with: [0xEF, 0xBB, 0xBF]) { line.removeFirst(3) }
+                if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+                let entry: ManifestEntry
+                do {
+                    entry = try decoder.decode(ManifestEntry.self, from: Data(line))
+                } catch let error as ManifestLineError {
+                    batch.report(line: lineNumber, error.reason)
+                    continue
+                } catch DecodingError.typeMismatch {
+                    batch.report(line: lineNumber, "not a JSON object")
+                    continue
+                } catch {
+                    batch.report(line: lineNumber, "not valid JSON")
+                    continue
+                }
+                try batch.add(line: lineNumber, entry: entry)
             }
-            try batch.add(line: lineNumber, entry: entry)
-        }
-        return try batch.finish()
+            return try batch.finish()
         }
     }
 
@@ -125,34 +125,34 @@ extension JobQueue {
     public func enqueueCSV(_ file: URL, options: ManifestOptions = ManifestOptions(),
                            onProblem: (ManifestProblem) -> Void = { _ in }) throws -> ManifestReport {
         try withoutActuallyEscaping(onProblem) { onProblem in
-        let reader = try ChunkedReader(path: file.path)
-        var records = CSVRecordReader(reader: reader)
-        guard let (_, header) = try records.next() else { throw ManifestError(file: file.path, reason: "empty CSV: no header row") }
-        var columns = header.fields.map { $0.trimmingCharacters(in: .whitespaces) }
-        if let first = columns.first, first.hasPrefix("\u{FEFF}") { columns[0] = String(first.dropFirst()) }
-        if let reason = header.problem { throw ManifestError(file: file.path, reason: "header row: \(reason)") }
-        for column in columns where !ManifestEntry.fields.contains(column) {
-            throw ManifestError(file: file.path, reason: "unknown column '\(column)' in the header")
-        }
-        if Set(columns).count != columns.count { throw ManifestError(file: file.path, reason: "a column is named twice in the header") }
-        for required in ["image", "prompt"] where !columns.contains(required) {
-            throw ManifestError(file: file.path, reason: "the header has no '\(required)' column")
-        }
-        var batch = ManifestBatch(queue: self, file: file.path, options: options, onProblem: onProblem)
-        while let (lineNumber, record) = try records.next() {
-            if let reason = record.problem { batch.report(line: lineNumber, reason); continue }
-            if record.fields == [""] { continue }
-            guard record.fields.count == columns.count else {
-                batch.report(line: lineNumber, "\(record.fields.count) fields where the header has \(columns.count)")
-                continue
+            let reader = try ChunkedReader(path: file.path)
+            var records = CSVRecordReader(reader: reader)
+            guard let (_, header) = try records.next() else { throw ManifestError(file: file.path, reason: "empty CSV: no header row") }
+            var columns = header.fields.map { $0.trimmingCharacters(in: .whitespaces) }
+            if let first = columns.first, first.hasPrefix("\u{FEFF}") { columns[0] = String(first.dropFirst()) }
+            if let reason = header.problem { throw ManifestError(file: file.path, reason: "header row: \(reason)") }
+            for column in columns where !ManifestEntry.fields.contains(column) {
+                throw ManifestError(file: file.path, reason: "unknown column '\(column)' in the header")
             }
-            do {
-                try batch.add(line: lineNumber, entry: ManifestEntry(csvFields: Dictionary(uniqueKeysWithValues: zip(columns, record.fields))))
-            } catch let error as ManifestLineError {
-                batch.report(line: lineNumber, error.reason)
+            if Set(columns).count != columns.count { throw ManifestError(file: file.path, reason: "a column is named twice in the header") }
+            for required in ["image", "prompt"] where !columns.contains(required) {
+                throw ManifestError(file: file.path, reason: "the header has no '\(required)' column")
             }
-        }
-        return try batch.finish()
+            var batch = ManifestBatch(queue: self, file: file.path, options: options, onProblem: onProblem)
+            while let (lineNumber, record) = try records.next() {
+                if let reason = record.problem { batch.report(line: lineNumber, reason); continue }
+                if record.fields == [""] { continue }
+                guard record.fields.count == columns.count else {
+                    batch.report(line: lineNumber, "\(record.fields.count) fields where the header has \(columns.count)")
+                    continue
+                }
+                do {
+                    try batch.add(line: lineNumber, entry: ManifestEntry(csvFields: Dictionary(uniqueKeysWithValues: zip(columns, record.fields))))
+                } catch let error as ManifestLineError {
+                    batch.report(line: lineNumber, error.reason)
+                }
+            }
+            return try batch.finish()
         }
     }
 }

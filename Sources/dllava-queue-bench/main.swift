@@ -36,8 +36,10 @@ struct QueueBenchmark: ParsableCommand {
             ?? FileManager.default.temporaryDirectory.appendingPathComponent("dllava-queue-bench-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
         defer { if directory == nil { try? FileManager.default.removeItem(at: folder) } }
-        print("machine: \(ProcessInfo.processInfo.activeProcessorCount) cores, \(ProcessInfo.processInfo.operatingSystemVersionString)")
-        print("folder: \(folder.path) (SQLite WAL, one write transaction per claim and per completion, enqueue in transactions of 1,000)")
+        say("machine: \(ProcessInfo.processInfo.activeProcessorCount) cores, \(ProcessInfo.processInfo.operatingSystemVersionString)")
+        say("folder: \(folder.path) (SQLite WAL, one write transaction per claim and per completion, enqueue in transactions of 1,000)")
+        let load = (try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8))?.split(separator: " ").prefix(3).joined(separator: " ")
+        say("load average: \(load ?? "unknown"); fsync of 4 KiB in this folder: median \(String(format: "%.2f", try fsyncMilliseconds(in: folder))) ms")
 
         for durabilityName in durability {
             guard let durabilityMode = JobQueue.Durability(rawValue: durabilityName) else {
@@ -79,12 +81,12 @@ struct QueueBenchmark: ParsableCommand {
                     }
                     let claimSeconds = Date().timeIntervalSince(start)
                     let succeeded = try queue.counts()[.succeeded, default: 0]
-                    print(String(format: "durability %@  jobs %d  batch %d  workers %d  enqueue %.0f jobs/s (%.2f s)  claim+complete %.0f jobs/s (%.2f s)  succeeded %d%@",
+                    say(String(format: "durability %@  jobs %d  batch %d  workers %d  enqueue %.0f jobs/s (%.2f s)  claim+complete %.0f jobs/s (%.2f s)  succeeded %d%@",
                                  durabilityName, jobs, batchSize, workerCount, Double(jobs) / enqueueSeconds, enqueueSeconds,
                                  Double(jobs) / claimSeconds, claimSeconds, succeeded,
                                  failures.all.isEmpty ? "" : "  FAILURES: \(failures.all.prefix(3))"))
                 }
-        }
+            }
         }
 
         if manifest {
@@ -101,7 +103,7 @@ struct QueueBenchmark: ParsableCommand {
             let start = Date()
             let report = try queue.enqueueJSONL(url)
             let seconds = Date().timeIntervalSince(start)
-            print(String(format: "manifest %d lines  enqueueJSONL %.0f jobs/s (%.2f s)  inserted %d  problems %d",
+            say(String(format: "manifest %d lines  enqueueJSONL %.0f jobs/s (%.2f s)  inserted %d  problems %d",
                          jobs, Double(jobs) / seconds, seconds, report.inserted, report.problems.count))
         }
     }
@@ -112,4 +114,26 @@ final class Failures: @unchecked Sendable {
     private var messages: [String] = []
     func add(_ message: String) { lock.withLock { messages.append(message) } }
     var all: [String] { lock.withLock { messages } }
+}
+
+/// Median time of 31 write(4 KiB) + fsync pairs on one file: what a durable commit costs on this disk right now.
+func fsyncMilliseconds(in folder: URL) throws -> Double {
+    let path = folder.appendingPathComponent("fsync-probe").path
+    let descriptor = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard descriptor >= 0 else { throw CocoaError(.fileWriteUnknown) }
+    defer { close(descriptor); unlink(path) }
+    let block = [UInt8](repeating: 1, count: 4_096)
+    var times: [Double] = []
+    for _ in 0..<31 {
+        let start = DispatchTime.now().uptimeNanoseconds
+        _ = block.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
+        fsync(descriptor)
+        times.append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6)
+    }
+    return times.sorted()[times.count / 2]
+}
+
+/// Prints at once, even into a pipe (a long run shows its lines as they come).
+func say(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
 }
