@@ -225,17 +225,8 @@ public final class JobQueue: Sendable {
         let now = clock.now()
         let rows = try pool.write { db in
             try Self.rescueExpiredLeases(db, now: now)
-            let claim = try db.cachedStatement(sql: """
-                UPDATE job
-                SET state = 'running', attempt = attempt + 1, lease_owner = ?, lease_expires_at = ?, heartbeat_at = ?,
-                    started_at = ?, updated_at = ?
-                WHERE id IN (SELECT id FROM job
-                             WHERE state IN ('available', 'retryable') AND run_at <= ?
-                             ORDER BY priority, run_at, id
-                             LIMIT ?)
-                RETURNING *
-                """)
-            return try Job.fetchAll(claim, arguments: [owner, now + leaseDuration, now, now, now, now, limit])
+            return try Job.fetchAll(db.cachedStatement(sql: Self.claimSQL),
+                                    arguments: [owner, now + leaseDuration, now, now, now, now, limit])
         }
         // RETURNING gives rows in no promised order.
         return rows.sorted { ($0.priority, $0.runAt, $0.id) < ($1.priority, $1.runAt, $1.id) }
@@ -250,20 +241,36 @@ public final class JobQueue: Sendable {
         return try pool.write { try Self.rescueExpiredLeases($0, now: now) }
     }
 
+    /// The claim. `INDEXED BY` pins the plan to the claim-order index: without it SQLite may pick the state index,
+    /// then sort every claimable row on each claim (measured: 25 claims/s at 100k queued jobs, against thousands).
+    static let claimSQL = """
+        UPDATE job
+        SET state = 'running', attempt = attempt + 1, lease_owner = ?, lease_expires_at = ?, heartbeat_at = ?,
+            started_at = ?, updated_at = ?
+        WHERE id IN (SELECT id FROM job INDEXED BY job_claim_order
+                     WHERE state IN ('available', 'retryable') AND run_at <= ?
+                     ORDER BY priority, run_at, id
+                     LIMIT ?)
+        RETURNING *
+        """
+
     static func rescueExpiredLeases(_ db: Database, now: Int64) throws -> Int {
-        try db.cachedStatement(sql: """
-            UPDATE job
-            SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
-                             WHEN attempt >= max_attempts THEN 'failed'
-                             ELSE 'retryable' END,
-                error = CASE WHEN cancel_requested = 1 THEN error
-                             ELSE 'the lease of ' || lease_owner || ' expired during attempt ' || attempt || ' of ' || max_attempts END,
-                finalized_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 END,
-                run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1
-            WHERE state = 'running' AND lease_expires_at <= ?1
-            """).execute(arguments: [now])
+        try db.cachedStatement(sql: rescueSQL).execute(arguments: [now])
         return db.changesCount
     }
+
+    /// Lease rescue, pinned to the expiry index (running rows only) for the same reason as `claimSQL`.
+    static let rescueSQL = """
+        UPDATE job INDEXED BY job_lease_expiry
+        SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
+                         WHEN attempt >= max_attempts THEN 'failed'
+                         ELSE 'retryable' END,
+            error = CASE WHEN cancel_requested = 1 THEN error
+                         ELSE 'the lease of ' || lease_owner || ' expired during attempt ' || attempt || ' of ' || max_attempts END,
+            finalized_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 END,
+            run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1
+        WHERE state = 'running' AND lease_expires_at <= ?1
+        """
 
     /// Extends the leases of `jobs` that `owner` still holds to `now + leaseDuration`, and says which of them
     /// a `cancel` asked to stop. Call it from a thread that long matrix products cannot starve.

@@ -108,6 +108,21 @@ struct QueueTests {
         #expect(try fixture.queue.claim(owner: "w", limit: 10, leaseDuration: 60_000).isEmpty)
     }
 
+    @Test func claimAndRescueWalkTheirIndexesWithoutSorting() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        try fixture.queue.enqueue(fixture.jobs(2_000))
+        let pool = try DatabasePool(path: fixture.databasePath)
+        for (sql, index) in [(JobQueue.claimSQL, "job_claim_order"), (JobQueue.rescueSQL, "job_lease_expiry")] {
+            let plan = try pool.read { db in
+                try Row.fetchAll(db, sql: "EXPLAIN QUERY PLAN " + sql.replacingOccurrences(of: "RETURNING *", with: ""),
+                                 arguments: sql.contains("?1") ? [0] : ["o", 0, 0, 0, 0, 0, 1]).map { $0["detail"] as String }
+            }
+            #expect(plan.contains { $0.contains("USING INDEX \(index)") || $0.contains("USING COVERING INDEX \(index)") }, "\(plan)")
+            #expect(!plan.contains { $0.contains("TEMP B-TREE") }, "\(plan)")
+        }
+    }
+
     @Test func claimNeverHandsOneJobToTwoWorkers() throws {
         let fixture = try Fixture()
         defer { fixture.remove() }
