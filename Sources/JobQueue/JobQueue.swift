@@ -224,7 +224,7 @@ public final class JobQueue: Sendable {
         precondition(limit >= 1 && leaseDuration >= 1, "claim needs limit >= 1 and a positive lease")
         let now = clock.now()
         let rows = try pool.write { db in
-            try Self.rescueExpiredLeases(db, now: now)
+            _ = try Self.rescueExpiredLeases(db, now: now)
             return try Job.fetchAll(db.cachedStatement(sql: Self.claimSQL),
                                     arguments: [owner, now + leaseDuration, now, now, now, now, limit])
         }

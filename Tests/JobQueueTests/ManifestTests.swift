@@ -150,7 +150,7 @@ struct ManifestTests {
         defer { fixture.remove() }
         try fixture.file("tiny.png", "abc")
         let url = fixture.directory.appendingPathComponent("big.jsonl")
-        FileManager.default.createFile(atPath: url.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: url.path, contents: nil)
         let handle = try FileHandle(forWritingTo: url)
         let lines = 100_000
         var chunk = ""
