@@ -8,9 +8,12 @@ let package = Package(
     products: [
         .executable(name: "dllava", targets: ["dllava"]),
         .executable(name: "dllava-bench", targets: ["dllava-bench"]),
+        .executable(name: "dllava-queue-bench", targets: ["dllava-queue-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.0.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.0.0"),
     ],
     targets: [
         // System libraries (Debian -dev packages, installed by Scripts/setup).
@@ -31,9 +34,18 @@ let package = Package(
         .target(name: "Llama", dependencies: ["Numerics", "SafeTensors"]),
         .target(name: "Sparsification", dependencies: ["Numerics", "SafeTensors"]),
         .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Tokenizer", "Imaging", "Vision", "Llama", "Sparsification"]),
+        // Durable job state in SQLite and the manifest readers; never imports the model. Crypto hashes images and
+        // idempotency keys at enqueue.
+        .target(name: "JobQueue", dependencies: [
+            .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        // zstd compression, atomic file writes, checksums, the result file; never imports the model.
+        .target(name: "Artifacts", dependencies: ["CZstd", .product(name: "Crypto", package: "swift-crypto")]),
         .executableTarget(name: "dllava", dependencies: [
-            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification",
+            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "Artifacts",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "GRDB", package: "GRDB.swift"),
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
         .executableTarget(name: "dllava-bench", dependencies: [
@@ -41,6 +53,9 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),
+        .executableTarget(name: "dllava-queue-bench", dependencies: [
+            "JobQueue", "Artifacts", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
 
         .testTarget(name: "NumericsTests", dependencies: ["Numerics"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
@@ -49,5 +64,11 @@ let package = Package(
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
         .testTarget(name: "EngineTests", dependencies: ["DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
                     exclude: ["Fixtures"]),
+        .testTarget(name: "JobQueueTests", dependencies: ["JobQueue"]),
+        .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts"]),
+        // Runs the built `dllava` executable (found beside the test bundle) on queue databases.
+        .testTarget(name: "QueueCommandLineTests", dependencies: [
+            "JobQueue", "Artifacts", .product(name: "GRDB", package: "GRDB.swift"),
+        ]),
     ]
 )

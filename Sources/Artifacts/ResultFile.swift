@@ -1,0 +1,161 @@
+import Foundation
+
+/// Which model produced a result: enough to tell results of different checkpoints apart.
+public struct ModelFingerprint: Codable, Sendable, Hashable {
+    /// A digest of the checkpoint's configuration and weights, as the engine computes it.
+    public var fingerprint: String
+    public var name: String?
+
+    public init(fingerprint: String, name: String? = nil) {
+        self.fingerprint = fingerprint
+        self.name = name
+    }
+}
+
+/// Wall-clock times of the attempt that produced a result, Unix milliseconds.
+public struct ResultTimings: Codable, Sendable, Hashable {
+    public var enqueuedAt: Int64?
+    public var startedAt: Int64
+    public var finishedAt: Int64
+
+    public init(enqueuedAt: Int64? = nil, startedAt: Int64, finishedAt: Int64) {
+        self.enqueuedAt = enqueuedAt
+        self.startedAt = startedAt
+        self.finishedAt = finishedAt
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case enqueuedAt = "enqueued_at", startedAt = "started_at", finishedAt = "finished_at"
+    }
+}
+
+/// The result of one job, stored as zstd-compressed JSON (`zstd -d` reads it). Generic over the parameter and
+/// statistics types so this target needs neither the queue nor the engine; readers that only want the text
+/// decode `ResultSummary`.
+///
+/// Format version 1 (never edited; a change is version 2): `format_version`, `job_id`, `attempt`, `custom_id`
+/// (absent when none), `text`, `token_ids`, `finish_reason`, `parameters`, `stats`, `model`
+/// (`fingerprint`, `name`), `timings` (`enqueued_at`, `started_at`, `finished_at`).
+public struct ResultRecord<Parameters: Codable & Sendable, Stats: Codable & Sendable>: Codable, Sendable {
+    public var formatVersion: Int
+    public var jobID: Int64
+    public var attempt: Int
+    public var customID: String?
+    public var text: String
+    public var tokenIDs: [Int32]
+    public var finishReason: String
+    public var parameters: Parameters
+    public var stats: Stats
+    public var model: ModelFingerprint
+    public var timings: ResultTimings
+
+    public init(jobID: Int64, attempt: Int, customID: String?, text: String, tokenIDs: [Int32], finishReason: String,
+                parameters: Parameters, stats: Stats, model: ModelFingerprint, timings: ResultTimings) {
+        formatVersion = ResultFile.formatVersion
+        self.jobID = jobID
+        self.attempt = attempt
+        self.customID = customID
+        self.text = text
+        self.tokenIDs = tokenIDs
+        self.finishReason = finishReason
+        self.parameters = parameters
+        self.stats = stats
+        self.model = model
+        self.timings = timings
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case formatVersion = "format_version", jobID = "job_id", attempt, customID = "custom_id", text
+        case tokenIDs = "token_ids", finishReason = "finish_reason", parameters, stats, model, timings
+    }
+}
+
+/// The fields of a result file that `export` needs, whatever the parameter and statistics types.
+public struct ResultSummary: Decodable, Sendable, Hashable {
+    public var formatVersion: Int
+    public var jobID: Int64
+    public var customID: String?
+    public var text: String
+    public var finishReason: String
+
+    enum CodingKeys: String, CodingKey {
+        case formatVersion = "format_version", jobID = "job_id", customID = "custom_id", text, finishReason = "finish_reason"
+    }
+}
+
+/// Writing and reading result files: `<directory>/<job id>-<attempt>.json.zst`. Each attempt has its own name,
+/// so a late write from an attempt whose lease was rescued can never replace the file (and checksum) that the
+/// accepted attempt recorded.
+public struct ResultFile: Sendable {
+    public static let formatVersion = 1
+    /// Results larger than this are refused on reading (a guard against a corrupt or hostile size).
+    public static let maxDecompressedSize = 256 << 20
+
+    public let directory: URL
+
+    /// Creates `directory` (and its parents) when missing.
+    public init(directory: URL) throws {
+        do {
+            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        } catch {
+            throw ArtifactError.io(path: directory.path, operation: "create directory", reason: error.localizedDescription)
+        }
+        self.directory = directory
+    }
+
+    public func url(job: Int64, attempt: Int) -> URL {
+        directory.appendingPathComponent("\(job)-\(attempt).json.zst")
+    }
+
+    /// Encodes (sorted keys), compresses and writes `record` atomically; returns the path and the sha256 of the
+    /// compressed bytes on disk, which is what the job row records.
+    public func write<P, S>(_ record: ResultRecord<P, S>, level: Int32 = 3) throws -> AtomicFile.Written {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        let url = url(job: record.jobID, attempt: record.attempt)
+        do {
+            return try AtomicFile.write(try Zstd.compress(try encoder.encode(record), level: level), to: url)
+        } catch let error as ArtifactError {
+            throw ArtifactError.inFile(path: url.path, error)
+        }
+    }
+
+    /// Reads a result file, checking its sha256 against `expectedSHA256` when given, and its format version.
+    public static func read<R: Decodable>(_ type: R.Type, from url: URL, expectedSHA256: String? = nil) throws -> R {
+        let compressed: Data
+        do { compressed = try Data(contentsOf: url) } catch {
+            throw ArtifactError.io(path: url.path, operation: "read", reason: (error as NSError).localizedFailureReason ?? "\(error.localizedDescription)")
+        }
+        if let expectedSHA256 {
+            let actual = Checksum.sha256Hex(compressed)
+            guard actual == expectedSHA256 else {
+                throw ArtifactError.checksumMismatch(path: url.path, expected: expectedSHA256, actual: actual)
+            }
+        }
+        let json: Data
+        do { json = try Zstd.decompress(compressed, maxSize: maxDecompressedSize) } catch let error as ArtifactError {
+            throw ArtifactError.inFile(path: url.path, error)
+        }
+        let version: Int
+        do { version = try JSONDecoder().decode(FormatVersion.self, from: json).format_version } catch {
+            throw ArtifactError.malformedResult(path: url.path, reason: "no format_version")
+        }
+        guard version == formatVersion else {
+            throw ArtifactError.unsupportedFormatVersion(path: url.path, version: version, supported: formatVersion)
+        }
+        do { return try JSONDecoder().decode(R.self, from: json) } catch {
+            throw ArtifactError.malformedResult(path: url.path, reason: describe(error))
+        }
+    }
+
+    private struct FormatVersion: Decodable { let format_version: Int }
+
+    static func describe(_ error: Error) -> String {
+        switch error {
+        case let DecodingError.keyNotFound(key, _): "no \(key.stringValue)"
+        case let DecodingError.typeMismatch(_, context), let DecodingError.valueNotFound(_, context):
+            "\(context.codingPath.map(\.stringValue).joined(separator: ".")) has the wrong type"
+        default: "not valid JSON"
+        }
+    }
+}

@@ -1,0 +1,227 @@
+import Foundation
+import GRDB
+
+/// Where a job is in its life. `succeeded`, `failed` and `cancelled` are final: `finalized_at` is set
+/// exactly on them (the table's CHECK constraint holds the queue to it).
+public enum JobState: String, CaseIterable, Codable, Sendable, Comparable {
+    case available, running, retryable, succeeded, failed, cancelled
+
+    public var isFinal: Bool { self == .succeeded || self == .failed || self == .cancelled }
+    /// States a worker may claim from.
+    public var isClaimable: Bool { self == .available || self == .retryable }
+
+    public static func < (a: JobState, b: JobState) -> Bool {
+        allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
+    }
+}
+
+/// The generation parameters a job asks for, as JSONL and CSV manifests spell them. `nil` means "the
+/// engine's default", so two jobs that differ only in spelling a default explicitly are different jobs;
+/// the canonical JSON (sorted keys, absent fields omitted) is what the idempotency key hashes.
+public struct JobParameters: Codable, Sendable, Hashable {
+    /// Dynamic-LLaVA's sparsification modes (ARCHITECTURE.md, `generate --sparsity`).
+    public enum Sparsity: String, Codable, Sendable, CaseIterable {
+        case dynamic, full, fastv, random
+    }
+
+    public var maxTokens: Int?
+    public var temperature: Double?
+    public var topP: Double?
+    public var topK: Int?
+    public var seed: UInt64?
+    public var stop: [String]?
+    public var sparsity: Sparsity?
+    public var visionKeepRate: Double?
+
+    public init(maxTokens: Int? = nil, temperature: Double? = nil, topP: Double? = nil, topK: Int? = nil,
+                seed: UInt64? = nil, stop: [String]? = nil, sparsity: Sparsity? = nil, visionKeepRate: Double? = nil) {
+        self.maxTokens = maxTokens
+        self.temperature = temperature
+        self.topP = topP
+        self.topK = topK
+        self.seed = seed
+        self.stop = stop
+        self.sparsity = sparsity
+        self.visionKeepRate = visionKeepRate
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case maxTokens = "max_tokens", temperature, topP = "top_p", topK = "top_k", seed, stop, sparsity
+        case visionKeepRate = "vision_keep_rate"
+    }
+
+    /// Fields of `other` that are set replace ours (manifest line over command-line defaults).
+    public func overridden(by other: JobParameters) -> JobParameters {
+        JobParameters(maxTokens: other.maxTokens ?? maxTokens, temperature: other.temperature ?? temperature,
+                      topP: other.topP ?? topP, topK: other.topK ?? topK, seed: other.seed ?? seed,
+                      stop: other.stop ?? stop, sparsity: other.sparsity ?? sparsity,
+                      visionKeepRate: other.visionKeepRate ?? visionKeepRate)
+    }
+
+    /// Why these parameters cannot be run, or nil when they can.
+    public func problem() -> String? {
+        if let maxTokens, maxTokens < 1 { return "max_tokens must be at least 1" }
+        if let temperature, !(temperature >= 0 && temperature.isFinite) { return "temperature must be a finite number >= 0" }
+        if let topP, !(topP > 0 && topP <= 1) { return "top_p must be in (0, 1]" }
+        if let topK, topK < 0 { return "top_k must not be negative" }
+        if let visionKeepRate, !(visionKeepRate > 0 && visionKeepRate <= 1) { return "vision_keep_rate must be in (0, 1]" }
+        if let stop, stop.contains(where: \.isEmpty) { return "stop strings must not be empty" }
+        return nil
+    }
+
+    /// Sorted keys, no whitespace, absent fields omitted: the form stored in `job.params` and hashed.
+    public func canonicalJSON() -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        // Encoding plain numbers, strings and arrays cannot fail.
+        return String(decoding: try! encoder.encode(self), as: UTF8.self)
+    }
+
+    public static func decode(canonicalJSON text: String) throws -> JobParameters {
+        try JSONDecoder().decode(JobParameters.self, from: Data(text.utf8))
+    }
+}
+
+/// What a worker measured while running a job (milliseconds unless named otherwise); stored as JSON in
+/// `job.timings` so `status` and `show` can report it without opening the result file.
+public struct JobTimings: Codable, Sendable, Hashable {
+    public var prefillMs: Double?
+    public var decodeMs: Double?
+    public var totalMs: Double?
+    public var generatedTokens: Int?
+
+    public init(prefillMs: Double? = nil, decodeMs: Double? = nil, totalMs: Double? = nil, generatedTokens: Int? = nil) {
+        self.prefillMs = prefillMs
+        self.decodeMs = decodeMs
+        self.totalMs = totalMs
+        self.generatedTokens = generatedTokens
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case prefillMs = "prefill_ms", decodeMs = "decode_ms", totalMs = "total_ms", generatedTokens = "generated_tokens"
+    }
+}
+
+/// A job to add to the queue. The idempotency key is `custom_id:<custom id>` when a custom id is given, else
+/// `sha256:<hex>` of the image's sha256, the prompt and the canonical parameter JSON (see `contentKey`).
+public struct NewJob: Sendable, Hashable {
+    public var customID: String?
+    public var imagePath: String
+    public var imageSHA256: String
+    public var prompt: String
+    public var parameters: JobParameters
+    public var priority: Int
+    public var maxAttempts: Int
+    /// Unix milliseconds before which the job is not claimed; nil means "now".
+    public var runAt: Int64?
+
+    public init(customID: String? = nil, imagePath: String, imageSHA256: String, prompt: String,
+                parameters: JobParameters = JobParameters(), priority: Int = 0, maxAttempts: Int = 3, runAt: Int64? = nil) {
+        self.customID = customID
+        self.imagePath = imagePath
+        self.imageSHA256 = imageSHA256
+        self.prompt = prompt
+        self.parameters = parameters
+        self.priority = priority
+        self.maxAttempts = maxAttempts
+        self.runAt = runAt
+    }
+
+    public var idempotencyKey: String {
+        if let customID { return "custom_id:" + customID }
+        return Self.contentKey(imageSHA256: imageSHA256, prompt: prompt, parameters: parameters)
+    }
+
+    /// `sha256:` + hex sha256 of `<image sha256 hex> NUL <prompt> NUL <canonical parameters JSON>`: the same
+    /// image bytes asked the same question with the same parameters is the same job, wherever the file lives.
+    public static func contentKey(imageSHA256: String, prompt: String, parameters: JobParameters) -> String {
+        contentKey(imageSHA256: imageSHA256, prompt: prompt, canonicalParameters: parameters.canonicalJSON())
+    }
+
+    static func contentKey(imageSHA256: String, prompt: String, canonicalParameters: String) -> String {
+        var bytes = Data(imageSHA256.utf8)
+        bytes.append(0)
+        bytes.append(contentsOf: Data(prompt.utf8))
+        bytes.append(0)
+        bytes.append(contentsOf: Data(canonicalParameters.utf8))
+        return "sha256:" + Hashing.sha256Hex(bytes)
+    }
+}
+
+/// One row of the `job` table.
+public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
+    public var id: Int64
+    public var customID: String?
+    public var idempotencyKey: String
+    public var imagePath: String
+    public var imageSHA256: String
+    public var prompt: String
+    public var parameters: JobParameters
+    /// Lower runs first.
+    public var priority: Int
+    public var state: JobState
+    /// How many times the job has been claimed; also the fencing token `complete` and `fail` must quote.
+    public var attempt: Int
+    public var maxAttempts: Int
+    public var runAt: Int64
+    public var leaseOwner: String?
+    public var leaseExpiresAt: Int64?
+    public var heartbeatAt: Int64?
+    /// Set by `cancel` on a running job; the worker reads it between decode steps and calls `cancelled`.
+    public var cancelRequested: Bool
+    /// The last failure's reason (kept while retrying, so `show` says why a job is waiting).
+    public var error: String?
+    public var outputPath: String?
+    public var outputSHA256: String?
+    public var timings: JobTimings?
+    public var createdAt: Int64
+    public var updatedAt: Int64
+    /// When the current (or last) attempt was claimed.
+    public var startedAt: Int64?
+    public var finalizedAt: Int64?
+
+    public init(row: Row) throws {
+        id = row["id"]
+        customID = row["custom_id"]
+        idempotencyKey = row["idempotency_key"]
+        imagePath = row["image_path"]
+        imageSHA256 = row["image_sha256"]
+        prompt = row["prompt"]
+        let params: String = row["params"]
+        parameters = try JobParameters.decode(canonicalJSON: params)
+        priority = row["priority"]
+        let stateName: String = row["state"]
+        guard let state = JobState(rawValue: stateName) else {
+            throw JobQueueError.corruptRow(id: row["id"], reason: "unknown state '\(stateName)'")
+        }
+        self.state = state
+        attempt = row["attempt"]
+        maxAttempts = row["max_attempts"]
+        runAt = row["run_at"]
+        leaseOwner = row["lease_owner"]
+        leaseExpiresAt = row["lease_expires_at"]
+        heartbeatAt = row["heartbeat_at"]
+        cancelRequested = row["cancel_requested"]
+        error = row["error"]
+        outputPath = row["output_path"]
+        outputSHA256 = row["output_sha256"]
+        let timingsJSON: String? = row["timings"]
+        timings = try timingsJSON.map { try JSONDecoder().decode(JobTimings.self, from: Data($0.utf8)) }
+        createdAt = row["created_at"]
+        updatedAt = row["updated_at"]
+        startedAt = row["started_at"]
+        finalizedAt = row["finalized_at"]
+    }
+}
+
+/// A job as `show --json` and `list --json` print it: the table's column names, absent values left out.
+extension Job: Encodable {
+    enum CodingKeys: String, CodingKey {
+        case id, customID = "custom_id", idempotencyKey = "idempotency_key", imagePath = "image_path"
+        case imageSHA256 = "image_sha256", prompt, parameters = "params", priority, state, attempt
+        case maxAttempts = "max_attempts", runAt = "run_at", leaseOwner = "lease_owner", leaseExpiresAt = "lease_expires_at"
+        case heartbeatAt = "heartbeat_at", cancelRequested = "cancel_requested", error, outputPath = "output_path"
+        case outputSHA256 = "output_sha256", timings, createdAt = "created_at", updatedAt = "updated_at"
+        case startedAt = "started_at", finalizedAt = "finalized_at"
+    }
+}

@@ -1,0 +1,471 @@
+import Foundation
+
+/// One line (or folder entry) that could not be enqueued, and why. The rest of the manifest still is.
+public struct ManifestProblem: Sendable, Hashable, CustomStringConvertible {
+    public var file: String
+    /// 1-based; for CSV the line where the record starts; nil for folder entries.
+    public var line: Int?
+    public var reason: String
+
+    public var description: String {
+        line.map { "\(file):\($0): \(reason)" } ?? "\(file): \(reason)"
+    }
+}
+
+/// How manifest lines become jobs.
+public struct ManifestOptions: Sendable {
+    /// Parameters for fields a line leaves out (a line's own values win).
+    public var defaults: JobParameters
+    /// Priority for lines without a `priority` field.
+    public var priority: Int
+    public var maxAttempts: Int
+    /// Jobs per write transaction.
+    public var chunkSize: Int
+
+    public init(defaults: JobParameters = JobParameters(), priority: Int = 0, maxAttempts: Int = 3, chunkSize: Int = 1_000) {
+        self.defaults = defaults
+        self.priority = priority
+        self.maxAttempts = maxAttempts
+        self.chunkSize = chunkSize
+    }
+}
+
+/// What enqueueing a manifest did.
+public struct ManifestReport: Sendable, Hashable {
+    public var inserted = 0
+    public var alreadyPresent = 0
+    public var problems: [ManifestProblem] = []
+    public init() {}
+}
+
+/// A manifest that cannot be read at all (as opposed to a bad line in it).
+public struct ManifestError: Error, Sendable, Hashable, CustomStringConvertible {
+    public var file: String
+    public var reason: String
+    public var description: String { "\(file): \(reason)" }
+}
+
+extension JobQueue {
+    /// Enqueues every `.jpg`, `.jpeg` and `.png` file (any letter case) in `folder` with one prompt, sorted by
+    /// path relative to the folder; subfolders only with `recursive`. Jobs have no custom id: re-running the same
+    /// command enqueues only images that are new (by content).
+    public func enqueueFolder(_ folder: URL, prompt: String, recursive: Bool = false, options: ManifestOptions = ManifestOptions(),
+                              onProblem: (ManifestProblem) -> Void = { _ in }) throws -> ManifestReport {
+        try withoutActuallyEscaping(onProblem) { onProblem in
+            let root = folder.standardizedFileURL
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: root.path, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw ManifestError(file: root.path, reason: "no such folder")
+            }
+            guard !prompt.isEmpty else { throw ManifestError(file: root.path, reason: "the prompt is empty") }
+            if let problem = options.defaults.problem() { throw ManifestError(file: root.path, reason: problem) }
+            let extensions: Set<String> = ["jpg", "jpeg", "png"]
+            var relativePaths: [String] = []
+            if recursive {
+                guard let enumerator = FileManager.default.enumerator(atPath: root.path) else {
+                    throw ManifestError(file: root.path, reason: "cannot list the folder")
+                }
+                while let relative = enumerator.nextObject() as? String {
+                    if extensions.contains((relative as NSString).pathExtension.lowercased()) { relativePaths.append(relative) }
+                }
+            } else {
+                relativePaths = try FileManager.default.contentsOfDirectory(atPath: root.path)
+                    .filter { extensions.contains(($0 as NSString).pathExtension.lowercased()) }
+            }
+            relativePaths.sort()
+            var batch = ManifestBatch(queue: self, file: root.path, options: options, onProblem: onProblem)
+            for relative in relativePaths {
+                let path = root.appendingPathComponent(relative).path
+                var isDirectory: ObjCBool = false
+                if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { continue }
+                try batch.add(line: nil, entry: ManifestEntry(customID: String?.none, image: path, prompt: prompt,
+                                                              parameters: JobParameters(), priority: nil))
+            }
+            return try batch.finish()
+        }
+    }
+
+    /// Enqueues a JSONL manifest, one job per line:
+    /// `{"custom_id": "...", "image": "a.jpg", "prompt": "...", optional max_tokens, temperature, top_p, top_k,
+    /// seed, stop (a string or a list), sparsity, vision_keep_rate, priority}`. Blank lines are skipped; unknown
+    /// fields are errors. Read line by line; jobs are written `options.chunkSize` per transaction.
+    public func enqueueJSONL(_ file: URL, options: ManifestOptions = ManifestOptions(),
+                             onProblem: (ManifestProblem) -> Void = { _ in }) throws -> ManifestReport {
+        try withoutActuallyEscaping(onProblem) { onProblem in
+            let reader = try ChunkedReader(path: file.path)
+            var batch = ManifestBatch(queue: self, file: file.path, options: options, onProblem: onProblem)
+            let decoder = JSONDecoder()
+            var lineNumber = 0
+            while var line = try reader.nextLine() {
+                lineNumber += 1
+                if lineNumber == 1, line.starts(with: [0xEF, 0xBB, 0xBF]) { line.removeFirst(3) }
+                if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+                let entry: ManifestEntry
+                do {
+                    entry = try decoder.decode(ManifestEntry.self, from: Data(line))
+                } catch let error as ManifestLineError {
+                    batch.report(line: lineNumber, error.reason)
+                    continue
+                } catch DecodingError.typeMismatch {
+                    batch.report(line: lineNumber, "not a JSON object")
+                    continue
+                } catch {
+                    batch.report(line: lineNumber, "not valid JSON")
+                    continue
+                }
+                try batch.add(line: lineNumber, entry: entry)
+            }
+            return try batch.finish()
+        }
+    }
+
+    /// Enqueues a CSV manifest (RFC 4180: comma-separated, fields with commas, quotes or line breaks in double
+    /// quotes, `""` for a quote). The header row is required and names columns as JSONL names fields; `image`
+    /// and `prompt` are required columns; an empty cell means "not given"; `stop` holds one stop string.
+    public func enqueueCSV(_ file: URL, options: ManifestOptions = ManifestOptions(),
+                           onProblem: (ManifestProblem) -> Void = { _ in }) throws -> ManifestReport {
+        try withoutActuallyEscaping(onProblem) { onProblem in
+            let reader = try ChunkedReader(path: file.path)
+            var records = CSVRecordReader(reader: reader)
+            guard let (_, header) = try records.next() else { throw ManifestError(file: file.path, reason: "empty CSV: no header row") }
+            var columns = header.fields.map { $0.trimmingCharacters(in: .whitespaces) }
+            if let first = columns.first, first.hasPrefix("\u{FEFF}") { columns[0] = String(first.dropFirst()) }
+            if let reason = header.problem { throw ManifestError(file: file.path, reason: "header row: \(reason)") }
+            for column in columns where !ManifestEntry.fields.contains(column) {
+                throw ManifestError(file: file.path, reason: "unknown column '\(column)' in the header")
+            }
+            if Set(columns).count != columns.count { throw ManifestError(file: file.path, reason: "a column is named twice in the header") }
+            for required in ["image", "prompt"] where !columns.contains(required) {
+                throw ManifestError(file: file.path, reason: "the header has no '\(required)' column")
+            }
+            var batch = ManifestBatch(queue: self, file: file.path, options: options, onProblem: onProblem)
+            while let (lineNumber, record) = try records.next() {
+                if let reason = record.problem { batch.report(line: lineNumber, reason); continue }
+                if record.fields == [""] { continue }
+                guard record.fields.count == columns.count else {
+                    batch.report(line: lineNumber, "\(record.fields.count) fields where the header has \(columns.count)")
+                    continue
+                }
+                do {
+                    try batch.add(line: lineNumber, entry: ManifestEntry(csvFields: Dictionary(uniqueKeysWithValues: zip(columns, record.fields))))
+                } catch let error as ManifestLineError {
+                    batch.report(line: lineNumber, error.reason)
+                }
+            }
+            return try batch.finish()
+        }
+    }
+}
+
+/// A reason a single manifest line is rejected.
+struct ManifestLineError: Error {
+    var reason: String
+    init(_ reason: String) { self.reason = reason }
+}
+
+/// One manifest line, decoded but not yet checked against the file system.
+struct ManifestEntry {
+    var customID: String?
+    var image: String
+    var prompt: String
+    var parameters: JobParameters
+    var priority: Int?
+
+    static let fields: Set<String> = Set(JobParameters.CodingKeys.allCases.map(\.stringValue) + ["custom_id", "image", "prompt", "priority"])
+
+    init(customID: String?, image: String, prompt: String, parameters: JobParameters, priority: Int?) {
+        self.customID = customID
+        self.image = image
+        self.prompt = prompt
+        self.parameters = parameters
+        self.priority = priority
+    }
+
+    /// From a CSV record: empty cells are absent, numbers are parsed as JSON would read them.
+    init(csvFields cells: [String: String]) throws {
+        func cell(_ name: String) -> String? { cells[name].flatMap { $0.isEmpty ? nil : $0 } }
+        func number<T: LosslessStringConvertible>(_ name: String, _ type: T.Type, _ what: String) throws -> T? {
+            guard let text = cell(name) else { return nil }
+            guard let value = T(text.trimmingCharacters(in: .whitespaces)) else { throw ManifestLineError("\(name) must be \(what), not '\(text)'") }
+            return value
+        }
+        guard let image = cell("image") else { throw ManifestLineError("no image") }
+        guard let prompt = cell("prompt") else { throw ManifestLineError("no prompt") }
+        var sparsity: JobParameters.Sparsity?
+        if let text = cell("sparsity") {
+            guard let value = JobParameters.Sparsity(rawValue: text) else { throw ManifestLineError(Self.sparsityMessage(text)) }
+            sparsity = value
+        }
+        self.init(customID: cell("custom_id"), image: image, prompt: prompt, parameters: JobParameters(
+            maxTokens: try number("max_tokens", Int.self, "an integer"),
+            temperature: try number("temperature", Double.self, "a number"),
+            topP: try number("top_p", Double.self, "a number"),
+            topK: try number("top_k", Int.self, "an integer"),
+            seed: try number("seed", UInt64.self, "an integer from 0 to 2^64-1"),
+            stop: cell("stop").map { [$0] },
+            sparsity: sparsity,
+            visionKeepRate: try number("vision_keep_rate", Double.self, "a number")),
+            priority: try number("priority", Int.self, "an integer"))
+    }
+
+    static func sparsityMessage(_ text: String) -> String {
+        "sparsity must be one of \(JobParameters.Sparsity.allCases.map(\.rawValue).joined(separator: ", ")), not '\(text)'"
+    }
+}
+
+extension ManifestEntry: Decodable {
+    struct Key: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(_ name: String) { stringValue = name }
+        init?(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    init(from decoder: Decoder) throws {
+        let container = try decoder.container(keyedBy: Key.self)
+        for key in container.allKeys where !Self.fields.contains(key.stringValue) {
+            throw ManifestLineError("unknown field '\(key.stringValue)'")
+        }
+        func field<T: Decodable>(_ name: String, _ type: T.Type, _ what: String) throws -> T? {
+            let key = Key(name)
+            guard container.contains(key), !(try container.decodeNil(forKey: key)) else { return nil }
+            do { return try container.decode(T.self, forKey: key) } catch { throw ManifestLineError("\(name) must be \(what)") }
+        }
+        guard let image = try field("image", String.self, "a string") else { throw ManifestLineError("no image") }
+        guard let prompt = try field("prompt", String.self, "a string") else { throw ManifestLineError("no prompt") }
+        var stop: [String]?
+        if let single = try? field("stop", String.self, "") {
+            stop = [single]
+        } else {
+            stop = try field("stop", [String].self, "a string or a list of strings")
+        }
+        var sparsity: JobParameters.Sparsity?
+        if let text = try field("sparsity", String.self, "a string") {
+            guard let value = JobParameters.Sparsity(rawValue: text) else { throw ManifestLineError(Self.sparsityMessage(text)) }
+            sparsity = value
+        }
+        self.init(customID: try field("custom_id", String.self, "a string"), image: image, prompt: prompt,
+                  parameters: JobParameters(
+                    maxTokens: try field("max_tokens", Int.self, "an integer"),
+                    temperature: try field("temperature", Double.self, "a number"),
+                    topP: try field("top_p", Double.self, "a number"),
+                    topK: try field("top_k", Int.self, "an integer"),
+                    seed: try field("seed", UInt64.self, "an integer from 0 to 2^64-1"),
+                    stop: stop,
+                    sparsity: sparsity,
+                    visionKeepRate: try field("vision_keep_rate", Double.self, "a number")),
+                  priority: try field("priority", Int.self, "an integer"))
+    }
+}
+
+/// Turns manifest entries into jobs (resolving and hashing images) and enqueues them a chunk at a time.
+struct ManifestBatch {
+    let queue: JobQueue
+    let file: String
+    let folder: URL
+    let options: ManifestOptions
+    let onProblem: (ManifestProblem) -> Void
+    var pending: [NewJob] = []
+    var report = ManifestReport()
+    /// Image path -> sha256, so a manifest that asks several questions of one image reads it once.
+    var hashes: [String: String] = [:]
+
+    init(queue: JobQueue, file: String, options: ManifestOptions, onProblem: @escaping (ManifestProblem) -> Void) {
+        self.queue = queue
+        self.file = file
+        self.folder = URL(fileURLWithPath: file).deletingLastPathComponent()
+        self.options = options
+        self.onProblem = onProblem
+    }
+
+    mutating func report(line: Int?, _ reason: String) {
+        let problem = ManifestProblem(file: file, line: line, reason: reason)
+        report.problems.append(problem)
+        onProblem(problem)
+    }
+
+    mutating func add(line: Int?, entry: ManifestEntry) throws {
+        if entry.prompt.isEmpty { return report(line: line, "the prompt is empty") }
+        if entry.customID?.isEmpty == true { return report(line: line, "custom_id is empty") }
+        let parameters = options.defaults.overridden(by: entry.parameters)
+        if let problem = parameters.problem() { return report(line: line, problem) }
+        let image = entry.image.hasPrefix("/") ? URL(fileURLWithPath: entry.image) : folder.appendingPathComponent(entry.image)
+        let path = image.standardizedFileURL.path
+        let sha256: String
+        if let known = hashes[path] {
+            sha256 = known
+        } else {
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+                return report(line: line, "image \(path) not found")
+            }
+            if isDirectory.boolValue { return report(line: line, "image \(path) is a folder") }
+            guard let hash = try? Hashing.sha256Hex(fileAt: path) else { return report(line: line, "image \(path) cannot be read") }
+            if hashes.count >= 4_096 { hashes.removeAll(keepingCapacity: true) }
+            hashes[path] = hash
+            sha256 = hash
+        }
+        pending.append(NewJob(customID: entry.customID, imagePath: path, imageSHA256: sha256, prompt: entry.prompt,
+                              parameters: parameters, priority: entry.priority ?? options.priority, maxAttempts: options.maxAttempts))
+        if pending.count >= options.chunkSize { try flush() }
+    }
+
+    mutating func flush() throws {
+        guard !pending.isEmpty else { return }
+        let result = try queue.enqueue(pending)
+        report.inserted += result.inserted.count
+        report.alreadyPresent += result.alreadyPresent.count
+        pending.removeAll(keepingCapacity: true)
+    }
+
+    mutating func finish() throws -> ManifestReport {
+        try flush()
+        return report
+    }
+}
+
+/// Reads a file in 256 KiB pieces and hands out lines (without their `\n`) or single bytes.
+final class ChunkedReader {
+    private let handle: FileHandle
+    private var buffer: [UInt8] = []
+    private var position = 0
+    private var atEnd = false
+    let path: String
+
+    init(path: String) throws {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
+              let handle = FileHandle(forReadingAtPath: path) else {
+            throw ManifestError(file: path, reason: "no such file, or it cannot be read")
+        }
+        self.handle = handle
+        self.path = path
+    }
+
+    deinit { try? handle.close() }
+
+    /// False at the end of the file.
+    private func fill() throws -> Bool {
+        if position < buffer.count { return true }
+        if atEnd { return false }
+        let chunk: Data?
+        do { chunk = try handle.read(upToCount: 1 << 18) } catch {
+            throw ManifestError(file: path, reason: "read failed: \(error.localizedDescription)")
+        }
+        guard let chunk, !chunk.isEmpty else { atEnd = true; return false }
+        buffer = [UInt8](chunk)
+        position = 0
+        return true
+    }
+
+    func nextByte() throws -> UInt8? {
+        guard try fill() else { return nil }
+        defer { position += 1 }
+        return buffer[position]
+    }
+
+    /// The next line without its `\n` (a `\r` before it is kept), or nil at the end of the file.
+    func nextLine() throws -> [UInt8]? {
+        var line: [UInt8] = []
+        var sawAny = false
+        while try fill() {
+            sawAny = true
+            if let newline = buffer[position...].firstIndex(of: 0x0A) {
+                line += buffer[position ..< newline]
+                position = newline + 1
+                return line
+            }
+            line += buffer[position...]
+            position = buffer.count
+        }
+        return sawAny ? line : nil
+    }
+}
+
+/// A CSV record: its fields, or why it is malformed.
+struct CSVRecord {
+    var fields: [String]
+    var problem: String?
+}
+
+/// RFC 4180 records, streamed: a quoted field may span lines, so records are read byte by byte, not by line.
+/// Lenient where RFC 4180 leaves no doubt about the intent: a quote inside an unquoted field is kept as a
+/// character, and a record may end in LF as well as CRLF.
+struct CSVRecordReader {
+    let reader: ChunkedReader
+    /// The line the next byte is on.
+    var line = 1
+    var pendingByte: UInt8?
+
+    init(reader: ChunkedReader) { self.reader = reader }
+
+    private mutating func byte() throws -> UInt8? {
+        if let pendingByte { self.pendingByte = nil; return pendingByte }
+        return try reader.nextByte()
+    }
+
+    private enum State { case fieldStart, unquoted, quoted, quotedSawQuote, afterQuoted }
+
+    /// The next record and the line it starts on, or nil at the end of the file.
+    mutating func next() throws -> (Int, CSVRecord)? {
+        let quote: UInt8 = 0x22, comma: UInt8 = 0x2C, lf: UInt8 = 0x0A, cr: UInt8 = 0x0D
+        let startLine = line
+        var fields: [String] = []
+        var field: [UInt8] = []
+        var problem: String?
+        var state = State.fieldStart
+        var sawAny = false
+        func record() -> (Int, CSVRecord) {
+            fields.append(String(decoding: field, as: UTF8.self))
+            return (startLine, CSVRecord(fields: fields, problem: problem))
+        }
+        while true {
+            guard let c = try byte() else {
+                if !sawAny { return nil }
+                if state == .quoted { problem = problem ?? "a quoted field is not closed before the end of the file" }
+                return record()
+            }
+            sawAny = true
+            switch state {
+            case .quoted:
+                if c == quote { state = .quotedSawQuote } else {
+                    if c == lf { line += 1 }
+                    field.append(c)
+                }
+                continue
+            case .quotedSawQuote:
+                if c == quote { field.append(quote); state = .quoted; continue }
+                state = .afterQuoted
+            default:
+                break
+            }
+            if c == comma {
+                fields.append(String(decoding: field, as: UTF8.self))
+                field.removeAll(keepingCapacity: true)
+                state = .fieldStart
+                continue
+            }
+            if c == lf {
+                line += 1
+                return record()
+            }
+            if c == cr {
+                let after = try byte()
+                if after == lf || after == nil {
+                    if after == lf { line += 1 }
+                    return record()
+                }
+                pendingByte = after
+            }
+            switch state {
+            case .fieldStart:
+                if c == quote { state = .quoted } else { field.append(c); state = .unquoted }
+            case .afterQuoted:
+                problem = problem ?? "text after the closing quote of a field"
+            default:
+                field.append(c)
+            }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+import Foundation
+import GRDB
+import Testing
+@testable import JobQueue
+
+@Suite("JobQueue")
+struct QueueTests {
+    @Test func migrationsCreateTheStrictJobTableOnAFreshDatabase() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        #expect(try fixture.queue.appliedMigrations() == ["v1-job"])
+        let pool = try DatabasePool(path: fixture.databasePath)
+        let strict = try pool.read { try Bool.fetchOne($0, sql: "SELECT strict FROM pragma_table_list WHERE name = 'job'") }
+        #expect(strict == true)
+        let journal = try pool.read { try String.fetchOne($0, sql: "PRAGMA journal_mode") }
+        #expect(journal == "wal")
+        // Opening again applies nothing new.
+        let again = try JobQueue(path: fixture.databasePath)
+        #expect(try again.appliedMigrations() == ["v1-job"])
+    }
+
+    @Test func openingAMissingDatabaseWithoutCreateFails() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("none.sqlite").path
+        #expect(throws: JobQueueError.noDatabase(path: path)) { try JobQueue(path: path) }
+        #expect(!FileManager.default.fileExists(atPath: path))
+    }
+
+    @Test func aDatabaseFromANewerBuildIsRefused() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let pool = try DatabasePool(path: fixture.databasePath)
+        try pool.write { try $0.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('v99-future')") }
+        #expect(throws: JobQueueError.newerSchema(path: fixture.databasePath)) { try JobQueue(path: fixture.databasePath) }
+    }
+
+    @Test func finalizedAtIsRequiredExactlyOnFinalStates() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let id = try fixture.queue.enqueue(fixture.jobs(1)).inserted[0]
+        let pool = try DatabasePool(path: fixture.databasePath)
+        #expect(throws: DatabaseError.self) {
+            try pool.write { try $0.execute(sql: "UPDATE job SET state = 'failed' WHERE id = ?", arguments: [id]) }
+        }
+        #expect(throws: DatabaseError.self) {
+            try pool.write { try $0.execute(sql: "UPDATE job SET finalized_at = 1 WHERE id = ?", arguments: [id]) }
+        }
+    }
+
+    @Test func enqueueIsIdempotentByCustomIDAndByContent() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let first = try queue.enqueue(fixture.jobs(5))
+        #expect(first.inserted.count == 5 && first.alreadyPresent.isEmpty)
+        let second = try queue.enqueue(fixture.jobs(5))
+        #expect(second.inserted.isEmpty && second.alreadyPresent == first.inserted)
+
+        // Same custom id, different content: the custom id decides.
+        var changed = fixture.jobs(1)[0]
+        changed.prompt = "Something else."
+        #expect(try queue.enqueue([changed]).alreadyPresent == [first.inserted[0]])
+
+        // No custom id: image bytes + prompt + parameters decide, wherever the image lives.
+        let a = NewJob(imagePath: "/a.jpg", imageSHA256: String(repeating: "b", count: 64), prompt: "What is it?",
+                       parameters: JobParameters(maxTokens: 16))
+        var moved = a
+        moved.imagePath = "/elsewhere/a.jpg"
+        var otherParameters = a
+        otherParameters.parameters.maxTokens = 17
+        let result = try queue.enqueue([a, moved, otherParameters])
+        #expect(result.inserted.count == 2 && result.alreadyPresent == [result.inserted[0]])
+        #expect(a.idempotencyKey.hasPrefix("sha256:") && a.idempotencyKey.count == 7 + 64)
+        #expect(try queue.counts()[.available] == 7)
+    }
+
+    @Test func invalidJobsAreRefusedBeforeAnythingIsWritten() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        var bad = fixture.jobs(2)
+        bad[1].parameters.topP = 0
+        #expect(throws: JobQueueError.invalidJob(reason: "top_p must be in (0, 1]")) { try fixture.queue.enqueue(bad) }
+        bad[1].parameters.topP = nil
+        bad[1].prompt = ""
+        #expect(throws: JobQueueError.self) { try fixture.queue.enqueue(bad) }
+        #expect(try fixture.queue.counts()[.available] == 0)
+    }
+
+    @Test func claimTakesLowestPriorityThenEarliestRunAtThenID() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let now = fixture.clock.now
+        var jobs = fixture.jobs(6)
+        jobs[0].priority = 5
+        jobs[1].priority = 1; jobs[1].runAt = now - 10
+        jobs[2].priority = 1; jobs[2].runAt = now - 20
+        jobs[3].priority = 0
+        jobs[4].priority = 0; jobs[4].runAt = now + 1_000  // not yet due
+        jobs[5].priority = 1; jobs[5].runAt = now - 20
+        let ids = try fixture.queue.enqueue(jobs).inserted
+        let claimed = try fixture.queue.claim(owner: "w", limit: 10, leaseDuration: 60_000)
+        #expect(claimed.map(\.id) == [ids[3], ids[2], ids[5], ids[1], ids[0]])
+        #expect(claimed.allSatisfy { $0.state == .running && $0.attempt == 1 && $0.leaseOwner == "w" })
+        #expect(claimed.allSatisfy { $0.leaseExpiresAt == now + 60_000 && $0.startedAt == now })
+        fixture.clock.advance(1_000)
+        #expect(try fixture.queue.claim(owner: "w", limit: 10, leaseDuration: 60_000).map(\.id) == [ids[4]])
+        #expect(try fixture.queue.claim(owner: "w", limit: 10, leaseDuration: 60_000).isEmpty)
+    }
+
+    @Test func claimAndRescueWalkTheirIndexesWithoutSorting() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        try fixture.queue.enqueue(fixture.jobs(2_000))
+        let pool = try DatabasePool(path: fixture.databasePath)
+        for (sql, index) in [(JobQueue.claimSQL, "job_claim_order"), (JobQueue.rescueSQL, "job_lease_expiry")] {
+            let plan = try pool.read { db in
+                try Row.fetchAll(db, sql: "EXPLAIN QUERY PLAN " + sql.replacingOccurrences(of: "RETURNING *", with: ""),
+                                 arguments: sql.contains("?1") ? [0] : ["o", 0, 0, 0, 0, 0, 1]).map { $0["detail"] as String }
+            }
+            #expect(plan.contains { $0.contains("USING INDEX \(index)") || $0.contains("USING COVERING INDEX \(index)") }, "\(plan)")
+            #expect(!plan.contains { $0.contains("TEMP B-TREE") }, "\(plan)")
+        }
+    }
+
+    @Test func claimNeverHandsOneJobToTwoWorkers() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let total = 1_500
+        let ids = try fixture.queue.enqueue(fixture.jobs(total)).inserted
+        // Two pools on one file stand for two processes; each runs several claim loops on its own threads.
+        let pools = [fixture.queue, try JobQueue(path: fixture.databasePath, busyTimeout: 30, clock: fixture.clock.queueClock)]
+        let claimed = Collector<Int64>()
+        let errors = Collector<String>()
+        let workers = 6
+        DispatchQueue.concurrentPerform(iterations: workers) { worker in
+            let queue = pools[worker % 2]
+            let owner = "worker-\(worker)"
+            do {
+                while true {
+                    let jobs = try queue.claim(owner: owner, limit: 1 + worker % 4, leaseDuration: 600_000)
+                    if jobs.isEmpty { break }
+                    claimed.append(contentsOf: jobs.map(\.id))
+                    for job in jobs {
+                        let accepted = try queue.complete(job: job.id, attempt: job.attempt, owner: owner,
+                                                          output: JobOutput(path: "/out/\(job.id)", sha256: "x"))
+                        if !accepted { errors.append("job \(job.id) completion refused") }
+                    }
+                }
+            } catch {
+                errors.append("\(owner): \(error)")
+            }
+        }
+        #expect(errors.values.isEmpty, "\(errors.values.prefix(5))")
+        #expect(claimed.values.count == total)
+        #expect(Set(claimed.values) == Set(ids))
+        #expect(try fixture.queue.counts()[.succeeded] == total)
+    }
+
+    @Test func completionFromAStaleAttemptOrAnotherOwnerIsRejected() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        try queue.enqueue(fixture.jobs(1))
+        let first = try #require(queue.claim(owner: "a", limit: 1, leaseDuration: 1_000).first)
+        #expect(try !queue.complete(job: first.id, attempt: first.attempt, owner: "b", output: JobOutput(path: "p", sha256: "s")))
+        #expect(try !queue.complete(job: first.id, attempt: first.attempt + 1, owner: "a", output: JobOutput(path: "p", sha256: "s")))
+
+        // The lease expires; worker b rescues and claims the job as attempt 2.
+        fixture.clock.advance(1_001)
+        let second = try #require(queue.claim(owner: "b", limit: 1, leaseDuration: 1_000).first)
+        #expect(second.id == first.id && second.attempt == 2)
+        // a's late result and late failure are discarded.
+        #expect(try !queue.complete(job: first.id, attempt: 1, owner: "a", output: JobOutput(path: "late", sha256: "late")))
+        #expect(try queue.fail(job: first.id, attempt: 1, owner: "a", error: "late", permanent: true) == nil)
+        #expect(try queue.complete(job: second.id, attempt: 2, owner: "b", output: JobOutput(path: "p2", sha256: "s2",
+                                                                                               timings: JobTimings(totalMs: 5))))
+        let done = try #require(try queue.job(id: first.id))
+        #expect(done.state == .succeeded && done.outputPath == "p2" && done.outputSHA256 == "s2")
+        #expect(done.finalizedAt == fixture.clock.now && done.leaseOwner == nil && done.timings?.totalMs == 5)
+        // Completing twice is refused too: the row is no longer running.
+        #expect(try !queue.complete(job: second.id, attempt: 2, owner: "b", output: JobOutput(path: "p3", sha256: "s3")))
+    }
+
+    @Test func expiredLeasesAreRescued() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(3, maxAttempts: 2)).inserted
+        _ = try queue.claim(owner: "dead", limit: 3, leaseDuration: 1_000)
+        _ = try queue.cancel(ids: [ids[2]])
+        fixture.clock.advance(999)
+        #expect(try queue.rescueExpiredLeases() == 0)
+        fixture.clock.advance(1)
+        #expect(try queue.rescueExpiredLeases() == 3)
+        let rescued = try #require(try queue.job(id: ids[0]))
+        #expect(rescued.state == .retryable && rescued.leaseOwner == nil && rescued.leaseExpiresAt == nil)
+        #expect(rescued.runAt == fixture.clock.now && rescued.finalizedAt == nil)
+        #expect(rescued.error == "the lease of dead expired during attempt 1 of 2")
+        #expect(try queue.job(id: ids[2])?.state == .cancelled)
+
+        // The second attempt was the last: expiring it fails the job.
+        let again = try queue.claim(owner: "dead-too", limit: 3, leaseDuration: 1_000)
+        #expect(again.map(\.attempt) == [2, 2])
+        fixture.clock.advance(5_000)
+        #expect(try queue.claim(owner: "live", limit: 3, leaseDuration: 1_000).isEmpty)
+        let failed = try #require(try queue.job(id: ids[0]))
+        #expect(failed.state == .failed && failed.finalizedAt == fixture.clock.now)
+        #expect(failed.error == "the lease of dead-too expired during attempt 2 of 2")
+    }
+
+    @Test func heartbeatExtendsOnlyLeasesTheOwnerStillHolds() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(3)).inserted
+        let mine = try queue.claim(owner: "a", limit: 2, leaseDuration: 1_000).map(\.id)
+        _ = try queue.claim(owner: "b", limit: 1, leaseDuration: 1_000)
+        _ = try queue.cancel(ids: [mine[1]])
+        fixture.clock.advance(900)
+        let beat = try queue.heartbeat(jobs: ids, owner: "a", leaseDuration: 1_000)
+        #expect(beat.extended == Set(mine) && beat.lost == [ids[2]] && beat.cancelRequested == [mine[1]])
+        #expect(try queue.job(id: mine[0])?.leaseExpiresAt == fixture.clock.now + 1_000)
+        #expect(try queue.job(id: mine[0])?.heartbeatAt == fixture.clock.now)
+        #expect(try queue.cancelRequested(among: ids) == [mine[1]])
+        fixture.clock.advance(200)
+        // b's lease expired, a's did not.
+        #expect(try queue.rescueExpiredLeases() == 1)
+        #expect(try queue.job(id: mine[0])?.state == .running)
+    }
+
+    @Test func backoffGrowsExponentiallyAndIsCapped() {
+        let half = RetryPolicy(baseMs: 1_000, capMs: 10_000, jitter: { 0.5 })
+        #expect((1...7).map(half.delay(afterAttempt:)) == [750, 1_500, 3_000, 6_000, 7_500, 7_500, 7_500])
+        let none = RetryPolicy(baseMs: 1_000, capMs: 10_000, jitter: { 0 })
+        let most = RetryPolicy(baseMs: 1_000, capMs: 10_000, jitter: { 0.999_999 })
+        for attempt in 1...70 {
+            let exponential = attempt <= 5 ? Int64(1_000) << (attempt - 1) : 10_000
+            let cap = min(exponential, 10_000)
+            #expect(none.delay(afterAttempt: attempt) == cap / 2)
+            #expect(most.delay(afterAttempt: attempt) == cap - 1 || most.delay(afterAttempt: attempt) == cap)
+        }
+    }
+
+    @Test func transientFailuresRetryAfterBackoffUntilAttemptsRunOut() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let id = try queue.enqueue(fixture.jobs(1, maxAttempts: 2)).inserted[0]
+        let job = try #require(queue.claim(owner: "w", limit: 1, leaseDuration: 60_000).first)
+        #expect(try queue.fail(job: id, attempt: job.attempt, owner: "w", error: "out of memory", permanent: false) == .retryable)
+        let waiting = try #require(try queue.job(id: id))
+        #expect(waiting.runAt == fixture.clock.now + 750 && waiting.error == "out of memory" && waiting.finalizedAt == nil)
+        #expect(try queue.claim(owner: "w", limit: 1, leaseDuration: 60_000).isEmpty)
+        fixture.clock.advance(750)
+        let retry = try #require(queue.claim(owner: "w", limit: 1, leaseDuration: 60_000).first)
+        #expect(retry.attempt == 2)
+        #expect(try queue.fail(job: id, attempt: 2, owner: "w", error: "out of memory again", permanent: false) == .failed)
+        let failed = try #require(try queue.job(id: id))
+        #expect(failed.state == .failed && failed.finalizedAt == fixture.clock.now && failed.error == "out of memory again")
+    }
+
+    @Test func permanentFailureGoesToFailedAtOnce() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let id = try queue.enqueue(fixture.jobs(1, maxAttempts: 5)).inserted[0]
+        let job = try #require(queue.claim(owner: "w", limit: 1, leaseDuration: 60_000).first)
+        #expect(try queue.fail(job: id, attempt: job.attempt, owner: "w", error: "image.jpg is not a JPEG", permanent: true) == .failed)
+        let failed = try #require(try queue.job(id: id))
+        #expect(failed.state == .failed && failed.attempt == 1 && failed.error == "image.jpg is not a JPEG")
+        #expect(failed.finalizedAt != nil && failed.leaseOwner == nil)
+    }
+
+    @Test func cancelFinalisesQueuedRowsAndFlagsRunningOnes() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(4)).inserted
+        let running = try queue.claim(owner: "w", limit: 2, leaseDuration: 60_000)
+        let result = try queue.cancel(.all)
+        #expect(result == CancelResult(cancelled: 2, requested: 2))
+        #expect(try queue.job(id: ids[2])?.state == .cancelled && queue.job(id: ids[2])?.finalizedAt != nil)
+        let flagged = try #require(try queue.job(id: ids[0]))
+        #expect(flagged.state == .running && flagged.cancelRequested)
+        // Cancelling again changes nothing.
+        #expect(try queue.cancel(.all) == CancelResult())
+        // The worker sees the flag and finalises; a failure of a cancelled job also ends cancelled.
+        #expect(try queue.acknowledgeCancel(job: running[0].id, attempt: running[0].attempt, owner: "w"))
+        #expect(try queue.fail(job: running[1].id, attempt: running[1].attempt, owner: "w", error: "stopped", permanent: false) == .cancelled)
+        #expect(try queue.counts()[.cancelled] == 4)
+        #expect(try !queue.acknowledgeCancel(job: running[0].id, attempt: running[0].attempt, owner: "w"))
+    }
+
+    @Test func retryAndCancelSelectByFilter() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(6)).inserted
+        let claimed = try queue.claim(owner: "w", limit: 3, leaseDuration: 60_000)
+        for job in claimed { try queue.fail(job: job.id, attempt: job.attempt, owner: "w", error: "bad image", permanent: true) }
+        #expect(try queue.cancel(JobFilter(customIDs: ["job-3"])) == CancelResult(cancelled: 1, requested: 0))
+        #expect(try queue.list(JobFilter(states: [.failed, .cancelled])).map(\.id) == Array(ids[0...3]))
+
+        // Retry only the failed ones: they get three fresh tries; attempt keeps counting.
+        #expect(try queue.retry(JobFilter(states: [.failed]), attempts: 3) == 3)
+        let retried = try #require(try queue.job(id: ids[0]))
+        #expect(retried.state == .available && retried.attempt == 1 && retried.maxAttempts == 4)
+        #expect(retried.error == nil && retried.finalizedAt == nil)
+        #expect(try queue.job(id: ids[3])?.state == .cancelled)
+        // Retrying available or succeeded jobs does nothing; cancelled ones come back by id.
+        #expect(try queue.retry(ids: [ids[0], ids[4]]) == 0)
+        #expect(try queue.retry(ids: [ids[3]]) == 1)
+        // Cancel by state leaves the other states alone.
+        #expect(try queue.cancel(JobFilter(states: [.retryable])) == CancelResult())
+        #expect(try queue.counts()[.available] == 6)
+    }
+
+    @Test func bulkOperationsWorkInChunks() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        try queue.enqueue(fixture.jobs(JobQueue.chunkSize * 2 + 7))
+        #expect(try queue.cancel(.all).cancelled == JobQueue.chunkSize * 2 + 7)
+        #expect(try queue.retry(.all) == JobQueue.chunkSize * 2 + 7)
+    }
+
+    @Test func pruneDeletesOnlyFinalRowsOlderThanTheCutoff() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(4)).inserted
+        let claimed = try queue.claim(owner: "w", limit: 2, leaseDuration: 10_000_000)
+        _ = try queue.complete(job: claimed[0].id, attempt: 1, owner: "w", output: JobOutput(path: "/out/1.json.zst", sha256: "s"))
+        _ = try queue.cancel(ids: [ids[2]])
+        fixture.clock.advance(7 * 86_400_000)
+        _ = try queue.cancel(ids: [ids[3]])
+        let pruned = try queue.prune(olderThan: 86_400_000)
+        #expect(pruned.deleted == 2 && pruned.outputPaths == ["/out/1.json.zst"])
+        #expect(try queue.list().map(\.id) == [ids[1], ids[3]])
+    }
+
+    @Test func releaseHandsJobsBackWithoutUsingATry() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(2, maxAttempts: 1)).inserted
+        _ = try queue.claim(owner: "w", limit: 2, leaseDuration: 60_000)
+        _ = try queue.cancel(ids: [ids[1]])
+        #expect(try queue.release(jobs: ids, owner: "other") == 0)
+        #expect(try queue.release(jobs: ids, owner: "w") == 2)
+        let released = try #require(try queue.job(id: ids[0]))
+        #expect(released.state == .available && released.attempt == 1 && released.maxAttempts == 2)
+        #expect(try queue.job(id: ids[1])?.state == .cancelled)
+        let again = try #require(queue.claim(owner: "w2", limit: 1, leaseDuration: 60_000).first)
+        #expect(again.attempt == 2)
+    }
+
+    @Test func statisticsGiveThroughputOverTheActivePartOfTheWindowAndAnETA() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        try queue.enqueue(fixture.jobs(10))
+        #expect(try queue.statistics().jobsPerHour == nil && queue.statistics().etaMs == nil)
+        // Four jobs done in the first 10 minutes of work.
+        for _ in 0..<4 {
+            let job = try #require(queue.claim(owner: "w", limit: 1, leaseDuration: 60_000).first)
+            fixture.clock.advance(150_000)
+            _ = try queue.complete(job: job.id, attempt: job.attempt, owner: "w", output: JobOutput(path: "p", sha256: "s"))
+        }
+        let statistics = try queue.statistics(window: 3_600_000)
+        #expect(statistics.succeededInWindow == 4 && statistics.remaining == 6)
+        #expect(statistics.jobsPerHour == 24)
+        #expect(statistics.etaMs == 900_000)
+    }
+
+    @Test func parametersHaveOneCanonicalJSON() throws {
+        let parameters = JobParameters(maxTokens: 32, temperature: 0.5, topP: 0.9, topK: 40, seed: 7, stop: ["\n"],
+                                       sparsity: .dynamic, visionKeepRate: 0.25)
+        #expect(parameters.canonicalJSON() == #"{"max_tokens":32,"seed":7,"sparsity":"dynamic","stop":["\n"],"temperature":0.5,"top_k":40,"top_p":0.9,"vision_keep_rate":0.25}"#)
+        #expect(JobParameters().canonicalJSON() == "{}")
+        #expect(try JobParameters.decode(canonicalJSON: parameters.canonicalJSON()) == parameters)
+    }
+
+    @Test func durationsParse() {
+        #expect(DurationText.milliseconds("7d") == 604_800_000)
+        #expect(DurationText.milliseconds("12h") == 43_200_000)
+        #expect(DurationText.milliseconds("30m") == 1_800_000)
+        #expect(DurationText.milliseconds("45s") == 45_000)
+        #expect(DurationText.milliseconds("1h30m") == 5_400_000)
+        #expect(DurationText.milliseconds("250ms") == 250)
+        for bad in ["", "7", "d", "-1h", "1x", "1h 30m", "99999999999999999999d"] {
+            #expect(DurationText.milliseconds(bad) == nil, "\(bad)")
+        }
+    }
+}
