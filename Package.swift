@@ -49,7 +49,7 @@ let package = Package(
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
         .executableTarget(name: "dllava-bench", dependencies: [
-            "DynamicLLaVA", "Numerics", "Llama", "Vision",
+            "CBLAS", "DynamicLLaVA", "Numerics", "Llama", "Vision",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),

@@ -19,9 +19,12 @@ public func multiHeadAttention(
     precondition(heads % keyValueHeads == 0, "attention: \(heads) heads do not group into \(keyValueHeads) key/value heads")
     precondition(mask == nil || mask!.count == queryCount * keyCount, "attention: mask is not [\(queryCount), \(keyCount)]")
     let group = heads / keyValueHeads
-    let scores = UnsafeMutablePointer<Float>.allocate(capacity: max(queryCount * keyCount, 1))
-    defer { scores.deallocate() }
-    for h in 0..<heads {
+    let pointers = UncheckedSendable((queries, keys, values, output, probabilities))
+    // Heads are independent: spread over the workers (each writes its own output columns).
+    Parallelism.forEach(heads) { h in
+        let (queries, keys, values, output, probabilities) = pointers.value
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: max(queryCount * keyCount, 1))
+        defer { scores.deallocate() }
         let kv = (h / group) * headDimension
         BLAS.sgemm(m: queryCount, n: keyCount, k: headDimension,
                    a: queries + h * headDimension, lda: queryStride,

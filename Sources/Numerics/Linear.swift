@@ -1,13 +1,12 @@
 import CBLAS
 import Dispatch
 
-/// Thread control for OpenBLAS, which does all matrix products.
+/// OpenBLAS, which does every matrix product, always single-threaded: the engine runs its own
+/// workers over fixed bands of the output, so no result depends on how many threads run.
 public enum BLAS {
-    /// Number of threads OpenBLAS uses for a product.
-    public static var threadCount: Int {
-        get { Int(openblas_get_num_threads()) }
-        set { openblas_set_num_threads(Int32(newValue)) }
-    }
+    /// Set once, before the first product: OpenBLAS's own threading off (it would split a product
+    /// differently for each thread count, and calls from several workers must not nest threads).
+    static let singleThreaded: Void = openblas_set_num_threads(1)
 
     /// `C[M, N] = alpha * A[M, K] · op(B) + beta * C`, row-major, where `op(B)` is `B` `[K, N]`
     /// or, with `transposeB`, `Bᵀ` for `B` `[N, K]`. Leading dimensions are element strides.
@@ -20,6 +19,7 @@ public enum BLAS {
         alpha: Float = 1, beta: Float = 0
     ) {
         guard m > 0, n > 0 else { return }
+        _ = singleThreaded
         cblas_sgemm(
             CblasRowMajor, CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
             blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc))
@@ -29,13 +29,72 @@ public enum BLAS {
     @inline(__always)
     public static func sgemv(n: Int, k: Int, a: UnsafePointer<Float>, lda: Int, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>) {
         guard n > 0 else { return }
+        _ = singleThreaded
         cblas_sgemv(CblasRowMajor, CblasNoTrans, blasint(n), blasint(k), 1, a, blasint(lda), x, 1, 0, y, 1)
     }
 }
 
+/// Worker threads for the products. Results never depend on it: work is split into bands fixed
+/// by the weight's shape, and each band is computed the same way whichever worker takes it.
+public enum Parallelism {
+    nonisolated(unsafe) public private(set) static var threads = 1
+
+    /// Call once at start-up (the CLI's `--threads`).
+    public static func setThreads(_ count: Int) {
+        threads = max(1, count)
+    }
+
+    /// Runs `body(i)` for `i` in `0..<count`, spread over `threads` workers (round-robin).
+    public static func forEach(_ count: Int, _ body: @Sendable (Int) -> Void) {
+        let workers = max(1, min(threads, count))
+        if workers == 1 {
+            for i in 0..<count { body(i) }
+            return
+        }
+        DispatchQueue.concurrentPerform(iterations: workers) { worker in
+            var i = worker
+            while i < count {
+                body(i)
+                i += workers
+            }
+        }
+    }
+}
+
+/// Lets raw pointers cross into workers that touch disjoint memory.
+struct UncheckedSendable<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
+}
+
+/// Rows of a weight band: about `bytes` once widened to f32, a multiple of 16, at least 16.
+/// A function of the weight's shape alone, never of the activations or the thread count.
+@inline(__always)
+func bandRows(_ weight: WeightMatrix, bytes: Int) -> Int {
+    max(16, min(weight.rows, bytes / max(weight.columns * 4, 1)) / 16 * 16)
+}
+
+/// Calls `body(band rows, f32 weights of the band)` for every band of `weight`, on the workers;
+/// narrow weights are widened into a per-band scratch buffer, f32 weights are used in place.
+func forEachBand(of weight: WeightMatrix, rows band: Int, _ body: @Sendable (Range<Int>, UnsafePointer<Float>) -> Void) {
+    let n = weight.rows, k = weight.columns
+    let bands = (n + band - 1) / band
+    Parallelism.forEach(bands) { b in
+        let range = b * band ..< min(n, (b + 1) * band)
+        if weight.storageType == .float32 {
+            body(range, weight.base.assumingMemoryBound(to: Float.self) + range.lowerBound * k)
+        } else {
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: range.count * k)
+            defer { scratch.deallocate() }
+            weight.widenRows(range, into: scratch)
+            body(range, UnsafePointer(scratch))
+        }
+    }
+}
+
 /// `y = x · Wᵀ + bias` for prompt-sized inputs: `x` `[M, K]`, `weight` `[N, K]` (PyTorch Linear
-/// layout), `bias` `[N]`; result `[M, N]`. One OpenBLAS sgemm over all M rows (multi-threaded);
-/// narrow weights are widened one band of rows at a time, never as a whole.
+/// layout), `bias` `[N]`; result `[M, N]`. One OpenBLAS sgemm per band of about 8 MiB of weight
+/// rows (widened from f16/bf16 a band at a time, never whole), bands spread over the workers.
 ///
 /// OpenBLAS rounds a row differently depending on where it falls in its micro-kernel tiles, so a
 /// row's result depends on the other rows of the call. Callers that need a row to be computed
@@ -47,49 +106,18 @@ public func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) ->
     if m > 0 && n > 0 {
         x.values.withUnsafeBufferPointer { xp in
             output.withUnsafeMutableBufferPointer { yp in
-                if weight.storageType == .float32 {
-                    BLAS.sgemm(m: m, n: n, k: k, a: xp.baseAddress!, lda: k,
-                               b: weight.base.assumingMemoryBound(to: Float.self), ldb: k, transposeB: true,
-                               c: yp.baseAddress!, ldc: n)
-                } else {
-                    // Large bands: OpenBLAS packs `x` once per band.
-                    let band = max(1, min(n, (32 << 20) / max(k * 4, 1)))
-                    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: band * k)
-                    defer { scratch.deallocate() }
-                    var start = 0
-                    while start < n {
-                        let end = min(n, start + band)
-                        weight.widenRows(start..<end, into: scratch)
-                        BLAS.sgemm(m: m, n: end - start, k: k, a: xp.baseAddress!, lda: k,
-                                   b: scratch, ldb: k, transposeB: true,
-                                   c: yp.baseAddress! + start, ldc: n)
-                        start = end
-                    }
+                let pointers = UncheckedSendable((xp.baseAddress!, yp.baseAddress!))
+                // Workers write disjoint column bands of `output`.
+                forEachBand(of: weight, rows: bandRows(weight, bytes: 8 << 20)) { range, bandWeights in
+                    let (xBase, yBase) = pointers.value
+                    BLAS.sgemm(m: m, n: range.count, k: k, a: xBase, lda: k, b: bandWeights, ldb: k, transposeB: true,
+                               c: yBase + range.lowerBound, ldc: n)
                 }
             }
         }
     }
     if let bias { addBias(&output, bias, rows: m) }
     return Matrix(rows: m, columns: n, values: output)
-}
-
-/// Threads used by every product: OpenBLAS's own for `linear`, workers for `linearPerRow`.
-/// Set once at start-up (results depend on it: OpenBLAS splits a product differently).
-public enum Parallelism {
-    nonisolated(unsafe) public private(set) static var threads = 1
-
-    public static func setThreads(_ count: Int) {
-        threads = max(1, count)
-        BLAS.threadCount = threads
-    }
-}
-
-/// Rows of a weight band for `linearPerRow`: a widened band (f32) of about 4 MiB, which stays
-/// in the last-level cache while every row of the batch reads it. Depends only on the weight's
-/// shape, never on the activations, so a row's result never depends on the batch.
-@inline(__always)
-func perRowBandRows(_ weight: WeightMatrix) -> Int {
-    max(16, min(weight.rows, (4 << 20) / max(weight.columns * 4, 1)) / 16 * 16)
 }
 
 /// `y = x · Wᵀ + bias` where every row of `x` is multiplied alone, so row `r`'s result is
@@ -99,58 +127,28 @@ func perRowBandRows(_ weight: WeightMatrix) -> Int {
 /// Why not one sgemm: OpenBLAS's sgemm rounds a row differently depending on its place in the
 /// micro-kernel tiles, hence on M (measured: padding M to a multiple of 16 does not help either).
 /// Each row is therefore an OpenBLAS sgemv (a dot product per output, its order fixed by the
-/// weight band alone), which also costs a third of an M = 1 sgemm call. Weight bands are widened
-/// once and reused by every row while they sit in cache, so the weights stream from memory once
-/// per call whatever the batch size. Bands are spread over `Parallelism.threads` workers, each
-/// calling single-threaded OpenBLAS.
+/// weight band alone), which also costs a third of an M = 1 sgemm call. Weight bands (about
+/// 4 MiB widened) are widened once and reused by every row while they sit in cache, so the
+/// weights stream from memory once per call whatever the batch size.
 public func linearPerRow(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
     precondition(x.columns == weight.columns, "linearPerRow: input has \(x.columns) features, weight expects \(weight.columns)")
     let m = x.rows, n = weight.rows, k = weight.columns
     var output = [Float](repeating: 0, count: m * n)
-    let band = perRowBandRows(weight)
-    let bandCount = (n + band - 1) / band
     if m > 0 && n > 0 {
         x.values.withUnsafeBufferPointer { xp in
             output.withUnsafeMutableBufferPointer { yp in
                 let pointers = UncheckedSendable((xp.baseAddress!, yp.baseAddress!))
-                let workers = max(1, min(Parallelism.threads, bandCount))
-                // Workers write disjoint column bands of `output`.
-                let work: @Sendable (Int) -> Void = { worker in
+                forEachBand(of: weight, rows: bandRows(weight, bytes: 4 << 20)) { range, bandWeights in
                     let (xBase, yBase) = pointers.value
-                    let scratch = weight.storageType == .float32 ? nil : UnsafeMutablePointer<Float>.allocate(capacity: band * k)
-                    defer { scratch?.deallocate() }
-                    var b = worker
-                    while b < bandCount {
-                        let start = b * band, end = min(n, start + band)
-                        let bandWeights: UnsafePointer<Float>
-                        if let scratch {
-                            weight.widenRows(start..<end, into: scratch)
-                            bandWeights = UnsafePointer(scratch)
-                        } else {
-                            bandWeights = weight.base.assumingMemoryBound(to: Float.self) + start * k
-                        }
-                        for r in 0..<m {
-                            BLAS.sgemv(n: end - start, k: k, a: bandWeights, lda: k, x: xBase + r * k, y: yBase + r * n + start)
-                        }
-                        b += workers
+                    for r in 0..<m {
+                        BLAS.sgemv(n: range.count, k: k, a: bandWeights, lda: k, x: xBase + r * k, y: yBase + r * n + range.lowerBound)
                     }
                 }
-                // OpenBLAS would split a large sgemv over its own threads; the workers are the threads here.
-                let saved = BLAS.threadCount
-                BLAS.threadCount = 1
-                if workers == 1 { work(0) } else { DispatchQueue.concurrentPerform(iterations: workers, execute: work) }
-                BLAS.threadCount = saved
             }
         }
     }
     if let bias { addBias(&output, bias, rows: m) }
     return Matrix(rows: m, columns: n, values: output)
-}
-
-/// Lets raw pointers cross into `concurrentPerform` workers that touch disjoint memory.
-struct UncheckedSendable<Value>: @unchecked Sendable {
-    let value: Value
-    init(_ value: Value) { self.value = value }
 }
 
 func addBias(_ output: inout [Float], _ bias: [Float], rows m: Int) {

@@ -2,6 +2,7 @@
 // next to OpenBLAS sgemm GFLOPS on the same GEMM shapes and the machine's memory read rate, so
 // every figure comes with the baseline it should be judged against.
 import ArgumentParser
+import CBLAS
 import Dispatch
 import DynamicLLaVA
 import Foundation
@@ -93,7 +94,7 @@ struct EngineBenchmark: ParsableCommand {
             _ = language.logits(hidden.rows((promptLength - 1)..<promptLength))
             let prefillSeconds = seconds(since: prefillStart)
             let prefillFlops = Double(prefillFlopCount(c, tokens: promptLength))
-            let gemmRate = sgemmRate(c, tokens: promptLength)
+            let gemmRate = sgemmRate(c, tokens: promptLength, threads: count)
 
             // Decode at batch 1 and 8 (the batch-8 caches are copies of the prefilled one).
             var rates: [Double] = []
@@ -145,8 +146,11 @@ func prefillFlopCount(_ c: LlamaConfiguration, tokens n: Int) -> Int {
 }
 
 /// OpenBLAS sgemm FLOP/s over one decoder layer's product shapes (f32 weights already widened),
-/// `[tokens, K] x [K, N]`: the ceiling the prefill is measured against.
-func sgemmRate(_ c: LlamaConfiguration, tokens m: Int) -> Double {
+/// `[tokens, K] x [K, N]`, each one call with OpenBLAS's own `threads` threads: the ceiling the
+/// prefill is measured against.
+func sgemmRate(_ c: LlamaConfiguration, tokens m: Int, threads: Int) -> Double {
+    openblas_set_num_threads(Int32(threads))
+    defer { openblas_set_num_threads(1) }
     let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
     let shapes = [(q, h), (c.keyValueWidth, h), (c.keyValueWidth, h), (h, q), (c.intermediateSize, h), (c.intermediateSize, h), (h, c.intermediateSize)]
     var flops = 0.0, elapsed = 0.0
@@ -157,7 +161,7 @@ func sgemmRate(_ c: LlamaConfiguration, tokens m: Int) -> Double {
         a.withUnsafeBufferPointer { ap in
             b.withUnsafeBufferPointer { bp in
                 out.withUnsafeMutableBufferPointer { op in
-                    BLAS.sgemm(m: m, n: n, k: k, a: ap.baseAddress!, lda: k, b: bp.baseAddress!, ldb: k, transposeB: true, c: op.baseAddress!, ldc: n)
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blasint(m), blasint(n), blasint(k), 1, ap.baseAddress!, blasint(k), bp.baseAddress!, blasint(k), 0, op.baseAddress!, blasint(n))
                 }
             }
         }

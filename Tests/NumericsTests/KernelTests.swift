@@ -47,10 +47,27 @@ func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
         for r in 0..<33 {
             #expect(linearPerRow(x.rows(r..<r + 1), weight, bias: bias).values == batched.row(r), "row \(r)")
         }
+        // The thread count changes nothing.
+        Parallelism.setThreads(3 - threads)
+        #expect(linearPerRow(x, weight, bias: bias) == batched)
         // The same rows in another batch, at other positions.
         let shuffled = x.gatherRows([32, 7, 0, 16])
         let again = linearPerRow(shuffled, weight, bias: bias)
         #expect(again.row(0) == batched.row(32) && again.row(2) == batched.row(0) && again.row(3) == batched.row(16))
+    }
+
+    @Test("linear gives the same bits with any number of worker threads", arguments: [StorageType.float32, .float16])
+    func linearIsThreadCountInvariant(storage: StorageType) {
+        defer { Parallelism.setThreads(1) }
+        let k = 700, n = 3000
+        let weight = WeightMatrix(rows: n, columns: k, values: randomValues(n * k, seed: 21), storageType: storage)
+        let x = Matrix(rows: 45, columns: k, values: randomValues(45 * k, seed: 22))
+        Parallelism.setThreads(1)
+        let one = linear(x, weight)
+        Parallelism.setThreads(2)
+        #expect(linear(x, weight) == one)
+        Parallelism.setThreads(4)
+        #expect(linear(x, weight) == one)
     }
 
     @Test("f16 and bf16 widening round-trips representable values and rounds to nearest even")
