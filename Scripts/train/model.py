@@ -280,7 +280,12 @@ class SceneLlava(nn.Module):
         emb = self.llm.model.embed_tokens
         b = batch.pixels.shape[0]
         pre = emb(batch.prefix)[None].expand(b, -1, -1)
-        img = self.projector(self.image_features(batch.pixels))
+        if any(p.requires_grad for p in self.vision.parameters()):
+            feats = self.image_features(batch.pixels)
+        else:  # frozen tower (stage 2): no activations kept for backward
+            with torch.no_grad():
+                feats = self.image_features(batch.pixels)
+        img = self.projector(feats)
         return torch.cat([pre, img, emb(batch.suffix)], dim=1)
 
     def _mask(self, batch: Batch, t):
@@ -357,3 +362,87 @@ class SceneLlava(nn.Module):
 
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Greedy generation for validation (no KV cache: the whole sequence is recomputed each step)
+
+@torch.no_grad()
+def generate(model, prefix, pixels, prompts, eos_id, max_new=64, mode="full", seed=0):
+    """Greedy decoding of a batch. prefix [P]; pixels [B,3,S,S]; prompts: list of suffix id lists
+    (instruction after the image, ending with "ASSISTANT:").
+    mode "full": plain LLaVA. "dynamic": Dynamic-LLaVA inference (section 4): at layer l the top
+    int(N x vision_keep_rate) image tokens by log_softmax channel 0 are kept, and every generated
+    token except the newest is kept iff output gate logit0 > logit1; layers >= l see only kept keys
+    (equivalent to pruning with original positions, up to the MaskedSoftmax eps).
+    "random": the same image budget, chosen uniformly at random (seeded); no output gating.
+    -> (list of generated id lists without EOS, stats dict with realised keep rates)."""
+    model.eval()
+    sp = model.sparse
+    b = pixels.shape[0]
+    emb = model.llm.model.embed_tokens
+    img = model.projector(model.image_features(pixels))
+    n = img.shape[1]
+    p = prefix.shape[0]
+    pre = emb(prefix)[None].expand(b, -1, -1)
+    seqs = [list(x) for x in prompts]
+    start = [len(x) for x in prompts]
+    done = [False] * b
+    k_img = int(n * sp.vision_keep_rate)
+    gen = torch.Generator().manual_seed(seed)
+    img_policy = None
+    if mode == "random":
+        img_policy = torch.zeros(b, n)
+        for r in range(b):
+            img_policy[r, torch.randperm(n, generator=gen)[:k_img]] = 1.0
+    out_kept, out_total = 0, 0
+    for _ in range(max_new):
+        a = max(len(s) for s in seqs)
+        suffix = torch.zeros(b, a, dtype=torch.long)
+        valid = torch.zeros(b, a, dtype=torch.bool)
+        for r, s in enumerate(seqs):
+            suffix[r, :len(s)] = torch.tensor(s)
+            valid[r, :len(s)] = True
+        h = torch.cat([pre, img, emb(suffix)], dim=1)
+        t = h.shape[1]
+        batch = Batch(prefix, pixels, suffix, valid, None, None)
+        mask = model._mask(batch, t)
+        rope = model.llm.model.rotary_emb(h, torch.arange(t)[None])
+        policy = None
+        for i, layer in enumerate(model.llm.model.layers):
+            if i == sp.sparse_layer and mode != "full":
+                if mode == "dynamic":
+                    score = F.log_softmax(model.image_score_predictor(h[:, p:p + n]).float(), dim=-1)[..., 0]
+                    keep = score.topk(k_img, dim=1).indices
+                    img_policy = torch.zeros(b, n).scatter_(1, keep, 1.0)
+                    gl = model.output_text_score_predictor(h[:, p + n:]).float()
+                    gate_raw = gl[..., 0] > gl[..., 1]
+                    out_policy = gate_raw.float()
+                    for r in range(b):  # prompt tokens and the newest token are always kept
+                        out_policy[r, :start[r]] = 1.0
+                        out_policy[r, len(seqs[r]) - 1:] = 1.0
+                else:
+                    out_policy = torch.ones(b, a)
+                policy = torch.cat([torch.ones(b, p), img_policy, out_policy], dim=1)
+            h = layer(h, attention_mask=mask, position_embeddings=rope,
+                      keep_policy=policy if policy is not None and i >= sp.sparse_layer else None)
+            h = h[0] if isinstance(h, tuple) else h
+        last = torch.tensor([p + n + len(s) - 1 for s in seqs])
+        logits = model.llm.lm_head(model.llm.model.norm(h[torch.arange(b), last]))
+        nxt = logits.argmax(dim=-1).tolist()
+        for r in range(b):
+            if not done[r]:
+                seqs[r].append(nxt[r])
+                done[r] = nxt[r] == eos_id
+        if all(done):
+            break
+    if mode == "dynamic":  # realised output keep rate: gate decisions of the generated tokens
+        for r in range(b):   # fed in the last forward, except the newest (always kept)
+            fed = min(len(seqs[r]), a)
+            dec = gate_raw[r, start[r]:fed - 1]
+            out_kept += int(dec.sum())
+            out_total += dec.numel()
+    outs = [[x for x in s[st:] if x != eos_id] for s, st in zip(seqs, start)]
+    stats = {"image_keep": (k_img / n) if mode != "full" else 1.0,
+             "output_keep": (out_kept / out_total) if out_total else 1.0}
+    return outs, stats
