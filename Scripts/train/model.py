@@ -247,6 +247,10 @@ class Batch:
     labels: torch.Tensor
     gate: torch.Tensor
 
+    def to(self, device):
+        return Batch(*[x.to(device) if x is not None else None for x in
+                       (self.prefix, self.pixels, self.suffix, self.suffix_valid, self.labels, self.gate)])
+
 
 class SceneLlava(nn.Module):
     def __init__(self, size: ModelSize, vocab_size: int, sparse: SparseConfig):
@@ -292,9 +296,10 @@ class SceneLlava(nn.Module):
         """bool [B, 1, T, T]: causal, padded keys off, but every query sees itself."""
         b = batch.pixels.shape[0]
         p = t - batch.suffix.shape[1]
-        valid = torch.cat([torch.ones(b, p, dtype=torch.bool), batch.suffix_valid], dim=1)
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        eye = torch.eye(t, dtype=torch.bool)
+        dev = batch.suffix.device
+        valid = torch.cat([torch.ones(b, p, dtype=torch.bool, device=dev), batch.suffix_valid], dim=1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(t, dtype=torch.bool, device=dev)
         return (causal[None] & (valid[:, None, :] | eye[None]))[:, None]
 
     # ---- training forward ----
@@ -303,7 +308,7 @@ class SceneLlava(nn.Module):
         h = self.embed(batch)
         b, t, _ = h.shape
         p, n = batch.prefix.shape[0], self.size.image_tokens
-        pos = torch.arange(t)[None]
+        pos = torch.arange(t, device=h.device)[None]
         rope = self.llm.model.rotary_emb(h, pos)
         mask = self._mask(batch, t)
         policy = None
@@ -336,7 +341,7 @@ class SceneLlava(nn.Module):
         long_rows = span >= sp.output_text_len_for_training           # shorter answers keep all
         gated = batch.gate & long_rows[:, None]
         out_policy = torch.where(gated, out_keep, torch.ones_like(out_keep))
-        policy = torch.cat([torch.ones(b, p, dtype=out_policy.dtype), img_keep, out_policy], dim=1)
+        policy = torch.cat([torch.ones(b, p, dtype=out_policy.dtype, device=h.device), img_keep, out_policy], dim=1)
         img_ratio = img_keep.mean(dim=1)
         image_mask_loss = ((sp.vision_keep_rate - img_ratio) ** 2).mean()
         out_ratio = (out_policy * batch.gate).sum(dim=1) / span.clamp(min=1)
@@ -380,6 +385,7 @@ def generate(model, prefix, pixels, prompts, eos_id, max_new=64, mode="full", se
     model.eval()
     sp = model.sparse
     b = pixels.shape[0]
+    dev = pixels.device
     emb = model.llm.model.embed_tokens
     img = model.projector(model.image_features(pixels))
     n = img.shape[1]
@@ -395,6 +401,7 @@ def generate(model, prefix, pixels, prompts, eos_id, max_new=64, mode="full", se
         img_policy = torch.zeros(b, n)
         for r in range(b):
             img_policy[r, torch.randperm(n, generator=gen)[:k_img]] = 1.0
+        img_policy = img_policy.to(dev)
     out_kept, out_total = 0, 0
     for _ in range(max_new):
         a = max(len(s) for s in seqs)
@@ -403,18 +410,19 @@ def generate(model, prefix, pixels, prompts, eos_id, max_new=64, mode="full", se
         for r, s in enumerate(seqs):
             suffix[r, :len(s)] = torch.tensor(s)
             valid[r, :len(s)] = True
+        suffix, valid = suffix.to(dev), valid.to(dev)
         h = torch.cat([pre, img, emb(suffix)], dim=1)
         t = h.shape[1]
         batch = Batch(prefix, pixels, suffix, valid, None, None)
         mask = model._mask(batch, t)
-        rope = model.llm.model.rotary_emb(h, torch.arange(t)[None])
+        rope = model.llm.model.rotary_emb(h, torch.arange(t, device=dev)[None])
         policy = None
         for i, layer in enumerate(model.llm.model.layers):
             if i == sp.sparse_layer and mode != "full":
                 if mode == "dynamic":
                     score = F.log_softmax(model.image_score_predictor(h[:, p:p + n]).float(), dim=-1)[..., 0]
                     keep = score.topk(k_img, dim=1).indices
-                    img_policy = torch.zeros(b, n).scatter_(1, keep, 1.0)
+                    img_policy = torch.zeros(b, n, device=dev).scatter_(1, keep, 1.0)
                     gl = model.output_text_score_predictor(h[:, p + n:]).float()
                     gate_raw = gl[..., 0] > gl[..., 1]
                     out_policy = gate_raw.float()
@@ -422,13 +430,13 @@ def generate(model, prefix, pixels, prompts, eos_id, max_new=64, mode="full", se
                         out_policy[r, :start[r]] = 1.0
                         out_policy[r, len(seqs[r]) - 1:] = 1.0
                 else:
-                    out_policy = torch.ones(b, a)
-                policy = torch.cat([torch.ones(b, p), img_policy, out_policy], dim=1)
+                    out_policy = torch.ones(b, a, device=dev)
+                policy = torch.cat([torch.ones(b, p, device=dev), img_policy, out_policy], dim=1)
             h = layer(h, attention_mask=mask, position_embeddings=rope,
                       keep_policy=policy if policy is not None and i >= sp.sparse_layer else None)
             h = h[0] if isinstance(h, tuple) else h
-        last = torch.tensor([p + n + len(s) - 1 for s in seqs])
-        logits = model.llm.lm_head(model.llm.model.norm(h[torch.arange(b), last]))
+        last = torch.tensor([p + n + len(s) - 1 for s in seqs], device=dev)
+        logits = model.llm.lm_head(model.llm.model.norm(h[torch.arange(b, device=dev), last]))
         nxt = logits.argmax(dim=-1).tolist()
         for r in range(b):
             if not done[r]:

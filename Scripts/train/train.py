@@ -73,6 +73,8 @@ def parse_args(argv=None):
     ap.add_argument("--val-batches", type=int, default=4, help="fixed val batches for the val loss")
     ap.add_argument("--eval-scenes", type=int, default=48, help="val scenes for the final generation check")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (the plan) or cuda (same schedule, for pilots)")
+    ap.add_argument("--workers", type=int, default=0, help="data-loader processes rendering batches")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--time-steps", type=int, default=0,
                     help="only time this many steps (after 2 warm-up steps), print and exit")
@@ -150,7 +152,7 @@ def val_loss(model, tok, args, dynamic, tau):
         for _ in range(8):
             scene = scenes.make_scene(scenes.scene_index("val", rng.randrange(10_000)))
             items.append((data.pixels(scenes.render(scene)), data.build_suffix(tok, scenes.conversation(scene, rng))))
-        out = model(data.collate(tok, items), dynamic=dynamic, tau=tau)
+        out = model(data.collate(tok, items).to(args.device), dynamic=dynamic, tau=tau)
         for key, v in out.items():
             tot[key] = tot.get(key, 0.0) + float(v) / args.val_batches
     model.train()
@@ -158,7 +160,7 @@ def val_loss(model, tok, args, dynamic, tau):
 
 
 @torch.no_grad()
-def val_generation(model, tok, split, count, modes, start=0, chunk=16):
+def val_generation(model, tok, split, count, modes, start=0, chunk=16, device="cpu"):
     """Captions and one question per scene on `count` scenes of `split`; -> {mode: summary}."""
     items = data.eval_items(split, count, start)
     results = {}
@@ -166,8 +168,8 @@ def val_generation(model, tok, split, count, modes, start=0, chunk=16):
         cap_rows, qa_rows, keep = [], [], []
         for c0 in range(0, len(items), chunk):
             part = items[c0:c0 + chunk]
-            px = torch.stack([data.pixels(scenes.render(s)) for s, _, _, _ in part])
-            prefix = torch.tensor(tok.prefix)
+            px = torch.stack([data.pixels(scenes.render(s)) for s, _, _, _ in part]).to(device)
+            prefix = torch.tensor(tok.prefix, device=device)
             caps, st1 = generate(model, prefix, px, [tok.prompt(scenes.DESCRIBE)[1] for _ in part], tok.eos,
                                  max_new=72, mode=mode, seed=c0)
             ans, st2 = generate(model, prefix, px, [tok.prompt(q)[1] for _, q, _, _ in part], tok.eos,
@@ -182,17 +184,36 @@ def val_generation(model, tok, split, count, modes, start=0, chunk=16):
         results[mode] = summary
     # one example for the log
     s, _, _, _ = items[0]
-    px = data.pixels(scenes.render(s))[None]
-    c, _ = generate(model, torch.tensor(tok.prefix), px, [tok.prompt(scenes.DESCRIBE)[1]], tok.eos, max_new=72)
+    px = data.pixels(scenes.render(s))[None].to(device)
+    c, _ = generate(model, torch.tensor(tok.prefix, device=device), px, [tok.prompt(scenes.DESCRIBE)[1]], tok.eos, max_new=72)
     results["example"] = {"truth": scenes.caption(s), "generated": tok.decode(c[0])}
     model.train()
     return results
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """Training batches from `start` on (batch k = data.training_batch(seed, k)); with several
+    workers, worker w renders steps start + w, start + w + W, ... and the loader interleaves them
+    back in step order."""
+
+    def __init__(self, tok, args, start):
+        self.tok, self.args, self.start = tok, args, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        k = self.start + w
+        while True:
+            yield data.training_batch(self.tok, self.args.seed, k, self.args.batch, self.args.train_scenes)
+            k += nw
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormals make CPU kernels many times slower
+    torch.backends.cudnn.allow_tf32 = False  # a cuda pilot computes in fp32 like the CPU run
+    torch.backends.cuda.matmul.allow_tf32 = False
     os.makedirs(args.run_dir, exist_ok=True)
     final_path = os.path.join(args.run_dir, "final.pt")
     ckpt_path = os.path.join(args.run_dir, "ckpt.pt")
@@ -202,6 +223,7 @@ def main(argv=None):
     log = Logger(args.run_dir)
     tok = data.SceneTokenizer(args.tokenizer)
     model, size, sparse = build(args, tok)
+    model.to(args.device)
     opt = make_optimizer(args, model)
     dynamic = args.stage == 2
     step, train_seconds = 0, 0.0
@@ -239,6 +261,9 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
 
     model.train()
+    batches = iter(torch.utils.data.DataLoader(
+        StepBatches(tok, args, step), batch_size=None, num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None, persistent_workers=False))
     last_ckpt = last_val = time.time()
     acc = {}
     timings = []
@@ -253,7 +278,7 @@ def main(argv=None):
         f = lr_factor(pr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
-        batch = data.training_batch(tok, args.seed, step, args.batch, args.train_scenes)
+        batch = next(batches).to(args.device)
         t1 = time.time()
         out = model(batch, dynamic=dynamic, tau=tau)
         opt.zero_grad(set_to_none=True)
@@ -304,7 +329,7 @@ def main(argv=None):
     log("val " + " ".join(f"{k} {x:.4f}" for k, x in v.items()), kind="val", step=step, **v)
     if args.eval_scenes:
         modes = ["full", "dynamic", "random"] if dynamic else ["full"]
-        res = val_generation(model, tok, "val", args.eval_scenes, modes)
+        res = val_generation(model, tok, "val", args.eval_scenes, modes, device=args.device)
         with open(os.path.join(args.run_dir, "val.json"), "w") as f:
             json.dump(res, f, indent=1)
         for mode in modes:
