@@ -296,7 +296,8 @@ def main(argv=None):
                 print(json.dumps({"preset": args.preset, "stage": args.stage, "batch": args.batch,
                                   "steps_timed": len(ts), "step_s": sum(ts) / len(ts),
                                   "compute_s": sum(cs) / len(cs), "data_s": (sum(ts) - sum(cs)) / len(ts),
-                                  "seq_len": batch.suffix.shape[1] + len(tok.prefix) + size.image_tokens}))
+                                  "seq_len": batch.suffix.shape[1] + len(tok.prefix) + size.image_tokens,
+                                  "each_s": [round(x, 2) for x in ts]}))
                 return
             continue
         for k, v in out.items():
