@@ -68,9 +68,11 @@ PRESETS = {
                        hidden=64, layers=3, heads=2, kv_heads=2, ffn=176, d_model=64, nhead=2,
                        dim_feedforward=128),
     # the model trained in ~90 minutes on 2 CPU cores (see README for the measured step times)
-    "full": ModelSize(),
-    # 576 image tokens (patch 14), same widths: about 4x the cost per step
-    "full576": ModelSize(patch_size=14),
+    "full": ModelSize(hidden=192, ffn=512),
+    # wider LLM (hidden 256): about 1.4x the cost per step
+    "wide": ModelSize(),
+    # 576 image tokens (patch 14): about 4x the cost per step
+    "full576": ModelSize(patch_size=14, hidden=192, ffn=512),
 }
 
 

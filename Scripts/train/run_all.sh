@@ -24,8 +24,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
 else
   RUN=${RUN:-$HERE/runs/full}
   PRESET=${PRESET:-full}
-  S1=(--minutes ${STAGE1_MIN:-60} --batch ${BATCH:-8})
-  S2=(--minutes ${STAGE2_MIN:-22} --batch ${BATCH:-8})
+  S1=(--minutes ${STAGE1_MIN:-60} --batch ${BATCH:-8} --eval-scenes 16)
+  S2=(--minutes ${STAGE2_MIN:-22} --batch ${BATCH:-8} --eval-scenes 32)
   EVAL_COUNT=${EVAL_COUNT:-100}
 fi
 mkdir -p "$RUN"

@@ -57,7 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=0, help="fixed step count instead of the time budget")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3, help="stage 1 peak lr")
-    ap.add_argument("--llm-lr", type=float, default=2e-5, help="stage 2 projector + LLM lr")
+    ap.add_argument("--llm-lr", type=float, default=1e-4, help="stage 2 projector + LLM lr (1/10 of stage 1 peak)")
     ap.add_argument("--predictor-lr", type=float, default=2e-4, help="stage 2 predictor lr")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the schedule")
