@@ -139,7 +139,9 @@ def masked_attention(module, query, key, value, attention_mask, scaling, dropout
         scores = (query @ key.transpose(-2, -1)).float() * scaling
         scores = scores.masked_fill(~attention_mask, float("-inf"))
         pol = keep_policy.float()[:, None, None, :]                      # [B, 1, 1, N]
-        eye = torch.eye(n, dtype=pol.dtype, device=pol.device)[None, None]
+        nq = query.shape[-2]                                             # queries are the last nq keys
+        eye = (torch.arange(nq, device=pol.device)[:, None] + (n - nq)
+               == torch.arange(n, device=pol.device)[None, :]).to(pol.dtype)[None, None]
         pol = pol + (1.0 - pol) * eye                                    # a token always sees itself
         a = (scores - scores.amax(dim=-1, keepdim=True)).exp() * pol
         a = (a + MASKED_SOFTMAX_EPS / n) / (a.sum(dim=-1, keepdim=True) + MASKED_SOFTMAX_EPS)
@@ -236,6 +238,24 @@ class OutputTextPredictor(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # The model
 
+class _PrefixKV:
+    """Duck-typed transformers cache for the shared prefix: the prefix pass (batch 1) records
+    each layer's K/V; afterwards update() prepends them, expanded to the batch, to the rows'."""
+
+    def __init__(self):
+        self.kv = {}
+        self.batch = None
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if self.batch is None:
+            self.kv[layer_idx] = (key_states, value_states)
+            return key_states, value_states
+        pk, pv = self.kv[layer_idx]
+        b = key_states.shape[0]
+        return (torch.cat([pk.expand(b, -1, -1, -1), key_states], dim=2),
+                torch.cat([pv.expand(b, -1, -1, -1), value_states], dim=2))
+
+
 @dataclass
 class Batch:
     """prefix [P] ids shared by all rows; pixels [B, 3, S, S] normalised; suffix [B, A] ids
@@ -282,17 +302,19 @@ class SceneLlava(nn.Module):
             x = x[0] if isinstance(x, tuple) else x
         return x[:, 1:]
 
-    def embed(self, batch: Batch):
+    def embed(self, batch: Batch, with_prefix=True):
         emb = self.llm.model.embed_tokens
         b = batch.pixels.shape[0]
-        pre = emb(batch.prefix)[None].expand(b, -1, -1)
         if any(p.requires_grad for p in self.vision.parameters()):
             feats = self.image_features(batch.pixels)
         else:  # frozen tower (stage 2): no activations kept for backward
             with torch.no_grad():
                 feats = self.image_features(batch.pixels)
         img = self.projector(feats)
-        return torch.cat([pre, img, emb(batch.suffix)], dim=1)
+        parts = [img, emb(batch.suffix)]
+        if with_prefix:
+            parts.insert(0, emb(batch.prefix)[None].expand(b, -1, -1))
+        return torch.cat(parts, dim=1)
 
     def _mask(self, batch: Batch, t):
         """bool [B, 1, T, T]: causal, padded keys off, but every query sees itself."""
@@ -305,23 +327,46 @@ class SceneLlava(nn.Module):
         return (causal[None] & (valid[:, None, :] | eye[None]))[:, None]
 
     # ---- training forward ----
-    def forward(self, batch: Batch, dynamic=False, tau=1.0):
-        """-> dict(loss, ce, image_keep, output_keep, image_mask_loss, output_mask_loss)."""
-        h = self.embed(batch)
-        b, t, _ = h.shape
+    def forward(self, batch: Batch, dynamic=False, tau=1.0, share_prefix=True):
+        """-> dict(loss, ce, image_keep, output_keep, image_mask_loss, output_mask_loss).
+        share_prefix: the prefix (BOS, system prompt, "USER:") is the same for every row and
+        precedes the image, so its hidden states and K/V are computed once (batch 1) and every
+        row attends to them; identical results to share_prefix=False, about 20% fewer FLOPs."""
+        b = batch.pixels.shape[0]
         p, n = batch.prefix.shape[0], self.size.image_tokens
-        pos = torch.arange(t, device=h.device)[None]
+        l = self.sparse.sparse_layer
+        layers = self.llm.model.layers
+        if share_prefix:
+            kv = _PrefixKV()
+            hp = self.llm.model.embed_tokens(batch.prefix)[None]
+            rope_p = self.llm.model.rotary_emb(hp, torch.arange(p, device=hp.device)[None])
+            mask_p = torch.ones(p, p, dtype=torch.bool, device=hp.device).tril()[None, None]
+            for layer in layers:
+                hp = layer(hp, attention_mask=mask_p, position_embeddings=rope_p, past_key_values=kv)
+                hp = hp[0] if isinstance(hp, tuple) else hp
+            kv.batch = b
+            h = self.embed(batch, with_prefix=False)                # [B, T - P, H]
+            t = p + h.shape[1]
+            o = 0                                                   # image offset inside h
+            pos = torch.arange(p, t, device=h.device)[None]
+            mask = self._mask(batch, t)[:, :, p:, :]
+        else:
+            kv = None
+            h = self.embed(batch)
+            t = h.shape[1]
+            o = p
+            pos = torch.arange(t, device=h.device)[None]
+            mask = self._mask(batch, t)
         rope = self.llm.model.rotary_emb(h, pos)
-        mask = self._mask(batch, t)
         policy = None
         stats = {}
-        l = self.sparse.sparse_layer
-        for i, layer in enumerate(self.llm.model.layers):
+        for i, layer in enumerate(layers):
             if dynamic and i == l:
-                policy, stats = self._decide(h, batch, p, n, tau)
-            h = layer(h, attention_mask=mask, position_embeddings=rope, keep_policy=policy if i >= l else None)
+                policy, stats = self._decide(h, batch, o, p, n, tau)
+            h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=kv,
+                      keep_policy=policy if i >= l else None)
             h = h[0] if isinstance(h, tuple) else h
-        logits = self.llm.lm_head(self.llm.model.norm(h[:, p + n - 1:-1])).float()  # predicts suffix
+        logits = self.llm.lm_head(self.llm.model.norm(h[:, o + n - 1:-1])).float()  # predicts suffix
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=-100)
         out = {"ce": ce, "loss": ce}
         if dynamic:
@@ -330,13 +375,14 @@ class SceneLlava(nn.Module):
             out.update(stats)
         return out
 
-    def _decide(self, h, batch, p, n, tau):
-        """Hard Gumbel-Softmax keep decisions at layer l (straight-through) -> policy [B, T]."""
+    def _decide(self, h, batch, o, p, n, tau):
+        """Hard Gumbel-Softmax keep decisions at layer l (straight-through) -> policy [B, T] over
+        all keys (prefix kept). h holds the image at [o, o + n) and the suffix after it."""
         sp = self.sparse
-        b, t, _ = h.shape
-        img_logits = self.image_score_predictor(h[:, p:p + n])
+        b = h.shape[0]
+        img_logits = self.image_score_predictor(h[:, o:o + n])
         img_keep = F.gumbel_softmax(F.log_softmax(img_logits.float(), dim=-1), tau=tau, hard=True)[..., 0]
-        suffix = h[:, p + n:]
+        suffix = h[:, o + n:]
         out_logits = self.output_text_score_predictor(suffix)
         out_keep = F.gumbel_softmax(F.log_softmax(out_logits.float(), dim=-1), tau=tau, hard=True)[..., 0]
         span = batch.gate.sum(dim=1)                                   # [B]

@@ -90,12 +90,34 @@ def training_step_runs_in_both_stages_and_generation_modes_run():
         checkpoint_key(name)
 
 
+def sharing_the_prefix_changes_nothing():
+    torch.manual_seed(0)
+    tok = data.SceneTokenizer(os.path.join(HERE, "tokenizer", "tokenizer.model"))
+    m = SceneLlava(PRESETS["smoke"], tok.vocab_size, SparseConfig(d_model=64, nhead=2, dim_feedforward=128,
+                                                                  output_text_len_for_training=8))
+    batch = data.training_batch(tok, 0, 1, 3, 100)
+    for dynamic in (False, True):
+        res = []
+        for share in (False, True):
+            m.zero_grad()
+            torch.manual_seed(7)  # same Gumbel noise
+            out = m(batch, dynamic=dynamic, tau=0.5, share_prefix=share)
+            out["loss"].backward()
+            res.append((float(out["loss"]), m.llm.model.layers[0].self_attn.q_proj.weight.grad.clone(),
+                        m.image_score_predictor.down_mlp[1].weight.grad.clone() if dynamic else None))
+        (l0, g0, p0), (l1, g1, p1) = res
+        assert abs(l0 - l1) < 1e-5 * max(1.0, abs(l0)), (dynamic, l0, l1)
+        assert (g0 - g1).norm() <= 1e-4 * g0.norm(), (dynamic, float((g0 - g1).norm() / g0.norm()))
+        if dynamic:
+            assert (p0 - p1).norm() <= 1e-4 * p0.norm()
+
+
 def main():
     torch.set_flush_denormal(True)
     tests = [scenes_are_deterministic_and_splits_disjoint, captions_parse_back_to_their_scene,
              masked_softmax_with_all_kept_is_softmax_and_dropping_equals_masking,
              prompt_tokens_match_llava_and_answers_carry_the_loss,
-             training_step_runs_in_both_stages_and_generation_modes_run]
+             training_step_runs_in_both_stages_and_generation_modes_run, sharing_the_prefix_changes_nothing]
     for t in tests:
         t()
         print("ok", t.__name__)

@@ -301,12 +301,15 @@ def main(argv=None):
                 return
             continue
         for k, v in out.items():
-            acc[k] = acc.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            v = float(v.detach() if torch.is_tensor(v) else v)
+            if not math.isnan(v):  # output_keep is NaN for a batch without a long answer
+                acc[k] = acc.get(k, 0.0) + v
+                acc["n_" + k] = acc.get("n_" + k, 0) + 1
         acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(gn)
         acc["step_s"] = acc.get("step_s", 0.0) + dt
         acc["n"] = acc.get("n", 0) + 1
         if step % args.log_every == 0:
-            m = {k: v / acc["n"] for k, v in acc.items() if k != "n"}
+            m = {k: v / acc.get("n_" + k, acc["n"]) for k, v in acc.items() if k != "n" and not k.startswith("n_")}
             log(f"step {step} prog {pr:.3f} loss {m['loss']:.4f} ce {m['ce']:.4f} "
                 + (f"img_keep {m['image_keep']:.3f} out_keep {m.get('output_keep', float('nan')):.3f} tau {tau:.3f} "
                    if dynamic else "")
