@@ -3,6 +3,9 @@
 # the ~90-minute 2-core run, to measure the accuracy that schedule reaches, plus a clean 2-thread
 # CPU timing of the full-size model. Not part of the pipeline.
 #   bash Scripts/train/pilot_gpu.sh STAGE1_STEPS STAGE2_STEPS   (writes logs to $OUT)
+# The device image has transformers 5.x: carry wheels of transformers 4.57.6, tokenizers 0.22.2
+# and huggingface_hub 0.36.2 (see /work/.library/device/README.md) and install them first.
+# Untested: the device tool sends the session's original checkout, not this worktree.
 set -uo pipefail
 S1=${1:-1800}; S2=${2:-800}
 cd "$(dirname "$0")"
