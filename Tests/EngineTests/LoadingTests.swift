@@ -58,3 +58,21 @@ struct LoadingTests {
         #expect(throws: Error.self) { try LLaVAModel.load(directory: model) }
     }
 }
+
+@Suite("The shipped demo model")
+struct DemoModelTests {
+    @Test("Jobs/models/dllava-scenes loads with its predictors and captions a sample scene as the PyTorch reference does")
+    func captionsASampleScene() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Jobs").standardizedFileURL
+        let model = try LLaVAModel.load(directory: root.appendingPathComponent("models/dllava-scenes"))
+        #expect(model.sparse?.configuration.sparseLayer == 2)
+        #expect(model.vision.configuration.patchCount == 144)
+        let pipeline = try LLaVAPipeline(model: model)
+        let request = try pipeline.request(imageAt: root.appendingPathComponent("samples/test_000002.png"), question: "Describe the image.",
+                                           parameters: GenerationParameters(maxTokens: 64))
+        let result = try pipeline.generator.generate([request])[0]
+        // scripts/train/eval_reference.py printed this caption for test scene 2000002 (its ground truth too).
+        #expect(result.text == "There is one shape: a small blue triangle at the top right.")
+        #expect(result.finishReason == .stop)
+    }
+}
