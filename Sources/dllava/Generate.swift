@@ -10,7 +10,7 @@ struct ModelOptions: ParsableArguments {
     @Option(help: "Model directory (either checkpoint layout). Defaults to $DLLAVA_MODEL.")
     var model: String?
 
-    @Option(help: "Threads for matrix products (default: all cores). Results are reproducible for a given thread count.")
+    @Option(help: "Worker threads for matrix products (default: all cores). Results do not depend on it.")
     var threads: Int = ProcessInfo.processInfo.activeProcessorCount
 
     func validate() throws {
