@@ -132,6 +132,7 @@ public struct GenerationResult: Sendable, Codable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case tokenIDs = "token_ids", text, finishReason = "finish_reason", logprobs, stats
+        case keptImageIndices = "kept_image_indices"
     }
 }
 
