@@ -42,8 +42,10 @@ let package = Package(
         ]),
         // zstd compression, atomic file writes, checksums, the result file; never imports the model.
         .target(name: "Artifacts", dependencies: ["CZstd", .product(name: "Crypto", package: "swift-crypto")]),
+        // The daemon loop: claim, heartbeat, run through a BatchRunner, write results, complete or fail.
+        .target(name: "BatchDaemon", dependencies: ["JobQueue", "Artifacts"]),
         .executableTarget(name: "dllava", dependencies: [
-            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "Artifacts",
+            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "Artifacts", "BatchDaemon",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "GRDB", package: "GRDB.swift"),
         ]),
@@ -61,6 +63,8 @@ let package = Package(
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], resources: [.copy("Fixtures")]),
+        // Real `dllava run` processes on a real queue with the shipped model.
+        .testTarget(name: "DaemonTests", dependencies: ["dllava"]),
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
         .testTarget(name: "EngineTests", dependencies: ["DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
                     exclude: ["Fixtures"]),

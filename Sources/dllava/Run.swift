@@ -1,0 +1,155 @@
+import ArgumentParser
+import Artifacts
+import BatchDaemon
+import DynamicLLaVA
+import Foundation
+import JobQueue
+
+/// The engine as the daemon sees it: one LLaVA pipeline, loaded once.
+struct EngineRunner: BatchRunner {
+    let pipeline: LLaVAPipeline
+    let fingerprint: ModelFingerprint
+
+    init(pipeline: LLaVAPipeline) throws {
+        self.pipeline = pipeline
+        // config.json's bytes and every weight file's size name the model in result files.
+        let directory = pipeline.model.directory
+        var description = try Data(contentsOf: directory.appendingPathComponent("config.json"))
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: directory.path))?.filter { $0.hasSuffix(".safetensors") }.sorted() ?? []
+        for file in files {
+            let size = (try? FileManager.default.attributesOfItem(atPath: directory.appendingPathComponent(file).path)[.size] as? Int) ?? 0
+            description.append(Data("\n\(file) \(size)".utf8))
+        }
+        fingerprint = ModelFingerprint(fingerprint: Checksum.sha256Hex(description), name: directory.lastPathComponent)
+    }
+
+    func parameters(_ job: Job) -> GenerationParameters {
+        let p = job.parameters
+        let mode: SparsityMode = p.sparsity.flatMap { SparsityMode(rawValue: $0.rawValue) } ?? (pipeline.model.sparse == nil ? .full : .dynamic)
+        return GenerationParameters(
+            maxTokens: p.maxTokens ?? 256,
+            sampling: SamplingParameters(temperature: Float(p.temperature ?? 0), topK: p.topK ?? 0, topP: Float(p.topP ?? 1), seed: p.seed ?? 0),
+            stop: p.stop ?? [], endOfSequence: pipeline.endOfSequenceTokenID,
+            sparsity: SparsityParameters(mode: mode, visionKeepRate: p.visionKeepRate))
+    }
+
+    func run(_ jobs: [Job]) -> [JobOutcome<GenerationStats>] {
+        var outcomes = [JobOutcome<GenerationStats>?](repeating: nil, count: jobs.count)
+        var requests: [GenerationRequest] = [], rows: [Int] = []
+        let generator = pipeline.generator
+        for (i, job) in jobs.enumerated() {
+            do {
+                let request = try pipeline.request(imageAt: URL(fileURLWithPath: job.imagePath), question: job.prompt, parameters: parameters(job))
+                try generator.validate([request])
+                requests.append(request)
+                rows.append(i)
+            } catch {
+                // A bad image, a prompt longer than the context, a mode the model cannot run: never retried.
+                outcomes[i] = .failed(reason: "\(error)", permanent: true)
+            }
+        }
+        if !requests.isEmpty {
+            do {
+                for (row, result) in zip(rows, try generator.generate(requests)) {
+                    let timings = JobTimings(prefillMs: result.stats.prefillMilliseconds, decodeMs: result.stats.decodeMilliseconds,
+                                             totalMs: result.stats.prefillMilliseconds + result.stats.decodeMilliseconds,
+                                             generatedTokens: result.tokenIDs.count)
+                    outcomes[row] = .succeeded(text: result.text, tokenIDs: result.tokenIDs, finishReason: result.finishReason.rawValue,
+                                               stats: result.stats, timings: timings)
+                }
+            } catch {
+                for row in rows { outcomes[row] = .failed(reason: "\(error)", permanent: false) }
+            }
+        }
+        return outcomes.map { $0! }
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Process queued jobs in batches until stopped (the daemon).",
+        discussion: """
+        Claims up to --batch-size jobs at a time, renews their leases from a heartbeat thread, runs \
+        them through the engine (each job's result is what it would be alone), writes one \
+        zstd-compressed result file per job under --out and completes the job fenced by its \
+        attempt. Several `run` processes may share one database. SIGTERM or SIGINT: no new claims; \
+        the batch in flight finishes, then exit 0. With --lock-file a second run holding the same \
+        lock exits 75 at once (for cron). KV snapshots and --keep-kv are not implemented yet.
+        """)
+
+    @OptionGroup var database: DatabaseOptions
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(help: "Directory for result files.")
+    var out: String
+
+    @Flag(name: .customLong("until-empty"), help: "Exit when nothing is left to claim instead of polling.")
+    var untilEmpty = false
+
+    @Option(name: .customLong("max-time"), help: "Stop claiming after this long (e.g. 50m, 2h).")
+    var maxTime: String?
+
+    @Option(name: .customLong("max-jobs"), help: "Stop after claiming this many jobs.")
+    var maxJobs: Int?
+
+    @Option(name: .customLong("batch-size"), help: "Jobs per batch.")
+    var batchSize = 8
+
+    @Option(name: .customLong("lock-file"), help: "Hold this lock while running; exit 75 if another process holds it.")
+    var lockFile: String?
+
+    @Option(help: "Lease length (e.g. 5m); the heartbeat renews it every third.")
+    var lease = "5m"
+
+    func validate() throws {
+        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
+        if let maxJobs, maxJobs < 1 { throw ValidationError("--max-jobs must be at least 1") }
+    }
+
+    func run() throws {
+        try runQueueCommand(self, database: database.path) {
+            if let lockFile { try holdLock(lockFile) }
+            var options = DaemonOptions()
+            options.batchSize = batchSize
+            options.untilEmpty = untilEmpty
+            options.maxJobs = maxJobs
+            options.maxSeconds = try maxTime.map { Double(try milliseconds($0, option: "--max-time")) / 1000 }
+            options.leaseMilliseconds = try milliseconds(lease, option: "--lease")
+            let queue = try database.open()
+            let pipeline = try LLaVAPipeline(model: try modelOptions.load())
+            let daemon = BatchDaemon(queue: queue, runner: try EngineRunner(pipeline: pipeline),
+                                     results: try ResultFile(directory: URL(fileURLWithPath: out)), options: options)
+            let stop = StopFlag()
+            let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
+                signal(number, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+                source.setEventHandler {
+                    writeStandardError("signal \(number): finishing the batch in flight, then stopping")
+                    stop.stop()
+                }
+                source.resume()
+                return source
+            }
+            let report = try daemon.run(stop: stop) { writeStandardError($0) }
+            signals.forEach { $0.cancel() }
+            print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), discarded \(report.discarded)")
+        }
+    }
+
+    func milliseconds(_ text: String, option: String) throws -> Int64 {
+        guard let value = DurationText.milliseconds(text), value > 0 else {
+            throw CommandFailure(message: "\(option): '\(text)' is not a duration like 30s, 5m or 2h", code: 64)
+        }
+        return Int64(value)
+    }
+
+    /// Takes an exclusive, non-blocking flock on `path` for the life of the process.
+    func holdLock(_ path: String) throws {
+        let descriptor = open(path, O_CREAT | O_RDWR, 0o644)
+        guard descriptor >= 0 else { throw CommandFailure(message: "cannot open the lock file \(path): \(String(cString: strerror(errno)))", code: 78) }
+        guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
+            throw CommandFailure(message: "another dllava run holds \(path); exiting", code: 75)
+        }
+        // The descriptor stays open (and the lock held) until the process exits.
+    }
+}

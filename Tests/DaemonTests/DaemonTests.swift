@@ -1,0 +1,125 @@
+// `dllava run` as cron or a user runs it: real processes on a real queue with the shipped model.
+import Foundation
+import Testing
+
+let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardizedFileURL
+let dllava = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("dllava")
+let model = repository.appendingPathComponent("Jobs/models/dllava-scenes").path
+func sample(_ name: String) -> String { repository.appendingPathComponent("Jobs/samples/\(name)").path }
+let badImage = repository.appendingPathComponent("../shared/data/images/bad_truncated.jpg").standardizedFileURL.path
+
+struct Outcome {
+    let status: Int32
+    let output: String
+    let error: String
+}
+
+@discardableResult
+func run(_ arguments: [String], in directory: URL) throws -> Outcome {
+    let process = Process()
+    process.executableURL = dllava
+    process.arguments = arguments
+    process.currentDirectoryURL = directory
+    let output = Pipe(), error = Pipe()
+    process.standardOutput = output
+    process.standardError = error
+    try process.run()
+    let out = output.fileHandleForReading.readDataToEndOfFile(), err = error.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return Outcome(status: process.terminationStatus, output: String(decoding: out, as: UTF8.self), error: String(decoding: err, as: UTF8.self))
+}
+
+func workspace(jobs: [(String, String, String)]) throws -> URL {
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-daemon-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    let lines = jobs.map { id, image, prompt in
+        String(decoding: try! JSONSerialization.data(withJSONObject: ["custom_id": id, "image": image, "prompt": prompt, "max_tokens": 48]), as: UTF8.self)
+    }
+    try Data((lines.joined(separator: "\n") + "\n").utf8).write(to: directory.appendingPathComponent("jobs.jsonl"))
+    try #require(try run(["init", "--db", "q.sqlite"], in: directory).status == 0)
+    let enqueue = try run(["enqueue", "--db", "q.sqlite", "--jsonl", "jobs.jsonl"], in: directory)
+    #expect(enqueue.status == 0 || enqueue.status == 65, "\(enqueue.error)")
+    return directory
+}
+
+/// custom_id -> exported record.
+func export(_ directory: URL) throws -> [String: [String: Any]] {
+    let exported = try run(["export", "--db", "q.sqlite", "--format", "jsonl", "--output", "-"], in: directory)
+    var records: [String: [String: Any]] = [:]
+    for line in exported.output.split(separator: "\n") {
+        let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
+        records[object["custom_id"] as! String] = object
+    }
+    return records
+}
+
+@Suite("dllava run", .serialized)
+struct DaemonTests {
+    @Test("--until-empty processes every job: good ones succeed with their caption, a corrupt image fails with its reason")
+    func processesTheQueue() throws {
+        let directory = try workspace(jobs: [("a", sample("test_000000.png"), "Describe the image."),
+                                             ("b", sample("test_000002.png"), "Describe the image."),
+                                             ("broken", badImage, "Describe the image.")])
+        let daemon = try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "3"], in: directory)
+        #expect(daemon.status == 0, "\(daemon.error)")
+        let records = try export(directory)
+        #expect(records["a"]?["state"] as? String == "succeeded")
+        #expect(records["b"]?["state"] as? String == "succeeded")
+        #expect(records["broken"]?["state"] as? String == "failed")
+        #expect((records["broken"]?["error"] as? String)?.contains("bad_truncated.jpg") == true)
+        // The batched result is what `generate` gives the same image alone.
+        let alone = try run(["generate", "--model", model, "--image", sample("test_000002.png"), "--prompt", "Describe the image.",
+                             "--max-tokens", "48"], in: directory)
+        #expect(records["b"]?["text"] as? String == alone.output.trimmingCharacters(in: .newlines))
+    }
+
+    @Test("a second run holding the same lock file exits 75 and touches nothing")
+    func lockFile() throws {
+        let directory = try workspace(jobs: [("a", sample("test_000001.png"), "Describe the image.")])
+        let lock = directory.appendingPathComponent("run.lock").path
+        let descriptor = open(lock, O_CREAT | O_RDWR, 0o644)
+        defer { close(descriptor) }
+        #expect(flock(descriptor, LOCK_EX | LOCK_NB) == 0)
+        let second = try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--lock-file", lock], in: directory)
+        #expect(second.status == 75)
+        #expect(second.error.contains(lock))
+        #expect(try export(directory)["a"]?["state"] as? String == "available")
+    }
+
+    @Test("kill -9 in the middle, then a restart: every job succeeds once, with the uninterrupted run's output")
+    func killedAndRestarted() throws {
+        let jobs = (0..<24).map { i in ("job\(i)", sample("test_00000\(i % 4).png"), i % 2 == 0 ? "Describe the image." : "How many shapes are there?") }
+        // The uninterrupted reference.
+        let reference = try workspace(jobs: jobs)
+        #expect(try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2"], in: reference).status == 0)
+        let expected = try export(reference)
+
+        let directory = try workspace(jobs: jobs)
+        let process = Process()
+        process.executableURL = dllava
+        process.arguments = ["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2", "--lease", "2s"]
+        process.currentDirectoryURL = directory
+        process.standardError = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        // Kill once some but not all jobs are done.
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline {
+            Thread.sleep(forTimeInterval: 0.05)
+            let done = try export(directory).values.filter { $0["state"] as? String == "succeeded" }.count
+            if done >= 2 { break }
+        }
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        let afterKill = try export(directory).values.filter { $0["state"] as? String == "succeeded" }.count
+        #expect(afterKill < jobs.count, "the run finished before it could be killed")
+        Thread.sleep(forTimeInterval: 2.5)  // the dead worker's leases expire
+        let restart = try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2"], in: directory)
+        #expect(restart.status == 0, "\(restart.error)")
+        let records = try export(directory)
+        for (id, _, _) in jobs {
+            #expect(records[id]?["state"] as? String == "succeeded", "\(id)")
+            #expect(records[id]?["text"] as? String == expected[id]?["text"] as? String, "\(id)")
+        }
+    }
+}
