@@ -35,7 +35,7 @@ import tempfile
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -79,19 +79,37 @@ def output_keep(stats):
 
 
 def picture(img, kept, path, colour=(255, 230, 0)):
-    """Dim the dropped patches, outline the kept ones; save a small palette PNG."""
+    """Kept patches as they are, outlined; dropped patches blurred and dimmed (the blur only keeps
+    the PNG small: the scenes' pixel noise does not compress); a 32-colour palette PNG."""
     arr = np.asarray(img, np.float32)
+    dropped = np.asarray(img.filter(ImageFilter.GaussianBlur(3)), np.float32) * 0.35 + 20
     mask = np.zeros((GRID, GRID), bool)
     for i in kept:
         mask[i // GRID, i % GRID] = True
     big = np.kron(mask, np.ones((PATCH, PATCH), bool))
-    arr = np.where(big[:, :, None], arr, arr * 0.3 + 20)
-    out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    out = Image.fromarray(np.clip(np.where(big[:, :, None], arr, dropped), 0, 255).astype(np.uint8), "RGB")
     d = ImageDraw.Draw(out)
     for i in kept:
         r, c = divmod(i, GRID)
         d.rectangle([c * PATCH, r * PATCH, c * PATCH + PATCH - 1, r * PATCH + PATCH - 1], outline=colour, width=2)
-    out.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+    out.quantize(colors=32, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
+def object_patches(scene, min_fraction=0.1):
+    """Set of patch indices at least `min_fraction` covered by a shape (render()'s geometry)."""
+    m = Image.new("L", (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), 0)
+    d = ImageDraw.Draw(m)
+    cell = scenes.IMAGE_SIZE / 3
+    for o in scene["objects"]:
+        cx = (o["col"] + 0.5) * cell + o["dx"]
+        cy = (o["row"] + 0.5) * cell + o["dy"]
+        r = o["radius"]
+        if o["kind"] == "circle":
+            d.ellipse([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=255)
+        else:
+            d.polygon(scenes._polygon(o["kind"], cx, cy, r, o["angle"]), fill=255)
+    cover = (np.asarray(m) > 0).reshape(GRID, PATCH, GRID, PATCH).mean(axis=(1, 3))
+    return {int(i) for i in np.flatnonzero(cover.reshape(-1) >= min_fraction)}
 
 
 def pct(x):
@@ -151,11 +169,15 @@ def main():
     qtype = {m: {} for m in MODES}
     img_keep = {m: [0, 0] for m in MODES}
     out_keep = {m: [0, 0] for m in MODES}
+    on_shape = {m: [0, 0, 0] for m in MODES}  # kept patches on shapes, kept patches, shape patches
+    shape_patches = 0
     for n, (k, scene) in enumerate(picked):
         png = os.path.join(tmp, f"{args.split}_{k:06d}.png")
         img = scenes.render(scene)
         img.save(png)
         qs = scenes.questions(scene)
+        obj = object_patches(scene)
+        shape_patches += len(obj)
         rec = {"index": scene["index"], "truth": scenes.caption(scene),
                "questions": [{"q": q, "a": a, "type": t} for q, a, t in qs], "modes": {}}
         for mode in MODES:
@@ -169,6 +191,11 @@ def main():
             kept_out, gen = output_keep(st)
             out_keep[mode][0] += kept_out
             out_keep[mode][1] += gen
+            kept_idx = r.get("kept_image_indices")
+            if kept_idx is not None:
+                on_shape[mode][0] += len(obj & set(kept_idx))
+                on_shape[mode][1] += len(kept_idx)
+                on_shape[mode][2] += len(obj)
             answers, correct = [], []
             for q, a, t in qs:
                 ra = generate(binary, args, png, q, args.question_max_tokens, extra)
@@ -206,6 +233,9 @@ def main():
         s["image_tokens_kept_mean"] = img_keep[mode][0] / len(picked)
         s["output_keep_rate_captions"] = out_keep[mode][0] / out_keep[mode][1] if out_keep[mode][1] else None
         s["output_tokens_kept"], s["output_tokens_generated"] = out_keep[mode]
+        a, b, c = on_shape[mode]
+        s["kept_on_shapes"] = a / b if b else None  # share of kept patches that show a shape
+        s["shape_patches_kept"] = a / c if c else None  # share of shape patches kept
         summary[mode] = s
     # output keep rate of dynamic captions long enough for the gate's training (LEN_OT tokens)
     len_ot = json.load(open(os.path.join(args.model, "config.json")))["sparse_config"]["output_text_len_for_training"]
@@ -219,6 +249,7 @@ def main():
             long_k += kk
             long_n += gg
     summary["dynamic"]["output_keep_rate_captions_len_ot"] = long_k / long_n if long_n else None
+    summary["shape_patch_share"] = shape_patches / (GRID * GRID * len(picked))
 
     parity = None
     if args.reference:
@@ -319,14 +350,23 @@ def write_markdown(args, meta, summary, parity, records):
              f"tokens contributes n - 1). The training target was 0.5 (`output_text_keep_rate`); on dynamic captions "
              f"of at least LEN_OT = 16 tokens the gate kept {pct(lo) if lo is not None else '-'}. "
              f"The other modes keep every output token by design.\n")
+    L.append("Which image patches are kept (caption calls; a patch \"shows a shape\" when at least 10% of its "
+             f"pixels are a shape's; {pct(summary['shape_patch_share'])} of all patches do):\n")
+    L.append("| mode | kept patches that show a shape | shape patches kept |")
+    L.append("|---|---|---|")
+    for m in MODES[1:]:
+        s = summary[m]
+        if s["kept_on_shapes"] is not None:
+            L.append(f"| {m} | {pct(s['kept_on_shapes'])} | {pct(s['shape_patches_kept'])} |")
+    L.append("")
     L.append("## Output-token gate against random and every-other-token dropping\n")
     L.append("Not measured: the engine has no mode that drops generated tokens' K/V at random or every other "
              "token at a given ratio (its `random` mode drops image tokens only, and the learned output gate "
              "runs only in `dynamic` mode together with the learned image gate). That comparison needs engine "
              "support that does not exist yet; nothing here stands in for it.\n")
     L.append("## Kept image patches (dynamic mode, caption prompt)\n")
-    L.append("Dropped patches dimmed, kept patches outlined (12 x 12 grid of 28-px patches; the image "
-             "predictor's choice at the sparse layer).\n")
+    L.append("Kept patches outlined and shown as they are; dropped patches blurred and dimmed (12 x 12 grid of "
+             "28-px patches; the image predictor's choice at the sparse layer; 32-colour PNGs).\n")
     for rec in records[:args.pictures]:
         dm = rec["modes"]["dynamic"]
         if dm["kept_image_indices"] is None:
