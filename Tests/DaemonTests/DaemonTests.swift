@@ -122,4 +122,37 @@ struct DaemonTests {
             #expect(records[id]?["text"] as? String == expected[id]?["text"] as? String, "\(id)")
         }
     }
+
+    @Test("two runs on one database share the work: every job processed exactly once, no 'database is locked'")
+    func twoRunsShareOneDatabase() throws {
+        let jobs = (0..<20).map { i in ("job\(i)", sample("test_00000\(i % 4).png"), "Describe the image.") }
+        let directory = try workspace(jobs: jobs)
+        var processes: [(Process, Pipe)] = []
+        for _ in 0..<2 {
+            let process = Process(), errors = Pipe()
+            process.executableURL = dllava
+            process.arguments = ["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2", "--threads", "1"]
+            process.currentDirectoryURL = directory
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = errors
+            try process.run()
+            processes.append((process, errors))
+        }
+        var errorText = ""
+        for (process, errors) in processes {
+            errorText += String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            #expect(process.terminationStatus == 0)
+        }
+        #expect(!errorText.contains("locked"), "\(errorText)")
+        let records = try export(directory)
+        #expect(records.count == jobs.count)
+        for (id, _, _) in jobs {
+            #expect(records[id]?["state"] as? String == "succeeded", "\(id)")
+            #expect(records[id]?["attempts"] as? Int == 1, "\(id) was claimed more than once")
+        }
+        // One result file per job: no attempt ran twice.
+        let files = try FileManager.default.contentsOfDirectory(atPath: directory.appendingPathComponent("out").path)
+        #expect(files.count == jobs.count)
+    }
 }
