@@ -112,6 +112,27 @@ def object_patches(scene, min_fraction=0.1):
     return {int(i) for i in np.flatnonzero(cover.reshape(-1) >= min_fraction)}
 
 
+def draw_pictures(records, count, out_dir):
+    """kept_<index>.png for `count` scenes: the first scene with 1, 2, 3, 4 objects, then the next ones."""
+    by_n, rest = {}, []
+    for rec in records:
+        n = len(scenes.make_scene(rec["index"])["objects"])
+        if n not in by_n:
+            by_n[n] = rec
+        else:
+            rest.append(rec)
+    chosen = sorted([by_n[n] for n in sorted(by_n)][:count] + rest[:max(0, count - len(by_n))], key=lambda r: r["index"])
+    done = []
+    for rec in chosen:
+        kept = rec["modes"]["dynamic"]["kept_image_indices"]
+        if kept is None:
+            print("warning: the CLI reports no kept_image_indices (built before fb67e87?): no picture")
+            continue
+        picture(scenes.render(scenes.make_scene(rec["index"])), kept, os.path.join(out_dir, f"kept_{rec['index']}.png"))
+        done.append(rec["index"])
+    return done
+
+
 def pct(x):
     return f"{100 * x:.1f}%"
 
@@ -149,7 +170,16 @@ def main():
     ap.add_argument("--pictures", type=int, default=4)
     ap.add_argument("--reference", action="store_true", help="also run eval_reference.py's model on the same scenes")
     ap.add_argument("--out", default=os.path.join(ROOT, "Jobs/models/dllava-scenes/eval"))
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="no engine calls: rewrite RESULTS.md from --out's results.json")
     args = ap.parse_args()
+    if args.markdown_only:
+        with open(os.path.join(args.out, "results.json")) as f:
+            saved = json.load(f)
+        saved["meta"]["picture_scenes"] = draw_pictures(saved["scenes"], args.pictures, args.out)
+        write_markdown(saved["meta"], saved["summary"], saved["parity"], saved["scenes"], args.out)
+        print(f"rewrote {os.path.join(args.out, 'RESULTS.md')}")
+        return 0
     args.model = os.path.abspath(args.model)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -211,12 +241,6 @@ def main():
                 "prompt_tokens": st["prompt_tokens"], "kept_image_indices": r.get("kept_image_indices"),
                 "answers": answers, "correct": correct}
         records.append(rec)
-        if n < args.pictures:
-            kept = rec["modes"]["dynamic"]["kept_image_indices"]
-            if kept is None:
-                print("warning: the CLI reports no kept_image_indices (built before fb67e87?): no picture")
-            else:
-                picture(img, kept, os.path.join(args.out, f"kept_{scene['index']}.png"))
         if (n + 1) % 10 == 0:
             print(f"{n + 1}/{len(picked)} scenes, {time.time() - t0:.0f} s", flush=True)
     swift_s = time.time() - t0
@@ -271,10 +295,11 @@ def main():
         for (k, _), rec in zip(picked, records):
             rec["reference"] = ref[k]
 
+    picture_scenes = draw_pictures(records, args.pictures, args.out)
     command = "python Scripts/train/eval_swift.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "split": args.split, "start": args.start, "scenes": len(picked),
             "keep": args.keep, "fastv_layer": args.fastv_layer, "seed": args.seed, "max_tokens": args.max_tokens,
-            "question_max_tokens": args.question_max_tokens, "threads": args.threads, "git_head": commit,
+            "question_max_tokens": args.question_max_tokens, "threads": args.threads, "picture_scenes": picture_scenes, "git_head": commit,
             "binary_mtime_utc": built.strftime("%Y-%m-%d %H:%M"), "swift_seconds": round(swift_s, 1),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -282,7 +307,7 @@ def main():
                 ',\n "parity": ' + json.dumps(parity) + ',\n "scenes": [\n')
         f.write(",\n".join(json.dumps(r, separators=(",", ":")) for r in records))
         f.write("\n]}\n")
-    write_markdown(args, meta, summary, parity, records)
+    write_markdown(meta, summary, parity, records, args.out)
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({m: {k: summary[m][k] for k in ("object_accuracy", "exact", "question_accuracy",
                                                        "image_keep_rate", "output_keep_rate_captions")}
@@ -293,9 +318,10 @@ def main():
     return 0
 
 
-def write_markdown(args, meta, summary, parity, records):
+def write_markdown(meta, summary, parity, records, out_dir):
+    keep, fastv_layer = meta["keep"], meta["fastv_layer"]
     names = {"full": "full context", "dynamic": "Dynamic-LLaVA (learned gates)",
-             "fastv": f"FastV (K = {args.fastv_layer}, R = {args.keep})", "random": f"random image dropping ({args.keep})"}
+             "fastv": f"FastV (K = {fastv_layer}, R = {keep})", "random": f"random image dropping ({keep})"}
     L = []
     L.append("# dllava-scenes: evaluation with the Swift engine\n")
     L.append(f"Issue 6, scope item 4. {meta['scenes']} {meta['split']} scenes (indices "
@@ -365,9 +391,9 @@ def write_markdown(args, meta, summary, parity, records):
              "runs only in `dynamic` mode together with the learned image gate). That comparison needs engine "
              "support that does not exist yet; nothing here stands in for it.\n")
     L.append("## Kept image patches (dynamic mode, caption prompt)\n")
-    L.append("Kept patches outlined and shown as they are; dropped patches blurred and dimmed (12 x 12 grid of "
+    L.append("Four test scenes (the first with 1, 2, 3 and 4 shapes). Kept patches outlined and shown as they are; dropped patches blurred and dimmed (12 x 12 grid of "
              "28-px patches; the image predictor's choice at the sparse layer; 32-colour PNGs).\n")
-    for rec in records[:args.pictures]:
+    for rec in [r for r in records if r["index"] in meta["picture_scenes"]]:
         dm = rec["modes"]["dynamic"]
         if dm["kept_image_indices"] is None:
             continue
@@ -389,16 +415,41 @@ def write_markdown(args, meta, summary, parity, records):
             L.append(f"- scene {e['index']}: Swift `{e['swift']}` / reference `{e['reference']}`")
         if parity["examples"]:
             L.append("")
+    L.append("## Observations\n")
+    f, dy, fv, rn = (summary[m] for m in MODES)
+    pts = lambda a, b: f"{100 * (a - b):+.1f} points"  # noqa: E731
+    L.append(f"- Caption object accuracy against full context: dynamic {pts(dy['object_accuracy'], f['object_accuracy'])}, "
+             f"FastV {pts(fv['object_accuracy'], f['object_accuracy'])}, random {pts(rn['object_accuracy'], f['object_accuracy'])}, "
+             f"all at about {pct(keep)} of the image tokens. Questions (all): dynamic "
+             f"{pts(dy['question_accuracy'], f['question_accuracy'])}, FastV {pts(fv['question_accuracy'], f['question_accuracy'])}, "
+             f"random {pts(rn['question_accuracy'], f['question_accuracy'])}.")
+    if dy["object_accuracy"] > f["object_accuracy"]:
+        L.append("- Dynamic-LLaVA beats full context on this checkpoint (training validation showed the same: 27.2% vs "
+                 "23.8% on 64 val scenes). A likely reason: stage 2 fine-tuned the projector and the LLM (lr 1e-4) "
+                 "with the gates active, so the released weights are adapted to the pruned context, and full context "
+                 "is the off-distribution case for them; the accuracies are also low enough that the model is still "
+                 "far from saturating either mode.")
+    if dy["shape_patches_kept"] is not None:
+        L.append(f"- The image gate keeps {pct(dy['shape_patches_kept'])} of the patches that show a shape (FastV "
+                 f"{pct(fv['shape_patches_kept'])}, random {pct(rn['shape_patches_kept'])}); the rest of its budget goes "
+                 f"to background patches, often along stripe or checker edges (pictures above).")
+    if dy["output_keep_rate_captions"] is not None:
+        L.append(f"- The output gate realises {pct(dy['output_keep_rate_captions'])} over all dynamic captions "
+                 f"({pct(dy['output_keep_rate_captions_len_ot'])} on captions of at least LEN_OT tokens; target 50%). "
+                 f"The engine gates every generated token, while training applied the gate only to answers of at least "
+                 f"LEN_OT tokens.")
+    L.append("")
     L.append("## Notes\n")
-    L.append(f"- FastV prunes after layer K = {args.fastv_layer} of the model's 4 using layer {args.fastv_layer - 1}'s "
-             f"attention (the paper's K = 2 for 32 layers would be almost at the input here; K = 2 matches the "
-             f"Dynamic-LLaVA checkpoint's `sparse_layer` 2, so both prune at the same depth).")
-    L.append(f"- Random image dropping uses `--seed {args.seed} + scene position`, the same seed for the caption "
+    L.append(f"- FastV prunes after layer K = {fastv_layer} of the model's 4 (0-based layers 0..{fastv_layer - 1} see "
+             f"every image token, ranked by layer {fastv_layer - 1}'s attention from the last prompt token; the paper's "
+             f"K = 2 of 32 layers would be almost at the input here; K = 2 matches the checkpoint's `sparse_layer` 2, "
+             f"so FastV, random and the learned gate all prune at the same depth).")
+    L.append(f"- Random image dropping uses `--seed {meta['seed']} + scene position`, the same seed for the caption "
              f"and all questions of a scene.")
     L.append("- `results.json` holds the summary and, per scene and mode, the caption, the answers, their "
              "correctness, the kept image indices and the KV cell counts.")
-    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
-        f.write("\n".join(L) + "\n")
+    with open(os.path.join(out_dir, "RESULTS.md"), "w") as fh:
+        fh.write("\n".join(L) + "\n")
 
 
 if __name__ == "__main__":
