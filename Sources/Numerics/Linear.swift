@@ -100,24 +100,10 @@ func forEachBand(of weight: WeightMatrix, rows band: Int, _ body: @Sendable (Ran
 /// row's result depends on the other rows of the call. Callers that need a row to be computed
 /// exactly as it would be alone (batched decoding) use `linearPerRow`.
 public func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
-    precondition(x.columns == weight.columns, "linear: input has \(x.columns) features, weight expects \(weight.columns)")
-    let m = x.rows, n = weight.rows, k = weight.columns
-    var output = [Float](repeating: 0, count: m * n)
-    if m > 0 && n > 0 {
-        x.values.withUnsafeBufferPointer { xp in
-            output.withUnsafeMutableBufferPointer { yp in
-                let pointers = UncheckedSendable((xp.baseAddress!, yp.baseAddress!))
-                // Workers write disjoint column bands of `output`.
-                forEachBand(of: weight, rows: bandRows(weight, bytes: 8 << 20)) { range, bandWeights in
-                    let (xBase, yBase) = pointers.value
-                    BLAS.sgemm(m: m, n: range.count, k: k, a: xBase, lda: k, b: bandWeights, ldb: k, transposeB: true,
-                               c: yBase + range.lowerBound, ldc: n)
-                }
-            }
-        }
+    bandedProduct(x, weight, bias: bias, bandBytes: 8 << 20) { xBase, yBase, range, bandWeights in
+        BLAS.sgemm(m: x.rows, n: range.count, k: weight.columns, a: xBase, lda: weight.columns, b: bandWeights, ldb: weight.columns,
+                   transposeB: true, c: yBase + range.lowerBound, ldc: weight.rows)
     }
-    if let bias { addBias(&output, bias, rows: m) }
-    return Matrix(rows: m, columns: n, values: output)
 }
 
 /// `y = x · Wᵀ + bias` where every row of `x` is multiplied alone, so row `r`'s result is
@@ -131,18 +117,27 @@ public func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) ->
 /// 4 MiB widened) are widened once and reused by every row while they sit in cache, so the
 /// weights stream from memory once per call whatever the batch size.
 public func linearPerRow(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
-    precondition(x.columns == weight.columns, "linearPerRow: input has \(x.columns) features, weight expects \(weight.columns)")
-    let m = x.rows, n = weight.rows, k = weight.columns
+    bandedProduct(x, weight, bias: bias, bandBytes: 4 << 20) { xBase, yBase, range, bandWeights in
+        for r in 0..<x.rows {
+            BLAS.sgemv(n: range.count, k: weight.columns, a: bandWeights, lda: weight.columns, x: xBase + r * weight.columns,
+                       y: yBase + r * weight.rows + range.lowerBound)
+        }
+    }
+}
+
+/// The frame `linear` and `linearPerRow` share: `[M, N]` output, `product(x, y, rows, band)` per
+/// weight band on the workers (each writes only its band's columns of `y`), then the bias.
+func bandedProduct(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]?, bandBytes: Int,
+                   _ product: @escaping @Sendable (UnsafePointer<Float>, UnsafeMutablePointer<Float>, Range<Int>, UnsafePointer<Float>) -> Void) -> Matrix {
+    precondition(x.columns == weight.columns, "linear: input has \(x.columns) features, weight expects \(weight.columns)")
+    let m = x.rows, n = weight.rows
     var output = [Float](repeating: 0, count: m * n)
     if m > 0 && n > 0 {
         x.values.withUnsafeBufferPointer { xp in
             output.withUnsafeMutableBufferPointer { yp in
                 let pointers = UncheckedSendable((xp.baseAddress!, yp.baseAddress!))
-                forEachBand(of: weight, rows: bandRows(weight, bytes: 4 << 20)) { range, bandWeights in
-                    let (xBase, yBase) = pointers.value
-                    for r in 0..<m {
-                        BLAS.sgemv(n: range.count, k: k, a: bandWeights, lda: k, x: xBase + r * k, y: yBase + r * n + range.lowerBound)
-                    }
+                forEachBand(of: weight, rows: bandRows(weight, bytes: bandBytes)) { range, bandWeights in
+                    product(pointers.value.0, pointers.value.1, range, bandWeights)
                 }
             }
         }
