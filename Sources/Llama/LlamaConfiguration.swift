@@ -1,7 +1,7 @@
 import Numerics
 
 /// `LlamaConfig` fields (transformers' defaults where a config.json leaves one out).
-public struct LlamaConfiguration: Codable, Sendable, Equatable {
+public struct LlamaConfiguration: Decodable, Sendable, Equatable {
     public var vocabularySize: Int
     public var hiddenSize: Int
     public var intermediateSize: Int
@@ -59,20 +59,6 @@ public struct LlamaConfiguration: Codable, Sendable, Equatable {
         if let headDimension = try c.decodeIfPresent(Int.self, forKey: .headDimension), headDimension != hiddenSize / attentionHeads {
             throw DecodingError.dataCorruptedError(forKey: .headDimension, in: c, debugDescription: "head_dim \(headDimension) differs from hidden_size / num_attention_heads")
         }
-    }
-
-    public func encode(to encoder: Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(vocabularySize, forKey: .vocabularySize)
-        try c.encode(hiddenSize, forKey: .hiddenSize)
-        try c.encode(intermediateSize, forKey: .intermediateSize)
-        try c.encode(hiddenLayers, forKey: .hiddenLayers)
-        try c.encode(attentionHeads, forKey: .attentionHeads)
-        try c.encode(keyValueHeads, forKey: .keyValueHeads)
-        try c.encode(rmsNormEpsilon, forKey: .rmsNormEpsilon)
-        try c.encode(ropeTheta, forKey: .ropeTheta)
-        try c.encode(maxPositionEmbeddings, forKey: .maxPositionEmbeddings)
-        try c.encode(tieWordEmbeddings, forKey: .tieWordEmbeddings)
     }
 
     public var headDimension: Int { hiddenSize / attentionHeads }
