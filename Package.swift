@@ -63,16 +63,18 @@ let package = Package(
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], resources: [.copy("Fixtures")]),
+        // Runs the built `dllava` executable for the command-line tests.
+        .target(name: "CommandLineSupport", path: "Tests/CommandLineSupport"),
         // Real `dllava run` processes on a real queue with the shipped model.
-        .testTarget(name: "DaemonTests", dependencies: ["dllava"]),
+        .testTarget(name: "DaemonTests", dependencies: ["dllava", "CommandLineSupport"]),
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
-        .testTarget(name: "EngineTests", dependencies: ["DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
+        .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
                     exclude: ["Fixtures"]),
         .testTarget(name: "JobQueueTests", dependencies: ["JobQueue"]),
         .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts"]),
         // Runs the built `dllava` executable (found beside the test bundle) on queue databases.
         .testTarget(name: "QueueCommandLineTests", dependencies: [
-            "JobQueue", "Artifacts", .product(name: "GRDB", package: "GRDB.swift"),
+            "CommandLineSupport", "JobQueue", "Artifacts", .product(name: "GRDB", package: "GRDB.swift"),
         ]),
     ]
 )

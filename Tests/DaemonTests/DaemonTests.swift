@@ -1,32 +1,15 @@
 // `dllava run` as cron or a user runs it: real processes on a real queue with the shipped model.
+import CommandLineSupport
 import Foundation
 import Testing
 
 let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardizedFileURL
-let dllava = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("dllava")
 let model = repository.appendingPathComponent("Jobs/models/dllava-scenes").path
 func sample(_ name: String) -> String { repository.appendingPathComponent("Jobs/samples/\(name)").path }
 let badImage = repository.appendingPathComponent("../shared/data/images/bad_truncated.jpg").standardizedFileURL.path
 
-struct Outcome {
-    let status: Int32
-    let output: String
-    let error: String
-}
-
-@discardableResult
-func run(_ arguments: [String], in directory: URL) throws -> Outcome {
-    let process = Process()
-    process.executableURL = dllava
-    process.arguments = arguments
-    process.currentDirectoryURL = directory
-    let output = Pipe(), error = Pipe()
-    process.standardOutput = output
-    process.standardError = error
-    try process.run()
-    let out = output.fileHandleForReading.readDataToEndOfFile(), err = error.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return Outcome(status: process.terminationStatus, output: String(decoding: out, as: UTF8.self), error: String(decoding: err, as: UTF8.self))
+func run(_ arguments: [String], in directory: URL) throws -> ProcessResult {
+    try runDLLaVA(arguments, in: directory)
 }
 
 func workspace(jobs: [(String, String, String)]) throws -> URL {
@@ -38,7 +21,7 @@ func workspace(jobs: [(String, String, String)]) throws -> URL {
     try Data((lines.joined(separator: "\n") + "\n").utf8).write(to: directory.appendingPathComponent("jobs.jsonl"))
     try #require(try run(["init", "--db", "q.sqlite"], in: directory).status == 0)
     let enqueue = try run(["enqueue", "--db", "q.sqlite", "--jsonl", "jobs.jsonl"], in: directory)
-    #expect(enqueue.status == 0 || enqueue.status == 65, "\(enqueue.error)")
+    #expect(enqueue.status == 0 || enqueue.status == 65, "\(enqueue.standardError)")
     return directory
 }
 
@@ -46,7 +29,7 @@ func workspace(jobs: [(String, String, String)]) throws -> URL {
 func export(_ directory: URL) throws -> [String: [String: Any]] {
     let exported = try run(["export", "--db", "q.sqlite", "--format", "jsonl", "--output", "-"], in: directory)
     var records: [String: [String: Any]] = [:]
-    for line in exported.output.split(separator: "\n") {
+    for line in exported.standardOutput.split(separator: "\n") {
         let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
         records[object["custom_id"] as! String] = object
     }
@@ -61,7 +44,7 @@ struct DaemonTests {
                                              ("b", sample("test_000002.png"), "Describe the image."),
                                              ("broken", badImage, "Describe the image.")])
         let daemon = try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "3"], in: directory)
-        #expect(daemon.status == 0, "\(daemon.error)")
+        #expect(daemon.status == 0, "\(daemon.standardError)")
         let records = try export(directory)
         #expect(records["a"]?["state"] as? String == "succeeded")
         #expect(records["b"]?["state"] as? String == "succeeded")
@@ -70,7 +53,7 @@ struct DaemonTests {
         // The batched result is what `generate` gives the same image alone.
         let alone = try run(["generate", "--model", model, "--image", sample("test_000002.png"), "--prompt", "Describe the image.",
                              "--max-tokens", "48"], in: directory)
-        #expect(records["b"]?["text"] as? String == alone.output.trimmingCharacters(in: .newlines))
+        #expect(records["b"]?["text"] as? String == alone.standardOutput.trimmingCharacters(in: .newlines))
     }
 
     @Test("a second run holding the same lock file exits 75 and touches nothing")
@@ -82,7 +65,7 @@ struct DaemonTests {
         #expect(flock(descriptor, LOCK_EX | LOCK_NB) == 0)
         let second = try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--lock-file", lock], in: directory)
         #expect(second.status == 75)
-        #expect(second.error.contains(lock))
+        #expect(second.standardError.contains(lock))
         #expect(try export(directory)["a"]?["state"] as? String == "available")
     }
 
@@ -96,7 +79,7 @@ struct DaemonTests {
 
         let directory = try workspace(jobs: jobs)
         let process = Process()
-        process.executableURL = dllava
+        process.executableURL = dllavaExecutable
         process.arguments = ["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2", "--lease", "2s"]
         process.currentDirectoryURL = directory
         process.standardError = FileHandle.nullDevice
@@ -115,7 +98,7 @@ struct DaemonTests {
         #expect(afterKill < jobs.count, "the run finished before it could be killed")
         Thread.sleep(forTimeInterval: 2.5)  // the dead worker's leases expire
         let restart = try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2"], in: directory)
-        #expect(restart.status == 0, "\(restart.error)")
+        #expect(restart.status == 0, "\(restart.standardError)")
         let records = try export(directory)
         for (id, _, _) in jobs {
             #expect(records[id]?["state"] as? String == "succeeded", "\(id)")
@@ -130,7 +113,7 @@ struct DaemonTests {
         var processes: [(Process, Pipe)] = []
         for _ in 0..<2 {
             let process = Process(), errors = Pipe()
-            process.executableURL = dllava
+            process.executableURL = dllavaExecutable
             process.arguments = ["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2", "--threads", "1"]
             process.currentDirectoryURL = directory
             process.standardOutput = FileHandle.nullDevice

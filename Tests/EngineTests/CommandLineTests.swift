@@ -1,33 +1,10 @@
 // `dllava generate` end to end, as a user or another tool runs it: a real process, JSON on stdout,
 // one sentence on stderr and a sysexits code on failure.
+import CommandLineSupport
 import Foundation
 import Testing
 import Numerics
 import SafeTensors
-
-/// The `dllava` executable built beside this test bundle.
-let dllavaExecutable = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("dllava")
-
-struct ProcessResult {
-    let status: Int32
-    let standardOutput: String
-    let standardError: String
-}
-
-func runDLLaVA(_ arguments: [String]) throws -> ProcessResult {
-    let process = Process()
-    process.executableURL = dllavaExecutable
-    process.arguments = arguments
-    let output = Pipe(), error = Pipe()
-    process.standardOutput = output
-    process.standardError = error
-    try process.run()
-    let outputData = output.fileHandleForReading.readDataToEndOfFile()
-    let errorData = error.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return ProcessResult(status: process.terminationStatus, standardOutput: String(decoding: outputData, as: UTF8.self),
-                         standardError: String(decoding: errorData, as: UTF8.self))
-}
 
 /// Copies a fixture model into a temporary directory so a test can damage it.
 func copyOfFixtureModel(_ name: String) throws -> URL {

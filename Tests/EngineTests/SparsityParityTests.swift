@@ -1,5 +1,6 @@
 // Dynamic-LLaVA's sparsified inference against the PyTorch reference (checked against the
 // authors' code): Scripts/reference/make_dynamic_goldens.py, README-dynamic.md.
+import CommandLineSupport
 import Foundation
 import Testing
 @testable import DynamicLLaVA

@@ -1,20 +1,11 @@
 // The queue commands as a user or cron runs them: a real `dllava` process on a real database file, a report on
 // stdout, one sentence per problem on stderr, sysexits codes.
 import Artifacts
+import CommandLineSupport
 import Foundation
 import GRDB
 import JobQueue
 import Testing
-
-/// The `dllava` executable built beside this test bundle.
-let dllavaExecutable = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("dllava")
-
-struct ProcessResult {
-    let status: Int32
-    let standardOutput: String
-    let standardError: String
-    var errorLines: [String] { standardError.split(separator: "\n").map(String.init) }
-}
 
 /// A scratch folder with a database path, images and manifests, and a way to run `dllava` in it.
 struct Workspace {
@@ -39,22 +30,9 @@ struct Workspace {
 
     /// Runs `dllava` in the workspace folder with `$DLLAVA_DB` unset unless given.
     func run(_ arguments: [String], environment: [String: String] = [:]) throws -> ProcessResult {
-        let process = Process()
-        process.executableURL = dllavaExecutable
-        process.arguments = arguments
-        process.currentDirectoryURL = directory
         var base = ProcessInfo.processInfo.environment
         base["DLLAVA_DB"] = nil
-        process.environment = base.merging(environment) { $1 }
-        let output = Pipe(), error = Pipe()
-        process.standardOutput = output
-        process.standardError = error
-        try process.run()
-        let outputData = output.fileHandleForReading.readDataToEndOfFile()
-        let errorData = error.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return ProcessResult(status: process.terminationStatus, standardOutput: String(decoding: outputData, as: UTF8.self),
-                             standardError: String(decoding: errorData, as: UTF8.self))
+        return try runDLLaVA(arguments, in: directory, environment: base.merging(environment) { $1 })
     }
 
     /// Runs `dllava COMMAND --db <database> ...`.
