@@ -68,6 +68,18 @@ public enum SparsityMode: String, Sendable, Codable, CaseIterable {
     case random
 }
 
+/// Which generated tokens' K/V enter the cache of layers >= l in dynamic mode. The baselines
+/// exist to measure the learned gate against naive dropping at the same KV budget.
+public enum OutputTokenRule: String, Sendable, Codable, CaseIterable {
+    /// The output-text predictor: keep iff logit0 > logit1 (Dynamic-LLaVA).
+    case learned
+    /// Baseline: each token kept with probability `outputKeepRate`, drawn from the sampling seed
+    /// and the token's position (so a row decides the same alone, in a batch, or resumed).
+    case random
+    /// Baseline: the 1st, 3rd, 5th, ... generated token kept, the others dropped.
+    case everyOther = "every-other"
+}
+
 public struct SparsityParameters: Sendable, Codable, Equatable {
     public var mode: SparsityMode = .full
     /// Fraction of image tokens kept; nil = the mode's default (dynamic and random:
@@ -77,12 +89,19 @@ public struct SparsityParameters: Sendable, Codable, Equatable {
     public var usesKeyValueCache = true
     /// FastV's K: the pruning reads layer K-1's attention and applies from layer K on.
     public var fastVLayer = 3
+    /// Dynamic mode with a KV cache: the rule deciding which generated tokens' K/V are kept.
+    public var outputTokens: OutputTokenRule = .learned
+    /// `random` output tokens: the keep probability; nil = sparse_config's output_text_keep_rate.
+    public var outputKeepRate: Double? = nil
 
-    public init(mode: SparsityMode = .full, visionKeepRate: Double? = nil, usesKeyValueCache: Bool = true, fastVLayer: Int = 3) {
+    public init(mode: SparsityMode = .full, visionKeepRate: Double? = nil, usesKeyValueCache: Bool = true, fastVLayer: Int = 3,
+                outputTokens: OutputTokenRule = .learned, outputKeepRate: Double? = nil) {
         self.mode = mode
         self.visionKeepRate = visionKeepRate
         self.usesKeyValueCache = usesKeyValueCache
         self.fastVLayer = fastVLayer
+        self.outputTokens = outputTokens
+        self.outputKeepRate = outputKeepRate
     }
 }
 
@@ -212,6 +231,12 @@ public struct Generator: Sendable {
             let sparsity = request.parameters.sparsity
             if let rate = sparsity.visionKeepRate, !(rate > 0 && rate <= 1) {
                 throw .sparsityUnavailable(request: r, reason: "vision keep rate \(rate) is not in (0, 1]")
+            }
+            if let rate = sparsity.outputKeepRate, !(rate >= 0 && rate <= 1) {
+                throw .sparsityUnavailable(request: r, reason: "output keep rate \(rate) is not in [0, 1]")
+            }
+            if sparsity.outputTokens != .learned, !(sparsity.mode == .dynamic && sparsity.usesKeyValueCache) {
+                throw .sparsityUnavailable(request: r, reason: "the \(sparsity.outputTokens.rawValue) output-token rule needs dynamic sparsity with a KV cache")
             }
             switch sparsity.mode {
             case .dynamic:
@@ -399,11 +424,25 @@ public struct Generator: Sendable {
             let logits = predictor.logits(hidden.gatherRows(gated))
             for (i, row) in gated.enumerated() {
                 gates[row] = logits.row(i)
-                batch.writesKeyValue[row] = KeepRules.keepsOutputToken(logits.row(i))
+                batch.writesKeyValue[row] = keepsOutputToken(rows[row], gateLogits: logits.row(i))
             }
             language.forward(&hidden, batch: batch, layers: l..<layerCount, cache: &cache, observation: &observation)
         }
         return (language.logits(hidden), gates)
+    }
+
+    /// Whether the token a dynamic row feeds now enters the cache of layers >= l, by the row's
+    /// output-token rule (the gate's logits are read, and reported, whatever the rule).
+    func keepsOutputToken(_ state: RequestState, gateLogits: [Float]) -> Bool {
+        switch state.sparsity.outputTokens {
+        case .learned:
+            return KeepRules.keepsOutputToken(gateLogits)
+        case .random:
+            let rate = state.sparsity.outputKeepRate ?? model.sparse?.configuration.outputTextKeepRate ?? 0.5
+            return KeepRules.randomOutputToken(seed: state.parameters.sampling.seed, position: state.nextPosition, keepRate: rate)
+        case .everyOther:
+            return KeepRules.everyOtherOutputToken(generatedIndex: state.result.tokenIDs.count - 1)
+        }
     }
 
     /// Decoding without a KV cache: the whole sequence (prompt and every generated token) runs

@@ -21,6 +21,18 @@ public enum KeepRules {
         logits[0] > logits[1]
     }
 
+    /// Random output-token baseline: keep with probability `keepRate`, a pure function of the
+    /// seed and the token's position.
+    public static func randomOutputToken(seed: UInt64, position: Int32, keepRate: Double) -> Bool {
+        var generator = SplitMix64(seed: seed ^ (UInt64(UInt32(bitPattern: position)) &* 0x9E37_79B9_7F4A_7C15))
+        return Double(generator.next() >> 11) / Double(1 << 53) < keepRate
+    }
+
+    /// Structured output-token baseline: generated tokens 0, 2, 4, ... kept, 1, 3, 5, ... dropped.
+    public static func everyOtherOutputToken(generatedIndex: Int) -> Bool {
+        generatedIndex % 2 == 0
+    }
+
     /// FastV: the `k` image tokens with the highest attention weight from the last prompt token,
     /// averaged over heads, ascending. `weights`: `[heads, queries, keys]` of one sequence;
     /// `query` the last prompt token's row; `imageKeys` the image tokens' key indices.

@@ -31,6 +31,7 @@ struct ModelOptions: ParsableArguments {
 }
 
 extension SparsityMode: ExpressibleByArgument {}
+extension OutputTokenRule: ExpressibleByArgument {}
 
 struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -97,6 +98,15 @@ struct Generate: ParsableCommand {
     @Option(name: .customLong("fastv-layer"), help: "FastV's K: prune after layer K using layer K-1's attention.")
     var fastVLayer = 3
 
+    @Option(name: .customLong("output-tokens"), help: """
+        Dynamic sparsity with a KV cache: which generated tokens' K/V are kept above the sparse layer: \
+        learned (the output-text predictor), or the baselines random (--output-keep-rate) and every-other.
+        """)
+    var outputTokens: OutputTokenRule = .learned
+
+    @Option(name: .customLong("output-keep-rate"), help: "Keep probability of --output-tokens random (default: sparse_config's output_text_keep_rate).")
+    var outputKeepRate: Double?
+
     @Flag(help: "Print one JSON object: text, token_ids, finish_reason, logprobs, stats.")
     var json = false
 
@@ -106,6 +116,8 @@ struct Generate: ParsableCommand {
         guard topP > 0 && topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
         guard topK >= 0, logprobs >= 0 else { throw ValidationError("--top-k and --logprobs must not be negative") }
         if let visionKeepRate, !(visionKeepRate > 0 && visionKeepRate <= 1) { throw ValidationError("--vision-keep-rate must be in (0, 1]") }
+        if let outputKeepRate, !(outputKeepRate >= 0 && outputKeepRate <= 1) { throw ValidationError("--output-keep-rate must be in [0, 1]") }
+        if outputKeepRate != nil, outputTokens != .random { throw ValidationError("--output-keep-rate goes with --output-tokens random") }
         if tokenIDsBefore == nil {
             guard prompt != nil else { throw ValidationError("pass --prompt TEXT (and --image PATH)") }
             guard pixelValues == nil else { throw ValidationError("--pixel-values goes with --token-ids-before, not --prompt") }
@@ -121,7 +133,8 @@ struct Generate: ParsableCommand {
             let mode = sparsity ?? (model.sparse == nil ? .full : .dynamic)
             var parameters = GenerationParameters(
                 maxTokens: maxTokens, sampling: sampling, stop: stop, logprobs: logprobs, endOfSequence: model.endOfSequenceTokenID,
-                sparsity: SparsityParameters(mode: mode, visionKeepRate: visionKeepRate, usesKeyValueCache: !noKVCache, fastVLayer: fastVLayer))
+                sparsity: SparsityParameters(mode: mode, visionKeepRate: visionKeepRate, usesKeyValueCache: !noKVCache, fastVLayer: fastVLayer,
+                                             outputTokens: outputTokens, outputKeepRate: outputKeepRate))
             let request: GenerationRequest
             let generator: Generator
             if let tokenIDsBefore {

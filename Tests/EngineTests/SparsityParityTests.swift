@@ -215,6 +215,65 @@ struct SparsityModeTests {
         #expect(rest.stats.kvCellsPerLayer == whole.stats.kvCellsPerLayer)
     }
 
+    /// Generated tokens whose K/V entered layers >= l (the last sampled token is never fed).
+    func keptOutputTokens(_ result: GenerationResult, sparseLayer l: Int) -> (kept: Int, fed: Int) {
+        let promptCellsAbove = result.stats.promptTokens - (result.stats.imageTokensTotal - result.stats.imageTokensKept)
+        return (result.stats.kvCellsPerLayer[l] - promptCellsAbove, result.stats.kvCellsPerLayer[0] - result.stats.promptTokens)
+    }
+
+    @Test("output-token baselines: every-other keeps the 1st, 3rd, ... token; random keeps a seeded share; a batch equals its rows alone")
+    func outputTokenBaselines() throws {
+        var generator = Generator(model: try DynamicFixture.model())
+        generator.recordsLogits = true
+        let cases = try Fixture.cases()
+        func request(_ k: Int, _ rule: OutputTokenRule, rate: Double? = nil, seed: UInt64 = 0, maxTokens: Int = 16) -> GenerationRequest {
+            var request = DynamicFixture.request(cases[k], mode: .dynamic, maxTokens: maxTokens)
+            request.parameters.endOfSequence = nil
+            request.parameters.sparsity.outputTokens = rule
+            request.parameters.sparsity.outputKeepRate = rate
+            request.parameters.sampling.seed = seed
+            return request
+        }
+        let l = 2
+        let everyOther = try generator.generate([request(0, .everyOther)])[0]
+        let (kept, fed) = keptOutputTokens(everyOther, sparseLayer: l)
+        #expect(fed == 15 && kept == 8)
+        #expect(everyOther.stats.kvCellsPerLayer[0 ..< l].allSatisfy { $0 == everyOther.stats.kvCellsPerLayer[0] })
+        #expect(everyOther.gateLogits.count == 15, "the gate is still read and reported")
+
+        let none = try generator.generate([request(0, .random, rate: 0)])[0]
+        let all = try generator.generate([request(0, .random, rate: 1)])[0]
+        #expect(keptOutputTokens(none, sparseLayer: l).kept == 0)
+        #expect(keptOutputTokens(all, sparseLayer: l).kept == 15)
+
+        // The random rule is a function of the seed and the position: over many positions it
+        // keeps the requested share, the same seed decides the same, another seed differently.
+        let decisions = { (seed: UInt64) in (0 ..< 4000).map { KeepRules.randomOutputToken(seed: seed, position: Int32($0), keepRate: 0.3) } }
+        let share = Double(decisions(7).filter { $0 }.count) / 4000
+        #expect(abs(share - 0.3) < 0.03, "kept share \(share)")
+        #expect(decisions(7) == decisions(7) && decisions(7) != decisions(8))
+
+        let requests = [request(0, .random, rate: 0.5, seed: 3), request(1, .everyOther, maxTokens: 9), request(1, .learned, maxTokens: 11),
+                        request(0, .random, rate: 0.5, seed: 4, maxTokens: 7)]
+        let batched = try generator.generate(requests)
+        for (r, request) in requests.enumerated() {
+            let alone = try generator.generate([request])[0]
+            #expect(batched[r].tokenIDs == alone.tokenIDs && batched[r].stepLogits == alone.stepLogits, "row \(r)")
+            #expect(batched[r].stats.kvCellsPerLayer == alone.stats.kvCellsPerLayer, "row \(r)")
+        }
+    }
+
+    @Test("an output-token baseline outside dynamic mode with a KV cache is refused before any work")
+    func outputTokenBaselineNeedsDynamicWithCache() throws {
+        let generator = Generator(model: try DynamicFixture.model())
+        let c = try Fixture.cases()[0]
+        for (mode, cache) in [(SparsityMode.full, true), (.random, true), (.dynamic, false)] {
+            var request = DynamicFixture.request(c, mode: mode, maxTokens: 4, cache: cache)
+            request.parameters.sparsity.outputTokens = .everyOther
+            #expect(throws: GenerationError.self) { try generator.generate([request]) }
+        }
+    }
+
     @Test("random dropping keeps k seeded image tokens: the same seed the same set, another seed another")
     func randomBaselineIsSeeded() throws {
         let generator = Generator(model: try DynamicFixture.model())
