@@ -76,8 +76,9 @@ def build_suffix(tok, turns):
     return ids, labels, gate
 
 
-def collate(tok, items):
-    """items [(pixels [3,S,S], (ids, labels, gate))] -> Batch, suffixes right-padded."""
+def collate(tok, items, patch_labels=None):
+    """items [(pixels [3,S,S], (ids, labels, gate))] -> Batch, suffixes right-padded.
+    patch_labels: per item int64 [3, N] (scenes.patch_labels), for the vision probe; or None."""
     a = max(len(s[0]) for _, s in items)
     b = len(items)
     suffix = torch.zeros(b, a, dtype=torch.long)
@@ -91,19 +92,35 @@ def collate(tok, items):
         labels[r, :n] = torch.tensor(lab)
         gate[r, :n] = torch.tensor(g)
     return Batch(prefix=torch.tensor(tok.prefix), pixels=torch.stack([p for p, _ in items]),
-                 suffix=suffix, suffix_valid=valid, labels=labels, gate=gate)
+                 suffix=suffix, suffix_valid=valid, labels=labels, gate=gate,
+                 patch_labels=None if patch_labels is None else torch.from_numpy(np.stack(patch_labels)))
 
 
-def training_batch(tok, seed, step, batch_size, train_scenes):
+def training_batch(tok, seed, step, batch_size, train_scenes, patch_size=None):
     """The batch of a given step: a pure function of (seed, step), so a resumed run sees the same
-    data stream as an uninterrupted one."""
+    data stream as an uninterrupted one. Rendering is the data loader's cost, so every rendered
+    scene gives two rows: the picture and its left-right mirror image (scenes.mirror), each with
+    its own conversation. With `patch_size`, the batch carries the per-patch object labels for the
+    vision probe."""
     rng = random.Random(seed * 1_000_003 + step)
-    items = []
-    for _ in range(batch_size):
+    items, patch_labels = [], []
+    while len(items) < batch_size:
         scene = scenes.make_scene(scenes.scene_index("train", rng.randrange(train_scenes)))
-        turns = scenes.conversation(scene, rng)
-        items.append((pixels(scenes.render(scene)), build_suffix(tok, turns)))
-    return collate(tok, items)
+        picture = pixels(scenes.render(scene))
+        for view, px in ((scene, picture), (scenes.mirror(scene), picture.flip(-1))):
+            if len(items) == batch_size:
+                break
+            items.append((px, build_suffix(tok, scenes.conversation(view, rng))))
+            if patch_size:
+                patch_labels.append(scenes.patch_labels(scene, patch_size) if view is scene
+                                    else _mirrored_patch_labels(scenes.patch_labels(scene, patch_size)))
+    return collate(tok, items, patch_labels if patch_size else None)
+
+
+def _mirrored_patch_labels(labels):
+    """[3, N] per-patch labels of a picture -> those of its left-right mirror image."""
+    g = int(round(labels.shape[1] ** 0.5))
+    return labels.reshape(3, g, g)[:, :, ::-1].reshape(3, g * g).copy()
 
 
 def eval_items(split, count, start=0):

@@ -261,17 +261,21 @@ class Batch:
     """prefix [P] ids shared by all rows; pixels [B, 3, S, S] normalised; suffix [B, A] ids
     (right-padded with 0); suffix_valid [B, A] bool; labels [B, A] (-100 = no loss; label of
     suffix position j is the token at j, the model shifts); gate [B, A] bool: the last answer's
-    positions (the output-token gate's span, section 7), whatever its length."""
+    positions (the output-token gate's span, section 7), whatever its length. patch_labels
+    [B, 3, N] (kind, colour, size per image patch, 0 = background; scenes.patch_labels) or None:
+    the vision probe's targets."""
     prefix: torch.Tensor
     pixels: torch.Tensor
     suffix: torch.Tensor
     suffix_valid: torch.Tensor
     labels: torch.Tensor
     gate: torch.Tensor
+    patch_labels: torch.Tensor = None
 
     def to(self, device):
         return Batch(*[x.to(device) if x is not None else None for x in
-                       (self.prefix, self.pixels, self.suffix, self.suffix_valid, self.labels, self.gate)])
+                       (self.prefix, self.pixels, self.suffix, self.suffix_valid, self.labels, self.gate,
+                        self.patch_labels)])
 
 
 class SceneLlava(nn.Module):
@@ -302,16 +306,18 @@ class SceneLlava(nn.Module):
             x = x[0] if isinstance(x, tuple) else x
         return x[:, 1:]
 
-    def embed(self, batch: Batch, with_prefix=True):
+    def training_features(self, pixels):
+        """image_features, without activations kept for backward when the tower is frozen (stage 2)."""
+        if any(p.requires_grad for p in self.vision.parameters()):
+            return self.image_features(pixels)
+        with torch.no_grad():
+            return self.image_features(pixels)
+
+    def embed(self, batch: Batch, features, with_prefix=True):
+        """[prefix |] projected image features | suffix embeddings."""
         emb = self.llm.model.embed_tokens
         b = batch.pixels.shape[0]
-        if any(p.requires_grad for p in self.vision.parameters()):
-            feats = self.image_features(batch.pixels)
-        else:  # frozen tower (stage 2): no activations kept for backward
-            with torch.no_grad():
-                feats = self.image_features(batch.pixels)
-        img = self.projector(feats)
-        parts = [img, emb(batch.suffix)]
+        parts = [self.projector(features), emb(batch.suffix)]
         if with_prefix:
             parts.insert(0, emb(batch.prefix)[None].expand(b, -1, -1))
         return torch.cat(parts, dim=1)
@@ -327,8 +333,10 @@ class SceneLlava(nn.Module):
         return (causal[None] & (valid[:, None, :] | eye[None]))[:, None]
 
     # ---- training forward ----
-    def forward(self, batch: Batch, dynamic=False, tau=1.0, share_prefix=True):
-        """-> dict(loss, ce, image_keep, output_keep, image_mask_loss, output_mask_loss).
+    def forward(self, batch: Batch, dynamic=False, tau=1.0, share_prefix=True, probe=None, probe_weight=1.0):
+        """-> dict(loss, ce, image_keep, output_keep, image_mask_loss, output_mask_loss, and with a
+        `probe` and batch.patch_labels: probe_loss, probe_kind_accuracy); loss = ce (+ stage 2's
+        keep-rate terms) + probe_weight x probe_loss.
         share_prefix: the prefix (BOS, system prompt, "USER:") is the same for every row and
         precedes the image, so its hidden states and K/V are computed once (batch 1) and every
         row attends to them; identical results to share_prefix=False, about 20% fewer FLOPs."""
@@ -336,6 +344,7 @@ class SceneLlava(nn.Module):
         p, n = batch.prefix.shape[0], self.size.image_tokens
         l = self.sparse.sparse_layer
         layers = self.llm.model.layers
+        features = self.training_features(batch.pixels)
         if share_prefix:
             kv = _PrefixKV()
             hp = self.llm.model.embed_tokens(batch.prefix)[None]
@@ -345,14 +354,14 @@ class SceneLlava(nn.Module):
                 hp = layer(hp, attention_mask=mask_p, position_embeddings=rope_p, past_key_values=kv)
                 hp = hp[0] if isinstance(hp, tuple) else hp
             kv.batch = b
-            h = self.embed(batch, with_prefix=False)                # [B, T - P, H]
+            h = self.embed(batch, features, with_prefix=False)      # [B, T - P, H]
             t = p + h.shape[1]
             o = 0                                                   # image offset inside h
             pos = torch.arange(p, t, device=h.device)[None]
             mask = self._mask(batch, t)[:, :, p:, :]
         else:
             kv = None
-            h = self.embed(batch)
+            h = self.embed(batch, features)
             t = h.shape[1]
             o = p
             pos = torch.arange(t, device=h.device)[None]
@@ -373,6 +382,11 @@ class SceneLlava(nn.Module):
             w = self.sparse.mask_loss_weight
             out["loss"] = ce + w * (stats["image_mask_loss"] + stats["output_mask_loss"])
             out.update(stats)
+        if probe is not None and batch.patch_labels is not None:
+            probe_loss, kind_accuracy = probe(features, batch.patch_labels)
+            out["loss"] = out["loss"] + probe_weight * probe_loss
+            out["probe_loss"] = probe_loss
+            out["probe_kind_accuracy"] = kind_accuracy
         return out
 
     def _decide(self, h, batch, o, p, n, tau):
@@ -411,6 +425,34 @@ class SceneLlava(nn.Module):
         if include_vision:
             ps += list(self.vision.parameters())
         return ps
+
+
+class PatchProbe(nn.Module):
+    """Stage 1's dense vision probe, a stand-in for the pretraining a CLIP tower comes with: a
+    linear read-out of (kind, colour, size) of the object under each image patch from the features
+    the projector sees (hidden_states[-2]). Its loss teaches the tower shapes directly, instead of
+    through one caption token per object; the probe itself is not part of the checkpoint.
+    classes: class counts per attribute, background (class 0) included."""
+
+    def __init__(self, vision_hidden, classes, background_weight=0.2):
+        super().__init__()
+        self.classes = list(classes)
+        self.read_out = nn.Linear(vision_hidden, sum(self.classes))
+        self.background_weight = background_weight
+
+    def forward(self, features, labels):
+        """features [B, N, C], labels [B, 3, N] -> (mean cross-entropy over the attributes,
+        kind accuracy on object patches)."""
+        logits = self.read_out(features).float().split(self.classes, dim=-1)
+        loss = 0.0
+        for a, (lg, n) in enumerate(zip(logits, self.classes)):
+            weight = torch.ones(n, device=lg.device)
+            weight[0] = self.background_weight
+            loss = loss + F.cross_entropy(lg.reshape(-1, n), labels[:, a].reshape(-1), weight=weight)
+        on_object = labels[:, 0] > 0
+        hits = (logits[0].argmax(dim=-1) == labels[:, 0])[on_object]
+        accuracy = hits.float().mean() if hits.numel() else torch.tensor(float("nan"))
+        return loss / len(self.classes), accuracy.detach()
 
 
 def count_parameters(module):

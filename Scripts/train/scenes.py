@@ -48,7 +48,7 @@ COLOURS = {
     "orange": (245, 135, 30),
 }
 COLOUR_NAMES = list(COLOURS)
-SIZES = {"small": (17, 24), "large": (32, 42)}  # radius range in pixels (circumscribed)
+SIZES = {"small": (26, 32), "large": (40, 50)}  # radius range in pixels (circumscribed)
 SIZE_NAMES = list(SIZES)
 # Cell (row, col) -> phrase. Used in captions ("at the top left") and answers ("Top left").
 POSITIONS = [["top left", "top", "top right"],
@@ -117,6 +117,19 @@ def make_scene(index):
     return {"index": index, "objects": objects, "background": background}
 
 
+def mirror(scene):
+    """The scene whose picture is render(scene) flipped left to right (up to rasterisation): every
+    object moves to the mirrored column with mirrored jitter and tilt, objects in reading order
+    again. Training uses it to get two samples from one (costly) rendering."""
+    objects = []
+    for o in scene["objects"]:
+        m = dict(o, col=2 - o["col"], dx=-o["dx"], angle=-o["angle"])
+        m["position"] = POSITIONS[m["row"]][m["col"]]
+        objects.append(m)
+    objects.sort(key=lambda o: (o["row"], o["col"]))
+    return {**scene, "objects": objects, "mirrored": not scene.get("mirrored", False)}
+
+
 # ------------------------------------------------------------------------------------------------
 # Rendering
 
@@ -166,26 +179,58 @@ def _polygon(kind, cx, cy, r, angle):
     return [(cx + scale * (x * ca - y * sa), cy + scale * (x * sa + y * ca)) for x, y in pts]
 
 
+def _draw_objects(draw, scene, fill):
+    """Draws the scene's objects in reading order (later ones on top); `fill(k, o)` is the fill of
+    object k. The one geometry behind the picture (render) and the labels (object_mask)."""
+    cell = IMAGE_SIZE / 3
+    for k, o in enumerate(scene["objects"]):
+        cx = (o["col"] + 0.5) * cell + o["dx"]
+        cy = (o["row"] + 0.5) * cell + o["dy"]
+        r = o["radius"]
+        if o["kind"] == "circle":
+            draw.ellipse([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill(k, o))
+        else:
+            draw.polygon(_polygon(o["kind"], cx, cy, r, o["angle"]), fill=fill(k, o))
+
+
 def render(scene):
     """336x336 RGB PIL image of the scene (deterministic)."""
     rng = np.random.default_rng(scene["index"])
     bg = scene["background"]
     img = np.clip(_background(bg, rng), 0, 255).astype(np.uint8)
     pil = Image.fromarray(img, "RGB")
-    draw = ImageDraw.Draw(pil)
-    cell = IMAGE_SIZE / 3
-    for o in scene["objects"]:
-        cx = (o["col"] + 0.5) * cell + o["dx"]
-        cy = (o["row"] + 0.5) * cell + o["dy"]
-        r = o["radius"]
-        rgb = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[o["colour"]], o["rgb_jitter"]))
-        if o["kind"] == "circle":
-            draw.ellipse([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=rgb)
-        else:
-            draw.polygon(_polygon(o["kind"], cx, cy, r, o["angle"]), fill=rgb)
+    _draw_objects(ImageDraw.Draw(pil), scene,
+                  lambda k, o: tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[o["colour"]], o["rgb_jitter"])))
     arr = np.asarray(pil).astype(np.float32)
     arr += rng.normal(0.0, bg["noise_sigma"], size=arr.shape).astype(np.float32)
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def object_mask(scene):
+    """[336, 336] uint8: 0 background, k + 1 where object k is visible (render()'s geometry)."""
+    m = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw_objects(ImageDraw.Draw(m), scene, lambda k, o: k + 1)
+    return np.asarray(m)
+
+
+def patch_labels(scene, patch_size, min_fraction=0.1):
+    """Per patch (row-major over the ViT's grid) the object that covers most of it, if it covers
+    at least `min_fraction`: int64 [3, N] of (kind, colour, size) class ids, 0 = background and
+    attribute + 1 otherwise. Dense targets for the vision tower's pretraining probe."""
+    g = IMAGE_SIZE // patch_size
+    mask = object_mask(scene)[:g * patch_size, :g * patch_size]
+    patches = mask.reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    n_obj = len(scene["objects"])
+    cover = np.stack([(patches == k + 1).mean(axis=1) for k in range(n_obj)], axis=1)  # [N, objects]
+    best = cover.argmax(axis=1)
+    on = cover[np.arange(g * g), best] >= min_fraction
+    labels = np.zeros((3, g * g), dtype=np.int64)
+    for k, o in enumerate(scene["objects"]):
+        sel = on & (best == k)
+        labels[0, sel] = KINDS.index(o["kind"]) + 1
+        labels[1, sel] = COLOUR_NAMES.index(o["colour"]) + 1
+        labels[2, sel] = SIZE_NAMES.index(o["size"]) + 1
+    return labels
 
 
 # ------------------------------------------------------------------------------------------------

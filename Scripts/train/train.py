@@ -41,7 +41,7 @@ import torch
 import data
 import score
 import scenes
-from model import PRESETS, ModelSize, SceneLlava, SparseConfig, count_parameters, generate
+from model import PRESETS, ModelSize, PatchProbe, SceneLlava, SparseConfig, count_parameters, generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,6 +60,8 @@ def parse_args(argv=None):
     ap.add_argument("--llm-lr", type=float, default=1e-4, help="stage 2 projector + LLM lr (1/10 of stage 1 peak)")
     ap.add_argument("--predictor-lr", type=float, default=2e-4, help="stage 2 predictor lr")
     ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--probe-weight", type=float, default=1.0,
+                    help="stage 1: weight of the dense vision probe's loss (model.PatchProbe); 0 = no probe")
     ap.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the schedule")
     ap.add_argument("--tau-start", type=float, default=1.0)
     ap.add_argument("--tau-end", type=float, default=0.1)
@@ -127,9 +129,20 @@ def build(args, tok):
     return model, size, sparse
 
 
-def make_optimizer(args, model):
+def make_probe(args, size):
+    """Stage 1's dense vision probe (None in stage 2, or with --probe-weight 0)."""
+    if args.stage != 1 or args.probe_weight <= 0:
+        return None
+    torch.manual_seed(args.seed + 2)
+    return PatchProbe(size.vision_hidden, [len(scenes.KINDS) + 1, len(scenes.COLOURS) + 1, len(scenes.SIZES) + 1])
+
+
+def make_optimizer(args, model, probe):
     if args.stage == 1:
-        groups = [{"params": model.base_parameters() + model.predictor_parameters(), "lr": args.lr, "base_lr": args.lr}]
+        params = model.base_parameters() + model.predictor_parameters()
+        if probe is not None:
+            params += list(probe.parameters())
+        groups = [{"params": params, "lr": args.lr, "base_lr": args.lr}]
     else:
         for p in model.vision.parameters():
             p.requires_grad_(False)
@@ -196,15 +209,15 @@ class StepBatches(torch.utils.data.IterableDataset):
     workers, worker w renders steps start + w, start + w + W, ... and the loader interleaves them
     back in step order."""
 
-    def __init__(self, tok, args, start):
-        self.tok, self.args, self.start = tok, args, start
+    def __init__(self, tok, args, start, patch_size):
+        self.tok, self.args, self.start, self.patch_size = tok, args, start, patch_size
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         k = self.start + w
         while True:
-            yield data.training_batch(self.tok, self.args.seed, k, self.args.batch, self.args.train_scenes)
+            yield data.training_batch(self.tok, self.args.seed, k, self.args.batch, self.args.train_scenes, self.patch_size)
             k += nw
 
 
@@ -224,12 +237,17 @@ def main(argv=None):
     tok = data.SceneTokenizer(args.tokenizer)
     model, size, sparse = build(args, tok)
     model.to(args.device)
-    opt = make_optimizer(args, model)
+    probe = make_probe(args, size)
+    if probe is not None:
+        probe.to(args.device)
+    opt = make_optimizer(args, model, probe)
     dynamic = args.stage == 2
     step, train_seconds = 0, 0.0
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
+        if probe is not None:
+            probe.load_state_dict(ck["probe"])
         opt.load_state_dict(ck["optimizer"])
         step, train_seconds = ck["step"], ck["train_seconds"]
         torch.set_rng_state(ck["torch_rng"])
@@ -248,7 +266,8 @@ def main(argv=None):
         return step / args.steps if args.steps else train_seconds / budget
 
     def save_ckpt(reason):
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        atomic_save({"model": model.state_dict(), "probe": probe.state_dict() if probe is not None else None,
+                     "optimizer": opt.state_dict(), "step": step,
                      "train_seconds": train_seconds, "torch_rng": torch.get_rng_state()}, ckpt_path)
         log(f"checkpoint ({reason}) at step {step}, {train_seconds / 60:.1f} min")
 
@@ -262,7 +281,7 @@ def main(argv=None):
 
     model.train()
     batches = iter(torch.utils.data.DataLoader(
-        StepBatches(tok, args, step), batch_size=None, num_workers=args.workers,
+        StepBatches(tok, args, step, size.patch_size if probe is not None else None), batch_size=None, num_workers=args.workers,
         prefetch_factor=4 if args.workers else None, persistent_workers=False))
     last_ckpt = last_val = time.time()
     acc = {}
@@ -280,7 +299,7 @@ def main(argv=None):
             g["lr"] = g["base_lr"] * f
         batch = next(batches).to(args.device)
         t1 = time.time()
-        out = model(batch, dynamic=dynamic, tau=tau)
+        out = model(batch, dynamic=dynamic, tau=tau, probe=probe, probe_weight=args.probe_weight)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         gn = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -313,6 +332,7 @@ def main(argv=None):
             log(f"step {step} prog {pr:.3f} loss {m['loss']:.4f} ce {m['ce']:.4f} "
                 + (f"img_keep {m['image_keep']:.3f} out_keep {m.get('output_keep', float('nan')):.3f} tau {tau:.3f} "
                    if dynamic else "")
+                + (f"probe {m['probe_loss']:.4f} probe_kind_acc {m['probe_kind_accuracy']:.3f} " if probe is not None else "")
                 + f"lr {opt.param_groups[0]['lr']:.2e} gn {m['grad_norm']:.2f} {m['step_s']:.2f}s/step",
                 kind="train", step=step, progress=pr, tau=tau, lr=opt.param_groups[0]["lr"], **m)
             acc = {}
