@@ -33,9 +33,9 @@ struct EngineRunner: BatchRunner {
             sparsity: SparsityParameters(mode: mode, visionKeepRate: p.visionKeepRate))
     }
 
-    func run(_ jobs: [Job]) -> [JobOutcome<GenerationStats>] {
+    func run(_ jobs: [Job], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<GenerationStats>] {
         var outcomes = [JobOutcome<GenerationStats>?](repeating: nil, count: jobs.count)
-        var requests: [GenerationRequest] = [], rows: [Int] = []
+        var requests: [GenerationRequest] = [], rows: [Int] = [], resumed: [GenerationSnapshot?] = []
         let generator = pipeline.generator
         for (i, job) in jobs.enumerated() {
             do {
@@ -43,14 +43,28 @@ struct EngineRunner: BatchRunner {
                 try generator.validate([request])
                 requests.append(request)
                 rows.append(i)
+                resumed.append(snapshots[i].flatMap { resumableSnapshot($0, for: request, job: i, session: session) })
             } catch {
                 // A bad image, a prompt longer than the context, a mode the model cannot run: never retried.
                 outcomes[i] = .failed(reason: "\(error)", permanent: true)
             }
         }
         if !requests.isEmpty {
+            let rowOfJob = Dictionary(uniqueKeysWithValues: rows.enumerated().map { ($1, $0) })
+            let observer = DecodeObserver(
+                afterStep: { progress in
+                    let directive = session.afterStep(BatchStep(step: progress.step, generating: progress.generating.map { rows[$0] },
+                                                                finished: progress.finished.map { rows[$0] }, newTokens: progress.newTokens))
+                    return DecodeDirective(snapshot: Set(directive.snapshot.compactMap { rowOfJob[$0] }),
+                                           remove: Set(directive.remove.compactMap { rowOfJob[$0] }))
+                },
+                captured: { row, snapshot in session.snapshotTaken(job: rows[row], payload: snapshot.encoded()) })
             do {
-                for (row, result) in zip(rows, try generator.generate(requests)) {
+                for (row, result) in zip(rows, try generator.generate(requests, resuming: resumed, observer: observer)) {
+                    guard let result else {
+                        outcomes[row] = .stopped
+                        continue
+                    }
                     let timings = JobTimings(prefillMs: result.stats.prefillMilliseconds, decodeMs: result.stats.decodeMilliseconds,
                                              totalMs: result.stats.prefillMilliseconds + result.stats.decodeMilliseconds,
                                              generatedTokens: result.tokenIDs.count)
@@ -62,6 +76,25 @@ struct EngineRunner: BatchRunner {
             }
         }
         return outcomes.map { $0! }
+    }
+
+    /// The snapshot a job resumes from, or nil (logged) when its payload cannot be decoded or is
+    /// not this request's state: the job then starts from scratch.
+    func resumableSnapshot(_ payload: Data, for request: GenerationRequest, job index: Int, session: BatchSession) -> GenerationSnapshot? {
+        let path = session.snapshotURL(job: index).path
+        do {
+            let snapshot = try GenerationSnapshot(decoding: payload)
+            try pipeline.generator.checkSnapshot(snapshot, fits: request, request: index)
+            session.log("resuming from \(path) at decode step \(snapshot.decodeSteps) (\(snapshot.result.tokenIDs.count) tokens so far)")
+            return snapshot
+        } catch let error as SnapshotFormatError {
+            session.log("\(path): \(error); starting the job from scratch")
+        } catch GenerationError.snapshotMismatch(_, let reason) {
+            session.log("\(path) does not fit its job: \(reason); starting the job from scratch")
+        } catch {
+            session.log("\(path): \(error); starting the job from scratch")
+        }
+        return nil
     }
 }
 
