@@ -105,9 +105,22 @@ struct Run: ParsableCommand {
         Claims up to --batch-size jobs at a time, renews their leases from a heartbeat thread, runs \
         them through the engine (each job's result is what it would be alone), writes one \
         zstd-compressed result file per job under --out and completes the job fenced by its \
-        attempt. Several `run` processes may share one database. SIGTERM or SIGINT: no new claims; \
-        the batch in flight finishes, then exit 0. With --lock-file a second run holding the same \
-        lock exits 75 at once (for cron). KV snapshots and --keep-kv are not implemented yet.
+        attempt. Several `run` processes may share one database. With --lock-file a second run \
+        holding the same lock exits 75 at once (for cron).
+
+        Every --snapshot-every decode steps each running job's KV cache and generation state go \
+        to OUT/snapshots/job-<id>.kv.zst (written atomically); an interrupted job resumes from \
+        its latest snapshot without redoing vision and prefill, with exactly the output of an \
+        uninterrupted run. A snapshot that is corrupt, truncated, of another model or of an \
+        unknown version is refused (logged) and the job starts from scratch. A job's snapshot \
+        is deleted when it finishes; with --keep-kv its final snapshot stays there. \
+        `dllava snapshot inspect FILE` prints a snapshot's header.
+
+        SIGTERM or SIGINT: no new claims; at the next decode step every running job is \
+        snapshotted, leaves its batch and is released to the queue; then exit 0. A job \
+        cancelled while running (`dllava cancel`) leaves its batch at the next decode step; its \
+        batch-mates go on. On a terminal, progress is one updating line on stderr (done/total, \
+        tokens/s, ETA); otherwise one log line per batch.
         """)
 
     @OptionGroup var database: DatabaseOptions
@@ -134,8 +147,15 @@ struct Run: ParsableCommand {
     @Option(help: "Lease length (e.g. 5m); the heartbeat renews it every third.")
     var lease = "5m"
 
+    @Option(name: .customLong("snapshot-every"), help: "Snapshot running jobs every N decode steps (0: only on SIGTERM/SIGINT).")
+    var snapshotEvery = 32
+
+    @Flag(name: .customLong("keep-kv"), help: "Keep each finished job's final KV snapshot in OUT/snapshots instead of deleting it.")
+    var keepKV = false
+
     func validate() throws {
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
+        guard snapshotEvery >= 0 else { throw ValidationError("--snapshot-every must not be negative") }
         if let maxJobs, maxJobs < 1 { throw ValidationError("--max-jobs must be at least 1") }
     }
 
@@ -148,6 +168,8 @@ struct Run: ParsableCommand {
             options.maxJobs = maxJobs
             options.maxSeconds = try maxTime.map { Double(try milliseconds($0, option: "--max-time")) / 1000 }
             options.leaseMilliseconds = try milliseconds(lease, option: "--lease")
+            options.snapshotEvery = snapshotEvery
+            options.keepKV = keepKV
             let queue = try database.open()
             let pipeline = try LLaVAPipeline(model: try modelOptions.load())
             let daemon = BatchDaemon(queue: queue, runner: try EngineRunner(pipeline: pipeline),
@@ -157,13 +179,15 @@ struct Run: ParsableCommand {
                 signal(number, SIG_IGN)
                 let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
                 source.setEventHandler {
-                    writeStandardError("signal \(number): finishing the batch in flight, then stopping")
+                    writeStandardError("signal \(number): snapshotting the running jobs at the next decode step, then stopping")
                     stop.stop()
                 }
                 source.resume()
                 return source
             }
-            let report = try daemon.run(stop: stop) { writeStandardError($0) }
+            let display = ProgressDisplay()
+            let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
+            display.finish()
             signals.forEach { $0.cancel() }
             print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), discarded \(report.discarded)")
         }
@@ -184,5 +208,48 @@ struct Run: ParsableCommand {
             throw CommandFailure(message: "another dllava run holds \(path); exiting", code: 75)
         }
         // The descriptor stays open (and the lock held) until the process exits.
+    }
+}
+
+/// Progress on stderr: on a terminal one line rewritten in place (done/total, tokens/s, ETA) at
+/// most ten times a second, with log lines printed above it; otherwise the log lines alone.
+final class ProgressDisplay: @unchecked Sendable {
+    private let lock = NSLock()
+    private let isTerminal = isatty(STDERR_FILENO) == 1
+    private var lastShown = Date.distantPast
+    private var line = ""
+
+    func log(_ text: String) {
+        lock.withLock {
+            if isTerminal && !line.isEmpty {
+                writeRaw("\r\u{1B}[Kdllava: \(text)\n\(line)")
+            } else {
+                writeRaw("dllava: \(text)\n")
+            }
+        }
+    }
+
+    func show(_ progress: DaemonProgress) {
+        guard isTerminal else { return }
+        lock.withLock {
+            guard Date().timeIntervalSince(lastShown) >= 0.1 else { return }
+            lastShown = Date()
+            let eta = progress.etaSeconds.map { DurationText.describe(milliseconds: Int64($0 * 1000)) } ?? "?"
+            line = "\(progress.done)/\(progress.done + progress.remaining) jobs, "
+                + String(format: "%.1f", progress.tokensPerSecond) + " tokens/s, ETA \(eta)"
+            writeRaw("\r\u{1B}[K" + line)
+        }
+    }
+
+    /// Ends the progress line so what follows starts on its own.
+    func finish() {
+        lock.withLock {
+            if isTerminal && !line.isEmpty { writeRaw("\n") }
+            line = ""
+        }
+    }
+
+    private func writeRaw(_ text: String) {
+        FileHandle.standardError.write(Data(text.utf8))
     }
 }
