@@ -4,6 +4,10 @@
 import Foundation
 import Llama
 
+#if !(arch(x86_64) || arch(arm64))
+#error("GenerationSnapshot writes arrays in memory order, which is little-endian only on these architectures")
+#endif
+
 /// Everything a request needs to go on generating exactly as if it had never stopped: its prompt
 /// (to check it is the same request), its KV cells with their ORIGINAL positions, the tokens and
 /// statistics so far, and its sampler's random state. Vision and prefill are never redone.
@@ -111,7 +115,7 @@ public struct GenerationSnapshot: Sendable, Equatable {
         guard StorageType(rawValue: storage) != nil else { throw .unsupportedStorageType(storage) }
         let layers = Int(try reader.read() as UInt32)
         keyValueWidth = Int(try reader.read() as UInt32)
-        // Bounds that keep `cells * keyValueWidth` from overflowing on a damaged payload.
+        // Bounds that keep the counts below from overflowing on a damaged payload.
         guard layers <= data.count, keyValueWidth <= data.count else {
             throw .malformed("\(layers) layers of width \(keyValueWidth) cannot fit in \(data.count) bytes")
         }
@@ -165,7 +169,8 @@ public enum SnapshotFormatError: Error, Equatable, CustomStringConvertible {
     }
 }
 
-/// Appends little-endian values.
+/// Appends little-endian values. Arrays are copied as they lie in memory, which is their
+/// little-endian form on every platform this package builds for.
 struct ByteWriter {
     var data = Data()
 
@@ -176,11 +181,11 @@ struct ByteWriter {
     /// A u32 count, then the values.
     mutating func append(_ values: [Int32]) {
         append(UInt32(values.count))
-        for value in values { append(value) }
+        values.withUnsafeBytes { data.append(contentsOf: $0) }
     }
 
     mutating func appendFloats(_ values: [Float]) {
-        for value in values { append(value.bitPattern) }
+        values.withUnsafeBytes { data.append(contentsOf: $0) }
     }
 }
 
@@ -212,17 +217,23 @@ struct ByteReader {
     }
 
     mutating func readInt32Array() throws(SnapshotFormatError) -> [Int32] {
-        let count = Int(try read() as UInt32)
-        let bytes = try readBytes(count * 4)
-        return bytes.withUnsafeBytes { raw in
-            (0..<count).map { Int32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: Int32.self)) }
-        }
+        try readArray(count: Int(try read() as UInt32), of: Int32.self)
     }
 
     mutating func readFloats(_ count: Int) throws(SnapshotFormatError) -> [Float] {
-        let bytes = try readBytes(count * 4)
-        return bytes.withUnsafeBytes { raw in
-            (0..<count).map { Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: UInt32.self))) }
+        try readArray(count: count, of: Float.self)
+    }
+
+    /// `count` 4-byte values as they lie in the payload (little-endian, like memory; see `ByteWriter`).
+    mutating func readArray<T: BitwiseCopyable>(count: Int, of _: T.Type) throws(SnapshotFormatError) -> [T] {
+        let stride = MemoryLayout<T>.stride
+        guard count <= (data.count - offset) / stride else {
+            throw .truncated(offset: data.count, needed: (count - (data.count - offset) / stride).multipliedReportingOverflow(by: stride).partialValue)
+        }
+        let bytes = try readBytes(count * stride)
+        return [T](unsafeUninitializedCapacity: count) { buffer, initialized in
+            bytes.withUnsafeBytes { UnsafeMutableRawBufferPointer(buffer).copyMemory(from: $0) }
+            initialized = count
         }
     }
 }

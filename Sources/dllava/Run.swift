@@ -189,7 +189,8 @@ struct Run: ParsableCommand {
             let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
             display.finish()
             signals.forEach { $0.cancel() }
-            print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), discarded \(report.discarded)")
+            print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), "
+                  + "cancelled \(report.cancelled), released \(report.released), discarded \(report.discarded)")
         }
     }
 
