@@ -175,17 +175,17 @@ struct Run: ParsableCommand {
             let daemon = BatchDaemon(queue: queue, runner: try EngineRunner(pipeline: pipeline),
                                      results: try ResultFile(directory: URL(fileURLWithPath: out)), options: options)
             let stop = StopFlag()
+            let display = ProgressDisplay()
             let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
                 signal(number, SIG_IGN)
                 let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
                 source.setEventHandler {
-                    writeStandardError("signal \(number): snapshotting the running jobs at the next decode step, then stopping")
+                    display.log("signal \(number): snapshotting the running jobs at the next decode step, then stopping")
                     stop.stop()
                 }
                 source.resume()
                 return source
             }
-            let display = ProgressDisplay()
             let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
             display.finish()
             signals.forEach { $0.cancel() }
@@ -212,12 +212,13 @@ struct Run: ParsableCommand {
     }
 }
 
-/// Progress on stderr: on a terminal one line rewritten in place (done/total, tokens/s, ETA) at
-/// most ten times a second, with log lines printed above it; otherwise the log lines alone.
+/// Progress on stderr: on a terminal one line rewritten in place (done/total, tokens/s, ETA), with
+/// log lines printed above it; otherwise the log lines alone.
 final class ProgressDisplay: @unchecked Sendable {
     private let lock = NSLock()
     private let isTerminal = isatty(STDERR_FILENO) == 1
     private var lastShown = Date.distantPast
+    private var lastDone = -1
     private var line = ""
 
     func log(_ text: String) {
@@ -233,8 +234,10 @@ final class ProgressDisplay: @unchecked Sendable {
     func show(_ progress: DaemonProgress) {
         guard isTerminal else { return }
         lock.withLock {
-            guard Date().timeIntervalSince(lastShown) >= 0.1 else { return }
+            // A job finishing always shows; token counts at most ten times a second.
+            guard progress.done != lastDone || Date().timeIntervalSince(lastShown) >= 0.1 else { return }
             lastShown = Date()
+            lastDone = progress.done
             let eta = progress.etaSeconds.map { DurationText.describe(milliseconds: Int64($0 * 1000)) } ?? "?"
             line = "\(progress.done)/\(progress.done + progress.remaining) jobs, "
                 + String(format: "%.1f", progress.tokensPerSecond) + " tokens/s, ETA \(eta)"
