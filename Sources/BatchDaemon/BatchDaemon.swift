@@ -108,7 +108,7 @@ public struct DaemonProgress: Sendable, Equatable {
     public var etaSeconds: Double? { done > 0 ? elapsedSeconds / Double(done) * Double(remaining) : nil }
 }
 
-/// A flag set from a signal handler or another thread; read between batches.
+/// A flag set from a signal handler or another thread; read between batches and at every decode step.
 public final class StopFlag: @unchecked Sendable {
     private let lock = NSLock()
     private var stopped = false
@@ -222,9 +222,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
 
     func removeSnapshot(job: Int64, log: (String) -> Void) {
         let url = snapshotURL(job: job)
-        guard unlink(url.path) == 0 || errno == ENOENT else {
+        if unlink(url.path) != 0 && errno != ENOENT {
             log("job \(job): cannot delete its snapshot \(url.path): \(String(cString: strerror(errno)))")
-            return
         }
     }
 
