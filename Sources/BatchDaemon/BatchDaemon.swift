@@ -108,6 +108,16 @@ public struct DaemonProgress: Sendable, Equatable {
     public var etaSeconds: Double? { done > 0 ? elapsedSeconds / Double(done) * Double(remaining) : nil }
 }
 
+/// Jobs of the running batch whose lease the heartbeat found lost (rescued by another worker,
+/// or finalised): written by the heartbeat thread, read at every decode step.
+final class LostLeases: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lost: Set<Int64> = []
+
+    func insert(_ ids: Set<Int64>) { lock.withLock { lost.formUnion(ids) } }
+    var ids: Set<Int64> { lock.withLock { lost } }
+}
+
 /// A flag set from a signal handler or another thread; read between batches and at every decode step.
 public final class StopFlag: @unchecked Sendable {
     private let lock = NSLock()
@@ -167,17 +177,21 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             report.claimed += jobs.count
             let batchStart = Date()
             let counts = try queue.counts()
-            let session = BatchSession(jobs: jobs, queue: queue, options: options, stop: stop, snapshotURL: snapshotURL,
+            let lostLeases = LostLeases()
+            let session = BatchSession(jobs: jobs, queue: queue, options: options, stop: stop, lostLeases: lostLeases, snapshotURL: snapshotURL,
                                        modelFingerprint: runner.fingerprint.fingerprint, log: log, progress: progress,
                                        start: start, done: report.succeeded + report.failed + report.cancelled + report.released,
                                        remaining: (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0),
                                        generatedTokens: report.generatedTokens)
             let snapshots = jobs.map { readSnapshot($0, log: log) }
-            let outcomes = withHeartbeat(jobs) { runner.run(jobs, resumingFrom: snapshots, session: session) }
+            let outcomes = withHeartbeat(jobs, lostLeases: lostLeases) { runner.run(jobs, resumingFrom: snapshots, session: session) }
             var released: [Int64] = []
             for (index, (job, outcome)) in zip(jobs, outcomes).enumerated() {
                 if case .stopped = outcome {
-                    if session.cancelled.contains(index) {
+                    if session.abandoned.contains(index) {
+                        report.discarded += 1
+                        log("job \(job.id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step")
+                    } else if session.cancelled.contains(index) {
                         if try queue.acknowledgeCancel(job: job.id, attempt: job.attempt, owner: options.owner) {
                             report.cancelled += 1
                             removeSnapshot(job: job.id, log: log)
@@ -264,8 +278,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     }
 
     /// Runs `body` while a thread renews the jobs' leases every third of the lease, so long
-    /// matrix products never starve the heartbeat.
-    func withHeartbeat<T>(_ jobs: [Job], _ body: () -> T) -> T {
+    /// matrix products never starve the heartbeat, and records the leases it finds lost.
+    func withHeartbeat<T>(_ jobs: [Job], lostLeases: LostLeases, _ body: () -> T) -> T {
         let done = StopFlag()
         let ids = jobs.map(\.id)
         let queue = queue, owner = options.owner, lease = options.leaseMilliseconds
@@ -275,7 +289,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             while !done.isStopped {
                 Thread.sleep(forTimeInterval: min(0.2, interval))
                 if Date() >= next {
-                    _ = try? queue.heartbeat(jobs: ids, owner: owner, leaseDuration: lease)
+                    if let result = try? queue.heartbeat(jobs: ids, owner: owner, leaseDuration: lease) { lostLeases.insert(result.lost) }
                     next = Date().addingTimeInterval(interval)
                 }
             }
@@ -288,13 +302,14 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
 
 /// The daemon's side of one running batch, consulted by the runner between decode steps: it
 /// writes snapshots (every `snapshotEvery` steps, at a graceful shutdown, and finals with
-/// `keepKV`), removes jobs whose cancel was requested, and reports progress. Used from the
-/// runner's thread only.
+/// `keepKV`), removes jobs whose cancel was requested or whose lease was lost, and reports
+/// progress. Used from the runner's thread only.
 public final class BatchSession {
     let jobs: [Job]
     let queue: JobQueue
     let options: DaemonOptions
     let stop: StopFlag
+    let lostLeases: LostLeases
     let snapshotURL: (Int64) -> URL
     let modelFingerprint: String
     let logLine: @Sendable (String) -> Void
@@ -306,14 +321,17 @@ public final class BatchSession {
     var finishedInBatch = 0
     /// Jobs (indices) removed because their cancel was requested.
     private(set) var cancelled: Set<Int> = []
+    /// Jobs (indices) removed because their lease was lost: no snapshot, no result.
+    private(set) var abandoned: Set<Int> = []
 
-    init(jobs: [Job], queue: JobQueue, options: DaemonOptions, stop: StopFlag, snapshotURL: @escaping (Int64) -> URL,
+    init(jobs: [Job], queue: JobQueue, options: DaemonOptions, stop: StopFlag, lostLeases: LostLeases, snapshotURL: @escaping (Int64) -> URL,
          modelFingerprint: String, log: @escaping @Sendable (String) -> Void, progress: @escaping @Sendable (DaemonProgress) -> Void,
          start: Date, done: Int, remaining: Int, generatedTokens: Int) {
         self.jobs = jobs
         self.queue = queue
         self.options = options
         self.stop = stop
+        self.lostLeases = lostLeases
         self.snapshotURL = snapshotURL
         self.modelFingerprint = modelFingerprint
         self.logLine = log
@@ -332,18 +350,23 @@ public final class BatchSession {
                                 generatedTokens: generatedTokens, elapsedSeconds: Date().timeIntervalSince(start)))
         var directive = BatchDirective()
         if options.keepKV { directive.snapshot.formUnion(step.finished) }
-        guard !step.generating.isEmpty else { return directive }
+        let lost = lostLeases.ids
+        let losing = step.generating.filter { lost.contains(jobs[$0].id) }
+        abandoned.formUnion(losing)
+        directive.remove.formUnion(losing)
+        let held = step.generating.filter { !lost.contains(jobs[$0].id) }
+        guard !held.isEmpty else { return directive }
         let requested: Set<Int64>
         do {
-            requested = try queue.cancelRequested(among: step.generating.map { jobs[$0].id })
+            requested = try queue.cancelRequested(among: held.map { jobs[$0].id })
         } catch {
             logLine("cannot read cancel requests at decode step \(step.step): \(error)")
             requested = []
         }
-        let cancelling = step.generating.filter { requested.contains(jobs[$0].id) }
+        let cancelling = held.filter { requested.contains(jobs[$0].id) }
         cancelled.formUnion(cancelling)
         directive.remove.formUnion(cancelling)
-        let going = step.generating.filter { !requested.contains(jobs[$0].id) }
+        let going = held.filter { !requested.contains(jobs[$0].id) }
         if stop.isStopped {
             directive.snapshot.formUnion(going)
             directive.remove.formUnion(going)

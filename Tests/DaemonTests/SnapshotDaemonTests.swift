@@ -4,6 +4,7 @@
 import Artifacts
 import CommandLineSupport
 import Foundation
+import GRDB
 import Testing
 
 /// The tiny Dynamic-LLaVA test checkpoint: random weights that rarely emit end-of-sequence, so
@@ -50,7 +51,7 @@ func startRun(_ arguments: [String], in directory: URL) throws -> Process {
     process.currentDirectoryURL = directory
     process.standardOutput = FileHandle.nullDevice
     let log = directory.appendingPathComponent("run.log")
-    FileManager.default.createFile(atPath: log.path, contents: nil)
+    _ = FileManager.default.createFile(atPath: log.path, contents: nil)
     process.standardError = try FileHandle(forWritingTo: log)
     try process.run()
     return process
@@ -144,6 +145,26 @@ struct SnapshotDaemonTests {
             let object = try JSONSerialization.jsonObject(with: Data(alone.standardOutput.utf8)) as! [String: Any]
             #expect(results[id]?.0 == (object["token_ids"] as! [Int]).map(Int32.init), "\(id)")
         }
+    }
+
+    @Test("a job whose lease another worker took leaves its batch at a decode step: no result file, the row left to its new owner")
+    func lostLeaseLeavesTheBatch() throws {
+        var lines = Array(manifest.prefix(2))
+        lines[0]["max_tokens"] = 1500
+        let directory = try workspace(manifest: lines)
+        let daemon = try startRun(["--batch-size", "2", "--snapshot-every", "10", "--lease", "2s"], in: directory)
+        waitFor(snapshotFile(directory, job: 1))
+        // What a rescue by another worker looks like to this one.
+        let database = try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path)
+        try database.write { try $0.execute(sql: "UPDATE job SET lease_owner = 'another-worker' WHERE id = 1") }
+        daemon.waitUntilExit()
+        #expect(daemon.terminationStatus == 0)
+        let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
+        #expect(log.contains("job 1: its lease was lost"), "\(log)")
+        let row = try database.read { try Row.fetchOne($0, sql: "SELECT state, lease_owner FROM job WHERE id = 1") }
+        #expect(row?["state"] as String? == "running" && row?["lease_owner"] as String? == "another-worker")
+        let results = try outputs(directory)
+        #expect(results["job0"] == nil && results["job1"] != nil)
     }
 
     @Test("snapshot inspect prints a kept snapshot's header; a bad file exits 65 naming it")
