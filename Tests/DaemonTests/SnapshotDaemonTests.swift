@@ -147,6 +147,54 @@ struct SnapshotDaemonTests {
         }
     }
 
+    @Test("a snapshot of an unknown version, corrupt, or of another prompt restarts its job from scratch; a kept final snapshot is reused as is")
+    func refusedAndReusedSnapshots() throws {
+        let lines = (0..<3).map { i -> [String: Any] in
+            var line = manifest[i]
+            line["max_tokens"] = 6
+            return line
+        }
+        let directory = try workspace(manifest: lines)
+        let first = try startRun(["--keep-kv"], in: directory)
+        first.waitUntilExit()
+        #expect(first.terminationStatus == 0)
+        let expected = try outputs(directory)
+        // Jobs 4 to 7 repeat jobs 1, 2, 3 and 1 under new custom ids.
+        let again = [0, 1, 2, 0].enumerated().map { k, i -> [String: Any] in
+            var line = lines[i]
+            line["custom_id"] = "again\(k)"
+            return line
+        }
+        let text = again.map { String(decoding: try! JSONSerialization.data(withJSONObject: $0, options: [.sortedKeys]), as: UTF8.self) }
+        try Data((text.joined(separator: "\n") + "\n").utf8).write(to: directory.appendingPathComponent("again.jsonl"))
+        try #require(try run(["enqueue", "--db", "q.sqlite", "--jsonl", "again.jsonl"], in: directory).status == 0)
+        let kept = try Data(contentsOf: snapshotFile(directory, job: 1))
+        var newer = kept
+        newer[8] = 99
+        try newer.write(to: snapshotFile(directory, job: 4))
+        var damaged = kept
+        damaged[damaged.count / 2] ^= 0xFF
+        try damaged.write(to: snapshotFile(directory, job: 5))
+        try kept.write(to: snapshotFile(directory, job: 6))  // job 1's state, but job 6 asks job 3's question
+        try kept.write(to: snapshotFile(directory, job: 7))  // job 1's final state, job 7 is job 1 again
+
+        let second = try startRun([], in: directory)
+        second.waitUntilExit()
+        #expect(second.terminationStatus == 0)
+        let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
+        #expect(log.contains("\(snapshotFile(directory, job: 4).path) is snapshot format version 99; this build reads version 1; starting it from scratch"), "\(log)")
+        #expect(log.contains("job 5: \(snapshotFile(directory, job: 5).path)"), "\(log)")
+        #expect(log.contains("\(snapshotFile(directory, job: 6).path) does not fit its job: its prompt differs; starting the job from scratch"), "\(log)")
+        #expect(log.contains("resuming from \(snapshotFile(directory, job: 7).path) at decode step 5 (6 tokens so far)"), "\(log)")
+        let records = try export(directory)
+        let results = try outputs(directory)
+        for (k, i) in [0, 1, 2, 0].enumerated() {
+            #expect(records["again\(k)"]?["state"] as? String == "succeeded")
+            #expect(results["again\(k)"]?.0 == expected["job\(i)"]?.0 && results["again\(k)"]?.1 == expected["job\(i)"]?.1, "again\(k)")
+        }
+        for job in 4...7 { #expect(!FileManager.default.fileExists(atPath: snapshotFile(directory, job: job).path), "job \(job)") }
+    }
+
     @Test("a job whose lease another worker took leaves its batch at a decode step: no result file, the row left to its new owner")
     func lostLeaseLeavesTheBatch() throws {
         var lines = Array(manifest.prefix(2))
