@@ -188,20 +188,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             var released: [Int64] = []
             for (index, (job, outcome)) in zip(jobs, outcomes).enumerated() {
                 if case .stopped = outcome {
-                    if session.abandoned.contains(index) {
-                        report.discarded += 1
-                        log("job \(job.id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step")
-                    } else if session.cancelled.contains(index) {
-                        if try queue.acknowledgeCancel(job: job.id, attempt: job.attempt, owner: options.owner) {
-                            report.cancelled += 1
-                            removeSnapshot(job: job.id, log: log)
-                            log("job \(job.id): cancelled at a decode step")
-                        } else {
-                            report.discarded += 1
-                        }
-                    } else {
-                        released.append(job.id)
-                    }
+                    if let id = try settleStopped(job, index: index, session: session, report: &report, log: log) { released.append(id) }
                 } else {
                     try finish(job, outcome, report: &report, log: log)
                 }
@@ -219,6 +206,26 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                                     generatedTokens: report.generatedTokens, elapsedSeconds: Date().timeIntervalSince(start)))
         }
         return report
+    }
+
+    /// Settles a job that left its batch unfinished: dropped (lease lost), finalised as cancelled,
+    /// or, after a graceful stop, returned for `release` (its id).
+    func settleStopped(_ job: Job, index: Int, session: BatchSession, report: inout DaemonReport, log: (String) -> Void) throws -> Int64? {
+        if session.abandoned.contains(index) {
+            report.discarded += 1
+            log("job \(job.id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step")
+        } else if session.cancelled.contains(index) {
+            if try queue.acknowledgeCancel(job: job.id, attempt: job.attempt, owner: options.owner) {
+                report.cancelled += 1
+                removeSnapshot(job: job.id, log: log)
+                log("job \(job.id): cancelled at a decode step")
+            } else {
+                report.discarded += 1
+            }
+        } else {
+            return job.id
+        }
+        return nil
     }
 
     /// The payload of a job's latest snapshot, or nil when it has none or it is refused (logged;

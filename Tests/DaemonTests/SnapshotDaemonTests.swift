@@ -76,6 +76,7 @@ struct SnapshotDaemonTests {
     @Test("SIGTERM mid-batch: exit 0, running jobs snapshotted and released; the restart resumes them to the uninterrupted output, a corrupt or mismatched snapshot restarting its job from scratch")
     func gracefulStopAndResume() throws {
         let reference = try workspace(manifest: manifest)
+        defer { try? FileManager.default.removeItem(at: reference) }
         let uninterrupted = try startRun(["--batch-size", "3", "--snapshot-every", "0"], in: reference)
         uninterrupted.waitUntilExit()
         #expect(uninterrupted.terminationStatus == 0)
@@ -83,6 +84,7 @@ struct SnapshotDaemonTests {
         #expect(expected.count == manifest.count)
 
         let directory = try workspace(manifest: manifest)
+        defer { try? FileManager.default.removeItem(at: directory) }
         let interrupted = try startRun(["--batch-size", "3", "--snapshot-every", "10"], in: directory)
         waitFor(snapshotFile(directory, job: 1))
         kill(interrupted.processIdentifier, SIGTERM)
@@ -127,6 +129,7 @@ struct SnapshotDaemonTests {
         var lines = Array(manifest.prefix(3))
         lines[0]["max_tokens"] = 1500
         let directory = try workspace(manifest: lines)
+        defer { try? FileManager.default.removeItem(at: directory) }
         let daemon = try startRun(["--batch-size", "3", "--snapshot-every", "10"], in: directory)
         waitFor(snapshotFile(directory, job: 1))
         let cancel = try run(["cancel", "--db", "q.sqlite", "1"], in: directory)
@@ -155,6 +158,7 @@ struct SnapshotDaemonTests {
             return line
         }
         let directory = try workspace(manifest: lines)
+        defer { try? FileManager.default.removeItem(at: directory) }
         let first = try startRun(["--keep-kv"], in: directory)
         first.waitUntilExit()
         #expect(first.terminationStatus == 0)
@@ -200,6 +204,7 @@ struct SnapshotDaemonTests {
         var lines = Array(manifest.prefix(2))
         lines[0]["max_tokens"] = 1500
         let directory = try workspace(manifest: lines)
+        defer { try? FileManager.default.removeItem(at: directory) }
         let daemon = try startRun(["--batch-size", "2", "--snapshot-every", "10", "--lease", "2s"], in: directory)
         waitFor(snapshotFile(directory, job: 1))
         // What a rescue by another worker looks like to this one.
@@ -220,6 +225,7 @@ struct SnapshotDaemonTests {
         var line = manifest[1]
         line["max_tokens"] = 5
         let directory = try workspace(manifest: [line])
+        defer { try? FileManager.default.removeItem(at: directory) }
         let daemon = try startRun(["--keep-kv"], in: directory)
         daemon.waitUntilExit()
         #expect(daemon.terminationStatus == 0)
