@@ -65,7 +65,8 @@ struct SnapshotHeader: Encodable {
     var generatedTokens: Int
     var decodeSteps: Int
     var finished: Bool
-    var sampler: SamplingParameters
+    var sampler: Sampler
+    /// xoshiro256** state words, hex.
     var samplerState: [String]
     var fileBytes: Int
     var payloadBytes: Int
@@ -85,12 +86,27 @@ struct SnapshotHeader: Encodable {
         generatedTokens = state.result.tokenIDs.count
         decodeSteps = state.decodeSteps
         finished = state.finished
-        sampler = state.parameters.sampling
+        let sampling = state.parameters.sampling
+        sampler = Sampler(temperature: sampling.temperature, topK: sampling.topK, topP: sampling.topP, seed: sampling.seed)
         samplerState = state.sampler.generator.state.map { String($0, radix: 16) }
         fileBytes = contents.fileBytes
         payloadBytes = contents.payloadBytes
         keyValueBytes = cellsPerLayer.reduce(0, +) * keyValueWidth * 2 * 4
         payloadSHA256 = contents.payloadSHA256
+    }
+
+    /// The sampling parameters, spelled as manifests spell them.
+    struct Sampler: Encodable {
+        var temperature: Float
+        var topK: Int
+        var topP: Float
+        var seed: UInt64
+
+        var isGreedy: Bool { temperature <= 0 }
+
+        enum CodingKeys: String, CodingKey {
+            case temperature, topK = "top_k", topP = "top_p", seed
+        }
     }
 
     func text(file: String) -> String {
