@@ -66,7 +66,9 @@ let package = Package(
         // Runs the built `dllava` executable for the command-line tests.
         .target(name: "CommandLineSupport", path: "Tests/CommandLineSupport"),
         // Real `dllava run` processes on a real queue with the shipped model.
-        .testTarget(name: "DaemonTests", dependencies: ["dllava", "CommandLineSupport"]),
+        .testTarget(name: "DaemonTests", dependencies: [
+            "dllava", "CommandLineSupport", "Artifacts", .product(name: "GRDB", package: "GRDB.swift"),
+        ]),
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
         .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
                     exclude: ["Fixtures"]),

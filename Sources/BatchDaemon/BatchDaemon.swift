@@ -1,7 +1,10 @@
 // The daemon loop (ARCHITECTURE.md "Queue semantics"): claim a batch in one short transaction,
 // keep its leases alive from a heartbeat thread while the engine runs, write each result file
-// atomically, then complete (fenced by attempt and owner) or fail each job. It never imports the
-// model: the engine reaches it through `BatchRunner`, which the `dllava` executable implements.
+// atomically, then complete (fenced by attempt and owner) or fail each job. Between decode steps
+// the engine asks a `BatchSession` what to do: write KV snapshots, let a cancelled job leave the
+// batch, or stop every row for a graceful shutdown. It never imports the model: the engine
+// reaches it through `BatchRunner`, which the `dllava` executable implements, and snapshots cross
+// as opaque payloads.
 import Artifacts
 import Foundation
 import JobQueue
@@ -12,15 +15,47 @@ public enum JobOutcome<Stats: Codable & Sendable>: Sendable {
     /// `permanent`: the job can never succeed (an undecodable image, a prompt longer than the
     /// context); otherwise it is retried with backoff.
     case failed(reason: String, permanent: Bool)
+    /// The job left its batch unfinished because `BatchSession.afterStep` removed it (a cancel, or
+    /// a graceful shutdown after its snapshot).
+    case stopped
 }
 
 /// Runs batches of jobs through an engine.
 public protocol BatchRunner: Sendable {
     associatedtype Stats: Codable & Sendable
-    /// Identifies the model in result files.
+    /// Identifies the model in result and snapshot files.
     var fingerprint: ModelFingerprint { get }
     /// One outcome per job, in order. A job's outcome must not depend on its batch-mates.
-    func run(_ jobs: [Job]) -> [JobOutcome<Stats>]
+    /// `snapshots[i]` is job `i`'s latest snapshot payload (checked against the model and its
+    /// checksum): the job goes on from it, or, when the engine cannot use it, starts from scratch
+    /// and says so through `session.log`. The runner calls `session.afterStep` after prefill and
+    /// after every decode step, and hands the payloads it asks for to `session.snapshotTaken`.
+    func run(_ jobs: [Job], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<Stats>]
+}
+
+/// Where a running batch stands: after prefill (`step` 0) and after every decode step. Jobs are
+/// indices into the batch.
+public struct BatchStep: Sendable, Equatable {
+    public var step: Int
+    public var generating: [Int]
+    /// Jobs that finished generating in this step.
+    public var finished: [Int]
+    public var newTokens: Int
+
+    public init(step: Int, generating: [Int], finished: [Int], newTokens: Int) {
+        self.step = step
+        self.generating = generating
+        self.finished = finished
+        self.newTokens = newTokens
+    }
+}
+
+/// What the daemon wants done before the next decode step (job indices into the batch).
+public struct BatchDirective: Sendable, Equatable {
+    /// Capture these jobs' state and pass it to `snapshotTaken`.
+    public var snapshot: Set<Int> = []
+    /// These jobs leave the batch now (outcome `.stopped`); the others go on unchanged.
+    public var remove: Set<Int> = []
 }
 
 public struct DaemonOptions: Sendable {
@@ -34,6 +69,11 @@ public struct DaemonOptions: Sendable {
     /// Seconds between polls of an empty queue.
     public var pollSeconds: Double = 2
     public var owner = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UUID().uuidString.prefix(8))"
+    /// A KV snapshot of every running job each this many decode steps (0: none; a graceful
+    /// shutdown writes them anyway).
+    public var snapshotEvery = 32
+    /// Keep each job's final snapshot (taken when it finishes) instead of deleting its snapshot.
+    public var keepKV = false
 
     public init() {}
 }
@@ -46,10 +86,39 @@ public struct DaemonReport: Sendable, Equatable {
     public var retried = 0
     /// Results the queue refused (the lease had been lost to another worker).
     public var discarded = 0
+    /// Running jobs finalised as cancelled at a decode step.
+    public var cancelled = 0
+    /// Jobs handed back to the queue by a graceful shutdown.
+    public var released = 0
     public var generatedTokens = 0
 }
 
-/// A flag set from a signal handler or another thread; read between batches.
+/// Figures for a progress display.
+public struct DaemonProgress: Sendable, Equatable {
+    /// Jobs this run finished (succeeded, failed, cancelled or released).
+    public var done: Int
+    /// Jobs left in the queue (available, retryable, running), this run's included.
+    public var remaining: Int
+    /// Tokens this run generated.
+    public var generatedTokens: Int
+    public var elapsedSeconds: Double
+
+    public var tokensPerSecond: Double { elapsedSeconds > 0 ? Double(generatedTokens) / elapsedSeconds : 0 }
+    /// Seconds to finish `remaining` at this run's pace; nil before the first job is done.
+    public var etaSeconds: Double? { done > 0 ? elapsedSeconds / Double(done) * Double(remaining) : nil }
+}
+
+/// Jobs of the running batch whose lease the heartbeat found lost (rescued by another worker,
+/// or finalised): written by the heartbeat thread, read at every decode step.
+final class LostLeases: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lost: Set<Int64> = []
+
+    func insert(_ ids: Set<Int64>) { lock.withLock { lost.formUnion(ids) } }
+    var ids: Set<Int64> { lock.withLock { lost } }
+}
+
+/// A flag set from a signal handler or another thread; read between batches and at every decode step.
 public final class StopFlag: @unchecked Sendable {
     private let lock = NSLock()
     private var stopped = false
@@ -73,12 +142,25 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         self.options = options
     }
 
+    /// Snapshots live beside the results: `<out>/snapshots/job-<id>.kv.zst`.
+    public var snapshotDirectory: URL { results.directory.appendingPathComponent("snapshots") }
+
+    public func snapshotURL(job: Int64) -> URL { snapshotDirectory.appendingPathComponent("job-\(job).kv.zst") }
+
     /// Runs until the queue is empty (`untilEmpty`), `maxJobs` or `maxSeconds` is reached, or
-    /// `stop` is set; a batch in flight is finished first (graceful shutdown: no new claims).
-    /// `log` receives one line per batch.
-    public func run(stop: StopFlag, log: @Sendable (String) -> Void) throws -> DaemonReport {
+    /// `stop` is set. Graceful shutdown: once `stop` is set nothing new is claimed, and at the next
+    /// decode step every running job is snapshotted, leaves its batch and is released to the queue.
+    /// `log` receives one line per batch and per notable event; `progress` is called after every
+    /// decode step and batch.
+    public func run(stop: StopFlag, log: @escaping @Sendable (String) -> Void,
+                    progress: @escaping @Sendable (DaemonProgress) -> Void = { _ in }) throws -> DaemonReport {
         var report = DaemonReport()
         let start = Date()
+        do {
+            try FileManager.default.createDirectory(at: snapshotDirectory, withIntermediateDirectories: true)
+        } catch {
+            throw ArtifactError.io(path: snapshotDirectory.path, operation: "create directory", reason: error.localizedDescription)
+        }
         while !stop.isStopped {
             if let maxSeconds = options.maxSeconds, Date().timeIntervalSince(start) >= maxSeconds { break }
             var limit = options.batchSize
@@ -94,21 +176,82 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             }
             report.claimed += jobs.count
             let batchStart = Date()
-            let outcomes = withHeartbeat(jobs) { runner.run(jobs) }
-            for (job, outcome) in zip(jobs, outcomes) {
-                try finish(job, outcome, report: &report)
+            let counts = try queue.counts()
+            let lostLeases = LostLeases()
+            let session = BatchSession(jobs: jobs, queue: queue, options: options, stop: stop, lostLeases: lostLeases, snapshotURL: snapshotURL,
+                                       modelFingerprint: runner.fingerprint.fingerprint, log: log, progress: progress,
+                                       start: start, done: report.succeeded + report.failed + report.cancelled + report.released,
+                                       remaining: (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0),
+                                       generatedTokens: report.generatedTokens)
+            let snapshots = jobs.map { readSnapshot($0, log: log) }
+            let outcomes = withHeartbeat(jobs, lostLeases: lostLeases) { runner.run(jobs, resumingFrom: snapshots, session: session) }
+            var released: [Int64] = []
+            for (index, (job, outcome)) in zip(jobs, outcomes).enumerated() {
+                if case .stopped = outcome {
+                    if let id = try settleStopped(job, index: index, session: session, report: &report, log: log) { released.append(id) }
+                } else {
+                    try finish(job, outcome, report: &report, log: log)
+                }
+            }
+            if !released.isEmpty {
+                report.released += try queue.release(jobs: released, owner: options.owner)
+                log("released jobs \(released.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(snapshotDirectory.path)")
             }
             let seconds = Date().timeIntervalSince(batchStart)
-            let counts = try queue.counts()
-            let remaining = (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0)
+            let after = try queue.counts()
+            let remaining = (after[.available] ?? 0) + (after[.retryable] ?? 0) + (after[.running] ?? 0)
             log(String(format: "batch of %d in %.1f s: %d succeeded, %d failed so far; %d tokens generated; %d left in the queue",
                        jobs.count, seconds, report.succeeded, report.failed, report.generatedTokens, remaining))
+            progress(DaemonProgress(done: report.succeeded + report.failed + report.cancelled + report.released, remaining: remaining,
+                                    generatedTokens: report.generatedTokens, elapsedSeconds: Date().timeIntervalSince(start)))
         }
         return report
     }
 
+    /// Settles a job that left its batch unfinished: dropped (lease lost), finalised as cancelled,
+    /// or, after a graceful stop, returned for `release` (its id).
+    func settleStopped(_ job: Job, index: Int, session: BatchSession, report: inout DaemonReport, log: (String) -> Void) throws -> Int64? {
+        if session.abandoned.contains(index) {
+            report.discarded += 1
+            log("job \(job.id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step")
+        } else if session.cancelled.contains(index) {
+            if try queue.acknowledgeCancel(job: job.id, attempt: job.attempt, owner: options.owner) {
+                report.cancelled += 1
+                removeSnapshot(job: job.id, log: log)
+                log("job \(job.id): cancelled at a decode step")
+            } else {
+                report.discarded += 1
+            }
+        } else {
+            return job.id
+        }
+        return nil
+    }
+
+    /// The payload of a job's latest snapshot, or nil when it has none or it is refused (logged;
+    /// the job then starts from scratch). Reading changes nothing on disk.
+    func readSnapshot(_ job: Job, log: (String) -> Void) -> Data? {
+        let url = snapshotURL(job: job.id)
+        guard FileManager.default.fileExists(atPath: url.path) else { return nil }
+        do {
+            return try SnapshotFile.read(from: url, expectedModel: runner.fingerprint.fingerprint).payload
+        } catch {
+            log("job \(job.id): \(error); starting it from scratch")
+            return nil
+        }
+    }
+
+    func removeSnapshot(job: Int64, log: (String) -> Void) {
+        let url = snapshotURL(job: job)
+        if unlink(url.path) != 0 && errno != ENOENT {
+            log("job \(job): cannot delete its snapshot \(url.path): \(String(cString: strerror(errno)))")
+        }
+    }
+
     /// Writes the result and completes the job, or records its failure.
-    func finish(_ job: Job, _ outcome: JobOutcome<Runner.Stats>, report: inout DaemonReport) throws {
+    /// A finished job's snapshot is deleted (kept with `keepKV` on success); a job that will be
+    /// retried keeps it to resume from.
+    func finish(_ job: Job, _ outcome: JobOutcome<Runner.Stats>, report: inout DaemonReport, log: (String) -> Void) throws {
         switch outcome {
         case .succeeded(let text, let tokenIDs, let finishReason, let stats, let timings):
             let now = Int64(Date().timeIntervalSince1970 * 1000)
@@ -120,21 +263,30 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                                   output: JobOutput(path: written.url.path, sha256: written.sha256, timings: timings)) {
                 report.succeeded += 1
                 report.generatedTokens += tokenIDs.count
+                if options.keepKV {
+                    log("job \(job.id): final KV snapshot kept at \(snapshotURL(job: job.id).path)")
+                } else {
+                    removeSnapshot(job: job.id, log: log)
+                }
             } else {
                 report.discarded += 1
             }
         case .failed(let reason, let permanent):
             switch try queue.fail(job: job.id, attempt: job.attempt, owner: options.owner, error: reason, permanent: permanent) {
-            case .failed?: report.failed += 1
+            case .failed?, .cancelled?:
+                report.failed += 1
+                removeSnapshot(job: job.id, log: log)
             case nil: report.discarded += 1
             default: report.retried += 1
             }
+        case .stopped:
+            preconditionFailure("stopped jobs are released or cancelled by run")
         }
     }
 
     /// Runs `body` while a thread renews the jobs' leases every third of the lease, so long
-    /// matrix products never starve the heartbeat.
-    func withHeartbeat<T>(_ jobs: [Job], _ body: () -> T) -> T {
+    /// matrix products never starve the heartbeat, and records the leases it finds lost.
+    func withHeartbeat<T>(_ jobs: [Job], lostLeases: LostLeases, _ body: () -> T) -> T {
         let done = StopFlag()
         let ids = jobs.map(\.id)
         let queue = queue, owner = options.owner, lease = options.leaseMilliseconds
@@ -144,7 +296,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             while !done.isStopped {
                 Thread.sleep(forTimeInterval: min(0.2, interval))
                 if Date() >= next {
-                    _ = try? queue.heartbeat(jobs: ids, owner: owner, leaseDuration: lease)
+                    if let result = try? queue.heartbeat(jobs: ids, owner: owner, leaseDuration: lease) { lostLeases.insert(result.lost) }
                     next = Date().addingTimeInterval(interval)
                 }
             }
@@ -153,4 +305,97 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         defer { done.stop() }
         return body()
     }
+}
+
+/// The daemon's side of one running batch, consulted by the runner between decode steps: it
+/// writes snapshots (every `snapshotEvery` steps, at a graceful shutdown, and finals with
+/// `keepKV`), removes jobs whose cancel was requested or whose lease was lost, and reports
+/// progress. Used from the runner's thread only.
+public final class BatchSession {
+    let jobs: [Job]
+    let queue: JobQueue
+    let options: DaemonOptions
+    let stop: StopFlag
+    let lostLeases: LostLeases
+    let snapshotURL: (Int64) -> URL
+    let modelFingerprint: String
+    let logLine: @Sendable (String) -> Void
+    let progress: @Sendable (DaemonProgress) -> Void
+    let start: Date
+    let doneBefore: Int
+    let remainingAtStart: Int
+    var generatedTokens: Int
+    var finishedInBatch = 0
+    /// Jobs (indices) removed because their cancel was requested.
+    private(set) var cancelled: Set<Int> = []
+    /// Jobs (indices) removed because their lease was lost: no snapshot, no result.
+    private(set) var abandoned: Set<Int> = []
+
+    init(jobs: [Job], queue: JobQueue, options: DaemonOptions, stop: StopFlag, lostLeases: LostLeases, snapshotURL: @escaping (Int64) -> URL,
+         modelFingerprint: String, log: @escaping @Sendable (String) -> Void, progress: @escaping @Sendable (DaemonProgress) -> Void,
+         start: Date, done: Int, remaining: Int, generatedTokens: Int) {
+        self.jobs = jobs
+        self.queue = queue
+        self.options = options
+        self.stop = stop
+        self.lostLeases = lostLeases
+        self.snapshotURL = snapshotURL
+        self.modelFingerprint = modelFingerprint
+        self.logLine = log
+        self.progress = progress
+        self.start = start
+        self.doneBefore = done
+        self.remainingAtStart = remaining
+        self.generatedTokens = generatedTokens
+    }
+
+    /// Decides what happens before the next decode step.
+    public func afterStep(_ step: BatchStep) -> BatchDirective {
+        generatedTokens += step.newTokens
+        finishedInBatch += step.finished.count
+        progress(DaemonProgress(done: doneBefore + finishedInBatch, remaining: remainingAtStart - finishedInBatch,
+                                generatedTokens: generatedTokens, elapsedSeconds: Date().timeIntervalSince(start)))
+        var directive = BatchDirective()
+        if options.keepKV { directive.snapshot.formUnion(step.finished) }
+        let lost = lostLeases.ids
+        let losing = step.generating.filter { lost.contains(jobs[$0].id) }
+        abandoned.formUnion(losing)
+        directive.remove.formUnion(losing)
+        let held = step.generating.filter { !lost.contains(jobs[$0].id) }
+        guard !held.isEmpty else { return directive }
+        let requested: Set<Int64>
+        do {
+            requested = try queue.cancelRequested(among: held.map { jobs[$0].id })
+        } catch {
+            logLine("cannot read cancel requests at decode step \(step.step): \(error)")
+            requested = []
+        }
+        let cancelling = held.filter { requested.contains(jobs[$0].id) }
+        cancelled.formUnion(cancelling)
+        directive.remove.formUnion(cancelling)
+        let going = held.filter { !requested.contains(jobs[$0].id) }
+        if stop.isStopped {
+            directive.snapshot.formUnion(going)
+            directive.remove.formUnion(going)
+            finishedInBatch += going.count
+        } else if options.snapshotEvery > 0 && step.step > 0 && step.step % options.snapshotEvery == 0 {
+            directive.snapshot.formUnion(going)
+        }
+        return directive
+    }
+
+    /// Writes job `index`'s snapshot atomically; a failure is logged and the batch goes on.
+    public func snapshotTaken(job index: Int, payload: Data) {
+        let url = snapshotURL(jobs[index].id)
+        do {
+            try SnapshotFile.write(payload, modelFingerprint: modelFingerprint, to: url)
+        } catch {
+            logLine("job \(jobs[index].id): \(error)")
+        }
+    }
+
+    public func log(_ line: String) { logLine(line) }
+
+    /// Where job `index`'s snapshot is written.
+    public func snapshotURL(job index: Int) -> URL { snapshotURL(jobs[index].id) }
 }

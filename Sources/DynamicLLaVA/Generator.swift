@@ -161,6 +161,8 @@ public enum GenerationError: Error, CustomStringConvertible, Equatable {
     case tokenOutOfVocabulary(request: Int, id: Int32, vocabulary: Int)
     case wrongPixelCount(request: Int, found: Int, expected: Int)
     case sparsityUnavailable(request: Int, reason: String)
+    /// A snapshot that is not this request's state on this model.
+    case snapshotMismatch(request: Int, reason: String)
 
     public var description: String {
         switch self {
@@ -172,6 +174,8 @@ public enum GenerationError: Error, CustomStringConvertible, Equatable {
             return "request \(r): \(found) pixel values, expected \(expected)"
         case .sparsityUnavailable(let r, let reason):
             return "request \(r): \(reason)"
+        case .snapshotMismatch(let r, let reason):
+            return "request \(r): the snapshot does not fit: \(reason)"
         }
     }
 
@@ -179,6 +183,44 @@ public enum GenerationError: Error, CustomStringConvertible, Equatable {
     public var exitCode: Int32 {
         if case .sparsityUnavailable = self { return 78 }
         return 65
+    }
+}
+
+/// Where a batch stands, reported after prefill (step 0) and after every decode step.
+public struct DecodeProgress: Sendable, Equatable {
+    /// Decode steps run by this `generate` call.
+    public var step: Int
+    /// Requests (indices into the batch) still generating.
+    public var generating: [Int]
+    /// Requests that reached a stop rule in this step (prefill included).
+    public var finished: [Int]
+    /// Tokens the batch produced in this step.
+    public var newTokens: Int
+}
+
+/// What the observer wants done before the next decode step.
+public struct DecodeDirective: Sendable, Equatable {
+    /// Requests whose state to capture now (generating or just finished; rows with a KV cache only).
+    public var snapshot: Set<Int>
+    /// Generating requests that leave the batch now: their cells are dropped and `generate` returns
+    /// nil for them. Their batch-mates go on unchanged.
+    public var remove: Set<Int>
+
+    public init(snapshot: Set<Int> = [], remove: Set<Int> = []) {
+        self.snapshot = snapshot
+        self.remove = remove
+    }
+}
+
+/// The per-step hook of `generate`: snapshots, graceful stop and cancellation all go through it.
+public struct DecodeObserver {
+    public var afterStep: (DecodeProgress) -> DecodeDirective
+    /// Receives each snapshot the directive asked for, with its request index.
+    public var captured: (Int, GenerationSnapshot) -> Void
+
+    public init(afterStep: @escaping (DecodeProgress) -> DecodeDirective, captured: @escaping (Int, GenerationSnapshot) -> Void) {
+        self.afterStep = afterStep
+        self.captured = captured
     }
 }
 
@@ -200,17 +242,25 @@ public struct Generator: Sendable {
         let request: GenerationRequest
         var sequence: Int
         var sampler: Sampler
-        /// `[n, H]` prompt embeddings (text | image | text) and where the image sits in them.
-        var promptEmbeddings: Matrix
+        /// `[n, H]` prompt embeddings (text | image | text); nil for a request resumed from a
+        /// snapshot, which has a KV cache and never needs them.
+        var promptEmbeddings: Matrix?
+        /// `n`: tokens of the unpruned prompt.
+        var promptLength: Int
+        /// Where the image sits in the prompt.
         var imageSpan: Range<Int>?
         var result = GenerationResult()
         var finished = false
+        /// Left the batch at the observer's request: no result.
+        var removed = false
+        /// Decode steps run, counting those before a resume.
+        var decodeSteps = 0
         /// Prefix tokens still to be fed instead of sampled.
         var forced: [Int32] = []
 
         var parameters: GenerationParameters { request.parameters }
         var sparsity: SparsityParameters { request.parameters.sparsity }
-        var nextPosition: Int32 { Int32(promptEmbeddings.rows + result.tokenIDs.count - 1) }
+        var nextPosition: Int32 { Int32(promptLength + result.tokenIDs.count - 1) }
     }
 
     /// Validates a batch before any work is done.
@@ -285,53 +335,64 @@ public struct Generator: Sendable {
 
     /// Generates for every request; row `i` of the result belongs to `requests[i]`.
     public func generate(_ requests: [GenerationRequest]) throws(GenerationError) -> [GenerationResult] {
+        try generate(requests, resuming: Array(repeating: nil, count: requests.count), observer: nil).map { $0! }
+    }
+
+    /// Generates for every request, request `i` going on from `snapshots[i]` when given (no vision,
+    /// no prefill: its cells, tokens and sampler are restored). `observer` is consulted after
+    /// prefill and after every decode step; a request it removes gets nil.
+    public func generate(_ requests: [GenerationRequest], resuming snapshots: [GenerationSnapshot?],
+                         observer: DecodeObserver?) throws(GenerationError) -> [GenerationResult?] {
+        precondition(snapshots.count == requests.count, "one snapshot slot per request")
         try validate(requests)
+        for (r, snapshot) in snapshots.enumerated() {
+            if let snapshot { try checkSnapshot(snapshot, fits: requests[r], request: r) }
+        }
         let language = model.language, c = language.configuration
         var cache = KeyValueCache(layers: c.hiddenLayers, sequences: requests.count, keyValueWidth: c.keyValueWidth)
         var states: [RequestState] = []
 
         // Prefill, one request at a time (a prompt is never multiplied together with another).
         for (r, request) in requests.enumerated() {
-            let start = DispatchTime.now()
-            var imageSpan: Range<Int>?
-            var parts = [language.embed(request.idsBeforeImage)]
-            var flops = 2 * c.hiddenSize * c.vocabularySize
-            if let pixels = request.pixelValues {
-                parts.append(model.imageEmbeddings([pixels])[0])
-                imageSpan = request.idsBeforeImage.count ..< request.idsBeforeImage.count + model.vision.configuration.patchCount
-                flops += visionFlops()
-            }
-            parts.append(language.embed(request.idsAfterImage))
-            var state = RequestState(request: request, sequence: r, sampler: Sampler(request.parameters.sampling),
-                                     promptEmbeddings: Matrix.concatenateRows(parts), imageSpan: imageSpan)
-            state.result.stats.promptTokens = state.promptEmbeddings.rows
-            state.result.stats.imageTokensTotal = imageSpan?.count ?? 0
-            let logits: [Float]
-            if state.sparsity.usesKeyValueCache {
-                state.forced = request.generatedPrefix
-                logits = prefill(&state, cache: &cache, flops: &flops)
-                state.result.stats.kvCellsPerLayer = cache.cellCounts(sequence: r)
+            if let snapshot = snapshots[r] {
+                states.append(resumedState(request, from: snapshot, sequence: r, cache: &cache))
             } else {
-                // Recomputing needs no replay: the prefix is simply part of the sequence.
-                state.result.tokenIDs = request.generatedPrefix
-                logits = recompute(&state, flops: &flops)
+                states.append(prefilledState(request, sequence: r, cache: &cache))
             }
-            state.result.stats.prefillMilliseconds = milliseconds(since: start)
-            state.result.stats.prefillFlops = flops
-            accept(logits, into: &state, cellsNow: state.result.stats.kvCellsPerLayer)
-            states.append(state)
         }
 
+        var reported = Set<Int>()
+        /// Hands the observer the batch's progress, then captures and removes what it asks for.
+        func consult(step: Int, newTokens: Int) {
+            guard let observer else { return }
+            let finished = states.indices.filter { states[$0].finished && !states[$0].removed && !reported.contains($0) }
+            reported.formUnion(finished)
+            let generating = states.indices.filter { !states[$0].finished }
+            let directive = observer.afterStep(DecodeProgress(step: step, generating: generating, finished: finished, newTokens: newTokens))
+            for r in directive.snapshot.sorted() where !states[r].removed && states[r].sparsity.usesKeyValueCache {
+                observer.captured(r, snapshot(of: states[r], cache: cache))
+            }
+            for r in directive.remove.sorted() where !states[r].finished {
+                states[r].finished = true
+                states[r].removed = true
+                for l in cache.layers.indices { cache.layers[l][states[r].sequence] = SequenceCells() }
+            }
+        }
+        consult(step: 0, newTokens: snapshots.filter { $0 == nil }.count)
+
         // Decode: one token per unfinished row per step; rows with a KV cache step together.
+        var step = 0
         while true {
             let active = states.indices.filter { !states[$0].finished }
             if active.isEmpty { break }
+            step += 1
             let cached = active.filter { states[$0].sparsity.usesKeyValueCache }
             if !cached.isEmpty {
                 let start = DispatchTime.now()
                 let (logits, gates) = decodeStep(cached.map { states[$0] }, cache: &cache)
                 let elapsed = milliseconds(since: start)
                 for (row, r) in cached.enumerated() {
+                    states[r].decodeSteps += 1
                     states[r].result.stats.decodeMilliseconds += elapsed
                     if let gate = gates[row] { states[r].result.gateLogits.append(gate) }
                     let cells = cache.cellCounts(sequence: states[r].sequence)
@@ -344,20 +405,103 @@ public struct Generator: Sendable {
                 let start = DispatchTime.now()
                 var flops = 0
                 let logits = recompute(&states[r], flops: &flops)
+                states[r].decodeSteps += 1
                 states[r].result.stats.decodeMilliseconds += milliseconds(since: start)
                 states[r].result.stats.decodeFlops += flops
                 accept(logits, into: &states[r], cellsNow: states[r].result.stats.kvCellsPerLayer)
             }
+            consult(step: step, newTokens: active.count)
         }
-        return states.map(\.result)
+        return states.map { $0.removed ? nil : $0.result }
+    }
+
+    /// Embeds a request's prompt (running the vision tower on its image), prefills its cells and
+    /// takes its first token.
+    func prefilledState(_ request: GenerationRequest, sequence r: Int, cache: inout KeyValueCache) -> RequestState {
+        let language = model.language, c = language.configuration
+        let start = DispatchTime.now()
+        var imageSpan: Range<Int>?
+        var parts = [language.embed(request.idsBeforeImage)]
+        var flops = 2 * c.hiddenSize * c.vocabularySize
+        if let pixels = request.pixelValues {
+            parts.append(model.imageEmbeddings([pixels])[0])
+            imageSpan = request.idsBeforeImage.count ..< request.idsBeforeImage.count + model.vision.configuration.patchCount
+            flops += visionFlops()
+        }
+        parts.append(language.embed(request.idsAfterImage))
+        let embeddings = Matrix.concatenateRows(parts)
+        var state = RequestState(request: request, sequence: r, sampler: Sampler(request.parameters.sampling),
+                                 promptEmbeddings: embeddings, promptLength: embeddings.rows, imageSpan: imageSpan)
+        state.result.stats.promptTokens = embeddings.rows
+        state.result.stats.imageTokensTotal = imageSpan?.count ?? 0
+        let logits: [Float]
+        if state.sparsity.usesKeyValueCache {
+            state.forced = request.generatedPrefix
+            logits = prefill(&state, cache: &cache, flops: &flops)
+            state.result.stats.kvCellsPerLayer = cache.cellCounts(sequence: r)
+        } else {
+            // Recomputing needs no replay: the prefix is simply part of the sequence.
+            state.result.tokenIDs = request.generatedPrefix
+            logits = recompute(&state, flops: &flops)
+        }
+        state.result.stats.prefillMilliseconds = milliseconds(since: start)
+        state.result.stats.prefillFlops = flops
+        accept(logits, into: &state, cellsNow: state.result.stats.kvCellsPerLayer)
+        return state
+    }
+
+    /// Checks that `snapshot` is `request`'s state on this model: the same prompt and parameters,
+    /// and a cache of this model's shape.
+    public func checkSnapshot(_ snapshot: GenerationSnapshot, fits request: GenerationRequest, request r: Int) throws(GenerationError) {
+        let c = model.language.configuration
+        let imageTokens = request.pixelValues == nil ? 0 : model.vision.configuration.patchCount
+        let problems: [(Bool, String)] = [
+            (snapshot.cells.count == c.hiddenLayers, "it has \(snapshot.cells.count) layers, the model \(c.hiddenLayers)"),
+            (snapshot.keyValueWidth == c.keyValueWidth, "its K/V width is \(snapshot.keyValueWidth), the model's \(c.keyValueWidth)"),
+            (snapshot.idsBeforeImage == request.idsBeforeImage && snapshot.idsAfterImage == request.idsAfterImage
+                && snapshot.imageTokens == imageTokens, "its prompt differs"),
+            (snapshot.parameters == request.parameters, "its generation parameters differ"),
+            (request.parameters.sparsity.usesKeyValueCache, "the request runs without a KV cache"),
+            (!snapshot.result.tokenIDs.isEmpty, "it has no generated token"),
+            (snapshot.cells.allSatisfy { $0.positions.allSatisfy { $0 >= 0 && Int($0) < snapshot.promptLength + snapshot.result.tokenIDs.count } },
+             "a cell's position lies outside the sequence"),
+        ]
+        if let (_, reason) = problems.first(where: { !$0.0 }) { throw .snapshotMismatch(request: r, reason: reason) }
+    }
+
+    /// A request's state restored from its snapshot, its cells installed as sequence `r`.
+    func resumedState(_ request: GenerationRequest, from snapshot: GenerationSnapshot, sequence r: Int,
+                      cache: inout KeyValueCache) -> RequestState {
+        for l in cache.layers.indices { cache.layers[l][r] = snapshot.cells[l] }
+        let imageStart = snapshot.idsBeforeImage.count
+        var state = RequestState(request: request, sequence: r, sampler: snapshot.sampler, promptEmbeddings: nil,
+                                 promptLength: snapshot.promptLength,
+                                 imageSpan: snapshot.imageTokens == 0 ? nil : imageStart ..< imageStart + snapshot.imageTokens)
+        state.result = snapshot.result
+        state.finished = snapshot.finished
+        state.decodeSteps = snapshot.decodeSteps
+        return state
+    }
+
+    /// The state of a request with a KV cache, as a snapshot.
+    func snapshot(of state: RequestState, cache: KeyValueCache) -> GenerationSnapshot {
+        var result = state.result
+        result.stepLogits = []
+        result.gateLogits = []
+        result.keptGeneratedIndices = []
+        return GenerationSnapshot(idsBeforeImage: state.request.idsBeforeImage, imageTokens: state.imageSpan?.count ?? 0,
+                                  idsAfterImage: state.request.idsAfterImage, parameters: state.parameters, sampler: state.sampler,
+                                  decodeSteps: state.decodeSteps, finished: state.finished, result: result,
+                                  keyValueWidth: cache.keyValueWidth, cells: cache.layers.map { $0[state.sequence] })
     }
 
     /// Runs a request's prompt through every layer, pruning image tokens as its mode says, and
     /// leaves its cells in `cache`. Returns the logits of the last prompt token.
     func prefill(_ state: inout RequestState, cache: inout KeyValueCache, flops: inout Int) -> [Float] {
         let language = model.language, layerCount = language.layerCount
-        let n = state.promptEmbeddings.rows
-        var hidden = state.promptEmbeddings
+        guard let embeddings = state.promptEmbeddings else { preconditionFailure("a prefilled request has its embeddings") }
+        let n = embeddings.rows
+        var hidden = embeddings
         var batch = TokenBatch(positions: (0..<Int32(n)).map { $0 }, sequences: Array(repeating: state.sequence, count: n))
         let (split, observed) = pruningLayer(state.sparsity)
         var observation = ForwardObservation(attentionLayers: observed)
@@ -382,7 +526,7 @@ public struct Generator: Sendable {
 
     /// The image tokens (indices into the image span, ascending) a request keeps.
     /// `sequence` names the cache sequence whose attention FastV reads; the last prompt token is
-    /// `state.promptEmbeddings.rows - 1`.
+    /// `state.promptLength - 1`.
     func keptImageTokens(_ state: RequestState, sequence: Int, imageSpan: Range<Int>, count: Int, hiddenAtSplit: Matrix,
                          observation: ForwardObservation, flops: inout Int) -> [Int] {
         switch state.sparsity.mode {
@@ -400,7 +544,7 @@ public struct Generator: Sendable {
             guard let weights = observation.attentionWeights[layer]?[sequence] else { preconditionFailure("FastV weights recorded") }
             let tokens = hiddenAtSplit.rows
             return KeepRules.fastVImageTokens(weights: weights, heads: model.language.configuration.attentionHeads, queries: tokens, keys: tokens,
-                                              query: state.promptEmbeddings.rows - 1, imageKeys: imageSpan, k: count)
+                                              query: state.promptLength - 1, imageKeys: imageSpan, k: count)
         }
     }
 
@@ -454,8 +598,9 @@ public struct Generator: Sendable {
     /// Returns the newest token's logits.
     func recompute(_ state: inout RequestState, flops: inout Int) -> [Float] {
         let language = model.language, c = language.configuration, layerCount = language.layerCount
-        let n = state.promptEmbeddings.rows, generated = state.result.tokenIDs.count
-        var hidden = Matrix.concatenateRows([state.promptEmbeddings, language.embed(state.result.tokenIDs)])
+        guard let embeddings = state.promptEmbeddings else { preconditionFailure("a request without a KV cache is never resumed") }
+        let n = embeddings.rows, generated = state.result.tokenIDs.count
+        var hidden = Matrix.concatenateRows([embeddings, language.embed(state.result.tokenIDs)])
         let total = n + generated
         var batch = TokenBatch(positions: (0..<Int32(total)).map { $0 }, sequences: Array(repeating: 0, count: total))
         var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)

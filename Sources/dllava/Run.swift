@@ -33,9 +33,9 @@ struct EngineRunner: BatchRunner {
             sparsity: SparsityParameters(mode: mode, visionKeepRate: p.visionKeepRate))
     }
 
-    func run(_ jobs: [Job]) -> [JobOutcome<GenerationStats>] {
+    func run(_ jobs: [Job], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<GenerationStats>] {
         var outcomes = [JobOutcome<GenerationStats>?](repeating: nil, count: jobs.count)
-        var requests: [GenerationRequest] = [], rows: [Int] = []
+        var requests: [GenerationRequest] = [], rows: [Int] = [], resumed: [GenerationSnapshot?] = []
         let generator = pipeline.generator
         for (i, job) in jobs.enumerated() {
             do {
@@ -43,14 +43,28 @@ struct EngineRunner: BatchRunner {
                 try generator.validate([request])
                 requests.append(request)
                 rows.append(i)
+                resumed.append(snapshots[i].flatMap { resumableSnapshot($0, for: request, job: i, session: session) })
             } catch {
                 // A bad image, a prompt longer than the context, a mode the model cannot run: never retried.
                 outcomes[i] = .failed(reason: "\(error)", permanent: true)
             }
         }
         if !requests.isEmpty {
+            let rowOfJob = Dictionary(uniqueKeysWithValues: rows.enumerated().map { ($1, $0) })
+            let observer = DecodeObserver(
+                afterStep: { progress in
+                    let directive = session.afterStep(BatchStep(step: progress.step, generating: progress.generating.map { rows[$0] },
+                                                                finished: progress.finished.map { rows[$0] }, newTokens: progress.newTokens))
+                    return DecodeDirective(snapshot: Set(directive.snapshot.compactMap { rowOfJob[$0] }),
+                                           remove: Set(directive.remove.compactMap { rowOfJob[$0] }))
+                },
+                captured: { row, snapshot in session.snapshotTaken(job: rows[row], payload: snapshot.encoded()) })
             do {
-                for (row, result) in zip(rows, try generator.generate(requests)) {
+                for (row, result) in zip(rows, try generator.generate(requests, resuming: resumed, observer: observer)) {
+                    guard let result else {
+                        outcomes[row] = .stopped
+                        continue
+                    }
                     let timings = JobTimings(prefillMs: result.stats.prefillMilliseconds, decodeMs: result.stats.decodeMilliseconds,
                                              totalMs: result.stats.prefillMilliseconds + result.stats.decodeMilliseconds,
                                              generatedTokens: result.tokenIDs.count)
@@ -63,6 +77,25 @@ struct EngineRunner: BatchRunner {
         }
         return outcomes.map { $0! }
     }
+
+    /// The snapshot a job resumes from, or nil (logged) when its payload cannot be decoded or is
+    /// not this request's state: the job then starts from scratch.
+    func resumableSnapshot(_ payload: Data, for request: GenerationRequest, job index: Int, session: BatchSession) -> GenerationSnapshot? {
+        let path = session.snapshotURL(job: index).path
+        do {
+            let snapshot = try GenerationSnapshot(decoding: payload)
+            try pipeline.generator.checkSnapshot(snapshot, fits: request, request: index)
+            session.log("resuming from \(path) at decode step \(snapshot.decodeSteps) (\(snapshot.result.tokenIDs.count) tokens so far)")
+            return snapshot
+        } catch let error as SnapshotFormatError {
+            session.log("\(path): \(error); starting the job from scratch")
+        } catch GenerationError.snapshotMismatch(_, let reason) {
+            session.log("\(path) does not fit its job: \(reason); starting the job from scratch")
+        } catch {
+            session.log("\(path): \(error); starting the job from scratch")
+        }
+        return nil
+    }
 }
 
 struct Run: ParsableCommand {
@@ -72,9 +105,22 @@ struct Run: ParsableCommand {
         Claims up to --batch-size jobs at a time, renews their leases from a heartbeat thread, runs \
         them through the engine (each job's result is what it would be alone), writes one \
         zstd-compressed result file per job under --out and completes the job fenced by its \
-        attempt. Several `run` processes may share one database. SIGTERM or SIGINT: no new claims; \
-        the batch in flight finishes, then exit 0. With --lock-file a second run holding the same \
-        lock exits 75 at once (for cron). KV snapshots and --keep-kv are not implemented yet.
+        attempt. Several `run` processes may share one database. With --lock-file a second run \
+        holding the same lock exits 75 at once (for cron).
+
+        Every --snapshot-every decode steps each running job's KV cache and generation state go \
+        to OUT/snapshots/job-<id>.kv.zst (written atomically); an interrupted job resumes from \
+        its latest snapshot without redoing vision and prefill, with exactly the output of an \
+        uninterrupted run. A snapshot that is corrupt, truncated, of another model or of an \
+        unknown version is refused (logged) and the job starts from scratch. A job's snapshot \
+        is deleted when it finishes; with --keep-kv its final snapshot stays there. \
+        `dllava snapshot inspect FILE` prints a snapshot's header.
+
+        SIGTERM or SIGINT: no new claims; at the next decode step every running job is \
+        snapshotted, leaves its batch and is released to the queue; then exit 0. A job \
+        cancelled while running (`dllava cancel`) leaves its batch at the next decode step; its \
+        batch-mates go on. On a terminal, progress is one updating line on stderr (done/total, \
+        tokens/s, ETA); otherwise one log line per batch.
         """)
 
     @OptionGroup var database: DatabaseOptions
@@ -101,8 +147,15 @@ struct Run: ParsableCommand {
     @Option(help: "Lease length (e.g. 5m); the heartbeat renews it every third.")
     var lease = "5m"
 
+    @Option(name: .customLong("snapshot-every"), help: "Snapshot running jobs every N decode steps (0: only on SIGTERM/SIGINT).")
+    var snapshotEvery = 32
+
+    @Flag(name: .customLong("keep-kv"), help: "Keep each finished job's final KV snapshot in OUT/snapshots instead of deleting it.")
+    var keepKV = false
+
     func validate() throws {
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
+        guard snapshotEvery >= 0 else { throw ValidationError("--snapshot-every must not be negative") }
         if let maxJobs, maxJobs < 1 { throw ValidationError("--max-jobs must be at least 1") }
     }
 
@@ -115,24 +168,29 @@ struct Run: ParsableCommand {
             options.maxJobs = maxJobs
             options.maxSeconds = try maxTime.map { Double(try milliseconds($0, option: "--max-time")) / 1000 }
             options.leaseMilliseconds = try milliseconds(lease, option: "--lease")
+            options.snapshotEvery = snapshotEvery
+            options.keepKV = keepKV
             let queue = try database.open()
             let pipeline = try LLaVAPipeline(model: try modelOptions.load())
             let daemon = BatchDaemon(queue: queue, runner: try EngineRunner(pipeline: pipeline),
                                      results: try ResultFile(directory: URL(fileURLWithPath: out)), options: options)
             let stop = StopFlag()
+            let display = ProgressDisplay()
             let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
                 signal(number, SIG_IGN)
                 let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
                 source.setEventHandler {
-                    writeStandardError("signal \(number): finishing the batch in flight, then stopping")
+                    display.log("signal \(number): snapshotting the running jobs at the next decode step, then stopping")
                     stop.stop()
                 }
                 source.resume()
                 return source
             }
-            let report = try daemon.run(stop: stop) { writeStandardError($0) }
+            let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
+            display.finish()
             signals.forEach { $0.cancel() }
-            print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), discarded \(report.discarded)")
+            print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), "
+                  + "cancelled \(report.cancelled), released \(report.released), discarded \(report.discarded)")
         }
     }
 
@@ -151,5 +209,51 @@ struct Run: ParsableCommand {
             throw CommandFailure(message: "another dllava run holds \(path); exiting", code: 75)
         }
         // The descriptor stays open (and the lock held) until the process exits.
+    }
+}
+
+/// Progress on stderr: on a terminal one line rewritten in place (done/total, tokens/s, ETA), with
+/// log lines printed above it; otherwise the log lines alone.
+final class ProgressDisplay: @unchecked Sendable {
+    private let lock = NSLock()
+    private let isTerminal = isatty(STDERR_FILENO) == 1
+    private var lastShown = Date.distantPast
+    private var lastDone = -1
+    private var line = ""
+
+    func log(_ text: String) {
+        lock.withLock {
+            if isTerminal && !line.isEmpty {
+                writeRaw("\r\u{1B}[Kdllava: \(text)\n\(line)")
+            } else {
+                writeRaw("dllava: \(text)\n")
+            }
+        }
+    }
+
+    func show(_ progress: DaemonProgress) {
+        guard isTerminal else { return }
+        lock.withLock {
+            // A job finishing always shows; token counts at most ten times a second.
+            guard progress.done != lastDone || Date().timeIntervalSince(lastShown) >= 0.1 else { return }
+            lastShown = Date()
+            lastDone = progress.done
+            let eta = progress.etaSeconds.map { DurationText.describe(milliseconds: Int64($0 * 1000)) } ?? "?"
+            line = "\(progress.done)/\(progress.done + progress.remaining) jobs, "
+                + String(format: "%.1f", progress.tokensPerSecond) + " tokens/s, ETA \(eta)"
+            writeRaw("\r\u{1B}[K" + line)
+        }
+    }
+
+    /// Ends the progress line so what follows starts on its own.
+    func finish() {
+        lock.withLock {
+            if isTerminal && !line.isEmpty { writeRaw("\n") }
+            line = ""
+        }
+    }
+
+    private func writeRaw(_ text: String) {
+        FileHandle.standardError.write(Data(text.utf8))
     }
 }

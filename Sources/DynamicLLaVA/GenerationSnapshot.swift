@@ -1,0 +1,239 @@
+// A request's generation state between two decode steps, and its binary encoding: what a KV
+// snapshot file holds (ARCHITECTURE.md "Files the processor writes"). Compression, the checksum
+// and the file itself are Artifacts' `SnapshotFile`; this is the payload inside it.
+import Foundation
+import Llama
+
+#if !(arch(x86_64) || arch(arm64))
+#error("GenerationSnapshot writes arrays in memory order, which is little-endian only on these architectures")
+#endif
+
+/// Everything a request needs to go on generating exactly as if it had never stopped: its prompt
+/// (to check it is the same request), its KV cells with their ORIGINAL positions, the tokens and
+/// statistics so far, and its sampler's random state. Vision and prefill are never redone.
+///
+/// Only requests with a KV cache have one (without a cache the sequence is recomputed anyway).
+/// Parity-test records (`stepLogits`, `gateLogits`, `keptGeneratedIndices`) are not kept.
+public struct GenerationSnapshot: Sendable, Equatable {
+    /// Version of the payload layout below; a change of layout is a new version, never an edit.
+    public static let formatVersion: UInt32 = 1
+
+    /// How K and V are stored. Only f32: resuming must reproduce the uninterrupted run bit for bit,
+    /// and rounding the cache to f16 would change the following logits.
+    public enum StorageType: UInt32, Sendable {
+        case float32 = 1
+    }
+
+    public var idsBeforeImage: [Int32]
+    /// Tokens the image occupies in the unpruned prompt (its patch count), 0 without an image.
+    public var imageTokens: Int
+    public var idsAfterImage: [Int32]
+    public var parameters: GenerationParameters
+    /// The request's sampler with its random stream where the run left it.
+    public var sampler: Sampler
+    /// Decode steps the request has run (over every attempt).
+    public var decodeSteps: Int
+    /// The request reached a stop rule (a final snapshot kept for reuse).
+    public var finished: Bool
+    /// Tokens generated so far (the last one not yet in the cache), text, finish reason,
+    /// logprobs, kept image indices and statistics.
+    public var result: GenerationResult
+    /// Number of K (and of V) floats per cell.
+    public var keyValueWidth: Int
+    /// `[layers]`: the request's kept cells in each decoder layer, in cache order, with their
+    /// original positions; keys and values `[cellCount, keyValueWidth]`.
+    public var cells: [SequenceCells]
+
+    public init(idsBeforeImage: [Int32], imageTokens: Int, idsAfterImage: [Int32], parameters: GenerationParameters, sampler: Sampler,
+                decodeSteps: Int, finished: Bool, result: GenerationResult, keyValueWidth: Int, cells: [SequenceCells]) {
+        self.idsBeforeImage = idsBeforeImage
+        self.imageTokens = imageTokens
+        self.idsAfterImage = idsAfterImage
+        self.parameters = parameters
+        self.sampler = sampler
+        self.decodeSteps = decodeSteps
+        self.finished = finished
+        self.result = result
+        self.keyValueWidth = keyValueWidth
+        self.cells = cells
+    }
+
+    /// Tokens of the unpruned prompt (text | image | text).
+    public var promptLength: Int { idsBeforeImage.count + imageTokens + idsAfterImage.count }
+
+    /// The fields kept as JSON inside the binary payload.
+    struct Description: Codable {
+        var parameters: GenerationParameters
+        var result: GenerationResult
+    }
+
+    /// The payload, little-endian throughout:
+    ///
+    /// ```
+    /// u32 format version (1)            u32 storage type (1 = f32)
+    /// u32 layers                        u32 keyValueWidth
+    /// u64 decode steps                  u8  finished (0 or 1)
+    /// u64 x4 sampler xoshiro256** state
+    /// u32 n, i32 x n ids before the image
+    /// u32 image tokens
+    /// u32 n, i32 x n ids after the image
+    /// u32 n, n bytes of JSON {"parameters", "result"} (sorted keys)
+    /// per layer: u32 cells, i32 x cells positions, f32 x cells*width keys, f32 x cells*width values
+    /// ```
+    public func encoded() -> Data {
+        var writer = ByteWriter()
+        writer.append(Self.formatVersion)
+        writer.append(StorageType.float32.rawValue)
+        writer.append(UInt32(cells.count))
+        writer.append(UInt32(keyValueWidth))
+        writer.append(UInt64(decodeSteps))
+        writer.append(UInt8(finished ? 1 : 0))
+        for word in sampler.generator.state { writer.append(word) }
+        writer.append(idsBeforeImage)
+        writer.append(UInt32(imageTokens))
+        writer.append(idsAfterImage)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        // Numbers, strings and arrays always encode.
+        let description = try! encoder.encode(Description(parameters: parameters, result: result))
+        writer.append(UInt32(description.count))
+        writer.data.append(description)
+        for layer in cells {
+            writer.append(layer.positions)
+            writer.appendFloats(layer.keys)
+            writer.appendFloats(layer.values)
+        }
+        return writer.data
+    }
+
+    /// Decodes a payload written by `encoded()`, checking its version, storage type and every length.
+    public init(decoding data: Data) throws(SnapshotFormatError) {
+        var reader = ByteReader(data: data)
+        let version: UInt32 = try reader.read()
+        guard version == Self.formatVersion else { throw .unsupportedVersion(found: version, supported: Self.formatVersion) }
+        let storage: UInt32 = try reader.read()
+        guard StorageType(rawValue: storage) != nil else { throw .unsupportedStorageType(storage) }
+        let layers = Int(try reader.read() as UInt32)
+        keyValueWidth = Int(try reader.read() as UInt32)
+        // Bounds that keep the counts below from overflowing on a damaged payload.
+        guard layers <= data.count, keyValueWidth <= data.count else {
+            throw .malformed("\(layers) layers of width \(keyValueWidth) cannot fit in \(data.count) bytes")
+        }
+        decodeSteps = Int(try reader.read() as UInt64)
+        let finishedByte: UInt8 = try reader.read()
+        guard finishedByte <= 1 else { throw .malformed("the finished flag is \(finishedByte)") }
+        finished = finishedByte == 1
+        var state: [UInt64] = []
+        for _ in 0..<4 { state.append(try reader.read()) }
+        idsBeforeImage = try reader.readInt32Array()
+        imageTokens = Int(try reader.read() as UInt32)
+        idsAfterImage = try reader.readInt32Array()
+        let description: Description
+        do {
+            description = try JSONDecoder().decode(Description.self, from: try reader.readBytes(Int(try reader.read() as UInt32)))
+        } catch let error as SnapshotFormatError {
+            throw error
+        } catch {
+            throw .malformed("the parameters and result are not valid JSON")
+        }
+        parameters = description.parameters
+        result = description.result
+        sampler = Sampler(parameters.sampling)
+        sampler.generator.state = state
+        cells = []
+        for _ in 0..<layers {
+            let positions = try reader.readInt32Array()
+            let floats = positions.count * keyValueWidth
+            cells.append(SequenceCells(positions: positions, keys: try reader.readFloats(floats), values: try reader.readFloats(floats)))
+        }
+        guard reader.offset == data.count else { throw .malformed("\(data.count - reader.offset) bytes follow the last layer") }
+    }
+}
+
+/// Why a snapshot payload cannot be decoded. The caller names the file.
+public enum SnapshotFormatError: Error, Equatable, CustomStringConvertible {
+    case unsupportedVersion(found: UInt32, supported: UInt32)
+    case unsupportedStorageType(UInt32)
+    /// The payload ends `needed` bytes short at `offset`.
+    case truncated(offset: Int, needed: Int)
+    case malformed(String)
+
+    public var description: String {
+        switch self {
+        case let .unsupportedVersion(found, supported):
+            return "the generation state is format version \(found); this build reads version \(supported)"
+        case let .unsupportedStorageType(type): return "the K/V storage type \(type) is unknown (1 = f32)"
+        case let .truncated(offset, needed): return "the generation state ends at byte \(offset), \(needed) bytes short"
+        case let .malformed(reason): return "the generation state is malformed: \(reason)"
+        }
+    }
+}
+
+/// Appends little-endian values. Arrays are copied as they lie in memory, which is their
+/// little-endian form on every platform this package builds for.
+struct ByteWriter {
+    var data = Data()
+
+    mutating func append<T: FixedWidthInteger>(_ value: T) {
+        withUnsafeBytes(of: value.littleEndian) { data.append(contentsOf: $0) }
+    }
+
+    /// A u32 count, then the values.
+    mutating func append(_ values: [Int32]) {
+        append(UInt32(values.count))
+        values.withUnsafeBytes { data.append(contentsOf: $0) }
+    }
+
+    mutating func appendFloats(_ values: [Float]) {
+        values.withUnsafeBytes { data.append(contentsOf: $0) }
+    }
+}
+
+/// Reads little-endian values, throwing `truncated` instead of reading past the end.
+struct ByteReader {
+    let data: Data
+    var offset = 0
+
+    init(data: Data) {
+        // Index from 0 whatever slice we were given.
+        self.data = Data(data)
+    }
+
+    mutating func readBytes(_ count: Int) throws(SnapshotFormatError) -> Data {
+        guard count >= 0, data.count - offset >= count else { throw .truncated(offset: data.count, needed: count - (data.count - offset)) }
+        defer { offset += count }
+        return data.subdata(in: offset ..< offset + count)
+    }
+
+    mutating func read<T: FixedWidthInteger>() throws(SnapshotFormatError) -> T {
+        let size = MemoryLayout<T>.size
+        guard data.count - offset >= size else { throw .truncated(offset: data.count, needed: size - (data.count - offset)) }
+        var value = T.zero
+        withUnsafeMutableBytes(of: &value) { destination in
+            data.withUnsafeBytes { destination.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset ..< offset + size])) }
+        }
+        offset += size
+        return T(littleEndian: value)
+    }
+
+    mutating func readInt32Array() throws(SnapshotFormatError) -> [Int32] {
+        try readArray(count: Int(try read() as UInt32), of: Int32.self)
+    }
+
+    mutating func readFloats(_ count: Int) throws(SnapshotFormatError) -> [Float] {
+        try readArray(count: count, of: Float.self)
+    }
+
+    /// `count` 4-byte values as they lie in the payload (little-endian, like memory; see `ByteWriter`).
+    mutating func readArray<T: BitwiseCopyable>(count: Int, of _: T.Type) throws(SnapshotFormatError) -> [T] {
+        let stride = MemoryLayout<T>.stride
+        guard count <= (data.count - offset) / stride else {
+            throw .truncated(offset: data.count, needed: (count - (data.count - offset) / stride).multipliedReportingOverflow(by: stride).partialValue)
+        }
+        let bytes = try readBytes(count * stride)
+        return [T](unsafeUninitializedCapacity: count) { buffer, initialized in
+            bytes.withUnsafeBytes { UnsafeMutableRawBufferPointer(buffer).copyMemory(from: $0) }
+            initialized = count
+        }
+    }
+}

@@ -1,0 +1,253 @@
+// KV snapshots with real `dllava run` processes and signals: a graceful stop snapshots and
+// releases the running jobs and a restart resumes them to the uninterrupted output (a corrupt or
+// mismatched snapshot restarting its job from scratch); a running job's cancel; `snapshot inspect`.
+import Artifacts
+import CommandLineSupport
+import Foundation
+import GRDB
+import Testing
+
+/// The tiny Dynamic-LLaVA test checkpoint: random weights that rarely emit end-of-sequence, so
+/// jobs run to max_tokens and stay in their batch long enough to be interrupted.
+let tinyModel = repository.appendingPathComponent("Tests/EngineTests/Fixtures/models/dynamic_llava_tiny").path
+
+/// A queue in a fresh directory holding one job per manifest line.
+func workspace(manifest lines: [[String: Any]]) throws -> URL {
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-snapshots-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    let text = lines.map { String(decoding: try! JSONSerialization.data(withJSONObject: $0, options: [.sortedKeys]), as: UTF8.self) }
+    try Data((text.joined(separator: "\n") + "\n").utf8).write(to: directory.appendingPathComponent("jobs.jsonl"))
+    try #require(try run(["init", "--db", "q.sqlite"], in: directory).status == 0)
+    try #require(try run(["enqueue", "--db", "q.sqlite", "--jsonl", "jobs.jsonl"], in: directory).status == 0)
+    return directory
+}
+
+/// custom_id -> (token ids, text) of every result file under `out`.
+func outputs(_ directory: URL) throws -> [String: ([Int32], String)] {
+    struct Output: Decodable {
+        let custom_id: String
+        let token_ids: [Int32]
+        let text: String
+    }
+    let out = directory.appendingPathComponent("out")
+    var outputs: [String: ([Int32], String)] = [:]
+    for name in try FileManager.default.contentsOfDirectory(atPath: out.path) where name.hasSuffix(".json.zst") {
+        let output = try ResultFile.read(Output.self, from: out.appendingPathComponent(name))
+        #expect(outputs[output.custom_id] == nil, "\(output.custom_id) has two result files")
+        outputs[output.custom_id] = (output.token_ids, output.text)
+    }
+    return outputs
+}
+
+func snapshotFile(_ directory: URL, job: Int) -> URL {
+    directory.appendingPathComponent("out/snapshots/job-\(job).kv.zst")
+}
+
+/// Starts `dllava run` in `directory`; its stderr goes to `run.log` there.
+func startRun(_ arguments: [String], in directory: URL) throws -> Process {
+    let process = Process()
+    process.executableURL = dllavaExecutable
+    process.arguments = ["run", "--db", "q.sqlite", "--model", tinyModel, "--out", "out", "--until-empty"] + arguments
+    process.currentDirectoryURL = directory
+    process.standardOutput = FileHandle.nullDevice
+    let log = directory.appendingPathComponent("run.log")
+    _ = FileManager.default.createFile(atPath: log.path, contents: nil)
+    process.standardError = try FileHandle(forWritingTo: log)
+    try process.run()
+    return process
+}
+
+/// Waits (up to a minute, a safety net rather than a timing) until `file` exists.
+func waitFor(_ file: URL) {
+    let deadline = Date().addingTimeInterval(60)
+    while !FileManager.default.fileExists(atPath: file.path) && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
+}
+
+@Suite("dllava run: KV snapshots, graceful stop, cancel", .serialized)
+struct SnapshotDaemonTests {
+    /// Six jobs, greedy and seeded sampling.
+    let manifest: [[String: Any]] = (0..<6).map { i in
+        var line: [String: Any] = ["custom_id": "job\(i)", "image": sample("test_00000\(i % 4).png"), "prompt": "Describe picture \(i).",
+                                   "max_tokens": 300]
+        if i % 2 == 1 { line["temperature"] = 1.0; line["seed"] = i }
+        return line
+    }
+
+    @Test("SIGTERM mid-batch: exit 0, running jobs snapshotted and released; the restart resumes them to the uninterrupted output, a corrupt or mismatched snapshot restarting its job from scratch")
+    func gracefulStopAndResume() throws {
+        let reference = try workspace(manifest: manifest)
+        defer { try? FileManager.default.removeItem(at: reference) }
+        let uninterrupted = try startRun(["--batch-size", "3", "--snapshot-every", "0"], in: reference)
+        uninterrupted.waitUntilExit()
+        #expect(uninterrupted.terminationStatus == 0)
+        let expected = try outputs(reference)
+        #expect(expected.count == manifest.count)
+
+        let directory = try workspace(manifest: manifest)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let interrupted = try startRun(["--batch-size", "3", "--snapshot-every", "10"], in: directory)
+        waitFor(snapshotFile(directory, job: 1))
+        kill(interrupted.processIdentifier, SIGTERM)
+        interrupted.waitUntilExit()
+        #expect(interrupted.terminationStatus == 0)
+        let stopped = try export(directory)
+        #expect(!stopped.values.contains { $0["state"] as? String == "running" }, "a lease was not released")
+        let released = stopped.values.filter { $0["state"] as? String == "available" && $0["attempts"] as? Int == 1 }
+            .map { $0["job_id"] as! Int }.sorted()
+        try #require(released.count == 3, "the stop did not land in the middle of a batch: \(stopped)")
+        for job in released { #expect(FileManager.default.fileExists(atPath: snapshotFile(directory, job: job).path), "job \(job)") }
+
+        // One snapshot cut short, one claiming another model, one intact.
+        let truncated = snapshotFile(directory, job: released[0]), otherModel = snapshotFile(directory, job: released[1])
+        let bytes = try Data(contentsOf: truncated)
+        try bytes.prefix(bytes.count / 2).write(to: truncated)
+        var foreign = try Data(contentsOf: otherModel)
+        foreign[16] = foreign[16] == UInt8(ascii: "0") ? UInt8(ascii: "1") : UInt8(ascii: "0")
+        try foreign.write(to: otherModel)
+
+        let restart = try startRun(["--batch-size", "3"], in: directory)
+        restart.waitUntilExit()
+        #expect(restart.terminationStatus == 0)
+        let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
+        #expect(log.contains("\(truncated.path) is truncated; starting it from scratch"), "\(log)")
+        #expect(log.contains("\(otherModel.path) was taken with model"), "\(log)")
+        #expect(log.contains("resuming from \(snapshotFile(directory, job: released[2]).path)"), "\(log)")
+        let records = try export(directory)
+        let resumed = try outputs(directory)
+        for line in manifest {
+            let id = line["custom_id"] as! String
+            #expect(records[id]?["state"] as? String == "succeeded", "\(id)")
+            #expect(resumed[id]?.0 == expected[id]?.0, "\(id): token ids differ from the uninterrupted run")
+            #expect(resumed[id]?.1 == expected[id]?.1, "\(id): text differs from the uninterrupted run")
+        }
+        // Finished jobs leave no snapshot behind.
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory.appendingPathComponent("out/snapshots").path).isEmpty)
+    }
+
+    @Test("cancelling a running job ends it cancelled at a decode step; its batch-mates succeed with their own output")
+    func cancelRunningJob() throws {
+        var lines = Array(manifest.prefix(3))
+        lines[0]["max_tokens"] = 1500
+        let directory = try workspace(manifest: lines)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let daemon = try startRun(["--batch-size", "3", "--snapshot-every", "10"], in: directory)
+        waitFor(snapshotFile(directory, job: 1))
+        let cancel = try run(["cancel", "--db", "q.sqlite", "1"], in: directory)
+        #expect(cancel.status == 0, "\(cancel.standardError)")
+        daemon.waitUntilExit()
+        #expect(daemon.terminationStatus == 0)
+        let records = try export(directory)
+        #expect(records["job0"]?["state"] as? String == "cancelled")
+        #expect(!FileManager.default.fileExists(atPath: snapshotFile(directory, job: 1).path))
+        let results = try outputs(directory)
+        for (i, line) in lines.enumerated().dropFirst() {
+            let id = line["custom_id"] as! String
+            #expect(records[id]?["state"] as? String == "succeeded", "\(id)")
+            let alone = try run(["generate", "--model", tinyModel, "--image", line["image"] as! String, "--prompt", line["prompt"] as! String,
+                                 "--max-tokens", "300", "--json"] + (i % 2 == 1 ? ["--temperature", "1.0", "--seed", "\(i)"] : []), in: directory)
+            let object = try JSONSerialization.jsonObject(with: Data(alone.standardOutput.utf8)) as! [String: Any]
+            #expect(results[id]?.0 == (object["token_ids"] as! [Int]).map(Int32.init), "\(id)")
+        }
+    }
+
+    @Test("a snapshot of an unknown version, corrupt, or of another prompt restarts its job from scratch; a kept final snapshot is reused as is")
+    func refusedAndReusedSnapshots() throws {
+        let lines = (0..<3).map { i -> [String: Any] in
+            var line = manifest[i]
+            line["max_tokens"] = 6
+            return line
+        }
+        let directory = try workspace(manifest: lines)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let first = try startRun(["--keep-kv"], in: directory)
+        first.waitUntilExit()
+        #expect(first.terminationStatus == 0)
+        let expected = try outputs(directory)
+        // Jobs 4 to 7 repeat jobs 1, 2, 3 and 1 under new custom ids.
+        let again = [0, 1, 2, 0].enumerated().map { k, i -> [String: Any] in
+            var line = lines[i]
+            line["custom_id"] = "again\(k)"
+            return line
+        }
+        let text = again.map { String(decoding: try! JSONSerialization.data(withJSONObject: $0, options: [.sortedKeys]), as: UTF8.self) }
+        try Data((text.joined(separator: "\n") + "\n").utf8).write(to: directory.appendingPathComponent("again.jsonl"))
+        try #require(try run(["enqueue", "--db", "q.sqlite", "--jsonl", "again.jsonl"], in: directory).status == 0)
+        let kept = try Data(contentsOf: snapshotFile(directory, job: 1))
+        var newer = kept
+        newer[8] = 99
+        try newer.write(to: snapshotFile(directory, job: 4))
+        var damaged = kept
+        damaged[damaged.count / 2] ^= 0xFF
+        try damaged.write(to: snapshotFile(directory, job: 5))
+        try kept.write(to: snapshotFile(directory, job: 6))  // job 1's state, but job 6 asks job 3's question
+        try kept.write(to: snapshotFile(directory, job: 7))  // job 1's final state, job 7 is job 1 again
+
+        let second = try startRun([], in: directory)
+        second.waitUntilExit()
+        #expect(second.terminationStatus == 0)
+        let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
+        #expect(log.contains("\(snapshotFile(directory, job: 4).path) is snapshot format version 99; this build reads version 1; starting it from scratch"), "\(log)")
+        #expect(log.contains("job 5: \(snapshotFile(directory, job: 5).path)"), "\(log)")
+        #expect(log.contains("\(snapshotFile(directory, job: 6).path) does not fit its job: its prompt differs; starting the job from scratch"), "\(log)")
+        #expect(log.contains("resuming from \(snapshotFile(directory, job: 7).path) at decode step 5 (6 tokens so far)"), "\(log)")
+        let records = try export(directory)
+        let results = try outputs(directory)
+        for (k, i) in [0, 1, 2, 0].enumerated() {
+            #expect(records["again\(k)"]?["state"] as? String == "succeeded")
+            #expect(results["again\(k)"]?.0 == expected["job\(i)"]?.0 && results["again\(k)"]?.1 == expected["job\(i)"]?.1, "again\(k)")
+        }
+        for job in 4...7 { #expect(!FileManager.default.fileExists(atPath: snapshotFile(directory, job: job).path), "job \(job)") }
+    }
+
+    @Test("a job whose lease another worker took leaves its batch at a decode step: no result file, the row left to its new owner")
+    func lostLeaseLeavesTheBatch() throws {
+        var lines = Array(manifest.prefix(2))
+        lines[0]["max_tokens"] = 1500
+        let directory = try workspace(manifest: lines)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let daemon = try startRun(["--batch-size", "2", "--snapshot-every", "10", "--lease", "2s"], in: directory)
+        waitFor(snapshotFile(directory, job: 1))
+        // What a rescue by another worker looks like to this one.
+        let database = try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path)
+        try database.write { try $0.execute(sql: "UPDATE job SET lease_owner = 'another-worker' WHERE id = 1") }
+        daemon.waitUntilExit()
+        #expect(daemon.terminationStatus == 0)
+        let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
+        #expect(log.contains("job 1: its lease was lost"), "\(log)")
+        let row = try database.read { try Row.fetchOne($0, sql: "SELECT state, lease_owner FROM job WHERE id = 1") }
+        #expect(row?["state"] as String? == "running" && row?["lease_owner"] as String? == "another-worker")
+        let results = try outputs(directory)
+        #expect(results["job0"] == nil && results["job1"] != nil)
+    }
+
+    @Test("snapshot inspect prints a kept snapshot's header; a bad file exits 65 naming it")
+    func inspect() throws {
+        var line = manifest[1]
+        line["max_tokens"] = 5
+        let directory = try workspace(manifest: [line])
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let daemon = try startRun(["--keep-kv"], in: directory)
+        daemon.waitUntilExit()
+        #expect(daemon.terminationStatus == 0)
+        let file = snapshotFile(directory, job: 1)
+        let text = try run(["snapshot", "inspect", file.path], in: directory)
+        #expect(text.status == 0, "\(text.standardError)")
+        #expect(text.standardOutput.contains("file version 1, state version 1") && text.standardOutput.contains("f32, 4 layers of width 32"))
+        #expect(text.standardOutput.contains("5 generated") && text.standardOutput.contains("ok"))
+        let json = try run(["snapshot", "inspect", file.path, "--json"], in: directory)
+        let header = try JSONSerialization.jsonObject(with: Data(json.standardOutput.utf8)) as! [String: Any]
+        #expect(header["layers"] as? Int == 4 && header["generated_tokens"] as? Int == 5 && header["decode_steps"] as? Int == 4)
+        #expect(header["finished"] as? Bool == true && header["checksum_ok"] as? Bool == true && header["dtype"] as? String == "f32")
+        #expect((header["cells_per_layer"] as? [Int])?.count == 4)
+
+        let bytes = try Data(contentsOf: file)
+        let cut = directory.appendingPathComponent("cut.kv.zst"), garbage = directory.appendingPathComponent("garbage.kv.zst")
+        try bytes.prefix(bytes.count - 100).write(to: cut)
+        try Data("not a snapshot".utf8).write(to: garbage)
+        for (bad, sentence) in [(cut, "is truncated"), (garbage, "is not a dllava KV snapshot")] {
+            let result = try run(["snapshot", "inspect", bad.path], in: directory)
+            #expect(result.status == 65)
+            #expect(result.standardError.contains(bad.path) && result.standardError.contains(sentence), "\(result.standardError)")
+        }
+    }
+}

@@ -1,0 +1,165 @@
+// KV snapshots in the engine: the payload round trip, resuming exactly where a batch stopped
+// (greedy and seeded sampling, full and dynamic modes, rows of different lengths), the per-step
+// observer removing a row while its batch-mates go on, and payloads that must be refused.
+import Foundation
+import Testing
+@testable import DynamicLLaVA
+import Llama
+
+/// A model and a sparsity mode to resume in.
+struct ResumeCase: Sendable, CustomTestStringConvertible {
+    let model: String
+    let mode: SparsityMode
+    let sampling: SamplingParameters
+
+    var testDescription: String { "\(model) \(mode) \(sampling.isGreedy ? "greedy" : "seeded sampling")" }
+
+    static let all: [ResumeCase] = [
+        ResumeCase(model: "llava_hf_tiny", mode: .full, sampling: SamplingParameters()),
+        ResumeCase(model: "llava_hf_tiny", mode: .full, sampling: SamplingParameters(temperature: 1.3, topK: 40, topP: 0.9, seed: 5)),
+        ResumeCase(model: "dynamic_llava_tiny", mode: .dynamic, sampling: SamplingParameters()),
+        ResumeCase(model: "dynamic_llava_tiny", mode: .dynamic, sampling: SamplingParameters(temperature: 1.3, topK: 40, topP: 0.9, seed: 5)),
+    ]
+
+    func generator() throws -> Generator {
+        Generator(model: try Fixture.model(model), detokenize: { $0.map { "<\($0)>" }.joined() })
+    }
+
+    /// Three rows of different prompts and lengths.
+    func requests() throws -> [GenerationRequest] {
+        let cases = try Fixture.cases()
+        return [(cases[0], 14), (cases[1], 9), (cases[0], 17)].enumerated().map { r, item in
+            var request = Fixture.request(item.0, maxTokens: item.1, logprobs: 2)
+            request.parameters.sparsity = SparsityParameters(mode: mode)
+            request.parameters.sampling = sampling
+            request.parameters.sampling.seed += UInt64(r)
+            return request
+        }
+    }
+}
+
+/// Runs `requests` (resuming from `snapshots`) until decode step `step`, then snapshots every
+/// generating row and removes it; returns the snapshots (through their bytes) and the results.
+func interrupt(_ generator: Generator, _ requests: [GenerationRequest], resuming snapshots: [GenerationSnapshot?],
+               atStep step: Int) throws -> (snapshots: [GenerationSnapshot?], results: [GenerationResult?]) {
+    var captured = [GenerationSnapshot?](repeating: nil, count: requests.count)
+    let observer = DecodeObserver(
+        afterStep: { progress in
+            progress.step == step ? DecodeDirective(snapshot: Set(progress.generating), remove: Set(progress.generating)) : DecodeDirective()
+        },
+        captured: { r, snapshot in captured[r] = try! GenerationSnapshot(decoding: snapshot.encoded()) })
+    let results = try generator.generate(requests, resuming: snapshots, observer: observer)
+    return (captured, results)
+}
+
+@Suite("KV snapshots")
+struct SnapshotTests {
+    @Test("a snapshot survives encoding and decoding unchanged")
+    func roundTrip() throws {
+        let resume = ResumeCase.all[3]
+        let (snapshots, _) = try interrupt(try resume.generator(), try resume.requests(), resuming: [nil, nil, nil], atStep: 4)
+        for snapshot in snapshots {
+            let snapshot = try #require(snapshot)
+            #expect(try GenerationSnapshot(decoding: snapshot.encoded()) == snapshot)
+            #expect(snapshot.decodeSteps == 4 && snapshot.result.tokenIDs.count == 5 && !snapshot.finished)
+            #expect(snapshot.sampler.generator != Sampler(snapshot.parameters.sampling).generator || snapshot.parameters.sampling.isGreedy)
+        }
+        // Dynamic: fewer cells above the sparse layer, each with its original position.
+        let cells = try #require(snapshots[0]).cells
+        #expect(cells[3].cellCount < cells[0].cellCount)
+        #expect(cells[3].positions == cells[3].positions.sorted() && cells[3].positions.last! > Int32(cells[3].cellCount))
+    }
+
+    @Test("resuming from snapshots, twice, gives exactly the uninterrupted run", arguments: ResumeCase.all)
+    func resumeEqualsUninterrupted(_ resume: ResumeCase) throws {
+        let generator = try resume.generator()
+        let requests = try resume.requests()
+        let whole = try generator.generate(requests)
+
+        let first = try interrupt(generator, requests, resuming: [nil, nil, nil], atStep: 3)
+        #expect(first.results.allSatisfy { $0 == nil })
+        // Vision is not run again: the resumed rows are given other pixels and must not notice.
+        var blind = requests
+        for r in blind.indices { blind[r].pixelValues = Array(repeating: 0.5, count: requests[r].pixelValues!.count) }
+        let second = try interrupt(generator, blind, resuming: first.snapshots, atStep: 6)
+        // The 9-token row finished at step 5 of the second run (3 + 5 = 8 steps): it has its result.
+        #expect(second.results[1] != nil && second.snapshots[1] == nil)
+        let rest = try generator.generate(blind, resuming: second.snapshots, observer: nil)
+
+        for r in requests.indices {
+            let resumed = try #require(second.results[r] ?? rest[r])
+            #expect(resumed.tokenIDs == whole[r].tokenIDs, "row \(r)")
+            #expect(resumed.text == whole[r].text, "row \(r)")
+            #expect(resumed.finishReason == whole[r].finishReason)
+            #expect(resumed.logprobs == whole[r].logprobs, "row \(r)")
+            #expect(resumed.keptImageIndices == whole[r].keptImageIndices)
+            #expect(resumed.stats.kvCellsPerLayer == whole[r].stats.kvCellsPerLayer)
+            #expect(resumed.stats.kvBytesPeak == whole[r].stats.kvBytesPeak)
+            #expect(resumed.stats.prefillFlops == whole[r].stats.prefillFlops)
+        }
+    }
+
+    @Test("a row removed at a decode step gets no result; its batch-mates go on unchanged")
+    func removedRowLeavesTheBatch() throws {
+        let resume = ResumeCase.all[2]
+        let generator = try resume.generator()
+        let requests = try resume.requests()
+        let whole = try generator.generate(requests)
+        var steps: [DecodeProgress] = []
+        let observer = DecodeObserver(
+            afterStep: { progress in
+                steps.append(progress)
+                return progress.step == 2 ? DecodeDirective(remove: [0]) : DecodeDirective()
+            },
+            captured: { _, _ in Issue.record("nothing was asked to be captured") })
+        let results = try generator.generate(requests, resuming: [nil, nil, nil], observer: observer)
+        #expect(results[0] == nil)
+        for r in [1, 2] {
+            #expect(results[r]?.tokenIDs == whole[r].tokenIDs && results[r]?.text == whole[r].text, "row \(r)")
+        }
+        #expect(steps.first == DecodeProgress(step: 0, generating: [0, 1, 2], finished: [], newTokens: 3))
+        #expect(steps[3].generating == [1, 2])
+        #expect(steps.contains { $0.finished == [1] })
+    }
+
+    @Test("a payload of an unknown version or storage type, or cut short, is refused")
+    func badPayloadsAreRefused() throws {
+        let resume = ResumeCase.all[0]
+        let (snapshots, _) = try interrupt(try resume.generator(), try resume.requests(), resuming: [nil, nil, nil], atStep: 1)
+        let payload = try #require(snapshots[0]).encoded()
+        var newer = payload
+        newer[0] = 2
+        #expect(throws: SnapshotFormatError.unsupportedVersion(found: 2, supported: 1)) { try GenerationSnapshot(decoding: newer) }
+        var halfPrecision = payload
+        halfPrecision[4] = 2
+        #expect(throws: SnapshotFormatError.unsupportedStorageType(2)) { try GenerationSnapshot(decoding: halfPrecision) }
+        for length in [0, 3, 40, payload.count / 2, payload.count - 1] {
+            #expect(throws: SnapshotFormatError.self) { try GenerationSnapshot(decoding: payload.prefix(length)) }
+        }
+        #expect(throws: SnapshotFormatError.malformed("1 bytes follow the last layer")) { try GenerationSnapshot(decoding: payload + Data([0])) }
+    }
+
+    @Test("a snapshot of another prompt, other parameters or another model does not fit")
+    func mismatchedSnapshotsDoNotFit() throws {
+        let resume = ResumeCase.all[0]
+        let generator = try resume.generator()
+        let requests = try resume.requests()
+        let (snapshots, _) = try interrupt(generator, requests, resuming: [nil, nil, nil], atStep: 1)
+        let snapshot = try #require(snapshots[0])
+        try generator.checkSnapshot(snapshot, fits: requests[0], request: 0)
+        #expect(throws: GenerationError.snapshotMismatch(request: 1, reason: "its prompt differs")) {
+            try generator.checkSnapshot(snapshot, fits: requests[1], request: 1)
+        }
+        var otherSeed = requests[0]
+        otherSeed.parameters.sampling.seed += 1
+        #expect(throws: GenerationError.snapshotMismatch(request: 0, reason: "its generation parameters differ")) {
+            try generator.checkSnapshot(snapshot, fits: otherSeed, request: 0)
+        }
+        let otherModel = Generator(model: try DynamicFixture.model())
+        #expect(throws: GenerationError.self) { try otherModel.checkSnapshot(snapshot, fits: requests[0], request: 0) }
+        // generate checks too, before any work.
+        #expect(throws: GenerationError.snapshotMismatch(request: 0, reason: "its prompt differs")) {
+            try generator.generate([requests[1]], resuming: [snapshot], observer: nil)
+        }
+    }
+}
