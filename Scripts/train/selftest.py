@@ -13,7 +13,7 @@ import data
 import scenes
 import score
 from export import checkpoint_key
-from model import PRESETS, SceneLlava, SparseConfig, generate, masked_attention
+from model import PRESETS, PatchProbe, SceneLlava, SparseConfig, generate, masked_attention
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,6 +90,27 @@ def training_step_runs_in_both_stages_and_generation_modes_run():
         checkpoint_key(name)
 
 
+def mirrored_rows_are_flipped_pictures_with_their_own_labels():
+    for i in range(20):
+        s = scenes.make_scene(i)
+        m = scenes.mirror(s)
+        assert scenes.mirror(m)["objects"] == s["objects"]
+        # the same picture up to rasterisation (polygon edges may move by a pixel)
+        assert ((scenes.object_mask(s)[:, ::-1] > 0) == (scenes.object_mask(m) > 0)).mean() > 0.995
+        labels = scenes.patch_labels(s, 28)
+        assert (data._mirrored_patch_labels(labels) == scenes.patch_labels(m, 28)).mean() > 0.98
+        assert set(labels[0][labels[0] > 0]) <= {scenes.KINDS.index(o["kind"]) + 1 for o in s["objects"]}
+    tok = data.SceneTokenizer(os.path.join(HERE, "tokenizer", "tokenizer.model"))
+    batch = data.training_batch(tok, 0, 0, 5, 100, patch_size=28)
+    assert torch.equal(batch.pixels[1], batch.pixels[0].flip(-1)) and batch.patch_labels.shape == (5, 3, 144)
+    probe = PatchProbe(48, [len(scenes.KINDS) + 1, len(scenes.COLOURS) + 1, len(scenes.SIZES) + 1])
+    m = SceneLlava(PRESETS["smoke"], tok.vocab_size, SparseConfig(d_model=64, nhead=2, dim_feedforward=128))
+    out = m(data.training_batch(tok, 0, 0, 2, 100, patch_size=28), probe=probe)
+    out["loss"].backward()
+    assert out["loss"] > out["ce"] and probe.read_out.weight.grad.abs().sum() > 0
+    assert m.vision.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
 def sharing_the_prefix_changes_nothing():
     torch.manual_seed(0)
     tok = data.SceneTokenizer(os.path.join(HERE, "tokenizer", "tokenizer.model"))
@@ -117,7 +138,8 @@ def main():
     tests = [scenes_are_deterministic_and_splits_disjoint, captions_parse_back_to_their_scene,
              masked_softmax_with_all_kept_is_softmax_and_dropping_equals_masking,
              prompt_tokens_match_llava_and_answers_carry_the_loss,
-             training_step_runs_in_both_stages_and_generation_modes_run, sharing_the_prefix_changes_nothing]
+             training_step_runs_in_both_stages_and_generation_modes_run,
+             mirrored_rows_are_flipped_pictures_with_their_own_labels, sharing_the_prefix_changes_nothing]
     for t in tests:
         t()
         print("ok", t.__name__)
