@@ -647,7 +647,7 @@ public struct Generator: Sendable {
         state.result.stats.kvBytesPeak = max(state.result.stats.kvBytesPeak, bytes)
         if !state.forced.isEmpty {
             state.result.tokenIDs.append(state.forced.removeFirst())
-            if state.forced.isEmpty && state.result.tokenIDs.count >= parameters.maxTokens { state.finished = true }
+            if state.forced.isEmpty && state.result.tokenIDs.count >= parameters.maxTokens { finish(&state, .length) }
             return
         }
         if recordsLogits { state.result.stepLogits.append(logits) }
@@ -655,22 +655,32 @@ public struct Generator: Sendable {
         let token = state.sampler.sample(logits)
         state.result.tokenIDs.append(token)
 
-        let generated = token == parameters.endOfSequence ? Array(state.result.tokenIDs.dropLast()) : state.result.tokenIDs
-        if let detokenize {
-            state.result.text = detokenize(generated)
-            if let cut = parameters.stop.compactMap({ state.result.text.range(of: $0)?.lowerBound }).min() {
-                state.result.text = String(state.result.text[..<cut])
+        // Stop strings need the text at every step; without them it is decoded once, at the end
+        // (decoding the whole text every step is quadratic in the length).
+        if let detokenize, !parameters.stop.isEmpty {
+            let text = detokenize(token == parameters.endOfSequence ? Array(state.result.tokenIDs.dropLast()) : state.result.tokenIDs)
+            if let cut = parameters.stop.compactMap({ text.range(of: $0)?.lowerBound }).min() {
+                state.result.text = String(text[..<cut])
                 state.result.finishReason = .stop
                 state.finished = true
                 return
             }
         }
         if token == parameters.endOfSequence {
-            state.result.finishReason = .stop
-            state.finished = true
+            finish(&state, .stop)
         } else if state.result.tokenIDs.count >= parameters.maxTokens || Int(state.nextPosition) >= model.language.configuration.maxPositionEmbeddings {
-            state.result.finishReason = .length
-            state.finished = true
+            finish(&state, .length)
+        }
+    }
+
+    /// Ends a request: its reason, and its text decoded from the generated ids (the end-of-sequence
+    /// token excluded).
+    func finish(_ state: inout RequestState, _ reason: FinishReason) {
+        state.result.finishReason = reason
+        state.finished = true
+        if let detokenize {
+            let ids = state.result.tokenIDs
+            state.result.text = detokenize(ids.last == state.parameters.endOfSequence ? Array(ids.dropLast()) : ids)
         }
     }
 
