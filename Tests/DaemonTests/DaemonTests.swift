@@ -43,6 +43,7 @@ struct DaemonTests {
         let directory = try workspace(jobs: [("a", sample("test_000000.png"), "Describe the image."),
                                              ("b", sample("test_000002.png"), "Describe the image."),
                                              ("broken", badImage, "Describe the image.")])
+        defer { try? FileManager.default.removeItem(at: directory) }
         let daemon = try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "3"], in: directory)
         #expect(daemon.status == 0, "\(daemon.standardError)")
         let records = try export(directory)
@@ -59,6 +60,7 @@ struct DaemonTests {
     @Test("a second run holding the same lock file exits 75 and touches nothing")
     func lockFile() throws {
         let directory = try workspace(jobs: [("a", sample("test_000001.png"), "Describe the image.")])
+        defer { try? FileManager.default.removeItem(at: directory) }
         let lock = directory.appendingPathComponent("run.lock").path
         let descriptor = open(lock, O_CREAT | O_RDWR, 0o644)
         defer { close(descriptor) }
@@ -74,10 +76,12 @@ struct DaemonTests {
         let jobs = (0..<24).map { i in ("job\(i)", sample("test_00000\(i % 4).png"), i % 2 == 0 ? "Describe the image." : "How many shapes are there?") }
         // The uninterrupted reference.
         let reference = try workspace(jobs: jobs)
+        defer { try? FileManager.default.removeItem(at: reference) }
         #expect(try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2"], in: reference).status == 0)
         let expected = try export(reference)
 
         let directory = try workspace(jobs: jobs)
+        defer { try? FileManager.default.removeItem(at: directory) }
         let process = Process()
         process.executableURL = dllavaExecutable
         process.arguments = ["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2", "--lease", "2s"]
@@ -110,6 +114,7 @@ struct DaemonTests {
     func twoRunsShareOneDatabase() throws {
         let jobs = (0..<20).map { i in ("job\(i)", sample("test_00000\(i % 4).png"), "Describe the image.") }
         let directory = try workspace(jobs: jobs)
+        defer { try? FileManager.default.removeItem(at: directory) }
         var processes: [(Process, Pipe)] = []
         for _ in 0..<2 {
             let process = Process(), errors = Pipe()
