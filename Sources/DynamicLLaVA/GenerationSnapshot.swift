@@ -119,7 +119,9 @@ public struct GenerationSnapshot: Sendable, Equatable {
         guard layers <= data.count, keyValueWidth <= data.count else {
             throw .malformed("\(layers) layers of width \(keyValueWidth) cannot fit in \(data.count) bytes")
         }
-        decodeSteps = Int(try reader.read() as UInt64)
+        let steps: UInt64 = try reader.read()
+        guard let decodeSteps = Int(exactly: steps) else { throw .malformed("\(steps) decode steps") }
+        self.decodeSteps = decodeSteps
         let finishedByte: UInt8 = try reader.read()
         guard finishedByte <= 1 else { throw .malformed("the finished flag is \(finishedByte)") }
         finished = finishedByte == 1

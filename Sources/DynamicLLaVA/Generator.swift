@@ -463,7 +463,11 @@ public struct Generator: Sendable {
             (snapshot.parameters == request.parameters, "its generation parameters differ"),
             (request.parameters.sparsity.usesKeyValueCache, "the request runs without a KV cache"),
             (!snapshot.result.tokenIDs.isEmpty, "it has no generated token"),
-            (snapshot.cells.allSatisfy { $0.positions.allSatisfy { $0 >= 0 && Int($0) < snapshot.promptLength + snapshot.result.tokenIDs.count } },
+            (request.generatedPrefix.isEmpty, "the request also replays a generated prefix"),
+            (snapshot.result.tokenIDs.allSatisfy { $0 >= 0 && Int($0) < c.vocabularySize }, "a generated token lies outside the vocabulary"),
+            (snapshot.promptLength + snapshot.result.tokenIDs.count <= c.maxPositionEmbeddings, "its sequence is longer than the context"),
+            // The newest generated token is fed at the next step, so no cell may hold it yet.
+            (snapshot.cells.allSatisfy { $0.positions.allSatisfy { $0 >= 0 && Int($0) < snapshot.promptLength + snapshot.result.tokenIDs.count - 1 } },
              "a cell's position lies outside the sequence"),
         ]
         if let (_, reason) = problems.first(where: { !$0.0 }) { throw .snapshotMismatch(request: r, reason: reason) }
