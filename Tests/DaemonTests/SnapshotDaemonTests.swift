@@ -209,7 +209,8 @@ struct SnapshotDaemonTests {
         waitFor(snapshotFile(directory, job: 1))
         // What a rescue by another worker looks like to this one.
         let database = try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path)
-        try database.write { try $0.execute(sql: "UPDATE job SET lease_owner = 'another-worker' WHERE id = 1") }
+        // (The new owner holds a fresh lease, so this worker cannot rescue the row again before it exits.)
+        try database.write { try $0.execute(sql: "UPDATE job SET lease_owner = 'another-worker', lease_expires_at = lease_expires_at + 3600000 WHERE id = 1") }
         daemon.waitUntilExit()
         #expect(daemon.terminationStatus == 0)
         let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
