@@ -21,7 +21,8 @@ let package = Package(
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CJPEG", pkgConfig: "libturbojpeg", providers: [.apt(["libturbojpeg0-dev"])]),
         .systemLibrary(name: "CPNG", pkgConfig: "spng", providers: [.apt(["libspng-dev"])]),
-        // dtype widening with run-time CPU dispatch (F16C); the only C the project holds.
+        // Matrix kernels on weights as stored and dtype conversion, with run-time CPU dispatch
+        // (scalar, AVX2+FMA+F16C, AVX-512); the only C the project holds.
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3"])]),
 
         .target(name: "Numerics", dependencies: ["CBLAS", "CKernels"]),
@@ -59,7 +60,7 @@ let package = Package(
             "JobQueue", "Artifacts", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
-        .testTarget(name: "NumericsTests", dependencies: ["Numerics"]),
+        .testTarget(name: "NumericsTests", dependencies: ["Numerics", "CKernels"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], resources: [.copy("Fixtures")]),

@@ -125,11 +125,15 @@ public struct GenerationStats: Sendable, Codable, Equatable {
     public var decodeFlops = 0
     /// Largest K/V footprint (f32 bytes) the request's cache reached.
     public var kvBytesPeak = 0
+    /// The matrix products' arithmetic (`Kernels.precision`); absent in files written before it
+    /// was recorded.
+    public var precision: Precision?
 
     enum CodingKeys: String, CodingKey {
         case promptTokens = "prompt_tokens", imageTokensTotal = "image_tokens_total", imageTokensKept = "image_tokens_kept"
         case kvCellsPerLayer = "kv_cells_per_layer", prefillMilliseconds = "prefill_ms", decodeMilliseconds = "decode_ms"
         case prefillFlops = "prefill_flops", decodeFlops = "decode_flops", kvBytesPeak = "kv_bytes_peak"
+        case precision
     }
 }
 
@@ -412,7 +416,12 @@ public struct Generator: Sendable {
             }
             consult(step: step, newTokens: active.count)
         }
-        return states.map { $0.removed ? nil : $0.result }
+        return states.map { state in
+            guard !state.removed else { return nil }
+            var result = state.result
+            result.stats.precision = Kernels.precision
+            return result
+        }
     }
 
     /// Embeds a request's prompt (running the vision tower on its image), prefills its cells and

@@ -157,7 +157,7 @@ public struct LlamaModel: Sendable {
     func layer(_ l: Int, _ x: Matrix, batch: TokenBatch, spans: [(sequence: Int, tokens: Range<Int>)],
                cache: inout KeyValueCache, observation: inout ForwardObservation) -> Matrix {
         let c = configuration, weights = layers[l]
-        let product = { (input: Matrix, weight: WeightMatrix) in linearPerSequence(input, weight, spans: spans) }
+        let product = { (input: Matrix, weight: WeightMatrix) in linear(input, weight) }
         let normed = rmsNorm(x, weight: weights.inputNorm, epsilon: c.rmsNormEpsilon)
         var queries = product(normed, weights.queryProjection)
         var keys = product(normed, weights.keyProjection)
@@ -240,29 +240,8 @@ public struct LlamaModel: Sendable {
     }
 
     /// Logits `[N, V]` for hidden states `[N, H]`, one row per sequence's last token (final
-    /// norm applied here). Each row is computed alone, so it does not depend on the others.
+    /// norm applied here). A row's logits do not depend on the others (`linear` is row-invariant).
     public func logits(_ hidden: Matrix) -> Matrix {
-        linearPerRow(finalNormed(hidden), languageModelHead)
+        linear(finalNormed(hidden), languageModelHead)
     }
-}
-
-/// A batch's product `x · Wᵀ` computed so that each sequence's rows do not depend on the other
-/// sequences: a multi-token sequence (a prompt) is one sgemm of its own; single-token sequences
-/// (decode steps) go through `linearPerRow` together, sharing each widened weight band.
-func linearPerSequence(_ x: Matrix, _ weight: WeightMatrix, spans: [(sequence: Int, tokens: Range<Int>)]) -> Matrix {
-    if spans.allSatisfy({ $0.tokens.count == 1 }) { return linearPerRow(x, weight) }
-    if spans.count == 1 { return linear(x, weight) }
-    var output = Matrix(zeros: x.rows, weight.rows)
-    let single = spans.filter { $0.tokens.count == 1 }.map(\.tokens.lowerBound)
-    if !single.isEmpty {
-        let rows = linearPerRow(x.gatherRows(single), weight)
-        for (i, r) in single.enumerated() {
-            output.values.replaceSubrange(r * weight.rows ..< (r + 1) * weight.rows, with: rows.values[i * weight.rows ..< (i + 1) * weight.rows])
-        }
-    }
-    for (_, tokens) in spans where tokens.count > 1 {
-        let part = linear(x.rows(tokens), weight)
-        output.values.replaceSubrange(tokens.lowerBound * weight.rows ..< tokens.upperBound * weight.rows, with: part.values)
-    }
-    return output
 }

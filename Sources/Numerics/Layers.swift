@@ -31,7 +31,6 @@ public struct LinearLayer: Sendable {
         self.bias = bias
     }
 
-    /// For prompt-sized inputs (one sgemm); see `linear`.
     public func callAsFunction(_ x: Matrix) -> Matrix {
         linear(x, weight, bias: bias)
     }

@@ -1,8 +1,10 @@
 import CBLAS
+import CKernels
 import Dispatch
+import Foundation
 
-/// OpenBLAS, which does every matrix product, always single-threaded: the engine runs its own
-/// workers over fixed bands of the output, so no result depends on how many threads run.
+/// OpenBLAS, for attention's per-sequence products and as the benchmarks' baseline, always
+/// single-threaded: the engine runs its own workers, so no result depends on how many threads run.
 public enum BLAS {
     /// Set once, before the first product: OpenBLAS's own threading off (it would split a product
     /// differently for each thread count, and calls from several workers must not nest threads).
@@ -67,83 +69,172 @@ struct UncheckedSendable<Value>: @unchecked Sendable {
     init(_ value: Value) { self.value = value }
 }
 
-/// Rows of a weight band: about `bytes` once widened to f32, a multiple of 16, at least 16.
-/// A function of the weight's shape alone, never of the activations or the thread count.
-@inline(__always)
-func bandRows(_ weight: WeightMatrix, bytes: Int) -> Int {
-    max(16, min(weight.rows, bytes / max(weight.columns * 4, 1)) / 16 * 16)
-}
-
-/// Calls `body(band rows, f32 weights of the band)` for every band of `weight`, on the workers;
-/// narrow weights are widened into a per-band scratch buffer, f32 weights are used in place.
-func forEachBand(of weight: WeightMatrix, rows band: Int, _ body: @Sendable (Range<Int>, UnsafePointer<Float>) -> Void) {
-    let n = weight.rows, k = weight.columns
-    let bands = (n + band - 1) / band
-    Parallelism.forEach(bands) { b in
-        let range = b * band ..< min(n, (b + 1) * band)
-        if weight.storageType == .float32 {
-            body(range, weight.base.assumingMemoryBound(to: Float.self) + range.lowerBound * k)
-        } else {
-            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: range.count * k)
-            defer { scratch.deallocate() }
-            weight.widenRows(range, into: scratch)
-            body(range, UnsafePointer(scratch))
-        }
-    }
-}
-
-/// `y = x · Wᵀ + bias` for prompt-sized inputs: `x` `[M, K]`, `weight` `[N, K]` (PyTorch Linear
-/// layout), `bias` `[N]`; result `[M, N]`. One OpenBLAS sgemm per band of about 8 MiB of weight
-/// rows (widened from f16/bf16 a band at a time, never whole), bands spread over the workers.
+/// `y = x · Wᵀ + bias`: `x` `[M, K]`, `weight` `[N, K]` (PyTorch Linear layout) in its stored
+/// dtype, `bias` `[N]`; result `[M, N]`. The native kernels (`dl_gemm`, `dl_gemm_bf16`) read the
+/// weight as stored; `Kernels.precision` chooses f32 multiply-adds or bf16 products summed in f32.
 ///
-/// OpenBLAS rounds a row differently depending on where it falls in its micro-kernel tiles, so a
-/// row's result depends on the other rows of the call. Callers that need a row to be computed
-/// exactly as it would be alone (batched decoding) use `linearPerRow`.
+/// Row invariance: each output element is summed in one order fixed by K alone (16 strided lanes,
+/// then a fixed tree; see `ReferenceKernels.linearInKernelOrder`), so row `r`'s bits are the same
+/// whatever other rows `x` holds, whatever the thread count and whichever CPU path runs. All rows
+/// of a batch (every image's patches, every prompt, every decode row) can therefore share one
+/// call, and the weights stream from memory once for all of them. Workers take fixed blocks of
+/// output columns; K is never split.
 public func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
-    bandedProduct(x, weight, bias: bias, bandBytes: 8 << 20) { xBase, yBase, range, bandWeights in
-        BLAS.sgemm(m: x.rows, n: range.count, k: weight.columns, a: xBase, lda: weight.columns, b: bandWeights, ldb: weight.columns,
-                   transposeB: true, c: yBase + range.lowerBound, ldc: weight.rows)
-    }
+    linear(x, weight, bias: bias, path: Kernels.path, precision: Kernels.precision)
 }
 
-/// `y = x · Wᵀ + bias` where every row of `x` is multiplied alone, so row `r`'s result is
-/// bit-identical whatever other rows `x` holds: the decode path, where a batch of N must equal
-/// N batches of 1.
-///
-/// Why not one sgemm: OpenBLAS's sgemm rounds a row differently depending on its place in the
-/// micro-kernel tiles, hence on M (measured: padding M to a multiple of 16 does not help either).
-/// Each row is therefore an OpenBLAS sgemv (a dot product per output, its order fixed by the
-/// weight band alone), which also costs a third of an M = 1 sgemm call. Weight bands (about
-/// 4 MiB widened) are widened once and reused by every row while they sit in cache, so the
-/// weights stream from memory once per call whatever the batch size.
-public func linearPerRow(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
-    bandedProduct(x, weight, bias: bias, bandBytes: 4 << 20) { xBase, yBase, range, bandWeights in
-        for r in 0..<x.rows {
-            BLAS.sgemv(n: range.count, k: weight.columns, a: bandWeights, lda: weight.columns, x: xBase + r * weight.columns,
-                       y: yBase + r * weight.rows + range.lowerBound)
-        }
-    }
-}
-
-/// The frame `linear` and `linearPerRow` share: `[M, N]` output, `product(x, y, rows, band)` per
-/// weight band on the workers (each writes only its band's columns of `y`), then the bias.
-func bandedProduct(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]?, bandBytes: Int,
-                   _ product: @escaping @Sendable (UnsafePointer<Float>, UnsafeMutablePointer<Float>, Range<Int>, UnsafePointer<Float>) -> Void) -> Matrix {
+/// `linear` on a given kernel path and precision (tests compare the paths).
+func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kernelPath: KernelPath,
+            precision: Precision = .f32) -> Matrix {
     precondition(x.columns == weight.columns, "linear: input has \(x.columns) features, weight expects \(weight.columns)")
-    let m = x.rows, n = weight.rows
+    let m = x.rows, n = weight.rows, k = weight.columns
+    if kernelPath == .reference {
+        var output = precision == .f32 ? ReferenceKernels.linearInKernelOrder(x, weight) : ReferenceKernels.linearBF16InKernelOrder(x, weight)
+        if let bias { addBias(&output.values, bias, rows: m) }
+        return output
+    }
     var output = [Float](repeating: 0, count: m * n)
     if m > 0 && n > 0 {
+        let path = kernelPath.cValue, type = weight.storageType.kernelType
+        // Activations of `rowBlock` rows (about 192 KiB) stay in cache while a group of weight
+        // rows passes over them; a function of K only, like the column blocks.
+        let rowBlock = max(6, (192 << 10) / max(k * 4, 1) / 6 * 6)
+        let columnBlock = max(16, min(256, (n + 15) / 16 / max(Parallelism.threads * 4, 1) * 16))
+        let blocks = (n + columnBlock - 1) / columnBlock
+        // bf16: the activations are rounded once per call, not once per weight block.
+        let roundedInput: [UInt16] = precision == .bf16 ? x.values.withUnsafeBufferPointer { xp in
+            [UInt16](unsafeUninitializedCapacity: m * k) { buffer, count in
+                dl_narrow_bf16(xp.baseAddress!, buffer.baseAddress!, m * k)
+                count = m * k
+            }
+        } : []
         x.values.withUnsafeBufferPointer { xp in
-            output.withUnsafeMutableBufferPointer { yp in
-                let pointers = UncheckedSendable((xp.baseAddress!, yp.baseAddress!))
-                forEachBand(of: weight, rows: bandRows(weight, bytes: bandBytes)) { range, bandWeights in
-                    product(pointers.value.0, pointers.value.1, range, bandWeights)
+            roundedInput.withUnsafeBufferPointer { rp in
+                output.withUnsafeMutableBufferPointer { yp in
+                    let pointers = UncheckedSendable((xp.baseAddress!, rp.baseAddress, yp.baseAddress!, weight.base))
+                    Parallelism.forEach(blocks) { b in
+                        let (xBase, roundedBase, yBase, weightBase) = pointers.value
+                        let columns = (b * columnBlock, min(n, (b + 1) * columnBlock))
+                        if precision == .bf16, let roundedBase {
+                            dl_gemm_bf16(path, type, roundedBase, k, m, weightBase, k, columns.0, columns.1, yBase, n, rowBlock)
+                        } else {
+                            dl_gemm(path, type, xBase, k, m, weightBase, k, columns.0, columns.1, yBase, n, rowBlock)
+                        }
+                    }
                 }
             }
         }
     }
     if let bias { addBias(&output, bias, rows: m) }
     return Matrix(rows: m, columns: n, values: output)
+}
+
+/// The arithmetic of the matrix products.
+public enum Precision: String, Sendable, Codable, CaseIterable {
+    /// f32 products and accumulation: what the parity goldens are checked at.
+    case f32
+    /// Activations and weights rounded to bf16, products summed in f32 (`vdpbf16ps`), as PyTorch
+    /// bf16 and llama.cpp's bf16 do; norms, attention and softmax stay f32.
+    case bf16
+
+    /// Whether this CPU runs the precision at full speed (bf16 needs AVX512-BF16; elsewhere only
+    /// the plain emulation would run it).
+    public var isNative: Bool {
+        self == .f32 || dl_kernel_bf16_available() != 0
+    }
+
+    /// bf16 where the CPU has AVX512-BF16, else f32.
+    public static var preferred: Precision { Precision.bf16.isNative ? .bf16 : .f32 }
+}
+
+/// The CPU path of the matrix kernels: the fastest this CPU runs, or the one `DLLAVA_KERNEL`
+/// names (`reference`, `scalar`, `avx2`, `avx512`), so that tests and CI exercise every path on
+/// one machine. Every path computes the same bits.
+public enum KernelPath: String, Sendable, CaseIterable {
+    /// `ReferenceKernels.linearInKernelOrder`: the plain Swift twin of the kernels.
+    case reference
+    case scalar
+    case avx2
+    case avx512
+
+    var cValue: Int32 {
+        switch self {
+        case .reference, .scalar: Int32(DL_PATH_SCALAR)
+        case .avx2: Int32(DL_PATH_AVX2)
+        case .avx512: Int32(DL_PATH_AVX512)
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    public var isAvailable: Bool {
+        self == .reference || dl_kernel_path_available(cValue) != 0
+    }
+}
+
+public enum KernelError: Error, CustomStringConvertible {
+    case unknownPath(String)
+    case unavailablePath(KernelPath)
+
+    public var description: String {
+        switch self {
+        case .unknownPath(let name):
+            "DLLAVA_KERNEL=\(name) is not a kernel path (reference, scalar, avx2, avx512)"
+        case .unavailablePath(let path):
+            "DLLAVA_KERNEL=\(path.rawValue): this CPU cannot run that kernel path"
+        }
+    }
+}
+
+public enum Kernels {
+    nonisolated(unsafe) private static var chosen: KernelPath?
+
+    /// The path every product takes; read from `DLLAVA_KERNEL` at first use.
+    public static var path: KernelPath {
+        if let chosen { return chosen }
+        let path = (try? pathFromEnvironment()) ?? best
+        chosen = path
+        return path
+    }
+
+    /// The fastest path this CPU runs.
+    public static var best: KernelPath {
+        switch dl_kernel_path_best() {
+        case Int32(DL_PATH_AVX512): .avx512
+        case Int32(DL_PATH_AVX2): .avx2
+        default: .scalar
+        }
+    }
+
+    /// The path `DLLAVA_KERNEL` asks for, nil when unset; throws for an unknown or unavailable one.
+    /// The CLI calls it at start-up so a wrong value is an error, not a silent fallback.
+    public static func pathFromEnvironment() throws(KernelError) -> KernelPath? {
+        guard let name = ProcessInfo.processInfo.environment["DLLAVA_KERNEL"], !name.isEmpty else { return nil }
+        guard let path = KernelPath(rawValue: name) else { throw .unknownPath(name) }
+        guard path.isAvailable else { throw .unavailablePath(path) }
+        return path
+    }
+
+    /// Forces a path (tests, benchmarks); the caller checks `isAvailable`.
+    public static func use(_ path: KernelPath) {
+        chosen = path
+    }
+
+    /// The precision every product uses: f32 until the CLI sets it once at start-up.
+    nonisolated(unsafe) public private(set) static var precision = Precision.f32
+
+    public static func use(_ precision: Precision) {
+        self.precision = precision
+    }
+}
+
+extension StorageType {
+    var kernelType: Int32 {
+        switch self {
+        case .float32: Int32(DL_WEIGHT_F32)
+        case .float16: Int32(DL_WEIGHT_F16)
+        case .bfloat16: Int32(DL_WEIGHT_BF16)
+        }
+    }
 }
 
 func addBias(_ output: inout [Float], _ bias: [Float], rows m: Int) {

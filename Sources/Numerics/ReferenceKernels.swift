@@ -17,6 +17,67 @@ public enum ReferenceKernels {
         return Matrix(rows: x.rows, columns: outFeatures, values: out)
     }
 
+    /// `x · Wᵀ` in f32 with the native kernels' summation order, written plainly: the twin every
+    /// kernel path must equal bit for bit. Lane `j` of 16 accumulates `k = j, j + 16, ...` with
+    /// fused multiply-adds from +0, then lanes are added as `s8[i] = l[i] + l[i + 8]`,
+    /// `s4[i] = s8[i] + s8[i + 4]`, `(s4[0] + s4[2]) + (s4[1] + s4[3])`.
+    public static func linearInKernelOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
+        let k = x.columns, n = weight.rows
+        var out = [Float](repeating: 0, count: x.rows * n)
+        for o in 0..<n {
+            let w = weight.widenedRows(o..<o + 1)
+            for r in 0..<x.rows {
+                var lanes = [Float](repeating: 0, count: 16)
+                for i in 0..<k { lanes[i % 16] = lanes[i % 16].addingProduct(x.values[r * k + i], w[i]) }
+                let s8 = (0..<8).map { lanes[$0] + lanes[$0 + 8] }
+                let s4 = (0..<4).map { s8[$0] + s8[$0 + 4] }
+                out[r * n + o] = (s4[0] + s4[2]) + (s4[1] + s4[3])
+            }
+        }
+        return Matrix(rows: x.rows, columns: n, values: out)
+    }
+
+    /// The bf16 precision's product written plainly: `x` and the weight rounded to bf16 (nearest
+    /// even), then per lane `j` of 16 the pairs `k = 32t + 2j, 32t + 2j + 1`, the odd product
+    /// added before the even one, each a fused multiply-add whose bf16 subnormal inputs count as
+    /// zero and whose subnormal result is flushed to zero (the definition of `vdpbf16ps`); lanes
+    /// reduced as in `linearInKernelOrder`.
+    public static func linearBF16InKernelOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
+        let k = x.columns, n = weight.rows
+        func flushed(_ v: Float) -> Float {
+            v.bitPattern & 0x7F80_0000 == 0 ? Float(bitPattern: v.bitPattern & 0x8000_0000) : v
+        }
+        // Weights are rounded as `vcvtne2ps2bf16` does (an f32 subnormal first read as zero),
+        // activations as `dl_narrow_bf16`; both then read as `vdpbf16ps` reads them.
+        func rounded(_ values: [Float], zeroingSubnormals: Bool) -> [Float] {
+            values.map { value in
+                let v = zeroingSubnormals ? flushed(value) : value
+                let bits = v.bitPattern
+                if v.isNaN { return Float(bitPattern: (bits | 0x0040_0000) & 0xFFFF_0000) }
+                var result = (bits &+ 0x7FFF &+ ((bits >> 16) & 1)) & 0xFFFF_0000
+                if result & 0x7F80_0000 == 0 { result &= 0x8000_0000 }
+                return Float(bitPattern: result)
+            }
+        }
+        let input = rounded(x.values, zeroingSubnormals: false)
+        var out = [Float](repeating: 0, count: x.rows * n)
+        for o in 0..<n {
+            let w = rounded(weight.widenedRows(o..<o + 1), zeroingSubnormals: true)
+            for r in 0..<x.rows {
+                var lanes = [Float](repeating: 0, count: 16)
+                for i in stride(from: 0, to: k, by: 2) {
+                    let lane = (i % 32) / 2
+                    if i + 1 < k { lanes[lane] = flushed(lanes[lane].addingProduct(input[r * k + i + 1], w[i + 1])) }
+                    lanes[lane] = flushed(lanes[lane].addingProduct(input[r * k + i], w[i]))
+                }
+                let s8 = (0..<8).map { lanes[$0] + lanes[$0 + 8] }
+                let s4 = (0..<4).map { s8[$0] + s8[$0 + 4] }
+                out[r * n + o] = (s4[0] + s4[2]) + (s4[1] + s4[3])
+            }
+        }
+        return Matrix(rows: x.rows, columns: n, values: out)
+    }
+
     public static func rmsNorm(_ x: Matrix, weight: [Float], epsilon: Float) -> Matrix {
         var out = x.values
         for r in 0..<x.rows {

@@ -232,7 +232,7 @@ public struct OutputTextPredictor: Sendable {
     public func logits(_ hidden: Matrix) -> Matrix {
         var x = norm(hidden)
         for (i, layer) in layers.enumerated() {
-            x = linearPerRow(x, layer.weight, bias: layer.bias)
+            x = linear(x, layer.weight, bias: layer.bias)
             if i < layers.count - 1 { activate(&x, .gelu) }
         }
         return x

@@ -25,6 +25,10 @@ struct Preset {
                       vision: CLIPVisionConfiguration(hiddenSize: 768, intermediateSize: 3072, hiddenLayers: 12, attentionHeads: 12, imageSize: 336, patchSize: 14),
                       language: LlamaConfiguration(vocabularySize: 32000, hiddenSize: 2048, intermediateSize: 5632, hiddenLayers: 22, attentionHeads: 32, keyValueHeads: 32, rmsNormEpsilon: 1e-5),
                       storageType: .float16),
+        "bench-1.57b": Preset(name: "bench-1.57b (CLIP-L/14-336 + LLaMA 2048 x 22, 32 heads, FFN 5632; f16)",
+                              vision: CLIPVisionConfiguration(hiddenSize: 1024, intermediateSize: 4096, hiddenLayers: 24, attentionHeads: 16, imageSize: 336, patchSize: 14),
+                              language: LlamaConfiguration(vocabularySize: 32000, hiddenSize: 2048, intermediateSize: 5632, hiddenLayers: 22, attentionHeads: 32, keyValueHeads: 32, rmsNormEpsilon: 1e-5),
+                              storageType: .float16),
         "llava-1.5-7b": Preset(name: "llava-1.5-7b (CLIP-L/14-336 + Vicuna-7B shape, f16)",
                                vision: CLIPVisionConfiguration(hiddenSize: 1024, intermediateSize: 4096, hiddenLayers: 24, attentionHeads: 16, imageSize: 336, patchSize: 14),
                                language: LlamaConfiguration(vocabularySize: 32000, hiddenSize: 4096, intermediateSize: 11008, hiddenLayers: 32, attentionHeads: 32, rmsNormEpsilon: 1e-5, maxPositionEmbeddings: 4096),
@@ -47,7 +51,7 @@ struct EngineBenchmark: ParsableCommand {
         abstract: "Vision, prefill and decode speed against sgemm and memory bandwidth, 1 and 2 threads.",
         discussion: "Presets: \(Preset.all.keys.sorted().joined(separator: ", ")). Prints a Markdown table.")
 
-    @Option(help: "tiny, mid or llava-1.5-7b.")
+    @Option(help: "tiny, mid, bench-1.57b or llava-1.5-7b.")
     var preset = "tiny"
 
     @Option(help: "Comma-separated thread counts to measure.")
@@ -59,11 +63,20 @@ struct EngineBenchmark: ParsableCommand {
     @Option(name: .customLong("decode-tokens"), help: "Decode steps timed per batch size.")
     var decodeTokens = 8
 
+    @Option(help: "Comma-separated precisions to measure (f32, bf16).")
+    var precisions = Precision.preferred == .bf16 ? "f32,bf16" : "f32"
+
     func run() throws {
         guard let preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
         let threadCounts = threads.split(separator: ",").compactMap { Int($0) }
+        let precisionList = try precisions.split(separator: ",").map { name in
+            guard let precision = Precision(rawValue: String(name)), precision.isNative else {
+                throw ValidationError("precision \(name) is unknown or not native on this CPU")
+            }
+            return precision
+        }
         print("# dllava-bench: \(preset.name)")
-        print("machine: \(ProcessInfo.processInfo.activeProcessorCount) cores, \(ProcessInfo.processInfo.physicalMemory >> 30) GiB; weights \(preset.storageType.rawValue)")
+        print("machine: \(ProcessInfo.processInfo.activeProcessorCount) cores, \(ProcessInfo.processInfo.physicalMemory >> 30) GiB; weights \(preset.storageType.rawValue); kernel path \(Kernels.path.rawValue)")
         let start = DispatchTime.now()
         let vision = CLIPVisionTower(randomWeights: preset.vision, selectLayer: -2, storageType: preset.storageType, seed: 1)
         let language = LlamaModel(randomWeights: preset.language, storageType: preset.storageType, seed: 2)
@@ -75,14 +88,18 @@ struct EngineBenchmark: ParsableCommand {
         let pixels = (0..<3 * preset.vision.imageSize * preset.vision.imageSize).map { Float(($0 * 7919) % 255) / 127.5 - 1 }
         print("prompt: \(before) + \(preset.vision.patchCount) image + \(after) = \(promptLength) tokens; decode \(decodeTokens) steps")
         print("")
-        print("| threads | vision ms/image | prefill tok/s | prefill GFLOP/s | sgemm GFLOP/s (same shapes) | prefill / sgemm | decode tok/s b=1 | decode tok/s b=8 | weight-stream ms | decode b=1 ms/tok / stream |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| threads | precision | vision ms/image | vision GFLOP/s | prefill tok/s | prefill GFLOP/s | GEMM GFLOP/s (prefill shapes) | sgemm GFLOP/s (same shapes) | GEMM / sgemm | prefill / sgemm | vision / sgemm | decode tok/s b=1 | decode tok/s b=8 | b=8 / b=1 | weight-stream ms | decode b=1 ms/tok / stream |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        // The tower selects layer -2: it runs all encoder layers but the last.
+        let visionFlops = Double(visionFlopCount(preset.vision, layers: preset.vision.hiddenLayers - 1))
         for count in threadCounts {
+          for precision in precisionList {
             Parallelism.setThreads(count)
+            Kernels.use(precision)
             // Vision tower (one image).
             let visionStart = DispatchTime.now()
             _ = vision.features(pixels)
-            let visionMilliseconds = seconds(since: visionStart) * 1000
+            let visionSeconds = seconds(since: visionStart)
 
             // Prefill over the whole prompt (embeddings of random ids stand in for the image rows).
             var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
@@ -95,6 +112,7 @@ struct EngineBenchmark: ParsableCommand {
             let prefillSeconds = seconds(since: prefillStart)
             let prefillFlops = Double(prefillFlopCount(c, tokens: promptLength))
             let gemmRate = sgemmRate(c, tokens: promptLength, threads: count)
+            let kernelRate = linearRate(c, tokens: promptLength, storageType: preset.storageType)
 
             // Decode at batch 1 and 8 (the batch-8 caches are copies of the prefilled one).
             var rates: [Double] = []
@@ -115,10 +133,13 @@ struct EngineBenchmark: ParsableCommand {
                 if batch == 1 { batchOneStep = elapsed / Double(decodeTokens) }
             }
             let streamSeconds = Double(language.weightByteCount) / memoryReadRate(threads: count)
-            print(String(format: "| %d | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f | %.2f | %.1f | %.2f |",
-                         count, visionMilliseconds, Double(promptLength) / prefillSeconds, prefillFlops / prefillSeconds / 1e9,
-                         gemmRate / 1e9, prefillFlops / prefillSeconds / gemmRate, rates[0], rates[1],
+            print(String(format: "| %d | %@ | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f | %.2f |",
+                         count, precision.rawValue, visionSeconds * 1000, visionFlops / visionSeconds / 1e9,
+                         Double(promptLength) / prefillSeconds, prefillFlops / prefillSeconds / 1e9,
+                         kernelRate / 1e9, gemmRate / 1e9, kernelRate / gemmRate, prefillFlops / prefillSeconds / gemmRate,
+                         visionFlops / visionSeconds / gemmRate, rates[0], rates[1], rates[1] / rates[0],
                          streamSeconds * 1000, batchOneStep / streamSeconds))
+          }
         }
         var usage = rusage()
         getrusage(RUSAGE_SELF.rawValue, &usage)
@@ -169,6 +190,31 @@ func sgemmRate(_ c: LlamaConfiguration, tokens m: Int, threads: Int) -> Double {
         flops += 2 * Double(m * n * k)
     }
     return flops / elapsed
+}
+
+/// The engine's `linear` FLOP/s over the same shapes as `sgemmRate`, weights as stored, at the
+/// current `Kernels.precision` and thread count.
+func linearRate(_ c: LlamaConfiguration, tokens m: Int, storageType: StorageType) -> Double {
+    let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
+    let shapes = [(q, h), (c.keyValueWidth, h), (c.keyValueWidth, h), (h, q), (c.intermediateSize, h), (c.intermediateSize, h), (h, c.intermediateSize)]
+    var flops = 0.0, elapsed = 0.0
+    for (index, (n, k)) in shapes.enumerated() {
+        let weight = WeightMatrix(randomRows: n, columns: k, storageType: storageType, seed: UInt64(100 + index))
+        let x = Matrix(rows: m, columns: k, values: (0..<m * k).map { Float(($0 * 7919) % 255) / 255 - 0.5 })
+        let start = DispatchTime.now()
+        _ = linear(x, weight)
+        elapsed += seconds(since: start)
+        flops += 2 * Double(m * n * k)
+    }
+    return flops / elapsed
+}
+
+/// Multiply-adds x2 of the vision tower on one image: patch embedding, the encoder layers'
+/// projections, MLP and attention of the `layers` it runs.
+func visionFlopCount(_ v: CLIPVisionConfiguration, layers: Int) -> Int {
+    let t = v.patchCount + 1, h = v.hiddenSize
+    let perLayer = 2 * t * h * h * 4 + 2 * 2 * t * h * v.intermediateSize + 2 * 2 * t * t * h
+    return 2 * v.patchCount * 3 * v.patchSize * v.patchSize * h + layers * perLayer
 }
 
 /// Bytes per second at which `threads` threads read a 1 GiB buffer (best of 3).

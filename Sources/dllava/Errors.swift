@@ -1,5 +1,6 @@
 import DynamicLLaVA
 import Imaging
+import Numerics
 import SafeTensors
 import Tokenizer
 
@@ -11,6 +12,7 @@ func describe(_ error: Error) -> (String, Int32) {
     case let error as InputError: return (error.description, error.exitCode)
     case let error as ImageError: return (error.description, error.exitCode)
     case let error as TokenizerError: return (error.description, 78)
+    case let error as KernelError: return (error.description, 78)
     default: return ("\(error)", 1)
     }
 }

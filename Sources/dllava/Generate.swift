@@ -13,8 +13,17 @@ struct ModelOptions: ParsableArguments {
     @Option(help: "Worker threads for matrix products (default: all cores). Results do not depend on it.")
     var threads: Int = ProcessInfo.processInfo.activeProcessorCount
 
+    @Option(help: """
+        Arithmetic of the matrix products: f32, or bf16 (activations and weights rounded to bf16, \
+        sums in f32, on AVX512-BF16). Default: bf16 where the CPU has AVX512-BF16, else f32.
+        """)
+    var precision: Precision = .preferred
+
     func validate() throws {
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+        guard precision.isNative || Kernels.path == .reference || Kernels.path == .scalar else {
+            throw ValidationError("--precision bf16 needs a CPU with AVX512-BF16 (this one has none); use --precision f32")
+        }
         guard model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] != nil else {
             throw ValidationError("no model: pass --model DIR or set DLLAVA_MODEL")
         }
@@ -24,13 +33,17 @@ struct ModelOptions: ParsableArguments {
         URL(fileURLWithPath: model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] ?? ".")
     }
 
+    /// Sets threads, precision and the kernel path (`DLLAVA_KERNEL`, checked here), then loads.
     func load() throws -> LLaVAModel {
         Parallelism.setThreads(threads)
+        if let path = try Kernels.pathFromEnvironment() { Kernels.use(path) }
+        Kernels.use(precision)
         return try LLaVAModel.load(directory: modelDirectory)
     }
 }
 
 extension SparsityMode: ExpressibleByArgument {}
+extension Precision: ExpressibleByArgument {}
 extension OutputTokenRule: ExpressibleByArgument {}
 
 struct Generate: ParsableCommand {

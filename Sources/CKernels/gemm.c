@@ -1,0 +1,467 @@
+// The engine's matrix product `y[r, n] = Σ_k x[r, k] · w[n, k]` on weights as stored (f32, f16,
+// bf16), with f32 activations and f32 fused multiply-adds, for every CPU path.
+//
+// Batch invariance by construction: every output element is summed in one fixed order that
+// depends on K alone, identical on every path (so a row's bits never depend on the other rows of
+// the call, on the tile that holds it, on the thread count, nor on the CPU path):
+//   lane j in 0..<16 accumulates k = j, j + 16, j + 32, ... < K with fmaf, starting from +0;
+//   then s8[i] = lane[i] + lane[i + 8], s4[i] = s8[i] + s8[i + 4], s2[i] = s4[i] + s4[i + 2],
+//   y = s2[0] + s2[1].
+// AVX-512 holds the 16 lanes in one register, AVX2 in two (lanes 0-7 and 8-15), the scalar path
+// in an array. Missing lanes of the last chunk are loaded as zeros, which adds +0 exactly.
+#include "CKernels.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define DL_X86 1
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Element loads shared by the scalar path.
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float f16_to_float(uint16_t h) {
+    float f;
+    dl_widen_f16(&h, &f, 1);
+    return f;
+}
+
+static inline float weight_at(int type, const void *w, size_t i) {
+    switch (type) {
+    case DL_WEIGHT_F32: return ((const float *)w)[i];
+    case DL_WEIGHT_F16: return f16_to_float(((const uint16_t *)w)[i]);
+    default: return bf16_to_float(((const uint16_t *)w)[i]);
+    }
+}
+
+static inline float reduce_lanes_scalar(const float lanes[16]) {
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = lanes[i] + lanes[i + 8];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+static void gemm_scalar(int type, const float *x, size_t ldx, const void *w, size_t k,
+                        size_t n_begin, size_t n_end, size_t m, float *y, size_t ldy) {
+    float *row = malloc(k * sizeof(float));
+    for (size_t n = n_begin; n < n_end; n++) {
+        for (size_t kk = 0; kk < k; kk++) row[kk] = weight_at(type, w, n * k + kk);
+        for (size_t r = 0; r < m; r++) {
+            float lanes[16] = {0};
+            const float *xr = x + r * ldx;
+            for (size_t kk = 0; kk < k; kk++) lanes[kk & 15] = fmaf(xr[kk], row[kk], lanes[kk & 15]);
+            y[r * ldy + n] = reduce_lanes_scalar(lanes);
+        }
+    }
+    free(row);
+}
+
+
+/// A bf16 value with a subnormal read as zero (sign kept), as `vdpbf16ps` reads its inputs.
+static inline float bf16_input(uint16_t v) {
+    if ((v & 0x7f80) == 0) v &= 0x8000;
+    return bf16_to_float(v);
+}
+
+/// An f32 result with a subnormal flushed to zero (sign kept).
+static inline float flush_subnormal(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7f800000u) == 0) bits &= 0x80000000u;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/// The weight's element `i` rounded to bf16 as `vcvtne2ps2bf16` does: an f32 subnormal is read
+/// as zero, then rounded to nearest even.
+static inline uint16_t weight_bf16_at(int type, const void *w, size_t i) {
+    if (type == DL_WEIGHT_BF16) return ((const uint16_t *)w)[i];
+    float f = flush_subnormal(weight_at(type, w, i));
+    uint16_t b;
+    dl_narrow_bf16(&f, &b, 1);
+    return b;
+}
+
+static void gemm_bf16_scalar(int type, const uint16_t *x, size_t ldx, const void *w, size_t k,
+                             size_t n_begin, size_t n_end, size_t m, float *y, size_t ldy) {
+    uint16_t *row = malloc((k + 1) * sizeof(uint16_t));
+    for (size_t n = n_begin; n < n_end; n++) {
+        for (size_t kk = 0; kk < k; kk++) row[kk] = weight_bf16_at(type, w, n * k + kk);
+        row[k] = 0;
+        for (size_t r = 0; r < m; r++) {
+            float lanes[16] = {0};
+            const uint16_t *xr = x + r * ldx;
+            for (size_t kk = 0; kk < k; kk += 2) {
+                size_t lane = (kk & 31) / 2;
+                uint16_t x1 = kk + 1 < k ? xr[kk + 1] : 0;
+                lanes[lane] = flush_subnormal(fmaf(bf16_input(x1), bf16_input(row[kk + 1]), lanes[lane]));
+                lanes[lane] = flush_subnormal(fmaf(bf16_input(xr[kk]), bf16_input(row[kk]), lanes[lane]));
+            }
+            y[r * ldy + n] = reduce_lanes_scalar(lanes);
+        }
+    }
+    free(row);
+}
+
+#ifdef DL_X86
+// ---------------------------------------------------------------------------------------------
+// AVX-512: tiles of up to 6 rows x 4 columns, one zmm accumulator per output element.
+
+#define DL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"), always_inline)) static inline
+#define DL_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))) static
+
+DL_AVX512 __m512 load_w512(int type, const void *w, size_t i) {
+    if (type == DL_WEIGHT_F32) return _mm512_loadu_ps((const float *)w + i);
+    __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    if (type == DL_WEIGHT_F16) return _mm512_cvtph_ps(half);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+DL_AVX512 __m512 load_w512_masked(int type, const void *w, size_t i, __mmask16 mask) {
+    if (type == DL_WEIGHT_F32) return _mm512_maskz_loadu_ps(mask, (const float *)w + i);
+    __m256i half = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)w + i);
+    if (type == DL_WEIGHT_F16) return _mm512_cvtph_ps(half);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+DL_AVX512 float reduce512(__m512 v) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                // [s4[0]+s4[2], s4[1]+s4[3]]
+    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    return _mm_cvtss_f32(s1);
+}
+
+/// One tile: rows x[0..<MR], weight rows w[n..<n+NR]; writes y[0..<MR][n..<n+NR].
+DL_AVX512 void tile512(const int MR, const int NR, int type, const float *x, size_t ldx,
+                       const void *w, size_t k, size_t n, float *y, size_t ldy) {
+    __m512 acc[6][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    size_t kk = 0;
+    for (; kk + 16 <= k; kk += 16) {
+        __m512 wv[4];
+        for (int j = 0; j < NR; j++) wv[j] = load_w512(type, w, (n + j) * k + kk);
+        for (int i = 0; i < MR; i++) {
+            __m512 xv = _mm512_loadu_ps(x + i * ldx + kk);
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (kk < k) {
+        __mmask16 mask = (__mmask16)((1u << (k - kk)) - 1);
+        __m512 wv[4];
+        for (int j = 0; j < NR; j++) wv[j] = load_w512_masked(type, w, (n + j) * k + kk, mask);
+        for (int i = 0; i < MR; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + kk);
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) y[i * ldy + n + j] = reduce512(acc[i][j]);
+}
+
+/// Rows `0..<MR` against columns `n_begin..<n_end` in groups of 4 (the last group narrower).
+DL_AVX512 void rows512(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k,
+                       size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    size_t n = n_begin;
+    for (; n + 4 <= n_end; n += 4) tile512(MR, 4, type, x, ldx, w, k, n, y, ldy);
+    switch (n_end - n) {
+    case 3: tile512(MR, 3, type, x, ldx, w, k, n, y, ldy); break;
+    case 2: tile512(MR, 2, type, x, ldx, w, k, n, y, ldy); break;
+    case 1: tile512(MR, 1, type, x, ldx, w, k, n, y, ldy); break;
+    default: break;
+    }
+}
+
+DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k,
+                                   size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    switch (rows) {
+    case 6: rows512(6, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 5: rows512(5, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 4: rows512(4, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 3: rows512(3, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 2: rows512(2, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    default: rows512(1, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA + F16C: the same 16 lanes in two ymm registers; tiles of up to 2 rows x 3 columns.
+
+#define DL_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+#define DL_AVX2_FN __attribute__((target("avx2,fma,f16c"))) static
+
+DL_AVX2 __m256 load_w256(int type, const void *w, size_t i) {
+    if (type == DL_WEIGHT_F32) return _mm256_loadu_ps((const float *)w + i);
+    __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    if (type == DL_WEIGHT_F16) return _mm256_cvtph_ps(half);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+/// Elements `i..<i+count` (count < 8 allowed) widened, zeros beyond.
+DL_AVX2 __m256 load_w256_partial(int type, const void *w, size_t i, size_t count) {
+    float buffer[8] = {0};
+    for (size_t e = 0; e < count && e < 8; e++) buffer[e] = weight_at(type, w, i + e);
+    return _mm256_loadu_ps(buffer);
+}
+
+DL_AVX2 __m256 load_x256_partial(const float *x, size_t count) {
+    float buffer[8] = {0};
+    for (size_t e = 0; e < count && e < 8; e++) buffer[e] = x[e];
+    return _mm256_loadu_ps(buffer);
+}
+
+DL_AVX2 float reduce256(__m256 low, __m256 high) {
+    __m256 s8 = _mm256_add_ps(low, high);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    return _mm_cvtss_f32(s1);
+}
+
+DL_AVX2 void tile256(const int MR, const int NR, int type, const float *x, size_t ldx,
+                     const void *w, size_t k, size_t n, float *y, size_t ldy) {
+    __m256 low[2][3], high[2][3];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) { low[i][j] = _mm256_setzero_ps(); high[i][j] = _mm256_setzero_ps(); }
+    size_t kk = 0;
+    for (; kk + 16 <= k; kk += 16) {
+        __m256 wl[3], wh[3];
+        for (int j = 0; j < NR; j++) {
+            wl[j] = load_w256(type, w, (n + j) * k + kk);
+            wh[j] = load_w256(type, w, (n + j) * k + kk + 8);
+        }
+        for (int i = 0; i < MR; i++) {
+            __m256 xl = _mm256_loadu_ps(x + i * ldx + kk), xh = _mm256_loadu_ps(x + i * ldx + kk + 8);
+            for (int j = 0; j < NR; j++) {
+                low[i][j] = _mm256_fmadd_ps(xl, wl[j], low[i][j]);
+                high[i][j] = _mm256_fmadd_ps(xh, wh[j], high[i][j]);
+            }
+        }
+    }
+    if (kk < k) {
+        size_t rest = k - kk, restHigh = rest > 8 ? rest - 8 : 0;
+        __m256 wl[3], wh[3];
+        for (int j = 0; j < NR; j++) {
+            wl[j] = load_w256_partial(type, w, (n + j) * k + kk, rest);
+            wh[j] = load_w256_partial(type, w, (n + j) * k + kk + 8, restHigh);
+        }
+        for (int i = 0; i < MR; i++) {
+            __m256 xl = load_x256_partial(x + i * ldx + kk, rest);
+            __m256 xh = load_x256_partial(x + i * ldx + kk + 8, restHigh);
+            for (int j = 0; j < NR; j++) {
+                low[i][j] = _mm256_fmadd_ps(xl, wl[j], low[i][j]);
+                high[i][j] = _mm256_fmadd_ps(xh, wh[j], high[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) y[i * ldy + n + j] = reduce256(low[i][j], high[i][j]);
+}
+
+DL_AVX2 void rows256(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k,
+                     size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    size_t n = n_begin;
+    for (; n + 3 <= n_end; n += 3) tile256(MR, 3, type, x, ldx, w, k, n, y, ldy);
+    switch (n_end - n) {
+    case 2: tile256(MR, 2, type, x, ldx, w, k, n, y, ldy); break;
+    case 1: tile256(MR, 1, type, x, ldx, w, k, n, y, ldy); break;
+    default: break;
+    }
+}
+
+DL_AVX2_FN void rows256_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k,
+                                 size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    if (rows == 2) rows256(2, type, x, ldx, w, k, n_begin, n_end, y, ldy);
+    else rows256(1, type, x, ldx, w, k, n_begin, n_end, y, ldy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 compute: activations and weights rounded to bf16, products summed in f32 by
+// `vdpbf16ps`. Lane j of 16 takes the pairs k = 32t + 2j, 32t + 2j + 1: per pair it adds the odd
+// product, then the even one, each as an f32 fused multiply-add with bf16 subnormal inputs read as
+// zero and subnormal results flushed to zero (the instruction's definition). The lanes are then
+// reduced with the same tree as the f32 path.
+
+#define DL_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c"), always_inline)) static inline
+#define DL_BF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c"))) static
+
+DL_BF16 __m512i load_w512_bf16(int type, const void *w, size_t i) {
+    if (type == DL_WEIGHT_BF16) return _mm512_loadu_si512((const void *)((const uint16_t *)w + i));
+    __m512 low, high;
+    if (type == DL_WEIGHT_F16) {
+        low = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+        high = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i + 16)));
+    } else {
+        low = _mm512_loadu_ps((const float *)w + i);
+        high = _mm512_loadu_ps((const float *)w + i + 16);
+    }
+    return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+}
+
+DL_BF16 __m512i load_w512_bf16_masked(int type, const void *w, size_t i, __mmask32 mask) {
+    if (type == DL_WEIGHT_BF16) return _mm512_maskz_loadu_epi16(mask, (const uint16_t *)w + i);
+    __mmask16 lowMask = (__mmask16)mask, highMask = (__mmask16)(mask >> 16);
+    __m512 low, high;
+    if (type == DL_WEIGHT_F16) {
+        low = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lowMask, (const uint16_t *)w + i));
+        high = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(highMask, (const uint16_t *)w + i + 16));
+    } else {
+        low = _mm512_maskz_loadu_ps(lowMask, (const float *)w + i);
+        high = _mm512_maskz_loadu_ps(highMask, (const float *)w + i + 16);
+    }
+    return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+}
+
+
+DL_BF16 void tile_bf16(const int MR, const int NR, int type, const uint16_t *x, size_t ldx,
+                       const void *w, size_t k, size_t n, float *y, size_t ldy) {
+    __m512 acc[6][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    size_t kk = 0;
+    for (; kk + 32 <= k; kk += 32) {
+        __m512i wv[4];
+        for (int j = 0; j < NR; j++) wv[j] = load_w512_bf16(type, w, (n + j) * k + kk);
+        for (int i = 0; i < MR; i++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(x + i * ldx + kk));
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
+        }
+    }
+    if (kk < k) {
+        __mmask32 mask = (__mmask32)((k - kk) >= 32 ? 0xffffffffu : ((1u << (k - kk)) - 1));
+        __m512i wv[4];
+        for (int j = 0; j < NR; j++) wv[j] = load_w512_bf16_masked(type, w, (n + j) * k + kk, mask);
+        for (int i = 0; i < MR; i++) {
+            __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i * ldx + kk);
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) y[i * ldy + n + j] = reduce512(acc[i][j]);
+}
+
+DL_BF16 void rows_bf16(const int MR, int type, const uint16_t *x, size_t ldx, const void *w, size_t k,
+                       size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    size_t n = n_begin;
+    for (; n + 4 <= n_end; n += 4) tile_bf16(MR, 4, type, x, ldx, w, k, n, y, ldy);
+    switch (n_end - n) {
+    case 3: tile_bf16(MR, 3, type, x, ldx, w, k, n, y, ldy); break;
+    case 2: tile_bf16(MR, 2, type, x, ldx, w, k, n, y, ldy); break;
+    case 1: tile_bf16(MR, 1, type, x, ldx, w, k, n, y, ldy); break;
+    default: break;
+    }
+}
+
+DL_BF16_FN void rows_bf16_dispatch(size_t rows, int type, const uint16_t *x, size_t ldx, const void *w, size_t k,
+                                   size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    switch (rows) {
+    case 6: rows_bf16(6, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 5: rows_bf16(5, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 4: rows_bf16(4, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 3: rows_bf16(3, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 2: rows_bf16(2, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    default: rows_bf16(1, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch.
+
+int dl_kernel_path_available(int path) {
+    switch (path) {
+    case DL_PATH_SCALAR: return 1;
+#ifdef DL_X86
+    case DL_PATH_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case DL_PATH_AVX512:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+    default: return 0;
+    }
+}
+
+int dl_kernel_bf16_available(void) {
+#ifdef DL_X86
+    __builtin_cpu_init();
+    return dl_kernel_path_available(DL_PATH_AVX512) && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+int dl_kernel_path_best(void) {
+    if (dl_kernel_path_available(DL_PATH_AVX512)) return DL_PATH_AVX512;
+    if (dl_kernel_path_available(DL_PATH_AVX2)) return DL_PATH_AVX2;
+    return DL_PATH_SCALAR;
+}
+
+void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *w, size_t k,
+             size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block) {
+    if (m == 0 || n_end <= n_begin) return;
+    if (k == 0) {
+        for (size_t r = 0; r < m; r++)
+            for (size_t n = n_begin; n < n_end; n++) y[r * ldy + n] = 0;
+        return;
+    }
+#ifdef DL_X86
+    if (path == DL_PATH_AVX512 || path == DL_PATH_AVX2) {
+        // Blocks of `row_block` rows (their activations stay in cache) against groups of 16
+        // columns (their weights stay in L1) against tiles of the path's row count.
+        const size_t tile_rows = path == DL_PATH_AVX512 ? 6 : 2;
+        if (row_block < tile_rows) row_block = tile_rows;
+        for (size_t r0 = 0; r0 < m; r0 += row_block) {
+            size_t r1 = r0 + row_block < m ? r0 + row_block : m;
+            for (size_t n0 = n_begin; n0 < n_end; n0 += 16) {
+                size_t n1 = n0 + 16 < n_end ? n0 + 16 : n_end;
+                for (size_t r = r0; r < r1; r += tile_rows) {
+                    size_t rows = r1 - r < tile_rows ? r1 - r : tile_rows;
+                    if (path == DL_PATH_AVX512) rows512_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, n0, n1, y + r * ldy, ldy);
+                    else rows256_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, n0, n1, y + r * ldy, ldy);
+                }
+            }
+        }
+        return;
+    }
+#endif
+    (void)row_block;
+    gemm_scalar(weight_type, x, ldx, w, k, n_begin, n_end, m, y, ldy);
+}
+
+void dl_gemm_bf16(int path, int weight_type, const uint16_t *x, size_t ldx, size_t m, const void *w, size_t k,
+                  size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block) {
+    if (m == 0 || n_end <= n_begin) return;
+#ifdef DL_X86
+    if (path == DL_PATH_AVX512 && dl_kernel_bf16_available()) {
+        const size_t tile_rows = 6;
+        if (row_block < tile_rows) row_block = tile_rows;
+        for (size_t r0 = 0; r0 < m; r0 += row_block) {
+            size_t r1 = r0 + row_block < m ? r0 + row_block : m;
+            for (size_t n0 = n_begin; n0 < n_end; n0 += 16) {
+                size_t n1 = n0 + 16 < n_end ? n0 + 16 : n_end;
+                for (size_t r = r0; r < r1; r += tile_rows) {
+                    size_t rows = r1 - r < tile_rows ? r1 - r : tile_rows;
+                    rows_bf16_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, n0, n1, y + r * ldy, ldy);
+                }
+            }
+        }
+        return;
+    }
+#endif
+    (void)row_block;
+    gemm_bf16_scalar(weight_type, x, ldx, w, k, n_begin, n_end, m, y, ldy);
+}

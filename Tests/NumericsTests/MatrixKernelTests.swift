@@ -1,0 +1,155 @@
+// The native matrix kernels in the manner of llama.cpp's test-backend-ops: every CPU path x
+// stored dtype x batch size x odd shapes, bit for bit against the plain twin that sums in the
+// kernels' order, within a K-dependent tolerance of a double-precision product, NaN/Inf
+// propagation, guard bytes around outputs, and row invariance across batches and thread counts.
+import CKernels
+import Foundation
+import Testing
+@testable import Numerics
+
+/// Values across the range a weight or activation can take: mostly unit-sized, some tiny
+/// (f16 subnormal, f32 subnormal) and some large, with both signs.
+func wideRangeValues(_ count: Int, seed: UInt64) -> [Float] {
+    let base = randomValues(count, seed: seed)
+    return base.enumerated().map { i, v in
+        switch i % 29 {
+        case 3: v * 1e-6
+        case 7: v * 1e-39
+        case 11: v * 300
+        default: v
+        }
+    }
+}
+
+let kernelPaths = KernelPath.allCases.filter(\.isAvailable)
+
+/// The first index where the two arrays' bits differ (nil when identical), with both values: a
+/// failure message that stays short (comparing large arrays in `#expect` would print them whole).
+func firstBitDifference(_ a: [Float], _ b: [Float]) -> String? {
+    guard a.count == b.count else { return "counts \(a.count) and \(b.count)" }
+    guard let i = a.indices.first(where: { a[$0].bitPattern != b[$0].bitPattern }) else { return nil }
+    return "element \(i): \(a[i]) vs \(b[i]) (\(a.indices.filter { a[$0].bitPattern != b[$0].bitPattern }.count) differ)"
+}
+let rowCounts = [1, 2, 3, 7, 8, 9, 16, 17, 64, 577, 1000]
+
+@Suite struct MatrixKernelTests {
+    @Test("every kernel path equals the plain twin bit for bit, and the double-precision product within tolerance",
+          arguments: [StorageType.float32, .float16, .bfloat16], rowCounts)
+    func pathsEqualThePlainTwin(storage: StorageType, rows: Int) {
+        let k = rows > 100 ? 53 : 133, n = 37
+        let weight = WeightMatrix(rows: n, columns: k, values: wideRangeValues(n * k, seed: 31), storageType: storage)
+        let x = Matrix(rows: rows, columns: k, values: wideRangeValues(rows * k, seed: UInt64(32 + rows)))
+        let twin = ReferenceKernels.linearInKernelOrder(x, weight)
+        let exact = ReferenceKernels.linear(x, weight.widened(), outFeatures: n)
+        // f32 rounding of K products and sums: a bound that grows with K.
+        let tolerance = Float(k) * 1.2e-7 * 4
+        #expect(maxRelativeDifference(twin.values, exact.values) < tolerance)
+        for path in kernelPaths {
+            let fast = linear(x, weight, path: path)
+            #expect(firstBitDifference(fast.values, twin.values) == nil, "\(path) \(storage) M=\(rows)")
+        }
+    }
+
+    @Test("bf16 precision: every path equals the plain emulation of vdpbf16ps bit for bit, within bf16 rounding of the exact product",
+          arguments: [StorageType.float32, .float16, .bfloat16], rowCounts)
+    func bf16PathsEqualThePlainTwin(storage: StorageType, rows: Int) {
+        let k = rows > 100 ? 53 : 133, n = 37
+        let weight = WeightMatrix(rows: n, columns: k, values: wideRangeValues(n * k, seed: 71), storageType: storage)
+        let x = Matrix(rows: rows, columns: k, values: wideRangeValues(rows * k, seed: UInt64(72 + rows)))
+        let twin = ReferenceKernels.linearBF16InKernelOrder(x, weight)
+        let exact = ReferenceKernels.linear(x, weight.widened(), outFeatures: n)
+        // Each operand rounded to 8 significant bits: relative 2^-8 per product, partly cancelling.
+        #expect(maxRelativeDifference(twin.values, exact.values) < 2e-2)
+        for path in kernelPaths {
+            let fast = linear(x, weight, path: path, precision: .bf16)
+            #expect(firstBitDifference(fast.values, twin.values) == nil, "\(path) \(storage) M=\(rows)")
+        }
+    }
+
+    @Test("a row's result is the same alone, in any batch, at any position and with any thread count",
+          arguments: [StorageType.float32, .float16, .bfloat16])
+    func rowsAreBatchAndThreadInvariant(storage: StorageType) {
+        defer { Parallelism.setThreads(1) }
+        let k = 301, n = 531
+        let weight = WeightMatrix(rows: n, columns: k, values: randomValues(n * k, seed: 41), storageType: storage)
+        let bias = randomValues(n, seed: 42)
+        let x = Matrix(rows: 33, columns: k, values: randomValues(33 * k, seed: 43))
+        let cases = kernelPaths.filter { $0 != .reference }.flatMap { path in Precision.allCases.map { (path, $0) } }
+        for (path, precision) in cases {
+            Parallelism.setThreads(1)
+            let batched = linear(x, weight, bias: bias, path: path, precision: precision)
+            for r in 0..<33 {
+                #expect(firstBitDifference(linear(x.rows(r..<r + 1), weight, bias: bias, path: path, precision: precision).values, batched.row(r)) == nil,
+                        "\(path) \(precision) row \(r)")
+            }
+            for threads in [2, 3] {
+                Parallelism.setThreads(threads)
+                #expect(firstBitDifference(linear(x, weight, bias: bias, path: path, precision: precision).values, batched.values) == nil,
+                        "\(path) \(precision) \(threads) threads")
+            }
+            let shuffled = linear(x.gatherRows([32, 7, 0, 16, 7]), weight, bias: bias, path: path, precision: precision)
+            for (position, row) in [32, 7, 0, 16, 7].enumerated() {
+                #expect(firstBitDifference(shuffled.row(position), batched.row(row)) == nil, "\(path) \(precision) row \(row) at \(position)")
+            }
+        }
+    }
+
+    @Test("NaN and infinity propagate to exactly the outputs they touch, on every path")
+    func nanAndInfinityPropagate() {
+        let k = 45, n = 21, rows = 9
+        var weightValues = randomValues(n * k, seed: 51)
+        weightValues[5 * k + 17] = .infinity  // column 5
+        var xValues = randomValues(rows * k, seed: 52)
+        xValues[2 * k + 40] = .nan             // row 2
+        let weight = WeightMatrix(rows: n, columns: k, values: weightValues, storageType: .float16)
+        let x = Matrix(rows: rows, columns: k, values: xValues)
+        for path in kernelPaths {
+            let y = linear(x, weight, path: path)
+            for r in 0..<rows {
+                for c in 0..<n {
+                    let value = y.values[r * n + c]
+                    if r == 2 { #expect(value.isNaN, "\(path) (\(r), \(c))") }
+                    else if c == 5 { #expect(value.isInfinite || value.isNaN, "\(path) (\(r), \(c))") }
+                    else { #expect(value.isFinite, "\(path) (\(r), \(c))") }
+                }
+            }
+        }
+    }
+
+    @Test("the kernel writes only its rows and columns: guard values around the output stay",
+          arguments: [StorageType.float32, .float16, .bfloat16])
+    func guardBytesStayUntouched(storage: StorageType) {
+        let k = 77, n = 50, rows = 13, stride = 64, columns = 9 ..< 43
+        let weight = WeightMatrix(rows: n, columns: k, values: randomValues(n * k, seed: 61), storageType: storage)
+        let x = randomValues(rows * k, seed: 62)
+        let sentinel = Float(bitPattern: 0x7FC0_DEAD)
+        let expected = ReferenceKernels.linearInKernelOrder(Matrix(rows: rows, columns: k, values: x), weight)
+        for path in kernelPaths where path != .reference {
+            // Two guard rows before and after, and columns outside `columns` in every row.
+            var y = [Float](repeating: sentinel, count: (rows + 4) * stride)
+            x.withUnsafeBufferPointer { xp in
+                y.withUnsafeMutableBufferPointer { yp in
+                    dl_gemm(path.cValue, storage.kernelType, xp.baseAddress!, k, rows, weight.base, k,
+                            columns.lowerBound, columns.upperBound, yp.baseAddress! + 2 * stride, stride, 6)
+                }
+            }
+            for r in 0..<rows + 4 {
+                for c in 0..<stride {
+                    let value = y[r * stride + c]
+                    if (2..<rows + 2).contains(r) && columns.contains(c) {
+                        #expect(value.bitPattern == expected.values[(r - 2) * n + c].bitPattern, "\(path) (\(r - 2), \(c))")
+                    } else {
+                        #expect(value.bitPattern == sentinel.bitPattern, "\(path) wrote guard (\(r), \(c))")
+                    }
+                }
+            }
+        }
+    }
+
+    @Test("DLLAVA_KERNEL names a path; an unknown name is an error")
+    func pathNames() {
+        #expect(KernelPath(rawValue: "avx512") == .avx512 && KernelPath(rawValue: "reference") == .reference)
+        #expect(KernelPath.reference.isAvailable && KernelPath.scalar.isAvailable)
+        #expect(Kernels.best.isAvailable)
+    }
+}
