@@ -21,7 +21,7 @@ struct CommandLineTests {
                 "--token-ids-before", c.idsBeforeImage.map(String.init).joined(separator: ","),
                 "--token-ids-after", c.idsAfterImage.map(String.init).joined(separator: ","),
                 "--pixel-values", fixtures.appendingPathComponent("goldens/inputs.safetensors").path,
-                "--pixel-tensor", "pixel_values_\(k)", "--max-tokens", "9", "--threads", "1"] + extra
+                "--pixel-tensor", "pixel_values_\(k)", "--max-tokens", "9", "--threads", "1", "--precision", "f32"] + extra
     }
 
     @Test("--json --logprobs 5 gives transformers' greedy ids and log-probabilities within 1e-4", arguments: Fixture.modelNames)
@@ -56,6 +56,42 @@ struct CommandLineTests {
             for key in ["image_tokens_total", "image_tokens_kept", "kv_cells_per_layer", "prefill_ms", "decode_ms",
                         "prefill_flops", "decode_flops", "kv_bytes_peak"] {
                 #expect(output.stats[key] != nil, "stats.\(key) missing")
+            }
+        }
+    }
+
+    /// The bf16 precision against the same transformers goldens (computed in f32): the recorded
+    /// precision, and how far it strays. Measured on these fixtures: greedy ids identical, chosen
+    /// tokens' log-probabilities within 0.03 (tiny random models: flat distributions).
+    @Test("--precision bf16 is recorded in stats, keeps transformers' greedy ids and log-probabilities within 0.1",
+          arguments: Fixture.modelNames)
+    func bf16StaysNearTransformers(model name: String) throws {
+        for k in 0..<2 {
+            let run = try runDLLaVA(arguments(model: fixtures.appendingPathComponent("models/\(name)").path, case: k,
+                                              extra: ["--json", "--logprobs", "1", "--precision", "bf16"]))
+            guard Precision.bf16.isNative else {
+                #expect(run.status == 64 && run.standardError.contains("AVX512-BF16"))
+                return
+            }
+            #expect(run.status == 0, "\(run.standardError)")
+            struct Output: Decodable {
+                struct Entry: Decodable { let id: Int32; let logprob: Float }
+                struct Stats: Decodable { let precision: String }
+                let token_ids: [Int32]
+                let logprobs: [[Entry]]
+                let stats: Stats
+            }
+            let output = try JSONDecoder().decode(Output.self, from: Data(run.standardOutput.utf8))
+            #expect(output.stats.precision == "bf16")
+            let golden = try Fixture.goldens(name, case: k)
+            let expectedIDs = try golden["greedy_ids"]!.integers().map(Int32.init)
+            #expect(output.token_ids == expectedIDs)
+            let logits = try golden["step_logits"]!.floats()
+            let vocabulary = logits.count / expectedIDs.count
+            for step in 0..<min(expectedIDs.count, output.logprobs.count) {
+                let reference = logSoftmax(Array(logits[step * vocabulary ..< (step + 1) * vocabulary]))
+                let entry = output.logprobs[step][0]
+                #expect(abs(entry.logprob - reference[Int(entry.id)]) <= 0.1, "step \(step) id \(entry.id)")
             }
         }
     }

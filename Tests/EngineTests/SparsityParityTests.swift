@@ -297,7 +297,7 @@ struct SparsityModeTests {
                          "--token-ids-before", c.idsBeforeImage.map(String.init).joined(separator: ","),
                          "--token-ids-after", c.idsAfterImage.map(String.init).joined(separator: ","),
                          "--pixel-values", fixtures.appendingPathComponent("goldens/inputs.safetensors").path,
-                         "--pixel-tensor", "pixel_values_0", "--max-tokens", "16", "--json"]
+                         "--pixel-tensor", "pixel_values_0", "--max-tokens", "16", "--json", "--precision", "f32"]
         let run = try runDLLaVA(arguments + ["--sparsity", "dynamic"])
         #expect(run.status == 0, "\(run.standardError)")
         let object = try JSONSerialization.jsonObject(with: Data(run.standardOutput.utf8)) as! [String: Any]
