@@ -1,7 +1,7 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Targets form a layered DAG; see README.md and ../shared/design/ARCHITECTURE.md.
+// Targets form a layered DAG; see README.md ("Targets") and docs/.
 let package = Package(
     name: "dllava",
     platforms: [.macOS(.v14)],

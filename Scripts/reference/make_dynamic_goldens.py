@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tiny Dynamic-LLaVA checkpoint (original layout) and the goldens of its sparsified inference.
 
-Follows ../shared/design/DYNAMIC_LLAVA.md sections 2-7 (the contract); the behaviour it encodes was
+Follows docs/DYNAMIC_LLAVA.md (the contract); the behaviour it encodes was
 read from the authors' repository Osilly/dynamic_llava (llava/model/language_model/
 dynamic_modeling_llama.py, cache_utils.py, dynamic_llava_arch.py), with the .md's "we differ"
 points applied (per-request state, no duplicated token in no-cache decoding, batch 1 here).

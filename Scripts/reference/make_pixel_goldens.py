@@ -12,7 +12,7 @@ Outputs, under Tests/ImagingTests/Fixtures/pixels/ (see Scripts/reference/README
   synthetic/*.png    small PNGs covering bit depths/colour types Pillow cannot write, with the
                      sha256 of Pillow's .convert("RGB") bytes in synthetic.json
 
-Usage: /work/venv/bin/python Scripts/reference/make_pixel_goldens.py [images_dir]
+Usage: /work/venv/bin/python Scripts/reference/make_pixel_goldens.py [images_dir]   (default Tests/Fixtures/images)
 Nothing is downloaded: the processor is built from its arguments.
 """
 import hashlib
@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, features
 from transformers import CLIPImageProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IMAGES = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "..", "shared", "data", "images")
+IMAGES = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "Tests", "Fixtures", "images")
 OUT = os.path.join(ROOT, "Tests", "ImagingTests", "Fixtures", "pixels")
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]  # OPENAI_CLIP_MEAN

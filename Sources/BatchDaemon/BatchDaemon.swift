@@ -1,4 +1,4 @@
-// The daemon loop (ARCHITECTURE.md "Queue semantics"): claim a batch in one short transaction,
+// The daemon loop (docs/FORMATS.md "Queue semantics"): claim a batch in one short transaction,
 // keep its leases alive from a heartbeat thread while the engine runs, write each result file
 // atomically, then complete (fenced by attempt and owner) or fail each job. Between decode steps
 // the engine asks a `BatchSession` what to do: write KV snapshots, let a cancelled job leave the

@@ -1,5 +1,5 @@
 // A request's generation state between two decode steps, and its binary encoding: what a KV
-// snapshot file holds (ARCHITECTURE.md "Files the processor writes"). Compression, the checksum
+// snapshot file holds (docs/FORMATS.md "KV snapshots"). Compression, the checksum
 // and the file itself are Artifacts' `SnapshotFile`; this is the payload inside it.
 import Foundation
 import Llama

@@ -1,4 +1,4 @@
-// Loading a LLaVA-1.5 checkpoint in either layout (DYNAMIC_LLAVA.md section 1) and turning
+// Loading a LLaVA-1.5 checkpoint in either layout (docs/CHECKPOINTS.md) and turning
 // images into the embeddings the language model reads.
 import Foundation
 import Llama

@@ -3,12 +3,13 @@
 //
 //     swift run -c release ImagingBenchmark [images_dir] [repetitions]
 //
-// images_dir defaults to ../shared/data/images. Not a test: numbers depend on the machine.
+// images_dir defaults to Tests/Fixtures/images (run from the repository root). Not a test: numbers depend on
+// the machine.
 import Foundation
 import Imaging
 
 let arguments = CommandLine.arguments
-let directory = URL(fileURLWithPath: arguments.count > 1 ? arguments[1] : "../shared/data/images")
+let directory = URL(fileURLWithPath: arguments.count > 1 ? arguments[1] : "Tests/Fixtures/images")
 let repetitions = arguments.count > 2 ? max(1, Int(arguments[2]) ?? 20) : 20
 
 func cpuModel() -> String {

@@ -19,7 +19,7 @@ public enum JobState: String, CaseIterable, Codable, Sendable, Comparable {
 /// engine's default", so two jobs that differ only in spelling a default explicitly are different jobs;
 /// the canonical JSON (sorted keys, absent fields omitted) is what the idempotency key hashes.
 public struct JobParameters: Codable, Sendable, Hashable {
-    /// Dynamic-LLaVA's sparsification modes (ARCHITECTURE.md, `generate --sparsity`).
+    /// Dynamic-LLaVA's sparsification modes (docs/DYNAMIC_LLAVA.md section 4, `generate --sparsity`).
     public enum Sparsity: String, Codable, Sendable, CaseIterable {
         case dynamic, full, fastv, random
     }

@@ -4,7 +4,7 @@ import Sparsification
 
 struct Flops: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Compute the paper's prefill FLOPs table (DYNAMIC_LLAVA.md section 8) from Eq. 13.",
+        abstract: "Compute the paper's prefill FLOPs table (docs/DYNAMIC_LLAVA.md section 8) from Eq. 13.",
         discussion: "Per layer 32 N C^2 + 4 N^2 C for N image tokens, hidden size C; Dynamic-LLaVA keeps Int(576 x 0.2) = 115 image tokens from layer 2 on, FastV round(576 x 0.25) = 144 from layer K = 3 on.")
 
     enum Preset: String, ExpressibleByArgument, CaseIterable {

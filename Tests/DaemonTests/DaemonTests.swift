@@ -6,7 +6,7 @@ import Testing
 let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardizedFileURL
 let model = repository.appendingPathComponent("Jobs/models/dllava-scenes").path
 func sample(_ name: String) -> String { repository.appendingPathComponent("Jobs/samples/\(name)").path }
-let badImage = repository.appendingPathComponent("../shared/data/images/bad_truncated.jpg").standardizedFileURL.path
+let badImage = repository.appendingPathComponent("Tests/Fixtures/images/bad_truncated.jpg").path
 
 func run(_ arguments: [String], in directory: URL) throws -> ProcessResult {
     try runDLLaVA(arguments, in: directory)

@@ -159,9 +159,9 @@ enum JSONValue: Decodable {
     }
 }
 
-/// The shared sample images (../shared/data/images beside the checkout).
+/// The sample images all test targets read in place (`Tests/Fixtures/images`).
 let sampleImages = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-    .appendingPathComponent("../../../shared/data/images").standardizedFileURL
+    .appendingPathComponent("../Fixtures/images").standardizedFileURL
 
 @Suite("dllava generate --image --prompt and dllava tokenize")
 struct PipelineCommandLineTests {

@@ -3,10 +3,10 @@ import Foundation
 
 /// Paths and goldens shared by the tests.
 enum Fixtures {
-    /// `../shared/data/images`, beside the package root (CI checks `shared/` out next to it).
+    /// `Tests/Fixtures/images`, the sample images every test target reads in place (see SOURCES.md there).
     static let images: URL = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        .appendingPathComponent("../shared/data/images").standardizedFileURL
+        .deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("Fixtures/images")
 
     static let pixels: URL = Bundle.module.url(forResource: "Fixtures", withExtension: nil)!
         .appendingPathComponent("pixels")
@@ -47,7 +47,7 @@ enum Fixtures {
         return goldens
     }()
 
-    /// Good images in the shared sample set, sorted (bad_* and non-images excluded).
+    /// Good images in the sample set, sorted (bad_* and non-images excluded).
     static var goodImageNames: [String] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: images.path)) ?? []
         return names.filter { !$0.hasPrefix("bad_") && ($0.hasSuffix(".png") || $0.hasSuffix(".jpg")) }.sorted()
