@@ -50,11 +50,11 @@ static inline float reduce_lanes_scalar(const float lanes[16]) {
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-static void gemm_scalar(int type, const float *x, size_t ldx, const void *w, size_t k,
+static void gemm_scalar(int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                         size_t n_begin, size_t n_end, size_t m, float *y, size_t ldy) {
     float *row = malloc(k * sizeof(float));
     for (size_t n = n_begin; n < n_end; n++) {
-        for (size_t kk = 0; kk < k; kk++) row[kk] = weight_at(type, w, n * k + kk);
+        for (size_t kk = 0; kk < k; kk++) row[kk] = weight_at(type, w, n * ldw + kk);
         for (size_t r = 0; r < m; r++) {
             float lanes[16] = {0};
             const float *xr = x + r * ldx;
@@ -143,14 +143,14 @@ DL_AVX512 float reduce512(__m512 v) {
 
 /// One tile: rows x[0..<MR], weight rows w[n..<n+NR]; writes y[0..<MR][n..<n+NR].
 DL_AVX512 void tile512(const int MR, const int NR, int type, const float *x, size_t ldx,
-                       const void *w, size_t k, size_t n, float *y, size_t ldy) {
+                       const void *w, size_t k, size_t ldw, size_t n, float *y, size_t ldy) {
     __m512 acc[6][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
     size_t kk = 0;
     for (; kk + 16 <= k; kk += 16) {
         __m512 wv[4];
-        for (int j = 0; j < NR; j++) wv[j] = load_w512(type, w, (n + j) * k + kk);
+        for (int j = 0; j < NR; j++) wv[j] = load_w512(type, w, (n + j) * ldw + kk);
         for (int i = 0; i < MR; i++) {
             __m512 xv = _mm512_loadu_ps(x + i * ldx + kk);
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -159,7 +159,7 @@ DL_AVX512 void tile512(const int MR, const int NR, int type, const float *x, siz
     if (kk < k) {
         __mmask16 mask = (__mmask16)((1u << (k - kk)) - 1);
         __m512 wv[4];
-        for (int j = 0; j < NR; j++) wv[j] = load_w512_masked(type, w, (n + j) * k + kk, mask);
+        for (int j = 0; j < NR; j++) wv[j] = load_w512_masked(type, w, (n + j) * ldw + kk, mask);
         for (int i = 0; i < MR; i++) {
             __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + kk);
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -170,27 +170,27 @@ DL_AVX512 void tile512(const int MR, const int NR, int type, const float *x, siz
 }
 
 /// Rows `0..<MR` against columns `n_begin..<n_end` in groups of 4 (the last group narrower).
-DL_AVX512 void rows512(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k,
+DL_AVX512 void rows512(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                        size_t n_begin, size_t n_end, float *y, size_t ldy) {
     size_t n = n_begin;
-    for (; n + 4 <= n_end; n += 4) tile512(MR, 4, type, x, ldx, w, k, n, y, ldy);
+    for (; n + 4 <= n_end; n += 4) tile512(MR, 4, type, x, ldx, w, k, ldw, n, y, ldy);
     switch (n_end - n) {
-    case 3: tile512(MR, 3, type, x, ldx, w, k, n, y, ldy); break;
-    case 2: tile512(MR, 2, type, x, ldx, w, k, n, y, ldy); break;
-    case 1: tile512(MR, 1, type, x, ldx, w, k, n, y, ldy); break;
+    case 3: tile512(MR, 3, type, x, ldx, w, k, ldw, n, y, ldy); break;
+    case 2: tile512(MR, 2, type, x, ldx, w, k, ldw, n, y, ldy); break;
+    case 1: tile512(MR, 1, type, x, ldx, w, k, ldw, n, y, ldy); break;
     default: break;
     }
 }
 
-DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k,
+DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                                    size_t n_begin, size_t n_end, float *y, size_t ldy) {
     switch (rows) {
-    case 6: rows512(6, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
-    case 5: rows512(5, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
-    case 4: rows512(4, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
-    case 3: rows512(3, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
-    case 2: rows512(2, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
-    default: rows512(1, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
+    case 6: rows512(6, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 5: rows512(5, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 4: rows512(4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 3: rows512(3, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 2: rows512(2, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    default: rows512(1, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
     }
 }
 
@@ -229,7 +229,7 @@ DL_AVX2 float reduce256(__m256 low, __m256 high) {
 }
 
 DL_AVX2 void tile256(const int MR, const int NR, int type, const float *x, size_t ldx,
-                     const void *w, size_t k, size_t n, float *y, size_t ldy) {
+                     const void *w, size_t k, size_t ldw, size_t n, float *y, size_t ldy) {
     __m256 low[2][3], high[2][3];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) { low[i][j] = _mm256_setzero_ps(); high[i][j] = _mm256_setzero_ps(); }
@@ -237,8 +237,8 @@ DL_AVX2 void tile256(const int MR, const int NR, int type, const float *x, size_
     for (; kk + 16 <= k; kk += 16) {
         __m256 wl[3], wh[3];
         for (int j = 0; j < NR; j++) {
-            wl[j] = load_w256(type, w, (n + j) * k + kk);
-            wh[j] = load_w256(type, w, (n + j) * k + kk + 8);
+            wl[j] = load_w256(type, w, (n + j) * ldw + kk);
+            wh[j] = load_w256(type, w, (n + j) * ldw + kk + 8);
         }
         for (int i = 0; i < MR; i++) {
             __m256 xl = _mm256_loadu_ps(x + i * ldx + kk), xh = _mm256_loadu_ps(x + i * ldx + kk + 8);
@@ -252,8 +252,8 @@ DL_AVX2 void tile256(const int MR, const int NR, int type, const float *x, size_
         size_t rest = k - kk, restHigh = rest > 8 ? rest - 8 : 0;
         __m256 wl[3], wh[3];
         for (int j = 0; j < NR; j++) {
-            wl[j] = load_w256_partial(type, w, (n + j) * k + kk, rest);
-            wh[j] = load_w256_partial(type, w, (n + j) * k + kk + 8, restHigh);
+            wl[j] = load_w256_partial(type, w, (n + j) * ldw + kk, rest);
+            wh[j] = load_w256_partial(type, w, (n + j) * ldw + kk + 8, restHigh);
         }
         for (int i = 0; i < MR; i++) {
             __m256 xl = load_x256_partial(x + i * ldx + kk, rest);
@@ -268,21 +268,21 @@ DL_AVX2 void tile256(const int MR, const int NR, int type, const float *x, size_
         for (int j = 0; j < NR; j++) y[i * ldy + n + j] = reduce256(low[i][j], high[i][j]);
 }
 
-DL_AVX2 void rows256(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k,
+DL_AVX2 void rows256(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                      size_t n_begin, size_t n_end, float *y, size_t ldy) {
     size_t n = n_begin;
-    for (; n + 3 <= n_end; n += 3) tile256(MR, 3, type, x, ldx, w, k, n, y, ldy);
+    for (; n + 3 <= n_end; n += 3) tile256(MR, 3, type, x, ldx, w, k, ldw, n, y, ldy);
     switch (n_end - n) {
-    case 2: tile256(MR, 2, type, x, ldx, w, k, n, y, ldy); break;
-    case 1: tile256(MR, 1, type, x, ldx, w, k, n, y, ldy); break;
+    case 2: tile256(MR, 2, type, x, ldx, w, k, ldw, n, y, ldy); break;
+    case 1: tile256(MR, 1, type, x, ldx, w, k, ldw, n, y, ldy); break;
     default: break;
     }
 }
 
-DL_AVX2_FN void rows256_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k,
+DL_AVX2_FN void rows256_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                                  size_t n_begin, size_t n_end, float *y, size_t ldy) {
-    if (rows == 2) rows256(2, type, x, ldx, w, k, n_begin, n_end, y, ldy);
-    else rows256(1, type, x, ldx, w, k, n_begin, n_end, y, ldy);
+    if (rows == 2) rows256(2, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy);
+    else rows256(1, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ int dl_kernel_path_best(void) {
     return DL_PATH_SCALAR;
 }
 
-void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *w, size_t k,
+void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *w, size_t k, size_t ldw,
              size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block) {
     if (m == 0 || n_end <= n_begin) return;
     if (k == 0) {
@@ -430,8 +430,8 @@ void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, co
                 size_t n1 = n0 + 16 < n_end ? n0 + 16 : n_end;
                 for (size_t r = r0; r < r1; r += tile_rows) {
                     size_t rows = r1 - r < tile_rows ? r1 - r : tile_rows;
-                    if (path == DL_PATH_AVX512) rows512_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, n0, n1, y + r * ldy, ldy);
-                    else rows256_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, n0, n1, y + r * ldy, ldy);
+                    if (path == DL_PATH_AVX512) rows512_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, ldw, n0, n1, y + r * ldy, ldy);
+                    else rows256_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, ldw, n0, n1, y + r * ldy, ldy);
                 }
             }
         }
@@ -439,7 +439,7 @@ void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, co
     }
 #endif
     (void)row_block;
-    gemm_scalar(weight_type, x, ldx, w, k, n_begin, n_end, m, y, ldy);
+    gemm_scalar(weight_type, x, ldx, w, k, ldw, n_begin, n_end, m, y, ldy);
 }
 
 void dl_gemm_bf16(int path, int weight_type, const uint16_t *x, size_t ldx, size_t m, const void *w, size_t k,
@@ -464,4 +464,51 @@ void dl_gemm_bf16(int path, int weight_type, const uint16_t *x, size_t ldx, size
 #endif
     (void)row_block;
     gemm_bf16_scalar(weight_type, x, ldx, w, k, n_begin, n_end, m, y, ldy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention's weighted sum `out[d] = Σ_j p[j] · v[j, d]` (one query): each element accumulates
+// over j in increasing order with fused multiply-adds from +0, on every path.
+
+#ifdef DL_X86
+DL_AVX512_FN void weighted_sum512(const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out) {
+    size_t d = 0;
+    for (; d + 16 <= width; d += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (size_t j = 0; j < count; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(v + j * ldv + d), acc);
+        _mm512_storeu_ps(out + d, acc);
+    }
+    if (d < width) {
+        __mmask16 mask = (__mmask16)((1u << (width - d)) - 1);
+        __m512 acc = _mm512_setzero_ps();
+        for (size_t j = 0; j < count; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(mask, v + j * ldv + d), acc);
+        _mm512_mask_storeu_ps(out + d, mask, acc);
+    }
+}
+
+DL_AVX2_FN void weighted_sum256(const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out) {
+    size_t d = 0;
+    for (; d + 8 <= width; d += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (size_t j = 0; j < count; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * ldv + d), acc);
+        _mm256_storeu_ps(out + d, acc);
+    }
+    for (; d < width; d++) {
+        float acc = 0;
+        for (size_t j = 0; j < count; j++) acc = fmaf(p[j], v[j * ldv + d], acc);
+        out[d] = acc;
+    }
+}
+#endif
+
+void dl_weighted_sum(int path, const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out) {
+#ifdef DL_X86
+    if (path == DL_PATH_AVX512) { weighted_sum512(p, count, v, ldv, width, out); return; }
+    if (path == DL_PATH_AVX2) { weighted_sum256(p, count, v, ldv, width, out); return; }
+#endif
+    for (size_t d = 0; d < width; d++) {
+        float acc = 0;
+        for (size_t j = 0; j < count; j++) acc = fmaf(p[j], v[j * ldv + d], acc);
+        out[d] = acc;
+    }
 }

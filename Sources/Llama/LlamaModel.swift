@@ -118,6 +118,9 @@ public struct LlamaModel: Sendable {
 
     public var layerCount: Int { layers.count }
 
+    /// How the decoder's projection weights are stored (that of the first layer's query projection).
+    public var storageType: StorageType { layers.first?.queryProjection.storageType ?? embedTokens.storageType }
+
     /// Bytes of all weights as stored.
     public var weightByteCount: Int {
         embedTokens.byteCount + languageModelHead.byteCount + layers.reduce(0) { total, l in

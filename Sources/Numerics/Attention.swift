@@ -1,4 +1,9 @@
-/// Scaled dot-product attention for ONE sequence, all heads, products through sgemm.
+import CKernels
+
+/// Scaled dot-product attention for ONE sequence, all heads. Several queries (a prompt): products
+/// through OpenBLAS sgemm. One query (a decode step): the native kernels, which read each key and
+/// value once and whose bits do not depend on the CPU path (`dl_gemm` for the scores,
+/// `dl_weighted_sum` for the values).
 ///
 /// - `queries`: `[queryCount, heads * headDimension]` with row stride `queryStride`.
 /// - `keys`, `values`: `[keyCount, keyValueHeads * headDimension]` with row strides
@@ -19,6 +24,12 @@ public func multiHeadAttention(
     precondition(heads % keyValueHeads == 0, "attention: \(heads) heads do not group into \(keyValueHeads) key/value heads")
     precondition(mask == nil || mask!.count == queryCount * keyCount, "attention: mask is not [\(queryCount), \(keyCount)]")
     let group = heads / keyValueHeads
+    if queryCount == 1 {
+        singleQueryAttention(query: queries, keys: keys, keyStride: keyStride, values: values, valueStride: valueStride,
+                             keyCount: keyCount, heads: heads, group: group, headDimension: headDimension, scale: scale,
+                             mask: mask, output: output, probabilities: probabilities)
+        return
+    }
     let pointers = UncheckedSendable((queries, keys, values, output, probabilities))
     // Heads are independent: spread over the workers (each writes its own output columns).
     Parallelism.forEach(heads) { h in
@@ -43,6 +54,33 @@ public func multiHeadAttention(
                    a: scores, lda: keyCount,
                    b: values + kv, ldb: valueStride, transposeB: false,
                    c: output + h * headDimension, ldc: outputStride)
+    }
+}
+
+/// `multiHeadAttention` for one query (`[heads * headDimension]`), on the native kernels.
+func singleQueryAttention(
+    query: UnsafePointer<Float>, keys: UnsafePointer<Float>, keyStride: Int, values: UnsafePointer<Float>, valueStride: Int,
+    keyCount: Int, heads: Int, group: Int, headDimension: Int, scale: Float, mask: [Float]?,
+    output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>?, path kernelPath: KernelPath = Kernels.path
+) {
+    let path = kernelPath.cValue
+    let pointers = UncheckedSendable((query, keys, values, output, probabilities))
+    Parallelism.forEach(heads) { h in
+        let (query, keys, values, output, probabilities) = pointers.value
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: max(keyCount, 1))
+        defer { scores.deallocate() }
+        let kv = (h / group) * headDimension
+        dl_gemm(path, Int32(DL_WEIGHT_F32), query + h * headDimension, headDimension, 1, keys + kv, headDimension, keyStride,
+                0, keyCount, scores, keyCount, 6)
+        for j in 0..<keyCount { scores[j] *= scale }
+        if let mask {
+            mask.withUnsafeBufferPointer { m in
+                for j in 0..<keyCount { scores[j] += m[j] }
+            }
+        }
+        softmaxInPlace(scores, count: keyCount)
+        probabilities?.advanced(by: h * keyCount).update(from: scores, count: keyCount)
+        dl_weighted_sum(path, scores, keyCount, values + kv, valueStride, headDimension, output + h * headDimension)
     }
 }
 

@@ -118,7 +118,7 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
                         if precision == .bf16, let roundedBase {
                             dl_gemm_bf16(path, type, roundedBase, k, m, weightBase, k, columns.0, columns.1, yBase, n, rowBlock)
                         } else {
-                            dl_gemm(path, type, xBase, k, m, weightBase, k, columns.0, columns.1, yBase, n, rowBlock)
+                            dl_gemm(path, type, xBase, k, m, weightBase, k, k, columns.0, columns.1, yBase, n, rowBlock)
                         }
                     }
                 }

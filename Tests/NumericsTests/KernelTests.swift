@@ -109,9 +109,10 @@ func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
         #expect(maxRelativeDifference(x.rows(0..<3).values, expected.rows(0..<3).values) < 1e-6)
     }
 
-    @Test("multi-head attention with GQA and a mask matches the loop version")
-    func attention() {
-        let heads = 4, kvHeads = 2, d = 8, queries = 5, keys = 9
+    @Test("multi-head attention with GQA and a mask matches the loop version, for a prompt and for one query",
+          arguments: [5, 1])
+    func attention(queries: Int) {
+        let heads = 4, kvHeads = 2, d = 8, keys = 9
         let q = Matrix(rows: queries, columns: heads * d, values: randomValues(queries * heads * d, seed: 13))
         let k = Matrix(rows: keys, columns: kvHeads * d, values: randomValues(keys * kvHeads * d, seed: 14))
         let v = Matrix(rows: keys, columns: kvHeads * d, values: randomValues(keys * kvHeads * d, seed: 15))

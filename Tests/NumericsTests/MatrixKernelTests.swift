@@ -129,7 +129,7 @@ let rowCounts = [1, 2, 3, 7, 8, 9, 16, 17, 64, 577, 1000]
             var y = [Float](repeating: sentinel, count: (rows + 4) * stride)
             x.withUnsafeBufferPointer { xp in
                 y.withUnsafeMutableBufferPointer { yp in
-                    dl_gemm(path.cValue, storage.kernelType, xp.baseAddress!, k, rows, weight.base, k,
+                    dl_gemm(path.cValue, storage.kernelType, xp.baseAddress!, k, rows, weight.base, k, k,
                             columns.lowerBound, columns.upperBound, yp.baseAddress! + 2 * stride, stride, 6)
                 }
             }
@@ -143,6 +143,38 @@ let rowCounts = [1, 2, 3, 7, 8, 9, 16, 17, 64, 577, 1000]
                     }
                 }
             }
+        }
+    }
+
+    @Test("one query's attention has the same bits on every path and matches the loop version")
+    func singleQueryAttentionIsPathInvariant() {
+        let heads = 6, kvHeads = 3, d = 20, keys = 37, keyStride = kvHeads * d + 5
+        let q = randomValues(heads * d, seed: 81)
+        let k = randomValues(keys * keyStride, seed: 82), v = randomValues(keys * keyStride, seed: 83)
+        func run(_ path: KernelPath) -> [Float] {
+            var out = [Float](repeating: 0, count: heads * d)
+            q.withUnsafeBufferPointer { qp in
+                k.withUnsafeBufferPointer { kp in
+                    v.withUnsafeBufferPointer { vp in
+                        out.withUnsafeMutableBufferPointer { op in
+                            singleQueryAttention(query: qp.baseAddress!, keys: kp.baseAddress!, keyStride: keyStride, values: vp.baseAddress!,
+                                                 valueStride: keyStride, keyCount: keys, heads: heads, group: heads / kvHeads, headDimension: d,
+                                                 scale: 0.2, mask: nil, output: op.baseAddress!, probabilities: nil, path: path)
+                        }
+                    }
+                }
+            }
+            return out
+        }
+        let dense = { (values: [Float]) in
+            Matrix(rows: keys, columns: kvHeads * d, values: (0..<keys).flatMap { j in values[j * keyStride ..< j * keyStride + kvHeads * d] })
+        }
+        let expected = ReferenceKernels.attention(queries: Matrix(rows: 1, columns: heads * d, values: q), keys: dense(k), values: dense(v),
+                                                  heads: heads, keyValueHeads: kvHeads, headDimension: d, scale: 0.2) { _, _ in true }
+        let scalar = run(.scalar)
+        #expect(maxRelativeDifference(scalar, expected.values) < 1e-5)
+        for path in kernelPaths where path != .reference {
+            #expect(firstBitDifference(run(path), scalar) == nil, "\(path)")
         }
     }
 

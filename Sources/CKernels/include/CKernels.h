@@ -30,12 +30,17 @@ int dl_kernel_path_available(int path);
 int dl_kernel_path_best(void);
 
 /// `y[r, n] = Σ_k x[r, k] · w[n, k]` for rows `0..<m` and columns `n_begin..<n_end`.
-/// `x` is `[m, k]` f32 with row stride `ldx`; `w` is `[N, k]` row-major in `weight_type`;
+/// `x` is `[m, k]` f32 with row stride `ldx`; `w` is `[N, k]` in `weight_type` with row stride `ldw`;
 /// `y` has row stride `ldy` (only the given columns are written). Each element is summed in a
 /// fixed order that depends on `k` alone, so a row's result is the same whatever rows, columns,
 /// `row_block` (rows whose activations are kept in cache together) or path the call uses.
-void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *w, size_t k,
+void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *w, size_t k, size_t ldw,
              size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block);
+
+/// `out[d] = Σ_j p[j] · v[j, d]` for `d` in `0..<width`, `j` in `0..<count` (`v` rows `ldv` apart):
+/// attention's weighted sum of values for one query. Each element adds its terms in increasing
+/// `j` with fused multiply-adds from +0, the same bits on every path.
+void dl_weighted_sum(int path, const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out);
 
 /// Whether this CPU has AVX512-BF16 (`vdpbf16ps`), which `dl_gemm_bf16` uses on the AVX-512 path.
 int dl_kernel_bf16_available(void);
