@@ -10,6 +10,8 @@ import Llama
 import Numerics
 import Vision
 
+extension Precision: ExpressibleByArgument {}
+
 struct Preset {
     var name: String
     let vision: CLIPVisionConfiguration

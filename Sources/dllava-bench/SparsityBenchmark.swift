@@ -16,8 +16,11 @@ struct SparsityBenchmark: ParsableCommand {
         commandName: "sparsity",
         abstract: "Full vs Dynamic-LLaVA vs FastV: prefill, decode with KV cache, decode without.")
 
-    @Option(help: "tiny, mid or llava-1.5-7b.")
+    @Option(help: "tiny, mid, bench-1.57b or llava-1.5-7b.")
     var preset = "mid"
+
+    @Option(help: "Precision of the products (f32, bf16).")
+    var precision = Precision.f32
 
     @Option(help: "Threads.")
     var threads = 2
@@ -34,8 +37,10 @@ struct SparsityBenchmark: ParsableCommand {
     func run() throws {
         guard let preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
         Parallelism.setThreads(threads)
+        guard precision.isNative else { throw ValidationError("precision \(precision.rawValue) is not native on this CPU") }
+        Kernels.use(precision)
         let c = preset.language
-        print("# dllava-bench sparsity: \(preset.name), \(threads) threads")
+        print("# dllava-bench sparsity: \(preset.name), \(threads) threads, \(precision.rawValue), kernel path \(Kernels.path.rawValue)")
         let start = DispatchTime.now()
         let vision = CLIPVisionTower(randomWeights: preset.vision, selectLayer: -2, storageType: preset.storageType, seed: 1)
         let language = LlamaModel(randomWeights: c, storageType: preset.storageType, seed: 2)
