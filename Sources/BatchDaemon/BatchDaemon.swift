@@ -59,6 +59,7 @@ public struct BatchDirective: Sendable, Equatable {
 }
 
 public struct DaemonOptions: Sendable {
+
     public var batchSize = 8
     /// Lease length; the heartbeat renews it every third of it.
     public var leaseMilliseconds: Int64 = 5 * 60_000
@@ -135,17 +136,28 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     public let results: ResultFile
     public let options: DaemonOptions
 
-    public init(queue: JobQueue, runner: Runner, results: ResultFile, options: DaemonOptions) {
+    /// Files go under `<out>/<queue identity>/`: results `<job id>-<attempt>.json.zst`, snapshots
+    /// `snapshots/job-<job id>.kv.zst`. Job ids are never reused within a queue and the identity is a UUID, so
+    /// neither a later job nor another queue sharing `out` can write or read these names.
+    public init(queue: JobQueue, runner: Runner, out: URL, options: DaemonOptions) throws {
         self.queue = queue
         self.runner = runner
-        self.results = results
+        self.results = try ResultFile(directory: Self.queueDirectory(out: out, queue: queue.identity))
         self.options = options
     }
 
-    /// Snapshots live beside the results: `<out>/snapshots/job-<id>.kv.zst`.
+    /// `<out>/<queue identity>`: where one queue's result and snapshot files live.
+    public static func queueDirectory(out: URL, queue identity: String) -> URL { out.appendingPathComponent(identity) }
+
     public var snapshotDirectory: URL { results.directory.appendingPathComponent("snapshots") }
 
     public func snapshotURL(job: Int64) -> URL { snapshotDirectory.appendingPathComponent("job-\(job).kv.zst") }
+
+    /// What a snapshot of `job` must carry to be resumed by it.
+    func snapshotIdentity(_ job: Job) -> SnapshotIdentity {
+        SnapshotIdentity(model: runner.fingerprint.fingerprint, queue: queue.identity, job: job.id, imageSHA256: job.imageSHA256,
+                         prompt: job.prompt, parameters: job.parameters.canonicalJSON())
+    }
 
     /// Runs until the queue is empty (`untilEmpty`), `maxJobs` or `maxSeconds` is reached, or
     /// `stop` is set. Graceful shutdown: once `stop` is set nothing new is claimed, and at the next
@@ -168,18 +180,20 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 limit = min(limit, maxJobs - report.claimed)
                 if limit <= 0 { break }
             }
-            let jobs = try queue.claim(owner: options.owner, limit: limit, leaseDuration: options.leaseMilliseconds)
-            if jobs.isEmpty {
+            let claimed = try queue.claim(owner: options.owner, limit: limit, leaseDuration: options.leaseMilliseconds)
+            if claimed.isEmpty {
                 if options.untilEmpty { break }
                 Thread.sleep(forTimeInterval: options.pollSeconds)
                 continue
             }
-            report.claimed += jobs.count
+            report.claimed += claimed.count
             let batchStart = Date()
+            let jobs = try failChangedImages(claimed, report: &report, log: log)
+            if jobs.isEmpty { continue }
             let counts = try queue.counts()
             let lostLeases = LostLeases()
             let session = BatchSession(jobs: jobs, queue: queue, options: options, stop: stop, lostLeases: lostLeases, snapshotURL: snapshotURL,
-                                       modelFingerprint: runner.fingerprint.fingerprint, log: log, progress: progress,
+                                       identity: snapshotIdentity, log: log, progress: progress,
                                        start: start, done: report.succeeded + report.failed + report.cancelled + report.released,
                                        remaining: (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0),
                                        generatedTokens: report.generatedTokens)
@@ -228,13 +242,39 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         return nil
     }
 
+    /// Fails, permanently and with a sentence naming the file, each claimed job whose image is no longer the one
+    /// enqueued (its sha256 differs from the one recorded at enqueue) or cannot be read; returns the others.
+    /// Captioning whatever now lies at the path would give the job another image's caption.
+    func failChangedImages(_ jobs: [Job], report: inout DaemonReport, log: (String) -> Void) throws -> [Job] {
+        var kept: [Job] = []
+        for job in jobs {
+            let reason: String
+            do {
+                let actual = try Checksum.sha256Hex(fileAt: URL(fileURLWithPath: job.imagePath))
+                if actual == job.imageSHA256 {
+                    kept.append(job)
+                    continue
+                }
+                reason = "the image \(job.imagePath) changed after the job was enqueued (its sha256 is now \(actual), "
+                    + "the job recorded \(job.imageSHA256)); enqueue it again to caption the new image"
+            } catch {
+                reason = "cannot read the image: \(error)"
+            }
+            log("job \(job.id): \(reason)")
+            try finish(job, .failed(reason: reason, permanent: true), report: &report, log: log)
+        }
+        return kept
+    }
+
     /// The payload of a job's latest snapshot, or nil when it has none or it is refused (logged;
-    /// the job then starts from scratch). Reading changes nothing on disk.
+    /// the job then starts from scratch): a snapshot is used only by the job, of this queue, that
+    /// wrote it, with the same model contents, image, prompt and parameters. Reading changes
+    /// nothing on disk.
     func readSnapshot(_ job: Job, log: (String) -> Void) -> Data? {
         let url = snapshotURL(job: job.id)
         guard FileManager.default.fileExists(atPath: url.path) else { return nil }
         do {
-            return try SnapshotFile.read(from: url, expectedModel: runner.fingerprint.fingerprint).payload
+            return try SnapshotFile.read(from: url, expected: snapshotIdentity(job)).payload
         } catch {
             log("job \(job.id): \(error); starting it from scratch")
             return nil
@@ -318,7 +358,9 @@ public final class BatchSession {
     let stop: StopFlag
     let lostLeases: LostLeases
     let snapshotURL: (Int64) -> URL
-    let modelFingerprint: String
+    let identity: (Job) -> SnapshotIdentity
+    /// Jobs (indices) whose snapshot path this session has recorded in the queue.
+    private var recordedSnapshotPaths: Set<Int> = []
     let logLine: @Sendable (String) -> Void
     let progress: @Sendable (DaemonProgress) -> Void
     let start: Date
@@ -332,7 +374,7 @@ public final class BatchSession {
     private(set) var abandoned: Set<Int> = []
 
     init(jobs: [Job], queue: JobQueue, options: DaemonOptions, stop: StopFlag, lostLeases: LostLeases, snapshotURL: @escaping (Int64) -> URL,
-         modelFingerprint: String, log: @escaping @Sendable (String) -> Void, progress: @escaping @Sendable (DaemonProgress) -> Void,
+         identity: @escaping (Job) -> SnapshotIdentity, log: @escaping @Sendable (String) -> Void, progress: @escaping @Sendable (DaemonProgress) -> Void,
          start: Date, done: Int, remaining: Int, generatedTokens: Int) {
         self.jobs = jobs
         self.queue = queue
@@ -340,7 +382,7 @@ public final class BatchSession {
         self.stop = stop
         self.lostLeases = lostLeases
         self.snapshotURL = snapshotURL
-        self.modelFingerprint = modelFingerprint
+        self.identity = identity
         self.logLine = log
         self.progress = progress
         self.start = start
@@ -384,13 +426,20 @@ public final class BatchSession {
         return directive
     }
 
-    /// Writes job `index`'s snapshot atomically; a failure is logged and the batch goes on.
+    /// Writes job `index`'s snapshot atomically, stamped with its identity; a failure is logged and
+    /// the batch goes on. The path is recorded in the queue first (once per job), so `prune` finds
+    /// the file even if this process dies right after writing it.
     public func snapshotTaken(job index: Int, payload: Data) {
-        let url = snapshotURL(jobs[index].id)
+        let job = jobs[index]
+        let url = snapshotURL(job.id)
         do {
-            try SnapshotFile.write(payload, modelFingerprint: modelFingerprint, to: url)
+            if !recordedSnapshotPaths.contains(index) {
+                try queue.recordSnapshotPath(job: job.id, path: url.path)
+                recordedSnapshotPaths.insert(index)
+            }
+            try SnapshotFile.write(payload, identity: identity(job), to: url)
         } catch {
-            logLine("job \(jobs[index].id): \(error)")
+            logLine("job \(job.id): \(error)")
         }
     }
 

@@ -179,6 +179,8 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
     /// When the current (or last) attempt was claimed.
     public var startedAt: Int64?
     public var finalizedAt: Int64?
+    /// Where the job's KV snapshot was last written (the file is deleted when the job finishes, unless kept).
+    public var snapshotPath: String?
 
     public init(row: Row) throws {
         id = row["id"]
@@ -211,6 +213,7 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
         updatedAt = row["updated_at"]
         startedAt = row["started_at"]
         finalizedAt = row["finalized_at"]
+        snapshotPath = row["snapshot_path"]
     }
 }
 
@@ -222,6 +225,6 @@ extension Job: Encodable {
         case maxAttempts = "max_attempts", runAt = "run_at", leaseOwner = "lease_owner", leaseExpiresAt = "lease_expires_at"
         case heartbeatAt = "heartbeat_at", cancelRequested = "cancel_requested", error, outputPath = "output_path"
         case outputSHA256 = "output_sha256", timings, createdAt = "created_at", updatedAt = "updated_at"
-        case startedAt = "started_at", finalizedAt = "finalized_at"
+        case startedAt = "started_at", finalizedAt = "finalized_at", snapshotPath = "snapshot_path"
     }
 }

@@ -114,6 +114,10 @@ public final class JobQueue: Sendable {
     public let path: String
     public let clock: QueueClock
     public let retryPolicy: RetryPolicy
+    /// The queue's identity: a lowercase UUID created once with the queue (migration v2) and never changed. Result and
+    /// snapshot files are named under it, so neither a second queue sharing an output folder nor a restored copy of
+    /// another queue's database can write or read this queue's files by job id alone.
+    public let identity: String
     let pool: DatabasePool
 
     /// Rows a bulk operation changes per write transaction.
@@ -151,6 +155,8 @@ public final class JobQueue: Sendable {
         if superseded { throw JobQueueError.newerSchema(path: path) }
         // Only a database that lacks migrations takes the write lock on opening; readers (status) never wait.
         if !complete { try migrator.migrate(pool) }
+        identity = try pool.read { try String.fetchOne($0, sql: "SELECT uuid FROM queue WHERE singleton = 1") } ?? ""
+        if identity.isEmpty { throw JobQueueError.corruptQueue(path: path, reason: "it has no queue identity") }
     }
 
     /// Migration identifiers applied to this database, in order.
@@ -415,20 +421,44 @@ public final class JobQueue: Sendable {
 
     public func retry(ids: [Int64], attempts: Int = 3) throws -> Int { try retry(JobFilter(ids: ids), attempts: attempts) }
 
+    /// What `prune` deleted: how many rows, and the files those rows recorded (not touched by `prune`).
+    public struct PruneResult: Sendable, Hashable {
+        public var deleted = 0
+        /// Result files of the deleted rows.
+        public var outputPaths: [String] = []
+        /// KV snapshot paths of the deleted rows (a kept final snapshot, or one a cancel, release or rescue left);
+        /// the file may be gone already.
+        public var snapshotPaths: [String] = []
+    }
+
     /// Deletes final rows (succeeded, failed, cancelled) finalised more than `olderThan` milliseconds ago.
-    /// Returns the output paths the deleted rows recorded (result files are not touched here).
-    public func prune(olderThan age: Int64) throws -> (deleted: Int, outputPaths: [String]) {
+    /// Returns the output and snapshot paths the deleted rows recorded (files are not touched here). Their ids are
+    /// never handed out again (AUTOINCREMENT, migration v2).
+    public func prune(olderThan age: Int64) throws -> PruneResult {
         let cutoff = clock.now() - age
-        var outputPaths: [String] = []
-        let deleted = try chunked { db, _ in
-            let paths = try String?.fetchAll(db, sql: """
+        var result = PruneResult()
+        result.deleted = try chunked { db, _ in
+            let rows = try Row.fetchAll(db, sql: """
                 DELETE FROM job WHERE id IN (SELECT id FROM job
                     WHERE state IN ('succeeded', 'failed', 'cancelled') AND finalized_at < ? LIMIT ?)
-                RETURNING output_path
+                RETURNING output_path, snapshot_path
                 """, arguments: [cutoff, Self.chunkSize])
-            outputPaths += paths.compactMap { $0 }
+            for row in rows {
+                if let path: String = row["output_path"] { result.outputPaths.append(path) }
+                if let path: String = row["snapshot_path"] { result.snapshotPaths.append(path) }
+            }
         }
-        return (deleted, outputPaths)
+        return result
+    }
+
+    /// Records where `job`'s KV snapshot is written, so `prune` can find it. A worker calls it before the job's first
+    /// snapshot of an attempt; recording a path whose file is never written (or is deleted later) is harmless.
+    public func recordSnapshotPath(job id: Int64, path: String) throws {
+        let now = clock.now()
+        try pool.write { db in
+            try db.cachedStatement(sql: "UPDATE job SET snapshot_path = ?, updated_at = ? WHERE id = ? AND snapshot_path IS NOT ?")
+                .execute(arguments: [path, now, id, path])
+        }
     }
 
     /// Runs `body` in write transactions of at most `chunkSize` changed rows until one changes fewer.

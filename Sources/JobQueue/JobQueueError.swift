@@ -10,6 +10,8 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
     case corruptRow(id: Int64, reason: String)
     /// A job that cannot be enqueued (bad parameters, empty prompt, ...).
     case invalidJob(reason: String)
+    /// The database has the queue's tables but not their required content (its identity row).
+    case corruptQueue(path: String, reason: String)
 
     public var description: String {
         switch self {
@@ -17,6 +19,7 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
         case let .newerSchema(path): "\(path) was made by a newer dllava (its schema has migrations this build does not know)"
         case let .corruptRow(id, reason): "job \(id) cannot be read: \(reason)"
         case let .invalidJob(reason): "invalid job: \(reason)"
+        case let .corruptQueue(path, reason): "\(path) is not a usable queue database: \(reason)"
         }
     }
 }

@@ -58,7 +58,7 @@ func runQueueCommand(_ command: some ParsableCommand, database: String, _ body: 
             try body()
         } catch let error as JobQueueError {
             switch error {
-            case .noDatabase, .newerSchema: throw CommandFailure(message: error.description, code: 78)
+            case .noDatabase, .newerSchema, .corruptQueue: throw CommandFailure(message: error.description, code: 78)
             case .corruptRow, .invalidJob: throw CommandFailure(message: "\(database): \(error)", code: 65)
             }
         } catch let error as ManifestError {
@@ -256,6 +256,7 @@ struct StatusCommand: ParsableCommand {
 
     struct Report: Encodable {
         let database: String
+        let queue_id: String
         let counts: [String: Int]
         let total: Int
         let remaining: Int
@@ -267,10 +268,11 @@ struct StatusCommand: ParsableCommand {
         /// Unknown figures are written as null rather than left out, so readers find every key.
         func encode(to encoder: Encoder) throws {
             enum Key: String, CodingKey {
-                case database, counts, total, remaining, window_ms, succeeded_in_window, jobs_per_hour, eta_ms
+                case database, queue_id, counts, total, remaining, window_ms, succeeded_in_window, jobs_per_hour, eta_ms
             }
             var container = encoder.container(keyedBy: Key.self)
             try container.encode(database, forKey: .database)
+            try container.encode(queue_id, forKey: .queue_id)
             try container.encode(counts, forKey: .counts)
             try container.encode(total, forKey: .total)
             try container.encode(remaining, forKey: .remaining)
@@ -283,17 +285,18 @@ struct StatusCommand: ParsableCommand {
 
     func run() throws {
         try runQueueCommand(self, database: database.path) {
-            let statistics = try database.open().statistics(window: DurationText.milliseconds(window)!)
+            let queue = try database.open()
+            let statistics = try queue.statistics(window: DurationText.milliseconds(window)!)
             let total = statistics.counts.values.reduce(0, +)
             if json {
-                try printJSON(Report(database: database.path,
+                try printJSON(Report(database: database.path, queue_id: queue.identity,
                                      counts: Dictionary(uniqueKeysWithValues: statistics.counts.map { ($0.key.rawValue, $0.value) }),
                                      total: total, remaining: statistics.remaining, window_ms: statistics.windowMs,
                                      succeeded_in_window: statistics.succeededInWindow, jobs_per_hour: statistics.jobsPerHour,
                                      eta_ms: statistics.etaMs))
                 return
             }
-            print(database.path)
+            print("\(database.path) (queue \(queue.identity))")
             for state in JobState.allCases {
                 print("  \(state.rawValue.padding(toLength: 10, withPad: " ", startingAt: 0)) \(statistics.counts[state, default: 0])")
             }
@@ -584,7 +587,7 @@ struct PruneCommand: ParsableCommand {
     @Option(name: .customLong("older-than"), help: "Age since the job finished, e.g. 7d, 12h, 30m.")
     var olderThan: String
 
-    @Flag(name: .customLong("delete-outputs"), help: "Also delete the result files of the pruned jobs.")
+    @Flag(name: .customLong("delete-outputs"), help: "Also delete the result files and KV snapshots of the pruned jobs.")
     var deleteOutputs = false
 
     func validate() throws {
@@ -595,13 +598,16 @@ struct PruneCommand: ParsableCommand {
 
     func run() throws {
         try runQueueCommand(self, database: database.path) {
-            let (deleted, outputs) = try database.open().prune(olderThan: DurationText.milliseconds(olderThan)!)
-            var removed = 0
+            let pruned = try database.open().prune(olderThan: DurationText.milliseconds(olderThan)!)
+            let deleted = pruned.deleted
+            var results = 0, snapshots = 0
             if deleteOutputs {
-                for path in outputs where (try? FileManager.default.removeItem(atPath: path)) != nil { removed += 1 }
+                for path in pruned.outputPaths where (try? FileManager.default.removeItem(atPath: path)) != nil { results += 1 }
+                for path in pruned.snapshotPaths where (try? FileManager.default.removeItem(atPath: path)) != nil { snapshots += 1 }
             }
             print("deleted \(deleted) finished job\(deleted == 1 ? "" : "s") older than \(olderThan)"
-                  + (deleteOutputs ? " and \(removed) result file\(removed == 1 ? "" : "s")" : ""))
+                  + (deleteOutputs ? " and \(results) result file\(results == 1 ? "" : "s")" : "")
+                  + (snapshots > 0 ? " and \(snapshots) snapshot\(snapshots == 1 ? "" : "s")" : ""))
         }
     }
 }

@@ -151,7 +151,7 @@ struct QueueCommandLineTests {
         #expect(try workspace.run(["init"], environment: ["DLLAVA_DB": fromEnvironment]).status == 0)
         #expect(FileManager.default.fileExists(atPath: fromEnvironment))
         let local = try workspace.run(["init"])
-        #expect(local.status == 0 && local.standardOutput == "created dllava.sqlite (schema v1-job)\n")
+        #expect(local.status == 0 && local.standardOutput == "created dllava.sqlite (schema v2-job-identity)\n")
         #expect(FileManager.default.fileExists(atPath: workspace.directory.appendingPathComponent("dllava.sqlite").path))
     }
 
@@ -254,21 +254,23 @@ struct QueueCommandLineTests {
         #expect(tampered.errorLines.count == 2 && tampered.errorLines[0].hasPrefix("dllava: job 1: \(written.url.path) has sha256 "))
     }
 
-    @Test func pruneDeletesOldFinishedJobsAndOptionallyTheirOutputs() throws {
+    @Test func pruneDeletesOldFinishedJobsAndOptionallyTheirResultsAndSnapshots() throws {
         let workspace = try Workspace()
         defer { workspace.remove() }
         #expect(try workspace.queue("init").status == 0)
         _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
         let queue = try JobQueue(path: workspace.database)
         let job = try queue.claim(owner: "test", limit: 1, leaseDuration: 60_000)[0]
-        let output = try workspace.file("out/1-1.json.zst", "x")
+        let output = try workspace.file("out/q/1-1.json.zst", "x")
+        let snapshot = try workspace.file("out/q/snapshots/job-1.kv.zst", "kept")
+        try queue.recordSnapshotPath(job: job.id, path: snapshot.path)
         _ = try queue.complete(job: job.id, attempt: job.attempt, owner: "test", output: JobOutput(path: output.path, sha256: "x"))
         let young = try workspace.queue("prune", "--older-than", "1h")
         #expect(young.status == 0 && young.standardOutput == "deleted 0 finished jobs older than 1h\n")
         Thread.sleep(forTimeInterval: 0.01)
         let old = try workspace.queue("prune", "--older-than", "1ms", "--delete-outputs")
-        #expect(old.status == 0 && old.standardOutput == "deleted 1 finished job older than 1ms and 1 result file\n")
-        #expect(!FileManager.default.fileExists(atPath: output.path))
+        #expect(old.status == 0 && old.standardOutput == "deleted 1 finished job older than 1ms and 1 result file and 1 snapshot\n")
+        #expect(!FileManager.default.fileExists(atPath: output.path) && !FileManager.default.fileExists(atPath: snapshot.path))
         #expect(try queue.counts().values.reduce(0, +) == 2)
     }
 }
