@@ -59,9 +59,16 @@ public struct BatchDirective: Sendable, Equatable {
 }
 
 public struct DaemonOptions: Sendable {
+    /// Heartbeats in one lease: more than three, so a lease survives a missed heartbeat or two.
+    public static let heartbeatsPerLease: Int64 = 4
+    /// The shortest lease a worker accepts: shorter ones expire under a healthy worker whenever a
+    /// heartbeat's write waits on another process (a busy database, an fsync), and the job is
+    /// then taken from it.
+    public static let minimumLeaseMilliseconds: Int64 = 2_000
 
     public var batchSize = 8
-    /// Lease length; the heartbeat renews it every third of it.
+    /// Lease length; the heartbeat renews it every `heartbeatsPerLease`-th of it, so one late or
+    /// failed heartbeat never loses a healthy worker its jobs. At least `minimumLeaseMilliseconds`.
     public var leaseMilliseconds: Int64 = 5 * 60_000
     /// Stop when nothing is claimable (rather than polling for new work).
     public var untilEmpty = false
@@ -324,14 +331,14 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         }
     }
 
-    /// Runs `body` while a thread renews the jobs' leases every third of the lease, so long
+    /// Runs `body` while a thread renews the jobs' leases every quarter of the lease, so long
     /// matrix products never starve the heartbeat, and records the leases it finds lost.
     func withHeartbeat<T>(_ jobs: [Job], lostLeases: LostLeases, _ body: () -> T) -> T {
         let done = StopFlag()
         let ids = jobs.map(\.id)
         let queue = queue, owner = options.owner, lease = options.leaseMilliseconds
         let thread = Thread {
-            let interval = Double(lease) / 3000
+            let interval = Double(lease) / Double(DaemonOptions.heartbeatsPerLease) / 1000
             var next = Date().addingTimeInterval(interval)
             while !done.isStopped {
                 Thread.sleep(forTimeInterval: min(0.2, interval))

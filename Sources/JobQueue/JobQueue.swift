@@ -132,19 +132,42 @@ public final class JobQueue: Sendable {
         case normal
     }
 
-    /// Opens the queue at `path`, applying migrations it lacks. Without `create`, a missing file is an error
-    /// (`JobQueueError.noDatabase`); a database with migrations this build does not know is refused.
-    public init(path: String, create: Bool = false, busyTimeout: TimeInterval = 10, durability: Durability = .full,
+    /// How a command opens the queue.
+    public enum Access: Sendable {
+        /// `init`: create the file when missing and apply every migration. An existing database must be empty or
+        /// a dllava queue: the schema is never written into someone else's database.
+        case create
+        /// Workers and operators that change jobs: the file must already be a dllava queue (else
+        /// `JobQueueError.notAQueue`, with nothing written); migrations it lacks are applied.
+        case readWrite
+        /// `status`, `list`, `show`, `export`: opened read-only, never written (a read-only file or a file on a
+        /// read-only mount works); a queue that lacks migrations is refused (`olderSchema`) rather than upgraded.
+        case readOnly
+    }
+
+    /// Opens the queue at `path`. Without `create`, a missing file is an error (`JobQueueError.noDatabase`); a
+    /// database that is not a dllava queue is refused before anything is written to it (`notAQueue`); a database
+    /// with migrations this build does not know is refused (`newerSchema`).
+    public convenience init(path: String, create: Bool = false, busyTimeout: TimeInterval = 10, durability: Durability = .full,
+                            clock: QueueClock = .system, retryPolicy: RetryPolicy = RetryPolicy()) throws {
+        try self.init(path: path, access: create ? .create : .readWrite, busyTimeout: busyTimeout, durability: durability,
+                      clock: clock, retryPolicy: retryPolicy)
+    }
+
+    public init(path: String, access: Access, busyTimeout: TimeInterval = 10, durability: Durability = .full,
                 clock: QueueClock = .system, retryPolicy: RetryPolicy = RetryPolicy()) throws {
-        if !create && !FileManager.default.fileExists(atPath: path) {
-            throw JobQueueError.noDatabase(path: path)
-        }
+        let exists = FileManager.default.fileExists(atPath: path)
+        if access != .create && !exists { throw JobQueueError.noDatabase(path: path) }
+        if exists { try Self.checkIsQueue(path: path, allowEmpty: access == .create, busyTimeout: busyTimeout) }
         var configuration = Configuration()
         configuration.busyMode = .timeout(busyTimeout)
         configuration.label = "dllava-queue"
+        configuration.readonly = access == .readOnly
         pool = try DatabasePool(path: path, configuration: configuration)
-        // GRDB sets NORMAL when it turns WAL on; only the one writer connection commits, so setting it there suffices.
-        try pool.writeWithoutTransaction { try $0.execute(sql: "PRAGMA synchronous = \(durability == .full ? "FULL" : "NORMAL")") }
+        if access != .readOnly {
+            // GRDB sets NORMAL when it turns WAL on; only the one writer connection commits, so setting it there suffices.
+            try pool.writeWithoutTransaction { try $0.execute(sql: "PRAGMA synchronous = \(durability == .full ? "FULL" : "NORMAL")") }
+        }
         self.path = path
         self.clock = clock
         self.retryPolicy = retryPolicy
@@ -153,10 +176,34 @@ public final class JobQueue: Sendable {
             (try migrator.hasBeenSuperseded(db), try migrator.hasCompletedMigrations(db))
         }
         if superseded { throw JobQueueError.newerSchema(path: path) }
-        // Only a database that lacks migrations takes the write lock on opening; readers (status) never wait.
-        if !complete { try migrator.migrate(pool) }
+        if !complete {
+            if access == .readOnly { throw JobQueueError.olderSchema(path: path) }
+            // Only a database that lacks migrations takes the write lock on opening; readers (status) never wait.
+            try migrator.migrate(pool)
+        }
         identity = try pool.read { try String.fetchOne($0, sql: "SELECT uuid FROM queue WHERE singleton = 1") } ?? ""
         if identity.isEmpty { throw JobQueueError.corruptQueue(path: path, reason: "it has no queue identity") }
+    }
+
+    /// Refuses, through a read-only connection that changes nothing, a file that is not a dllava queue: not SQLite
+    /// at all, or an SQLite database without the queue's migration record and job table (`allowEmpty`: a database
+    /// with no tables at all, such as a 0-byte file, may become a queue at `init`).
+    static func checkIsQueue(path: String, allowEmpty: Bool, busyTimeout: TimeInterval) throws {
+        var configuration = Configuration()
+        configuration.readonly = true
+        configuration.busyMode = .timeout(busyTimeout)
+        let tables: Set<String>
+        do {
+            let database = try DatabaseQueue(path: path, configuration: configuration)
+            tables = Set(try database.read { try String.fetchAll($0, sql: "SELECT name FROM sqlite_master WHERE type = 'table'") })
+            try database.close()
+        } catch let error as DatabaseError where [.SQLITE_NOTADB, .SQLITE_CORRUPT].contains(error.resultCode) {
+            throw JobQueueError.notAQueue(path: path, reason: "it is not an SQLite database")
+        }
+        if tables.isEmpty && allowEmpty { return }
+        guard tables.contains("grdb_migrations") && tables.contains("job") else {
+            throw JobQueueError.notAQueue(path: path, reason: tables.isEmpty ? "it is an empty database" : "it has no job table")
+        }
     }
 
     /// Migration identifiers applied to this database, in order.

@@ -301,6 +301,9 @@ struct ManifestBatch {
                 return report(line: line, "image \(path) not found")
             }
             if isDirectory.boolValue { return report(line: line, "image \(path) is a folder") }
+            guard Hashing.isRegularFile(path) else {
+                return report(line: line, "image \(path) is not a regular file (a FIFO, socket or device); skipped")
+            }
             guard let hash = try? Hashing.sha256Hex(fileAt: path) else { return report(line: line, "image \(path) cannot be read") }
             if hashes.count >= 4_096 { hashes.removeAll(keepingCapacity: true) }
             hashes[path] = hash

@@ -28,8 +28,10 @@ struct DatabaseOptions: ParsableArguments {
         database ?? ProcessInfo.processInfo.environment["DLLAVA_DB"] ?? "dllava.sqlite"
     }
 
-    func open(create: Bool = false) throws -> JobQueue {
-        try JobQueue(path: path, create: create, busyTimeout: busyTimeout)
+    /// `create` for `init` only; `readOnly` for commands that never change the queue (`status`, `list`, `show`,
+    /// `export`), which then work on a read-only file and never write to it.
+    func open(create: Bool = false, readOnly: Bool = false) throws -> JobQueue {
+        try JobQueue(path: path, access: create ? .create : readOnly ? .readOnly : .readWrite, busyTimeout: busyTimeout)
     }
 }
 
@@ -58,7 +60,7 @@ func runQueueCommand(_ command: some ParsableCommand, database: String, _ body: 
             try body()
         } catch let error as JobQueueError {
             switch error {
-            case .noDatabase, .newerSchema, .corruptQueue: throw CommandFailure(message: error.description, code: 78)
+            case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue: throw CommandFailure(message: error.description, code: 78)
             case .corruptRow, .invalidJob: throw CommandFailure(message: "\(database): \(error)", code: 65)
             }
         } catch let error as ManifestError {
@@ -285,7 +287,7 @@ struct StatusCommand: ParsableCommand {
 
     func run() throws {
         try runQueueCommand(self, database: database.path) {
-            let queue = try database.open()
+            let queue = try database.open(readOnly: true)
             let statistics = try queue.statistics(window: DurationText.milliseconds(window)!)
             let total = statistics.counts.values.reduce(0, +)
             if json {
@@ -341,7 +343,7 @@ struct ListCommand: ParsableCommand {
     func run() throws {
         try runQueueCommand(self, database: database.path) {
             let filter = JobFilter(customIDs: customIDs.isEmpty ? nil : customIDs, states: state.isEmpty ? nil : Set(state))
-            let jobs = try database.open().list(filter, limit: limit, afterID: after)
+            let jobs = try database.open(readOnly: true).list(filter, limit: limit, afterID: after)
             if json {
                 for job in jobs { try printJSON(job) }
                 return
@@ -376,7 +378,7 @@ struct ShowCommand: ParsableCommand {
 
     func run() throws {
         try runQueueCommand(self, database: database.path) {
-            let queue = try database.open()
+            let queue = try database.open(readOnly: true)
             var jobs: [Job] = []
             for id in ids {
                 guard let job = try queue.job(id: id) else { throw CommandFailure(message: "no job \(id) in \(database.path)", code: 65) }
@@ -489,7 +491,9 @@ struct ExportCommand: ParsableCommand {
         Records carry job_id, custom_id, image, state, attempts, finish_reason, text (read from the job's result \
         file, checked against its recorded sha256) and error. JSONL leaves out absent fields; CSV has a header row and \
         empty cells for them. The output file is written atomically. A result file that cannot be read is reported on \
-        stderr, its record carries the error, and the exit status is 65.
+        stderr, its record carries the error, and the exit status is 65. An --output that is the queue database or its \
+        -wal or -shm file (by device and inode, so links count), or an existing file that is not a regular file (a \
+        directory, FIFO or device), is refused with exit status 64 before anything is written.
         """)
 
     enum Format: String, ExpressibleByArgument, CaseIterable { case jsonl, csv }
@@ -518,9 +522,28 @@ struct ExportCommand: ParsableCommand {
 
     var resolvedFormat: Format { format ?? (output.lowercased().hasSuffix(".csv") ? .csv : .jsonl) }
 
+    /// Refuses an output that would destroy the queue (the database or its -wal or -shm, by device and inode: a
+    /// link or another spelling of the path is the same file) or that is not a regular file; renaming the export
+    /// over any of these would replace it.
+    static func checkOutput(_ output: String, database: String) throws {
+        var target = stat()
+        guard stat(output, &target) == 0 else { return }  // nothing there yet (or a dangling link, replaced as a name)
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            var file = stat()
+            if stat(database + suffix, &file) == 0 && file.st_dev == target.st_dev && file.st_ino == target.st_ino {
+                throw CommandFailure(message: "--output \(output) is the queue database\(suffix.isEmpty ? "" : "'s \(suffix) file") \(database + suffix); "
+                                     + "export to another file", code: 64)
+            }
+        }
+        guard target.st_mode & S_IFMT == S_IFREG else {
+            throw CommandFailure(message: "--output \(output) exists and is not a regular file; export to a regular file or to -", code: 64)
+        }
+    }
+
     func run() throws {
         try runQueueCommand(self, database: database.path) {
-            let queue = try database.open()
+            if output != "-" { try Self.checkOutput(output, database: database.path) }
+            let queue = try database.open(readOnly: true)
             let filter = JobFilter(states: state.isEmpty ? nil : Set(state))
             var unreadable = 0
             let encoder = JSONEncoder()

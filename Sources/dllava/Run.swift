@@ -162,7 +162,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("lock-file"), help: "Hold this lock while running; exit 75 if another process holds it.")
     var lockFile: String?
 
-    @Option(help: "Lease length (e.g. 5m); the heartbeat renews it every third.")
+    @Option(help: "Lease length (e.g. 5m), at least 2s; the heartbeat renews it every quarter.")
     var lease = "5m"
 
     @Option(name: .customLong("snapshot-every"), help: "Snapshot running jobs every N decode steps (0: only on SIGTERM/SIGINT).")
@@ -175,6 +175,13 @@ struct Run: ParsableCommand {
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
         guard snapshotEvery >= 0 else { throw ValidationError("--snapshot-every must not be negative") }
         if let maxJobs, maxJobs < 1 { throw ValidationError("--max-jobs must be at least 1") }
+        guard let leaseMilliseconds = DurationText.milliseconds(lease) else {
+            throw ValidationError("--lease: '\(lease)' is not a duration like 30s, 5m or 2h")
+        }
+        guard Int64(leaseMilliseconds) >= DaemonOptions.minimumLeaseMilliseconds else {
+            throw ValidationError("--lease \(lease) is too short: a lease must be at least 2s (the heartbeat renews it every quarter, "
+                                  + "and a shorter one expires under a healthy worker)")
+        }
     }
 
     func run() throws {

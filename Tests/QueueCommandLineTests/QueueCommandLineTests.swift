@@ -273,4 +273,130 @@ struct QueueCommandLineTests {
         #expect(!FileManager.default.fileExists(atPath: output.path) && !FileManager.default.fileExists(atPath: snapshot.path))
         #expect(try queue.counts().values.reduce(0, +) == 2)
     }
+
+    @Test func exportRefusesTheDatabaseItsWALAndSHMAndNonRegularFiles() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        #expect(try workspace.queue("init").status == 0)
+        _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
+        let before = try Data(contentsOf: URL(fileURLWithPath: workspace.database))
+        // An open connection keeps the -wal and -shm files in place.
+        let holder = try DatabasePool(path: workspace.database)
+        _ = try holder.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM job") }
+        let alias = workspace.directory.appendingPathComponent("alias.sqlite").path
+        #expect(link(workspace.database, alias) == 0)
+        for (output, named) in [(workspace.database, workspace.database), ("queue.sqlite", "queue.sqlite"), (alias, alias),
+                                (workspace.database + "-wal", workspace.database + "-wal"), (workspace.database + "-shm", workspace.database + "-shm")] {
+            let run = try workspace.queue("export", "--output", output)
+            #expect(run.status == 64, "\(output): \(run.standardError)")
+            #expect(run.errorLines.count == 1 && run.standardError.contains("--output \(named) is the queue database"), "\(run.standardError)")
+        }
+        try holder.close()
+        #expect(try Data(contentsOf: URL(fileURLWithPath: workspace.database)) == before)
+        #expect(try JobQueue(path: workspace.database).counts()[.available] == 3)
+
+        let fifo = workspace.directory.appendingPathComponent("pipe.jsonl").path
+        #expect(mkfifo(fifo, 0o644) == 0)
+        let folder = workspace.directory.appendingPathComponent("images").path
+        for output in [fifo, folder] {
+            let run = try workspace.queue("export", "--output", output)
+            #expect(run.status == 64 && run.errorLines == ["dllava: --output \(output) exists and is not a regular file; export to a regular file or to -"],
+                    "\(run.standardError)")
+        }
+        var status = stat()
+        #expect(stat(fifo, &status) == 0 && status.st_mode & S_IFMT == S_IFIFO)
+        // A regular file is replaced as before.
+        try workspace.file("old.jsonl", "old")
+        #expect(try workspace.queue("export", "--output", "old.jsonl").status == 0)
+    }
+
+    @Test func aFIFONamedLikeAnImageIsSkippedWithAMessageNotWaitedOn() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        #expect(try workspace.queue("init").status == 0)
+        try workspace.file("images/a.jpg", "image a")
+        let fifo = workspace.directory.appendingPathComponent("images/x.png").path
+        #expect(mkfifo(fifo, 0o644) == 0)
+        try workspace.file("fifo.jsonl", #"{"custom_id": "x", "image": "images/x.png", "prompt": "Describe."}"# + "\n")
+        for arguments in [["--folder", "images", "--prompt", "Describe."], ["--jsonl", "fifo.jsonl"]] {
+            // Run with a deadline: a build that opens the FIFO would wait for a writer forever.
+            let process = Process(), errors = Pipe()
+            process.executableURL = dllavaExecutable
+            process.arguments = ["enqueue", "--db", workspace.database] + arguments
+            process.currentDirectoryURL = workspace.directory
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = errors
+            try process.run()
+            let deadline = Date().addingTimeInterval(30)
+            while process.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+            if process.isRunning {
+                kill(process.processIdentifier, SIGKILL)
+                process.waitUntilExit()
+                Issue.record("enqueue \(arguments) hung on the FIFO")
+                continue
+            }
+            let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            #expect(process.terminationStatus == 65, "\(text)")
+            #expect(text.contains("image \(fifo) is not a regular file (a FIFO, socket or device); skipped"), "\(text)")
+        }
+        let queue = try JobQueue(path: workspace.database)
+        #expect(try queue.list().map(\.imagePath) == [workspace.directory.appendingPathComponent("images/a.jpg").path])
+    }
+
+    @Test func aLeaseTooShortToOutliveAHeartbeatIsRefusedBeforeAnythingIsClaimed() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        #expect(try workspace.queue("init").status == 0)
+        _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
+        for lease in ["1ms", "1s", "1999ms"] {
+            let run = try workspace.run(["run", "--db", workspace.database, "--model", "/no/model", "--out", "out", "--until-empty", "--lease", lease])
+            #expect(run.status == 64, "\(lease): \(run.standardError)")
+            #expect(run.standardError.contains("--lease \(lease) is too short: a lease must be at least 2s"), "\(run.standardError)")
+        }
+        #expect(try JobQueue(path: workspace.database).counts()[.available] == 3)
+    }
+
+    @Test func aForeignOrEmptyDatabaseIsRefusedWith78AndLeftUnchanged() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        let foreign = try DatabaseQueue(path: workspace.database)
+        try foreign.write { try $0.execute(sql: "CREATE TABLE notes (text TEXT); INSERT INTO notes VALUES ('mine')") }
+        try foreign.close()
+        let before = try Data(contentsOf: URL(fileURLWithPath: workspace.database))
+        let manifest = try workspace.standardManifest()
+        for arguments in [["status"], ["list"], ["show", "1"], ["export", "--output", "-"], ["cancel", "--all"], ["retry", "--state", "failed"],
+                          ["prune", "--older-than", "1d"], ["enqueue", "--jsonl", manifest.path], ["init"]] {
+            let run = try workspace.run([arguments[0], "--db", workspace.database] + arguments.dropFirst())
+            #expect(run.status == 78, "\(arguments): \(run.standardError)")
+            #expect(run.errorLines == ["dllava: \(workspace.database) is not a dllava queue database (it has no job table); it was left unchanged"],
+                    "\(arguments)")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: workspace.database)) == before)
+        let tables = try DatabaseQueue(path: workspace.database).read { try String.fetchAll($0, sql: "SELECT name FROM sqlite_master") }
+        #expect(tables == ["notes"])
+
+        // A 0-byte file: read commands refuse it and leave it empty; `init` makes it a queue.
+        let empty = workspace.directory.appendingPathComponent("empty.sqlite").path
+        #expect(FileManager.default.createFile(atPath: empty, contents: Data()))
+        let status = try workspace.run(["status", "--db", empty])
+        #expect(status.status == 78 && status.errorLines == ["dllava: \(empty) is not a dllava queue database (it is an empty database); it was left unchanged"])
+        #expect(try FileManager.default.attributesOfItem(atPath: empty)[.size] as? Int == 0)
+        #expect(try workspace.run(["init", "--db", empty]).status == 0)
+        #expect(try workspace.run(["status", "--db", empty]).status == 0)
+    }
+
+    @Test func readCommandsNeverWriteToTheQueue() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        #expect(try workspace.queue("init").status == 0)
+        _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
+        let before = try Data(contentsOf: URL(fileURLWithPath: workspace.database))
+        let modified = try FileManager.default.attributesOfItem(atPath: workspace.database)[.modificationDate] as? Date
+        for arguments in [["status"], ["status", "--json"], ["list"], ["show", "1"], ["export", "--output", "-"]] {
+            let run = try workspace.run([arguments[0], "--db", workspace.database] + arguments.dropFirst())
+            #expect(run.status == 0, "\(arguments): \(run.standardError)")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: workspace.database)) == before)
+        #expect(try FileManager.default.attributesOfItem(atPath: workspace.database)[.modificationDate] as? Date == modified)
+    }
 }
