@@ -107,6 +107,14 @@ public struct ResultFile: Sendable {
         directory.appendingPathComponent("\(job)-\(attempt).json.zst")
     }
 
+    /// The job id and attempt a result file's name (`<job id>-<attempt>.json.zst`) gives, or nil for other names.
+    public static func parseName(_ name: String) -> (job: Int64, attempt: Int)? {
+        guard name.hasSuffix(".json.zst") else { return nil }
+        let parts = name.dropLast(".json.zst".count).split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 2, let job = Int64(parts[0]), let attempt = Int(parts[1]), job > 0, attempt > 0 else { return nil }
+        return (job, attempt)
+    }
+
     /// Encodes (sorted keys), compresses and writes `record` atomically; returns the path and the sha256 of the
     /// compressed bytes on disk, which is what the job row records.
     public func write<P, S>(_ record: ResultRecord<P, S>, level: Int32 = 3) throws -> AtomicFile.Written {

@@ -86,6 +86,36 @@ public struct DaemonOptions: Sendable {
     public init() {}
 }
 
+/// Faults the daemon names itself (the others are the queue's or the file system's errors).
+public enum DaemonFault: Error, Sendable, CustomStringConvertible {
+    /// A job's result file could not be written (a full disk, a read-only or vanished `--out`).
+    case resultUnwritable(job: Int64, path: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case let .resultUnwritable(job, path, reason): "cannot write the result of job \(job) to \(path): \(reason)"
+        }
+    }
+}
+
+/// A run stopped by a fault: what it did until then, the cause, and what became of its batch.
+public struct DaemonStopped: Error {
+    public var report: DaemonReport
+    public var underlying: Error
+    /// Jobs of the batch handed back to the queue without counting their attempt.
+    public var released: Int
+    /// Jobs of the batch the database would not take back: they stay `running` until their lease
+    /// expires (then the attempt counts).
+    public var unreleased: Int
+
+    /// What happened to the batch, as a clause to follow the cause.
+    public var batchNote: String {
+        var note = "released \(released) job\(released == 1 ? "" : "s") of the batch to the queue without counting the attempt"
+        if unreleased > 0 { note += "; \(unreleased) stay running until their lease expires" }
+        return note
+    }
+}
+
 /// Counts of one daemon run.
 public struct DaemonReport: Sendable, Equatable {
     public var claimed = 0
@@ -171,6 +201,12 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     /// decode step every running job is snapshotted, leaves its batch and is released to the queue.
     /// `log` receives one line per batch and per notable event; `progress` is called after every
     /// decode step and batch.
+    ///
+    /// At start it sweeps what earlier runs left behind (`sweep`). A fault that makes going on
+    /// pointless (a result file that cannot be written, as on a full disk; a database write that
+    /// fails) stops the run: the batch's unsettled jobs are released to the queue without counting
+    /// their attempt (as far as the database still takes writes) and `DaemonStopped` is thrown with
+    /// the report so far and the cause.
     public func run(stop: StopFlag, log: @escaping @Sendable (String) -> Void,
                     progress: @escaping @Sendable (DaemonProgress) -> Void = { _ in }) throws -> DaemonReport {
         var report = DaemonReport()
@@ -180,6 +216,11 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         } catch {
             throw ArtifactError.io(path: snapshotDirectory.path, operation: "create directory", reason: error.localizedDescription)
         }
+        do {
+            try sweep(log: log)
+        } catch {
+            throw DaemonStopped(report: report, underlying: error, released: 0, unreleased: 0)
+        }
         while !stop.isStopped {
             if let maxSeconds = options.maxSeconds, Date().timeIntervalSince(start) >= maxSeconds { break }
             var limit = options.batchSize
@@ -187,46 +228,121 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 limit = min(limit, maxJobs - report.claimed)
                 if limit <= 0 { break }
             }
-            let claimed = try queue.claim(owner: options.owner, limit: limit, leaseDuration: options.leaseMilliseconds)
+            let claimed: [Job]
+            do {
+                claimed = try queue.claim(owner: options.owner, limit: limit, leaseDuration: options.leaseMilliseconds)
+            } catch {
+                throw DaemonStopped(report: report, underlying: error, released: 0, unreleased: 0)
+            }
             if claimed.isEmpty {
                 if options.untilEmpty { break }
                 Thread.sleep(forTimeInterval: options.pollSeconds)
                 continue
             }
             report.claimed += claimed.count
-            let batchStart = Date()
-            let jobs = try failChangedImages(claimed, report: &report, log: log)
-            if jobs.isEmpty { continue }
-            let counts = try queue.counts()
-            let lostLeases = LostLeases()
-            let session = BatchSession(jobs: jobs, queue: queue, options: options, stop: stop, lostLeases: lostLeases, snapshotURL: snapshotURL,
-                                       identity: snapshotIdentity, log: log, progress: progress,
-                                       start: start, done: report.succeeded + report.failed + report.cancelled + report.released,
-                                       remaining: (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0),
-                                       generatedTokens: report.generatedTokens)
-            let snapshots = jobs.map { readSnapshot($0, log: log) }
-            let outcomes = withHeartbeat(jobs, lostLeases: lostLeases) { runner.run(jobs, resumingFrom: snapshots, session: session) }
-            var released: [Int64] = []
-            for (index, (job, outcome)) in zip(jobs, outcomes).enumerated() {
-                if case .stopped = outcome {
-                    if let id = try settleStopped(job, index: index, session: session, report: &report, log: log) { released.append(id) }
-                } else {
-                    try finish(job, outcome, report: &report, log: log)
+            // Jobs of this batch not yet finished, failed, cancelled or released: what a fault hands back.
+            var unsettled = claimed.map(\.id)
+            do {
+                try runBatch(claimed, unsettled: &unsettled, report: &report, stop: stop, start: start, log: log, progress: progress)
+            } catch {
+                var released = 0
+                if !unsettled.isEmpty {
+                    do {
+                        released = try queue.release(jobs: unsettled, owner: options.owner)
+                        report.released += released
+                    } catch {
+                        log("cannot release jobs \(unsettled.map(String.init).joined(separator: ", ")): \(error); they are rescued when their lease expires")
+                    }
                 }
+                throw DaemonStopped(report: report, underlying: error, released: released, unreleased: unsettled.count - released)
             }
-            if !released.isEmpty {
-                report.released += try queue.release(jobs: released, owner: options.owner)
-                log("released jobs \(released.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(snapshotDirectory.path)")
-            }
-            let seconds = Date().timeIntervalSince(batchStart)
-            let after = try queue.counts()
-            let remaining = (after[.available] ?? 0) + (after[.retryable] ?? 0) + (after[.running] ?? 0)
-            log(String(format: "batch of %d in %.1f s: %d succeeded, %d failed so far; %d tokens generated; %d left in the queue",
-                       jobs.count, seconds, report.succeeded, report.failed, report.generatedTokens, remaining))
-            progress(DaemonProgress(done: report.succeeded + report.failed + report.cancelled + report.released, remaining: remaining,
-                                    generatedTokens: report.generatedTokens, elapsedSeconds: Date().timeIntervalSince(start)))
         }
         return report
+    }
+
+    /// One claimed batch: image checks, the engine, then each job's result, failure, cancel or
+    /// release. Removes each job from `unsettled` once the queue has recorded what became of it.
+    func runBatch(_ claimed: [Job], unsettled: inout [Int64], report: inout DaemonReport, stop: StopFlag, start: Date,
+                  log: @escaping @Sendable (String) -> Void, progress: @escaping @Sendable (DaemonProgress) -> Void) throws {
+        let batchStart = Date()
+        let jobs = try failChangedImages(claimed, report: &report, log: log)
+        unsettled = jobs.map(\.id)
+        if jobs.isEmpty { return }
+        let counts = try queue.counts()
+        let lostLeases = LostLeases()
+        let session = BatchSession(jobs: jobs, queue: queue, options: options, stop: stop, lostLeases: lostLeases, snapshotURL: snapshotURL,
+                                   identity: snapshotIdentity, log: log, progress: progress,
+                                   start: start, done: report.succeeded + report.failed + report.cancelled + report.released,
+                                   remaining: (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0),
+                                   generatedTokens: report.generatedTokens)
+        let snapshots = jobs.map { readSnapshot($0, log: log) }
+        let outcomes = withHeartbeat(jobs, lostLeases: lostLeases) { runner.run(jobs, resumingFrom: snapshots, session: session) }
+        var released: [Int64] = []
+        for (index, (job, outcome)) in zip(jobs, outcomes).enumerated() {
+            if case .stopped = outcome {
+                if let id = try settleStopped(job, index: index, session: session, report: &report, log: log) {
+                    released.append(id)
+                    continue
+                }
+            } else {
+                try finish(job, outcome, report: &report, log: log)
+            }
+            unsettled.removeAll { $0 == job.id }
+        }
+        if !released.isEmpty {
+            report.released += try queue.release(jobs: released, owner: options.owner)
+            unsettled.removeAll { released.contains($0) }
+            log("released jobs \(released.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(snapshotDirectory.path)")
+        }
+        let seconds = Date().timeIntervalSince(batchStart)
+        let after = try queue.counts()
+        let remaining = (after[.available] ?? 0) + (after[.retryable] ?? 0) + (after[.running] ?? 0)
+        log(String(format: "batch of %d in %.1f s: %d succeeded, %d failed so far; %d tokens generated; %d left in the queue",
+                   jobs.count, seconds, report.succeeded, report.failed, report.generatedTokens, remaining))
+        progress(DaemonProgress(done: report.succeeded + report.failed + report.cancelled + report.released, remaining: remaining,
+                                generatedTokens: report.generatedTokens, elapsedSeconds: Date().timeIntervalSince(start)))
+    }
+
+    /// Temporary files older than this are left by a killed writer: an atomic write of one result
+    /// or snapshot never takes so long.
+    public static var staleTemporaryAge: TimeInterval { 600 }
+
+    /// Removes what earlier runs of this queue left in its folder: temporary files (`.<name>.tmp-*`)
+    /// of writers killed mid-write, older than `staleTemporaryAge`, and result files that no job
+    /// row records and never will: those whose job has moved past that attempt (a completion the
+    /// database refused or failed to record). A result file whose job is gone (pruned without
+    /// `--delete-outputs`) is the operator's and stays; one whose attempt may still complete is
+    /// left to its worker.
+    public func sweep(log: (String) -> Void) throws {
+        let now = Date()
+        for directory in [results.directory, snapshotDirectory] {
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? [] where name.hasPrefix(".") && name.contains(".tmp-") {
+                let url = directory.appendingPathComponent(name)
+                guard let modified = (try? url.resourceValues(forKeys: [.contentModificationDateKey]))?.contentModificationDate,
+                      now.timeIntervalSince(modified) > Self.staleTemporaryAge else { continue }
+                if unlink(url.path) == 0 { log("removed \(url.path), a temporary file an interrupted writer left") }
+            }
+        }
+        var attempts: [Int64: [(attempt: Int, url: URL)]] = [:]
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: results.directory.path)) ?? [] {
+            guard let (job, attempt) = ResultFile.parseName(name) else { continue }
+            attempts[job, default: []].append((attempt, results.directory.appendingPathComponent(name)))
+        }
+        let ids = attempts.keys.sorted()
+        var start = 0
+        while start < ids.count {
+            let chunk = Array(ids[start ..< min(start + 1_000, ids.count)])
+            start += chunk.count
+            for job in try queue.list(JobFilter(ids: chunk), limit: chunk.count) {
+                for (attempt, url) in attempts[job.id] ?? [] where job.outputPath != url.path {
+                    let mayStillComplete = job.state == .running && job.attempt == attempt
+                    if mayStillComplete || attempt > job.attempt { continue }
+                    if unlink(url.path) == 0 {
+                        log("removed \(url.path): no job row records it (job \(job.id) is \(job.state.rawValue) at attempt \(job.attempt))")
+                    }
+                }
+            }
+        }
     }
 
     /// Settles a job that left its batch unfinished: dropped (lease lost), finalised as cancelled,
@@ -305,9 +421,23 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             let record = ResultRecord(jobID: job.id, attempt: job.attempt, customID: job.customID, text: text, tokenIDs: tokenIDs,
                                       finishReason: finishReason, parameters: job.parameters, stats: stats, model: runner.fingerprint,
                                       timings: ResultTimings(enqueuedAt: job.createdAt, startedAt: job.startedAt ?? now, finishedAt: now))
-            let written = try results.write(record)
-            if try queue.complete(job: job.id, attempt: job.attempt, owner: options.owner,
-                                  output: JobOutput(path: written.url.path, sha256: written.sha256, timings: timings)) {
+            let written: AtomicFile.Written
+            do {
+                written = try results.write(record)
+            } catch {
+                throw DaemonFault.resultUnwritable(job: job.id, path: results.url(job: job.id, attempt: job.attempt).path, reason: "\(error)")
+            }
+            let completed: Bool
+            do {
+                completed = try queue.complete(job: job.id, attempt: job.attempt, owner: options.owner,
+                                               output: JobOutput(path: written.url.path, sha256: written.sha256, timings: timings))
+            } catch {
+                // No row records the file: remove it rather than leave an orphan.
+                unlink(written.url.path)
+                throw error
+            }
+            if !completed { unlink(written.url.path) }
+            if completed {
                 report.succeeded += 1
                 report.generatedTokens += tokenIDs.count
                 if options.keepKV {

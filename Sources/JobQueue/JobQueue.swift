@@ -163,7 +163,7 @@ public final class JobQueue: Sendable {
         configuration.busyMode = .timeout(busyTimeout)
         configuration.label = "dllava-queue"
         configuration.readonly = access == .readOnly
-        pool = try DatabasePool(path: path, configuration: configuration)
+        pool = try DatabasePool(path: access == .readOnly ? Self.readablePath(path) : path, configuration: configuration)
         if access != .readOnly {
             // GRDB sets NORMAL when it turns WAL on; only the one writer connection commits, so setting it there suffices.
             try pool.writeWithoutTransaction { try $0.execute(sql: "PRAGMA synchronous = \(durability == .full ? "FULL" : "NORMAL")") }
@@ -185,6 +185,19 @@ public final class JobQueue: Sendable {
         if identity.isEmpty { throw JobQueueError.corruptQueue(path: path, reason: "it has no queue identity") }
     }
 
+    /// The name to open `path` read-only by. SQLite reads a WAL database through its `-shm` file, which it creates
+    /// beside the database when missing; on a read-only disk without one it cannot, so there the file is opened as
+    /// an immutable URI (`file:...?immutable=1`, Debian's SQLite takes URIs): what the last checkpoint wrote, which on
+    /// a disk nobody can write to is the whole queue.
+    static func readablePath(_ path: String) -> String {
+        let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
+        let directory = (absolute as NSString).deletingLastPathComponent
+        if access(directory, W_OK) == 0 || FileManager.default.fileExists(atPath: absolute + "-shm") { return path }
+        var allowed = CharacterSet.urlPathAllowed
+        allowed.remove(charactersIn: "?#%")
+        return "file:" + (absolute.addingPercentEncoding(withAllowedCharacters: allowed) ?? absolute) + "?immutable=1"
+    }
+
     /// Refuses, through a read-only connection that changes nothing, a file that is not a dllava queue: not SQLite
     /// at all, or an SQLite database without the queue's migration record and job table (`allowEmpty`: a database
     /// with no tables at all, such as a 0-byte file, may become a queue at `init`).
@@ -194,7 +207,7 @@ public final class JobQueue: Sendable {
         configuration.busyMode = .timeout(busyTimeout)
         let tables: Set<String>
         do {
-            let database = try DatabaseQueue(path: path, configuration: configuration)
+            let database = try DatabaseQueue(path: readablePath(path), configuration: configuration)
             tables = Set(try database.read { try String.fetchAll($0, sql: "SELECT name FROM sqlite_master WHERE type = 'table'") })
             try database.close()
         } catch let error as DatabaseError where [.SQLITE_NOTADB, .SQLITE_CORRUPT].contains(error.resultCode) {

@@ -45,6 +45,15 @@ public struct ManifestError: Error, Sendable, Hashable, CustomStringConvertible 
     public var description: String { "\(file): \(reason)" }
 }
 
+/// Writing a manifest's jobs failed part way (a full disk, an I/O error): `inserted` jobs were committed before it,
+/// and running the same command again enqueues the rest (the committed ones are skipped by their idempotency key).
+public struct ManifestInterrupted: Error {
+    public var file: String
+    public var inserted: Int
+    public var alreadyPresent: Int
+    public var underlying: Error
+}
+
 extension JobQueue {
     /// Enqueues every `.jpg`, `.jpeg` and `.png` file (any letter case) in `folder` with one prompt, sorted by
     /// path relative to the folder; subfolders only with `recursive`. Jobs have no custom id: re-running the same
@@ -316,7 +325,12 @@ struct ManifestBatch {
 
     mutating func flush() throws {
         guard !pending.isEmpty else { return }
-        let result = try queue.enqueue(pending)
+        let result: EnqueueResult
+        do {
+            result = try queue.enqueue(pending)
+        } catch {
+            throw ManifestInterrupted(file: file, inserted: report.inserted, alreadyPresent: report.alreadyPresent, underlying: error)
+        }
         report.inserted += result.inserted.count
         report.alreadyPresent += result.alreadyPresent.count
         pending.removeAll(keepingCapacity: true)

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Artifacts
+import BatchDaemon
 import Foundation
 import GRDB
 import JobQueue
@@ -52,33 +53,60 @@ struct SelectionOptions: ParsableArguments {
     }
 }
 
-/// Runs a queue command body, mapping queue, manifest, artifact and SQLite errors to one sentence and a
-/// sysexits code (65 bad data, 75 database busy, 78 configuration).
+/// Runs a queue command body, mapping its errors to one sentence and a sysexits code (`queueCommandFailure`).
 func runQueueCommand(_ command: some ParsableCommand, database: String, _ body: () throws -> Void) throws {
     try command.reportingFailures {
         do {
             try body()
-        } catch let error as JobQueueError {
-            switch error {
-            case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue: throw CommandFailure(message: error.description, code: 78)
-            case .corruptRow, .invalidJob: throw CommandFailure(message: "\(database): \(error)", code: 65)
-            }
-        } catch let error as ManifestError {
-            throw CommandFailure(message: error.description, code: 65)
-        } catch let error as ArtifactError {
-            throw CommandFailure(message: error.description, code: 65)
-        } catch let error as DatabaseError {
-            switch error.resultCode {
-            case .SQLITE_BUSY, .SQLITE_LOCKED:
-                throw CommandFailure(message: "the queue database \(database) is busy (another process held it too long); try again", code: 75)
-            case .SQLITE_NOTADB, .SQLITE_CORRUPT:
-                throw CommandFailure(message: "\(database) is not a usable queue database: \(error.message ?? "\(error.resultCode)")", code: 78)
-            case .SQLITE_CANTOPEN, .SQLITE_READONLY, .SQLITE_PERM:
-                throw CommandFailure(message: "cannot open the queue database \(database) for writing: \(error.message ?? "\(error.resultCode)")", code: 78)
-            default:
-                throw CommandFailure(message: "queue database \(database): \(error.message ?? "\(error)")", code: 1)
-            }
+        } catch let failure as CommandFailure {
+            throw failure
+        } catch {
+            throw queueCommandFailure(error, database: database)
         }
+    }
+}
+
+/// The one place queue, manifest, artifact, daemon and SQLite errors get their sentence and exit code: 65 bad data,
+/// 74 I/O error (a full disk, a file that cannot be written), 75 database busy, 78 configuration (no database, not a
+/// queue, another schema), 1 anything else.
+func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
+    switch error {
+    case let error as JobQueueError:
+        switch error {
+        case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue: return CommandFailure(message: error.description, code: 78)
+        case .corruptRow, .invalidJob: return CommandFailure(message: "\(database): \(error)", code: 65)
+        }
+    case let error as ManifestError:
+        return CommandFailure(message: error.description, code: 65)
+    case let error as ManifestInterrupted:
+        let cause = queueCommandFailure(error.underlying, database: database)
+        return CommandFailure(message: "\(cause.message); \(error.file): \(error.inserted) job\(error.inserted == 1 ? " was" : "s were") enqueued "
+                              + "(committed) before the failure; run the same command again to enqueue the rest (jobs already queued are skipped)",
+                              code: cause.code)
+    case let error as DaemonFault:
+        return CommandFailure(message: error.description, code: 74)
+    case let error as ArtifactError:
+        if case .io = error { return CommandFailure(message: error.description, code: 74) }
+        if case .inFile(_, .io) = error { return CommandFailure(message: error.description, code: 74) }
+        return CommandFailure(message: error.description, code: 65)
+    case let error as DatabaseError:
+        switch error.resultCode {
+        case .SQLITE_BUSY, .SQLITE_LOCKED:
+            return CommandFailure(message: "the queue database \(database) is busy (another process held it too long); try again", code: 75)
+        case .SQLITE_FULL:
+            return CommandFailure(message: "the disk holding the queue database \(database) is full; free space and try again", code: 74)
+        case .SQLITE_IOERR:
+            return CommandFailure(message: "cannot write the queue database \(database): \(error.message ?? "I/O error")", code: 74)
+        case .SQLITE_NOTADB, .SQLITE_CORRUPT:
+            return CommandFailure(message: "\(database) is not a usable queue database: \(error.message ?? "\(error.resultCode)")", code: 78)
+        case .SQLITE_CANTOPEN, .SQLITE_READONLY, .SQLITE_PERM:
+            return CommandFailure(message: "cannot open the queue database \(database) for writing: \(error.message ?? "\(error.resultCode)")", code: 78)
+        default:
+            return CommandFailure(message: "queue database \(database): \(error.message ?? "\(error)")", code: 1)
+        }
+    default:
+        let (message, code) = describe(error)
+        return CommandFailure(message: message, code: code)
     }
 }
 

@@ -217,12 +217,24 @@ struct Run: ParsableCommand {
                 source.resume()
                 return source
             }
-            let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
-            display.finish()
-            signals.forEach { $0.cancel() }
-            print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), "
-                  + "cancelled \(report.cancelled), released \(report.released), discarded \(report.discarded)")
+            do {
+                let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
+                display.finish()
+                signals.forEach { $0.cancel() }
+                printSummary(report)
+            } catch let stopped as DaemonStopped {
+                display.finish()
+                signals.forEach { $0.cancel() }
+                printSummary(stopped.report)
+                let cause = queueCommandFailure(stopped.underlying, database: database.path)
+                throw CommandFailure(message: "\(cause.message); stopped, and \(stopped.batchNote)", code: cause.code)
+            }
         }
+    }
+
+    func printSummary(_ report: DaemonReport) {
+        print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), "
+              + "cancelled \(report.cancelled), released \(report.released), discarded \(report.discarded)")
     }
 
     func milliseconds(_ text: String, option: String) throws -> Int64 {
