@@ -218,9 +218,15 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         }
         do {
             try sweep(log: log)
+            try queue.register(WorkerRecord.current(owner: options.owner, leaseMilliseconds: options.leaseMilliseconds,
+                                                    now: Int64(Date().timeIntervalSince1970 * 1000)))
         } catch {
             throw DaemonStopped(report: report, underlying: error, released: 0, unreleased: 0)
         }
+        defer {
+            do { try queue.unregister(owner: options.owner) } catch { log("cannot remove this worker's record: \(error)") }
+        }
+        var waitingReported = false
         while !stop.isStopped {
             if let maxSeconds = options.maxSeconds, Date().timeIntervalSince(start) >= maxSeconds { break }
             var limit = options.batchSize
@@ -229,16 +235,28 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 if limit <= 0 { break }
             }
             let claimed: [Job]
+            var orphans: [OrphanedJob] = []
             do {
+                let reclaimed = try queue.reclaimJobsOfDeadWorkers()
+                if reclaimed > 0 { log("reclaimed \(reclaimed) job\(reclaimed == 1 ? "" : "s") of dead workers on this host") }
                 claimed = try queue.claim(owner: options.owner, limit: limit, leaseDuration: options.leaseMilliseconds)
+                if claimed.isEmpty && options.untilEmpty { orphans = try queue.orphanedJobs() }
             } catch {
                 throw DaemonStopped(report: report, underlying: error, released: 0, unreleased: 0)
             }
             if claimed.isEmpty {
-                if options.untilEmpty { break }
+                if options.untilEmpty && orphans.isEmpty { break }
+                if !orphans.isEmpty && !waitingReported {
+                    // Silent workers on other hosts: their jobs become claimable when their leases expire.
+                    let until = orphans.map(\.leaseExpiresAt).max() ?? 0
+                    log("waiting for \(orphans.count) job\(orphans.count == 1 ? "" : "s") of silent workers (\(Set(orphans.map(\.owner)).sorted().joined(separator: ", "))); "
+                        + "their leases expire by \(Date(timeIntervalSince1970: Double(until) / 1000))")
+                    waitingReported = true
+                }
                 Thread.sleep(forTimeInterval: options.pollSeconds)
                 continue
             }
+            waitingReported = false
             report.claimed += claimed.count
             // Jobs of this batch not yet finished, failed, cancelled or released: what a fault hands back.
             var unsettled = claimed.map(\.id)

@@ -343,11 +343,14 @@ public final class JobQueue: Sendable {
     public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64) throws -> HeartbeatResult {
         let now = clock.now()
         let rows = try pool.write { db in
-            try Row.fetchAll(db.cachedStatement(sql: """
+            let rows = try Row.fetchAll(db.cachedStatement(sql: """
                 UPDATE job SET lease_expires_at = ?, heartbeat_at = ?, updated_at = ?
                 WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running' AND lease_owner = ?
                 RETURNING id, cancel_requested
                 """), arguments: [now + leaseDuration, now, now, JobFilter.jsonArray(jobs.map { "\($0)" }), owner])
+            // The worker registry's beat: how other hosts tell a silent worker.
+            try db.cachedStatement(sql: "UPDATE worker SET heartbeat_at = ? WHERE owner = ?").execute(arguments: [now, owner])
+            return rows
         }
         var result = HeartbeatResult()
         for row in rows {

@@ -51,7 +51,28 @@ enum Schema {
             try db.execute(sql: "CREATE INDEX job_state_finalized ON job (state, finalized_at)")
         }
         registerIdentityMigration(&migrator)
+        registerWorkerMigration(&migrator)
         return migrator
+    }
+
+    /// v3: the worker registry. Each `run` records who it is (host, boot id, pid and the process's start time, so a
+    /// reused pid is not taken for the same process) and when it last beat; a worker on the same host then tells a
+    /// dead worker's jobs at once instead of waiting out their lease, and `status` can say whose jobs are orphaned.
+    static func registerWorkerMigration(_ migrator: inout DatabaseMigrator) {
+        migrator.registerMigration("v3-worker-registry") { db in
+            try db.execute(sql: """
+                CREATE TABLE worker (
+                    owner         TEXT PRIMARY KEY,
+                    host          TEXT NOT NULL,
+                    boot_id       TEXT NOT NULL,
+                    pid           INTEGER NOT NULL,
+                    process_start TEXT NOT NULL,
+                    lease_ms      INTEGER NOT NULL CHECK (lease_ms > 0),
+                    started_at    INTEGER NOT NULL,
+                    heartbeat_at  INTEGER NOT NULL
+                ) STRICT
+                """)
+        }
     }
 
     /// v2: job ids are never reused, and the queue has an identity.

@@ -294,11 +294,12 @@ struct StatusCommand: ParsableCommand {
         let succeeded_in_window: Int
         let jobs_per_hour: Double?
         let eta_ms: Int64?
+        let orphaned: [Orphan]
 
         /// Unknown figures are written as null rather than left out, so readers find every key.
         func encode(to encoder: Encoder) throws {
             enum Key: String, CodingKey {
-                case database, queue_id, counts, total, remaining, window_ms, succeeded_in_window, jobs_per_hour, eta_ms
+                case database, queue_id, counts, total, remaining, window_ms, succeeded_in_window, jobs_per_hour, eta_ms, orphaned
             }
             var container = encoder.container(keyedBy: Key.self)
             try container.encode(database, forKey: .database)
@@ -310,12 +311,25 @@ struct StatusCommand: ParsableCommand {
             try container.encode(succeeded_in_window, forKey: .succeeded_in_window)
             try container.encode(jobs_per_hour, forKey: .jobs_per_hour)
             try container.encode(eta_ms, forKey: .eta_ms)
+            try container.encode(orphaned, forKey: .orphaned)
         }
+    }
+
+    /// A running job whose worker is gone, as `status --json` reports it.
+    struct Orphan: Encodable {
+        let id: Int64
+        let owner: String
+        let host: String
+        /// Why the worker is taken for gone.
+        let reason: String
+        /// When its lease expires: the latest it becomes claimable (a run on a dead worker's host reclaims it at once).
+        let lease_expires_at: Int64
     }
 
     func run() throws {
         try runQueueCommand(self, database: database.path) {
             let queue = try database.open(readOnly: true)
+            let orphans = try queue.orphanedJobs()
             let statistics = try queue.statistics(window: DurationText.milliseconds(window)!)
             let total = statistics.counts.values.reduce(0, +)
             if json {
@@ -323,7 +337,9 @@ struct StatusCommand: ParsableCommand {
                                      counts: Dictionary(uniqueKeysWithValues: statistics.counts.map { ($0.key.rawValue, $0.value) }),
                                      total: total, remaining: statistics.remaining, window_ms: statistics.windowMs,
                                      succeeded_in_window: statistics.succeededInWindow, jobs_per_hour: statistics.jobsPerHour,
-                                     eta_ms: statistics.etaMs))
+                                     eta_ms: statistics.etaMs,
+                                     orphaned: orphans.map { Orphan(id: $0.id, owner: $0.owner, host: $0.host, reason: orphanReason($0),
+                                                                    lease_expires_at: $0.leaseExpiresAt) }))
                 return
             }
             print("\(database.path) (queue \(queue.identity))")
@@ -338,7 +354,32 @@ struct StatusCommand: ParsableCommand {
             }
             let eta = statistics.etaMs.map { DurationText.describe(milliseconds: $0) } ?? "unknown"
             print("remaining  \(statistics.remaining), eta \(eta)")
+            if !orphans.isEmpty {
+                print("orphaned   \(orphans.count) running job\(orphans.count == 1 ? "" : "s") whose worker is gone:")
+                for orphan in orphans { print("  job \(orphan.id): \(orphanNote(orphan))") }
+            }
         }
+    }
+}
+
+/// Why an orphaned job's worker is taken for gone.
+func orphanReason(_ orphan: OrphanedJob) -> String {
+    switch orphan.liveness {
+    case .dead(let reason): reason
+    case .silent(let since): "no heartbeat since \(timestamp(since))"
+    case .alive: "alive"
+    }
+}
+
+/// One sentence on an orphaned job: whose it was, why that worker is gone, and when the job is reclaimed.
+func orphanNote(_ orphan: OrphanedJob) -> String {
+    let expiry = timestamp(orphan.leaseExpiresAt)
+    switch orphan.liveness {
+    case .dead:
+        return "worker \(orphan.owner) is gone (\(orphanReason(orphan))); the next `dllava run` on \(orphan.host) reclaims it at once, "
+            + "any other when its lease expires at \(expiry)"
+    default:
+        return "worker \(orphan.owner) on \(orphan.host) is silent (\(orphanReason(orphan))); reclaimed when its lease expires at \(expiry)"
     }
 }
 
@@ -371,7 +412,9 @@ struct ListCommand: ParsableCommand {
     func run() throws {
         try runQueueCommand(self, database: database.path) {
             let filter = JobFilter(customIDs: customIDs.isEmpty ? nil : customIDs, states: state.isEmpty ? nil : Set(state))
-            let jobs = try database.open(readOnly: true).list(filter, limit: limit, afterID: after)
+            let queue = try database.open(readOnly: true)
+            let jobs = try queue.list(filter, limit: limit, afterID: after)
+            let orphans = Dictionary(try queue.orphanedJobs().map { ($0.id, $0) }) { first, _ in first }
             if json {
                 for job in jobs { try printJSON(job) }
                 return
@@ -379,7 +422,8 @@ struct ListCommand: ParsableCommand {
             print(["ID", "STATE", "ATTEMPT", "PRIORITY", "CUSTOM_ID", "IMAGE", "ERROR"].joined(separator: "\t"))
             for job in jobs {
                 print(["\(job.id)", job.state.rawValue + (job.cancelRequested ? "*" : ""), "\(job.attempt)/\(job.maxAttempts)",
-                       "\(job.priority)", job.customID ?? "-", job.imagePath, job.error.map { String($0.prefix(80)) } ?? ""]
+                       "\(job.priority)", job.customID ?? "-", job.imagePath,
+                       orphans[job.id].map(orphanNote) ?? job.error.map { String($0.prefix(80)) } ?? ""]
                     .joined(separator: "\t"))
             }
         }

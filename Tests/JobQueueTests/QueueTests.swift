@@ -8,7 +8,7 @@ struct QueueTests {
     @Test func migrationsCreateTheStrictJobTableOnAFreshDatabase() throws {
         let fixture = try Fixture()
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-job", "v2-job-identity"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
         let pool = try DatabasePool(path: fixture.databasePath)
         let strict = try pool.read { try Bool.fetchOne($0, sql: "SELECT strict FROM pragma_table_list WHERE name = 'job'") }
         #expect(strict == true)
@@ -16,7 +16,7 @@ struct QueueTests {
         #expect(journal == "wal")
         // Opening again applies nothing new.
         let again = try JobQueue(path: fixture.databasePath)
-        #expect(try again.appliedMigrations() == ["v1-job", "v2-job-identity"])
+        #expect(try again.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
         #expect(again.identity == fixture.queue.identity)
     }
 
@@ -60,7 +60,7 @@ struct QueueTests {
         }
         try database.close()
         let queue = try JobQueue(path: path)
-        #expect(try queue.appliedMigrations() == ["v1-job", "v2-job-identity"])
+        #expect(try queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
         #expect(UUID(uuidString: queue.identity) != nil)
         #expect(try queue.list().map(\.customID) == ["old-1", "old-2"])
         func jobs(_ count: Int, prefix: String) -> [NewJob] {
