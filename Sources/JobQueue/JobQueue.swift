@@ -50,7 +50,16 @@ public struct JobFilter: Sendable, Hashable {
 public struct EnqueueResult: Sendable, Hashable {
     public var inserted: [Int64] = []
     public var alreadyPresent: [Int64] = []
+    /// Jobs whose custom id is already queued with another image, prompt or parameters: not enqueued.
+    public var conflicts: [Conflict] = []
     public init() {}
+
+    public struct Conflict: Sendable, Hashable {
+        /// Index of the job in the array given to `enqueue`.
+        public var index: Int
+        /// The queued job holding the custom id.
+        public var existingID: Int64
+    }
 }
 
 /// What a worker hands to `complete`: the result file it wrote and what it measured.
@@ -252,8 +261,8 @@ public final class JobQueue: Sendable {
                     ON CONFLICT DO NOTHING
                     RETURNING id
                     """)
-                let existing = try db.cachedStatement(sql: "SELECT id FROM job WHERE idempotency_key = ?")
-                for job in chunk {
+                let existing = try db.cachedStatement(sql: "SELECT id, image_sha256, prompt, params FROM job WHERE idempotency_key = ?")
+                for (index, job) in zip(chunk.indices, chunk) {
                     let params = canonical[job.parameters] ?? {
                         let json = job.parameters.canonicalJSON()
                         canonical[job.parameters] = json
@@ -267,8 +276,14 @@ public final class JobQueue: Sendable {
                     ]
                     if let id = try Int64.fetchOne(insert, arguments: arguments) {
                         result.inserted.append(id)
-                    } else if let id = try Int64.fetchOne(existing, arguments: [key]) {
-                        result.alreadyPresent.append(id)
+                    } else if let row = try Row.fetchOne(existing, arguments: [key]) {
+                        let id: Int64 = row["id"]
+                        // A custom id names one job: the same id with another image, prompt or parameters is a conflict.
+                        if row["image_sha256"] == job.imageSHA256 && row["prompt"] == job.prompt && row["params"] == params {
+                            result.alreadyPresent.append(id)
+                        } else {
+                            result.conflicts.append(EnqueueResult.Conflict(index: index, existingID: id))
+                        }
                     } else {
                         // ON CONFLICT matched the custom_id's uniqueness under a different key: impossible while
                         // the key is derived from the custom id, so the row was written by something else.

@@ -109,6 +109,10 @@ extension JobQueue {
                 lineNumber += 1
                 if lineNumber == 1, line.starts(with: [0xEF, 0xBB, 0xBF]) { line.removeFirst(3) }
                 if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+                if let problem = JSONLineCheck.problem(in: line) {
+                    batch.report(line: lineNumber, problem)
+                    continue
+                }
                 let entry: ManifestEntry
                 do {
                     entry = try decoder.decode(ManifestEntry.self, from: Data(line))
@@ -276,6 +280,10 @@ struct ManifestBatch {
     let options: ManifestOptions
     let onProblem: (ManifestProblem) -> Void
     var pending: [NewJob] = []
+    /// The manifest line of each pending job (nil for folder entries), to name it in a conflict.
+    var pendingLines: [Int?] = []
+    /// custom_id -> the first line that gave it and that line's content key, to tell a repeated line from a conflict.
+    var customIDs: [String: (line: Int?, content: String)] = [:]
     var report = ManifestReport()
     /// Image path -> sha256, so a manifest that asks several questions of one image reads it once.
     var hashes: [String: String] = [:]
@@ -318,8 +326,22 @@ struct ManifestBatch {
             hashes[path] = hash
             sha256 = hash
         }
-        pending.append(NewJob(customID: entry.customID, imagePath: path, imageSHA256: sha256, prompt: entry.prompt,
-                              parameters: parameters, priority: entry.priority ?? options.priority, maxAttempts: options.maxAttempts))
+        let job = NewJob(customID: entry.customID, imagePath: path, imageSHA256: sha256, prompt: entry.prompt,
+                         parameters: parameters, priority: entry.priority ?? options.priority, maxAttempts: options.maxAttempts)
+        if let customID = entry.customID {
+            let content = NewJob.contentKey(imageSHA256: sha256, prompt: entry.prompt, parameters: parameters)
+            if let first = customIDs[customID] {
+                if first.content != content {
+                    let firstPlace = first.line.map { "line \($0)" } ?? "an earlier entry"
+                    return report(line: line, "custom_id '\(customID)' is also on \(firstPlace) with another image, prompt or parameters; "
+                                  + "this line is not enqueued (give it its own custom_id)")
+                }
+            } else {
+                customIDs[customID] = (line, content)
+            }
+        }
+        pending.append(job)
+        pendingLines.append(line)
         if pending.count >= options.chunkSize { try flush() }
     }
 
@@ -333,7 +355,12 @@ struct ManifestBatch {
         }
         report.inserted += result.inserted.count
         report.alreadyPresent += result.alreadyPresent.count
+        for conflict in result.conflicts {
+            report(line: pendingLines[conflict.index], "custom_id '\(pending[conflict.index].customID ?? "")' is already queued as job "
+                   + "\(conflict.existingID) with another image, prompt or parameters; this line is not enqueued (give it its own custom_id)")
+        }
         pending.removeAll(keepingCapacity: true)
+        pendingLines.removeAll(keepingCapacity: true)
     }
 
     mutating func finish() throws -> ManifestReport {
@@ -433,6 +460,7 @@ struct CSVRecordReader {
         var problem: String?
         var state = State.fieldStart
         var sawAny = false
+        var quoteLine = startLine
         func record() -> (Int, CSVRecord) {
             fields.append(String(decoding: field, as: UTF8.self))
             return (startLine, CSVRecord(fields: fields, problem: problem))
@@ -440,7 +468,11 @@ struct CSVRecordReader {
         while true {
             guard let c = try byte() else {
                 if !sawAny { return nil }
-                if state == .quoted { problem = problem ?? "a quoted field is not closed before the end of the file" }
+                if state == .quoted {
+                    let lines = line > quoteLine ? "lines \(quoteLine)-\(line)" : "line \(quoteLine)"
+                    problem = problem ?? "the quoted field opened on line \(quoteLine) is never closed: it swallowed \(lines) to the end of "
+                        + "the file (\(line - startLine + 1) line\(line == startLine ? "" : "s"), none enqueued); close the quote"
+                }
                 return record()
             }
             sawAny = true
@@ -477,12 +509,78 @@ struct CSVRecordReader {
             }
             switch state {
             case .fieldStart:
-                if c == quote { state = .quoted } else { field.append(c); state = .unquoted }
+                if c == quote { state = .quoted; quoteLine = line } else { field.append(c); state = .unquoted }
             case .afterQuoted:
                 problem = problem ?? "text after the closing quote of a field"
             default:
                 field.append(c)
             }
         }
+    }
+}
+
+/// Checks a JSONL line's bytes for what JSONDecoder would misreport or let through: bytes that are not UTF-8, a NUL,
+/// a `\u0000` or a lone UTF-16 surrogate escape in a string, and a key given twice in the top-level object (JSON
+/// leaves duplicates undefined; a manifest must not depend on which one wins).
+enum JSONLineCheck {
+    static func problem(in line: [UInt8]) -> String? {
+        var iterator = line.makeIterator()
+        var parser = Unicode.UTF8.ForwardParser()
+        var offset = 0
+        decoding: while true {
+            switch parser.parseScalar(from: &iterator) {
+            case .valid(let scalar): offset += scalar.count
+            case .error: return "byte \(offset + 1) is not valid UTF-8 (a manifest must be UTF-8 text)"
+            case .emptyInput: break decoding
+            }
+        }
+        if let nul = line.firstIndex(of: 0) { return "byte \(nul + 1) is a NUL character" }
+        var depth = 0
+        var keys = Set<[UInt8]>()
+        var index = 0
+        while index < line.count {
+            let byte = line[index]
+            if byte == UInt8(ascii: "{") || byte == UInt8(ascii: "[") { depth += 1 }
+            if byte == UInt8(ascii: "}") || byte == UInt8(ascii: "]") { depth -= 1 }
+            guard byte == UInt8(ascii: "\"") else { index += 1; continue }
+            // A string: scan its escapes up to the closing quote.
+            let start = index + 1
+            index = start
+            var pendingHigh = false
+            while index < line.count && line[index] != UInt8(ascii: "\"") {
+                guard line[index] == UInt8(ascii: "\\") else {
+                    if pendingHigh { return "a string holds a lone surrogate (a \\uD800-\\uDBFF escape without its low half)" }
+                    index += 1
+                    continue
+                }
+                let escaped = index + 1 < line.count ? line[index + 1] : 0
+                if escaped == UInt8(ascii: "u"), index + 6 <= line.count,
+                   let unit = UInt16(String(decoding: line[index + 2 ..< index + 6], as: UTF8.self), radix: 16) {
+                    if unit == 0 { return "a string holds a NUL character (\\u0000)" }
+                    if (0xDC00...0xDFFF).contains(unit) {
+                        if !pendingHigh { return "a string holds a lone surrogate (a \\uDC00-\\uDFFF escape without its high half)" }
+                        pendingHigh = false
+                    } else {
+                        if pendingHigh { return "a string holds a lone surrogate (a \\uD800-\\uDBFF escape without its low half)" }
+                        pendingHigh = (0xD800...0xDBFF).contains(unit)
+                    }
+                    index += 6
+                } else {
+                    if pendingHigh { return "a string holds a lone surrogate (a \\uD800-\\uDBFF escape without its low half)" }
+                    index += 2
+                }
+            }
+            if pendingHigh { return "a string holds a lone surrogate (a \\uD800-\\uDBFF escape without its low half)" }
+            let end = min(index, line.count)
+            index += 1
+            // A string at depth 1 followed by a colon is a key of the top-level object.
+            var next = index
+            while next < line.count && (line[next] == 0x20 || line[next] == 0x09) { next += 1 }
+            if depth == 1 && next < line.count && line[next] == UInt8(ascii: ":") {
+                let key = Array(line[start ..< end])
+                if !keys.insert(key).inserted { return "the key \"\(String(decoding: key, as: UTF8.self))\" is given twice" }
+            }
+        }
+        return nil
     }
 }

@@ -113,10 +113,13 @@ struct QueueTests {
         let second = try queue.enqueue(fixture.jobs(5))
         #expect(second.inserted.isEmpty && second.alreadyPresent == first.inserted)
 
-        // Same custom id, different content: the custom id decides.
+        // Same custom id, different content: a conflict, not a job already queued (and nothing is written).
         var changed = fixture.jobs(1)[0]
         changed.prompt = "Something else."
-        #expect(try queue.enqueue([changed]).alreadyPresent == [first.inserted[0]])
+        let conflicting = try queue.enqueue([changed])
+        #expect(conflicting.alreadyPresent.isEmpty && conflicting.inserted.isEmpty)
+        #expect(conflicting.conflicts == [EnqueueResult.Conflict(index: 0, existingID: first.inserted[0])])
+        #expect(try queue.job(id: first.inserted[0])?.prompt == "Describe the image.")
 
         // No custom id: image bytes + prompt + parameters decide, wherever the image lives.
         let a = NewJob(imagePath: "/a.jpg", imageSHA256: String(repeating: "b", count: 64), prompt: "What is it?",
