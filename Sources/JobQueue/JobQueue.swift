@@ -165,33 +165,47 @@ public final class JobQueue: Sendable {
 
     public init(path: String, access: Access, busyTimeout: TimeInterval = 10, durability: Durability = .full,
                 clock: QueueClock = .system, retryPolicy: RetryPolicy = RetryPolicy()) throws {
-        let exists = FileManager.default.fileExists(atPath: path)
-        if access != .create && !exists { throw JobQueueError.noDatabase(path: path) }
-        if exists { try Self.checkIsQueue(path: path, allowEmpty: access == .create, busyTimeout: busyTimeout) }
-        var configuration = Configuration()
-        configuration.busyMode = .timeout(busyTimeout)
-        configuration.label = "dllava-queue"
-        configuration.readonly = access == .readOnly
-        pool = try DatabasePool(path: access == .readOnly ? Self.readablePath(path) : path, configuration: configuration)
-        if access != .readOnly {
-            // GRDB sets NORMAL when it turns WAL on; only the one writer connection commits, so setting it there suffices.
-            try pool.writeWithoutTransaction { try $0.execute(sql: "PRAGMA synchronous = \(durability == .full ? "FULL" : "NORMAL")") }
+        do {
+            let exists = FileManager.default.fileExists(atPath: path)
+            if access != .create && !exists { throw JobQueueError.noDatabase(path: path) }
+            if exists { try Self.checkIsQueue(path: path, allowEmpty: access == .create, busyTimeout: busyTimeout) }
+            var configuration = Configuration()
+            configuration.busyMode = .timeout(busyTimeout)
+            configuration.label = "dllava-queue"
+            configuration.readonly = access == .readOnly
+            pool = try DatabasePool(path: access == .readOnly ? Self.readablePath(path) : path, configuration: configuration)
+            if access != .readOnly {
+                // GRDB sets NORMAL when it turns WAL on; only the one writer connection commits, so setting it there suffices.
+                try pool.writeWithoutTransaction { try $0.execute(sql: "PRAGMA synchronous = \(durability == .full ? "FULL" : "NORMAL")") }
+            }
+            self.path = path
+            self.clock = clock
+            self.retryPolicy = retryPolicy
+            let migrator = Schema.migrator
+            let (superseded, complete) = try pool.read { db in
+                (try migrator.hasBeenSuperseded(db), try migrator.hasCompletedMigrations(db))
+            }
+            if superseded { throw JobQueueError.newerSchema(path: path) }
+            if !complete {
+                if access == .readOnly { throw JobQueueError.olderSchema(path: path) }
+                // Only a database that lacks migrations takes the write lock on opening; readers (status) never wait.
+                try migrator.migrate(pool)
+            }
+            identity = try pool.read { try String.fetchOne($0, sql: "SELECT uuid FROM queue WHERE singleton = 1") } ?? ""
+            if identity.isEmpty { throw JobQueueError.corruptQueue(path: path, reason: "it has no queue identity") }
+        } catch let error as DatabaseError {
+            throw JobQueueError(error, path: path)
         }
-        self.path = path
-        self.clock = clock
-        self.retryPolicy = retryPolicy
-        let migrator = Schema.migrator
-        let (superseded, complete) = try pool.read { db in
-            (try migrator.hasBeenSuperseded(db), try migrator.hasCompletedMigrations(db))
-        }
-        if superseded { throw JobQueueError.newerSchema(path: path) }
-        if !complete {
-            if access == .readOnly { throw JobQueueError.olderSchema(path: path) }
-            // Only a database that lacks migrations takes the write lock on opening; readers (status) never wait.
-            try migrator.migrate(pool)
-        }
-        identity = try pool.read { try String.fetchOne($0, sql: "SELECT uuid FROM queue WHERE singleton = 1") } ?? ""
-        if identity.isEmpty { throw JobQueueError.corruptQueue(path: path, reason: "it has no queue identity") }
+    }
+
+    /// Runs a read on the pool, turning SQLite's errors into `JobQueueError.database`, so callers handle one error type.
+    func read<T>(_ body: (Database) throws -> T) throws -> T {
+        do { return try pool.read(body) } catch let error as DatabaseError { throw JobQueueError(error, path: path) }
+    }
+
+    /// Runs a write transaction on the pool, turning SQLite's errors into `JobQueueError.database`.
+    func write<T>(_ body: (Database) throws -> T) throws -> T {
+        do { return try pool.write(body) } catch let error as DatabaseError { throw JobQueueError(error, path: path) }
     }
 
     /// The name to open `path` read-only by. SQLite reads a WAL database through its `-shm` file, which it creates
@@ -230,7 +244,7 @@ public final class JobQueue: Sendable {
 
     /// Migration identifiers applied to this database, in order.
     public func appliedMigrations() throws -> [String] {
-        try pool.read { try Schema.migrator.appliedMigrations($0) }
+        try read { try Schema.migrator.appliedMigrations($0) }
     }
 
     // MARK: Enqueue
@@ -253,7 +267,7 @@ public final class JobQueue: Sendable {
         while start < jobs.count {
             let chunk = jobs[start ..< min(start + Self.chunkSize, jobs.count)]
             let now = clock.now()
-            try pool.write { db in
+            try write { db in
                 let insert = try db.cachedStatement(sql: """
                     INSERT INTO job (custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority,
                                      state, attempt, max_attempts, run_at, created_at, updated_at)
@@ -304,7 +318,7 @@ public final class JobQueue: Sendable {
     public func claim(owner: String, limit: Int, leaseDuration: Int64) throws -> [Job] {
         precondition(limit >= 1 && leaseDuration >= 1, "claim needs limit >= 1 and a positive lease")
         let now = clock.now()
-        let rows = try pool.write { db in
+        let rows = try write { db in
             _ = try Self.rescueExpiredLeases(db, now: now)
             return try Job.fetchAll(db.cachedStatement(sql: Self.claimSQL),
                                     arguments: [owner, now + leaseDuration, now, now, now, now, limit])
@@ -319,7 +333,7 @@ public final class JobQueue: Sendable {
     @discardableResult
     public func rescueExpiredLeases() throws -> Int {
         let now = clock.now()
-        return try pool.write { try Self.rescueExpiredLeases($0, now: now) }
+        return try write { try Self.rescueExpiredLeases($0, now: now) }
     }
 
     /// The claim. `INDEXED BY` pins the plan to the claim-order index: without it SQLite may pick the state index,
@@ -357,7 +371,7 @@ public final class JobQueue: Sendable {
     /// a `cancel` asked to stop. Call it from a thread that long matrix products cannot starve.
     public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64) throws -> HeartbeatResult {
         let now = clock.now()
-        let rows = try pool.write { db in
+        let rows = try write { db in
             let rows = try Row.fetchAll(db.cachedStatement(sql: """
                 UPDATE job SET lease_expires_at = ?, heartbeat_at = ?, updated_at = ?
                 WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running' AND lease_owner = ?
@@ -379,7 +393,7 @@ public final class JobQueue: Sendable {
 
     /// The jobs among `jobs` whose cancellation was requested (a read; cheap enough for every decode step).
     public func cancelRequested(among jobs: [Int64]) throws -> Set<Int64> {
-        try pool.read { db in
+        try read { db in
             Set(try Int64.fetchAll(db, sql: """
                 SELECT id FROM job WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running' AND cancel_requested = 1
                 """, arguments: [JobFilter.jsonArray(jobs.map { "\($0)" })]))
@@ -392,7 +406,7 @@ public final class JobQueue: Sendable {
     public func complete(job id: Int64, attempt: Int, owner: String, output: JobOutput) throws -> Bool {
         let now = clock.now()
         let timings = try output.timings.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
-        return try pool.write { db in
+        return try write { db in
             try db.cachedStatement(sql: """
                 UPDATE job
                 SET state = 'succeeded', output_path = ?, output_sha256 = ?, timings = ?, error = NULL,
@@ -411,7 +425,7 @@ public final class JobQueue: Sendable {
     public func fail(job id: Int64, attempt: Int, owner: String, error reason: String, permanent: Bool) throws -> JobState? {
         let now = clock.now()
         let retryAt = now + retryPolicy.delay(afterAttempt: attempt)
-        return try pool.write { db in
+        return try write { db in
             let state = try String.fetchOne(db.cachedStatement(sql: """
                 UPDATE job
                 SET state = CASE WHEN ?1 THEN 'failed' WHEN cancel_requested = 1 THEN 'cancelled'
@@ -429,7 +443,7 @@ public final class JobQueue: Sendable {
     /// Finalises a running job as `cancelled` after its worker saw `cancel_requested`; fenced like `complete`.
     public func acknowledgeCancel(job id: Int64, attempt: Int, owner: String) throws -> Bool {
         let now = clock.now()
-        return try pool.write { db in
+        return try write { db in
             try db.cachedStatement(sql: """
                 UPDATE job SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, finalized_at = ?, updated_at = ?
                 WHERE id = ? AND state = 'running' AND attempt = ? AND lease_owner = ?
@@ -444,7 +458,7 @@ public final class JobQueue: Sendable {
     @discardableResult
     public func release(jobs: [Int64], owner: String) throws -> Int {
         let now = clock.now()
-        return try pool.write { db in
+        return try write { db in
             try db.cachedStatement(sql: """
                 UPDATE job
                 SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'available' END,
@@ -533,7 +547,7 @@ public final class JobQueue: Sendable {
     /// snapshot of an attempt; recording a path whose file is never written (or is deleted later) is harmless.
     public func recordSnapshotPath(job id: Int64, path: String) throws {
         let now = clock.now()
-        try pool.write { db in
+        try write { db in
             try db.cachedStatement(sql: "UPDATE job SET snapshot_path = ?, updated_at = ? WHERE id = ? AND snapshot_path IS NOT ?")
                 .execute(arguments: [path, now, id, path])
         }
@@ -544,7 +558,7 @@ public final class JobQueue: Sendable {
         var total = 0
         while true {
             let now = clock.now()
-            let changed = try pool.write { db in
+            let changed = try write { db in
                 try body(db, now)
                 return db.changesCount
             }
@@ -556,17 +570,17 @@ public final class JobQueue: Sendable {
     // MARK: Reading
 
     public func job(id: Int64) throws -> Job? {
-        try pool.read { try Job.fetchOne($0, sql: "SELECT * FROM job WHERE id = ?", arguments: [id]) }
+        try read { try Job.fetchOne($0, sql: "SELECT * FROM job WHERE id = ?", arguments: [id]) }
     }
 
     public func job(customID: String) throws -> Job? {
-        try pool.read { try Job.fetchOne($0, sql: "SELECT * FROM job WHERE custom_id = ?", arguments: [customID]) }
+        try read { try Job.fetchOne($0, sql: "SELECT * FROM job WHERE custom_id = ?", arguments: [customID]) }
     }
 
     /// Jobs `filter` selects, by id, starting after `afterID`.
     public func list(_ filter: JobFilter = .all, limit: Int = 100, afterID: Int64 = 0) throws -> [Job] {
         let (condition, arguments) = filter.sql()
-        return try pool.read { db in
+        return try read { db in
             try Job.fetchAll(db, sql: "SELECT * FROM job WHERE \(condition) AND id > ? ORDER BY id LIMIT ?",
                              arguments: arguments + [afterID, limit])
         }
@@ -576,7 +590,7 @@ public final class JobQueue: Sendable {
     /// them all in memory.
     public func forEach(_ filter: JobFilter = .all, _ body: (Job) throws -> Void) throws {
         let (condition, arguments) = filter.sql()
-        try pool.read { db in
+        try read { db in
             let jobs = try Job.fetchCursor(db, sql: "SELECT * FROM job WHERE \(condition) ORDER BY id", arguments: arguments)
             while let job = try jobs.next() { try body(job) }
         }
@@ -584,7 +598,7 @@ public final class JobQueue: Sendable {
 
     /// Rows per state, every state present.
     public func counts() throws -> [JobState: Int] {
-        try pool.read { try Self.counts($0) }
+        try read { try Self.counts($0) }
     }
 
     static func counts(_ db: Database) throws -> [JobState: Int] {
@@ -600,7 +614,7 @@ public final class JobQueue: Sendable {
     /// ten minutes ago is not averaged over the whole hour).
     public func statistics(window: Int64 = 3_600_000) throws -> QueueStatistics {
         let now = clock.now()
-        return try pool.read { db in
+        return try read { db in
             let counts = try Self.counts(db)
             let row = try Row.fetchOne(db, sql: """
                 SELECT COUNT(*) AS n, MIN(started_at) AS first FROM job WHERE state = 'succeeded' AND finalized_at >= ?

@@ -98,7 +98,7 @@ enum ProcessLiveness {
 extension JobQueue {
     /// Records this worker (replacing an earlier record under the same owner).
     public func register(_ worker: WorkerRecord) throws {
-        try pool.write { db in
+        try write { db in
             try db.execute(sql: """
                 INSERT OR REPLACE INTO worker (owner, host, boot_id, pid, process_start, lease_ms, started_at, heartbeat_at)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -109,11 +109,11 @@ extension JobQueue {
 
     /// Removes this worker's record at a clean exit.
     public func unregister(owner: String) throws {
-        try pool.write { try $0.execute(sql: "DELETE FROM worker WHERE owner = ?", arguments: [owner]) }
+        try write { try $0.execute(sql: "DELETE FROM worker WHERE owner = ?", arguments: [owner]) }
     }
 
     public func workers() throws -> [WorkerRecord] {
-        try pool.read { db in try Row.fetchAll(db, sql: "SELECT * FROM worker ORDER BY owner").map(WorkerRecord.init(row:)) }
+        try read { db in try Row.fetchAll(db, sql: "SELECT * FROM worker ORDER BY owner").map(WorkerRecord.init(row:)) }
     }
 
     /// Running jobs whose registered worker is dead or silent. Jobs of owners without a record (workers of an older
@@ -126,7 +126,7 @@ extension JobQueue {
         }
         guard !gone.isEmpty else { return [] }
         let byOwner = Dictionary(uniqueKeysWithValues: gone.map { ($0.0.owner, $0) })
-        return try pool.read { db in
+        return try read { db in
             try Row.fetchAll(db, sql: """
                 SELECT id, lease_owner, lease_expires_at FROM job
                 WHERE state = 'running' AND lease_owner IN (SELECT value FROM json_each(?)) ORDER BY id
@@ -149,7 +149,7 @@ extension JobQueue {
             return nil
         }
         guard !dead.isEmpty else { return 0 }
-        return try pool.write { db in
+        return try write { db in
             var reclaimed = 0
             for (owner, reason) in dead {
                 try db.execute(sql: """

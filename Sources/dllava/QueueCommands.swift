@@ -2,7 +2,6 @@ import ArgumentParser
 import Artifacts
 import BatchDaemon
 import Foundation
-import GRDB
 import JobQueue
 
 /// The queue commands, registered beside `generate` in `DLLaVA`.
@@ -75,6 +74,14 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
         switch error {
         case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue: return CommandFailure(message: error.description, code: 78)
         case .corruptRow, .invalidJob: return CommandFailure(message: "\(database): \(error)", code: 65)
+        case .database(_, let failure, _):
+            let code: Int32 = switch failure {
+            case .busy: 75
+            case .full, .ioError: 74
+            case .notADatabase, .cannotOpen: 78
+            case .other: 1
+            }
+            return CommandFailure(message: error.description, code: code)
         }
     case let error as ManifestError:
         return CommandFailure(message: error.description, code: 65)
@@ -89,21 +96,6 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
         if case .io = error { return CommandFailure(message: error.description, code: 74) }
         if case .inFile(_, .io) = error { return CommandFailure(message: error.description, code: 74) }
         return CommandFailure(message: error.description, code: 65)
-    case let error as DatabaseError:
-        switch error.resultCode {
-        case .SQLITE_BUSY, .SQLITE_LOCKED:
-            return CommandFailure(message: "the queue database \(database) is busy (another process held it too long); try again", code: 75)
-        case .SQLITE_FULL:
-            return CommandFailure(message: "the disk holding the queue database \(database) is full; free space and try again", code: 74)
-        case .SQLITE_IOERR:
-            return CommandFailure(message: "cannot write the queue database \(database): \(error.message ?? "I/O error")", code: 74)
-        case .SQLITE_NOTADB, .SQLITE_CORRUPT:
-            return CommandFailure(message: "\(database) is not a usable queue database: \(error.message ?? "\(error.resultCode)")", code: 78)
-        case .SQLITE_CANTOPEN, .SQLITE_READONLY, .SQLITE_PERM:
-            return CommandFailure(message: "cannot open the queue database \(database) for writing: \(error.message ?? "\(error.resultCode)")", code: 78)
-        default:
-            return CommandFailure(message: "queue database \(database): \(error.message ?? "\(error)")", code: 1)
-        }
     default:
         let (message, code) = describe(error)
         return CommandFailure(message: message, code: code)

@@ -212,7 +212,10 @@ struct SnapshotDaemonTests {
         let daemon = try startRun(["--batch-size", "2", "--snapshot-every", "10", "--lease", "2s"], in: directory)
         waitFor(snapshotFile(directory, job: 1))
         // What a rescue by another worker looks like to this one.
-        let database = try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path)
+        // A running daemon writes too (heartbeats, snapshot paths): wait for it rather than fail on a busy database.
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)
+        let database = try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path, configuration: configuration)
         // (The new owner holds a fresh lease, so this worker cannot rescue the row again before it exits.)
         try database.write { try $0.execute(sql: "UPDATE job SET lease_owner = 'another-worker', lease_expires_at = lease_expires_at + 3600000 WHERE id = 1") }
         daemon.waitUntilExit()
