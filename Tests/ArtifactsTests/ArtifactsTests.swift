@@ -83,6 +83,17 @@ struct ArtifactsTests {
         #expect(try Zstd.decompress(compressed, maxSize: 1 << 20).count == 1 << 20)
     }
 
+    @Test func aDeclaredContentSizeIsNotAllocatedBeforeTheDataBacksIt() throws {
+        // A header may declare gigabytes for a few bytes: the first buffer follows the input, not the header.
+        #expect(Zstd.initialCapacity(declared: 3 << 30, inputBytes: 200, maxSize: 4 << 30) == 1 << 16)
+        #expect(Zstd.initialCapacity(declared: 3 << 30, inputBytes: 1 << 20, maxSize: 4 << 30) == 16 << 20)
+        #expect(Zstd.initialCapacity(declared: 1_000, inputBytes: 200, maxSize: 4 << 30) == 1_001)
+        #expect(Zstd.initialCapacity(declared: nil, inputBytes: 200, maxSize: 100) == 101)
+        // Real data larger than the first buffer still comes out whole.
+        let large = Data((0..<(4 << 20)).map { UInt8(truncatingIfNeeded: ($0 &* 2654435761) >> 13) })
+        #expect(try Zstd.decompress(try Zstd.compress(large), maxSize: 8 << 20) == large)
+    }
+
     @Test func atomicWriteReplacesTheFileWhole() throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
