@@ -194,35 +194,21 @@ struct ManifestEntry {
         self.priority = priority
     }
 
-    /// From a CSV record: empty cells are absent, numbers are parsed as JSON would read them.
+    /// From a CSV record: empty cells are absent; the rest decode as the same JSON object's strings would, through
+    /// the one parameter schema (`JobParameters.textValuesKey` parses numbers from their text).
     init(csvFields cells: [String: String]) throws {
-        func cell(_ name: String) -> String? { cells[name].flatMap { $0.isEmpty ? nil : $0 } }
-        func number<T: LosslessStringConvertible>(_ name: String, _ type: T.Type, _ what: String) throws -> T? {
-            guard let text = cell(name) else { return nil }
-            guard let value = T(text.trimmingCharacters(in: .whitespaces)) else { throw ManifestLineError("\(name) must be \(what), not '\(text)'") }
-            return value
+        let given = cells.filter { !$0.value.isEmpty }
+        // Strings always encode.
+        let object = try! JSONEncoder().encode(given)
+        let decoder = JSONDecoder()
+        decoder.userInfo[JobParameters.textValuesKey] = true
+        do {
+            self = try decoder.decode(ManifestEntry.self, from: object)
+        } catch let error as ManifestLineError {
+            throw error
+        } catch {
+            throw ManifestLineError("the row cannot be read: \(error)")
         }
-        guard let image = cell("image") else { throw ManifestLineError("no image") }
-        guard let prompt = cell("prompt") else { throw ManifestLineError("no prompt") }
-        var sparsity: JobParameters.Sparsity?
-        if let text = cell("sparsity") {
-            guard let value = JobParameters.Sparsity(rawValue: text) else { throw ManifestLineError(Self.sparsityMessage(text)) }
-            sparsity = value
-        }
-        self.init(customID: cell("custom_id"), image: image, prompt: prompt, parameters: JobParameters(
-            maxTokens: try number("max_tokens", Int.self, "an integer"),
-            temperature: try number("temperature", Double.self, "a number"),
-            topP: try number("top_p", Double.self, "a number"),
-            topK: try number("top_k", Int.self, "an integer"),
-            seed: try number("seed", UInt64.self, "an integer from 0 to 2^64-1"),
-            stop: cell("stop").map { [$0] },
-            sparsity: sparsity,
-            visionKeepRate: try number("vision_keep_rate", Double.self, "a number")),
-            priority: try number("priority", Int.self, "an integer"))
-    }
-
-    static func sparsityMessage(_ text: String) -> String {
-        "sparsity must be one of \(JobParameters.Sparsity.allCases.map(\.rawValue).joined(separator: ", ")), not '\(text)'"
     }
 }
 
@@ -240,35 +226,28 @@ extension ManifestEntry: Decodable {
         for key in container.allKeys where !Self.fields.contains(key.stringValue) {
             throw ManifestLineError("unknown field '\(key.stringValue)'")
         }
-        func field<T: Decodable>(_ name: String, _ type: T.Type, _ what: String) throws -> T? {
+        let text = decoder.userInfo[JobParameters.textValuesKey] as? Bool == true
+        func string(_ name: String) throws -> String? {
             let key = Key(name)
             guard container.contains(key), !(try container.decodeNil(forKey: key)) else { return nil }
-            do { return try container.decode(T.self, forKey: key) } catch { throw ManifestLineError("\(name) must be \(what)") }
+            do { return try container.decode(String.self, forKey: key) } catch { throw ManifestLineError("\(name) must be a string") }
         }
-        guard let image = try field("image", String.self, "a string") else { throw ManifestLineError("no image") }
-        guard let prompt = try field("prompt", String.self, "a string") else { throw ManifestLineError("no prompt") }
-        var stop: [String]?
-        if let single = try? field("stop", String.self, "") {
-            stop = [single]
-        } else {
-            stop = try field("stop", [String].self, "a string or a list of strings")
+        guard let image = try string("image") else { throw ManifestLineError("no image") }
+        guard let prompt = try string("prompt") else { throw ManifestLineError("no prompt") }
+        var priority: Int?
+        let priorityKey = Key("priority")
+        if container.contains(priorityKey), !(try container.decodeNil(forKey: priorityKey)) {
+            if text {
+                let cell = try container.decode(String.self, forKey: priorityKey)
+                guard let value = Int(cell.trimmingCharacters(in: .whitespaces)) else { throw ManifestLineError("priority must be an integer, not '\(cell)'") }
+                priority = value
+            } else {
+                do { priority = try container.decode(Int.self, forKey: priorityKey) } catch { throw ManifestLineError("priority must be an integer") }
+            }
         }
-        var sparsity: JobParameters.Sparsity?
-        if let text = try field("sparsity", String.self, "a string") {
-            guard let value = JobParameters.Sparsity(rawValue: text) else { throw ManifestLineError(Self.sparsityMessage(text)) }
-            sparsity = value
-        }
-        self.init(customID: try field("custom_id", String.self, "a string"), image: image, prompt: prompt,
-                  parameters: JobParameters(
-                    maxTokens: try field("max_tokens", Int.self, "an integer"),
-                    temperature: try field("temperature", Double.self, "a number"),
-                    topP: try field("top_p", Double.self, "a number"),
-                    topK: try field("top_k", Int.self, "an integer"),
-                    seed: try field("seed", UInt64.self, "an integer from 0 to 2^64-1"),
-                    stop: stop,
-                    sparsity: sparsity,
-                    visionKeepRate: try field("vision_keep_rate", Double.self, "a number")),
-                  priority: try field("priority", Int.self, "an integer"))
+        let parameters: JobParameters
+        do { parameters = try JobParameters(from: decoder) } catch let error as JobParameters.FieldError { throw ManifestLineError(error.reason) }
+        self.init(customID: try string("custom_id"), image: image, prompt: prompt, parameters: parameters, priority: priority)
     }
 }
 

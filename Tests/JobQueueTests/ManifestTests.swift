@@ -241,4 +241,25 @@ struct ManifestTests {
             "\(manifest.path):3: the quoted field opened on line 3 is never closed: it swallowed lines 3-6 to the end of the file (4 lines, none enqueued); close the quote",
         ])
     }
+
+    @Test func csvAndJSONLDecodeEveryParameterThroughOneSchema() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        try fixture.file("images/a.jpg", "abc")
+        let jsonl = try fixture.file("jobs.jsonl", #"""
+            {"custom_id": "j", "image": "images/a.jpg", "prompt": "P", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "seed": 18446744073709551615, "stop": "###", "sparsity": "random", "vision_keep_rate": 0.25, "priority": 2}
+            """# + "\n")
+        let csv = try fixture.file("jobs.csv", """
+            custom_id,image,prompt,max_tokens,temperature,top_p,top_k,seed,stop,sparsity,vision_keep_rate,priority
+            c,images/a.jpg,P,7,0.5,0.9,4,18446744073709551615,###,random,0.25,2
+            """ + "\n")
+        #expect(try fixture.queue.enqueueJSONL(jsonl).inserted == 1)
+        #expect(try fixture.queue.enqueueCSV(csv).inserted == 1)
+        let fromJSONL = try #require(try fixture.queue.job(customID: "j")), fromCSV = try #require(try fixture.queue.job(customID: "c"))
+        #expect(fromJSONL.parameters == fromCSV.parameters && fromJSONL.priority == 2 && fromCSV.priority == 2)
+        #expect(fromCSV.parameters == JobParameters(maxTokens: 7, temperature: 0.5, topP: 0.9, topK: 4, seed: .max, stop: ["###"],
+                                                    sparsity: .random, visionKeepRate: 0.25))
+        // Every field of the schema is one a manifest may name.
+        #expect(JobParameters.schema.map(\.key.stringValue).sorted() == JobParameters.CodingKeys.allCases.map(\.stringValue).sorted())
+    }
 }
