@@ -121,6 +121,53 @@ struct StorageFaultTests {
                 "\(rest.standardOutput) \(rest.standardError)")
     }
 
+    @Test("the database disk fills up while a job runs: exit 74 with the summary line, no result file that no row records; after freeing space the job is reclaimed and finishes",
+          .enabled(if: canMountSmallDisks))
+    func aFullDatabaseDiskDuringARunLeavesNoOrphanResult() throws {
+        let disk = try #require(SmallDisk(size: "4m"))
+        defer { disk.unmount() }
+        let directory = try workspace(manifest: [["custom_id": "long", "image": sample("test_000001.png"), "prompt": "Describe.", "max_tokens": 1500]])
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let database = disk.mountPoint.appendingPathComponent("q.sqlite").path
+        try FileManager.default.moveItem(atPath: directory.appendingPathComponent("q.sqlite").path, toPath: database)
+        let queue = try JSONSerialization.jsonObject(with: Data(try run(["status", "--db", database, "--json"], in: directory).standardOutput.utf8))
+        let folder = directory.appendingPathComponent("out").appendingPathComponent((queue as! [String: Any])["queue_id"] as! String)
+
+        let process = Process(), output = Pipe(), errors = Pipe()
+        process.executableURL = dllavaExecutable
+        process.arguments = ["run", "--db", database, "--model", tinyModel, "--out", "out", "--until-empty", "--lease", "5m", "--snapshot-every", "0"]
+        process.currentDirectoryURL = directory
+        process.standardOutput = output
+        process.standardError = errors
+        try process.run()
+        // Once the job is claimed, the disk fills: the completion is the next write that needs room.
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline {
+            let status = try run(["status", "--db", database, "--json"], in: directory).standardOutput
+            if let object = try? JSONSerialization.jsonObject(with: Data(status.utf8)) as? [String: Any],
+               (object["counts"] as? [String: Int])?["running"] == 1 { break }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        disk.fill()
+        let summary = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let log = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 74, "\(log)")
+        #expect(summary == "claimed 1, succeeded 0, failed 0, retrying 0, cancelled 0, released 0, discarded 0\n", "\(summary)")
+        #expect(log.contains("dllava: the disk holding the queue database \(database) is full; free space and try again; stopped, and released 0 jobs "
+                             + "of the batch to the queue without counting the attempt; 1 stay running until their lease expires"), "\(log)")
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: folder.path)) ?? []
+        #expect(left.allSatisfy { !$0.hasSuffix(".json.zst") && !$0.contains(".tmp-") }, "\(left)")
+
+        #expect(disk.resize("64m"))
+        try FileManager.default.removeItem(at: disk.mountPoint.appendingPathComponent("filler"))
+        let again = try run(["run", "--db", database, "--model", tinyModel, "--out", "out", "--until-empty", "--lease", "5m"], in: directory)
+        #expect(again.status == 0, "\(again.standardError)")
+        #expect(again.standardError.contains("reclaimed 1 job of dead workers on this host"), "\(again.standardError)")
+        let records = try run(["export", "--db", database, "--output", "-"], in: directory)
+        #expect(records.standardOutput.contains(#""state":"succeeded""#), "\(records.standardOutput)")
+    }
+
     @Test("status, list, show and export work on a queue on a read-only disk", .enabled(if: canMountSmallDisks))
     func readCommandsWorkOnAReadOnlyDatabase() throws {
         let disk = try #require(SmallDisk(size: "4m"))
