@@ -243,19 +243,26 @@ struct ManifestBatch {
         if pending.count >= options.chunkSize { try flush() }
     }
 
+    /// Enqueues the pending jobs, one transaction per `JobQueue.chunkSize`, so that when a write fails the count of
+    /// jobs committed before it is exact.
     mutating func flush() throws {
-        guard !pending.isEmpty else { return }
-        let result: EnqueueResult
-        do {
-            result = try queue.enqueue(pending)
-        } catch {
-            throw ManifestInterrupted(file: file, inserted: report.inserted, alreadyPresent: report.alreadyPresent, underlying: error)
-        }
-        report.inserted += result.inserted.count
-        report.alreadyPresent += result.alreadyPresent.count
-        for conflict in result.conflicts {
-            report(line: pendingLines[conflict.index], "custom_id '\(pending[conflict.index].customID ?? "")' is already queued as job "
-                   + "\(conflict.existingID) with another image, prompt or parameters; this line is not enqueued (give it its own custom_id)")
+        var start = 0
+        while start < pending.count {
+            let end = min(start + JobQueue.chunkSize, pending.count)
+            let result: EnqueueResult
+            do {
+                result = try queue.enqueue(Array(pending[start ..< end]))
+            } catch {
+                throw ManifestInterrupted(file: file, inserted: report.inserted, alreadyPresent: report.alreadyPresent, underlying: error)
+            }
+            report.inserted += result.inserted.count
+            report.alreadyPresent += result.alreadyPresent.count
+            for conflict in result.conflicts {
+                let index = start + conflict.index
+                report(line: pendingLines[index], "custom_id '\(pending[index].customID ?? "")' is already queued as job "
+                       + "\(conflict.existingID) with another image, prompt or parameters; this line is not enqueued (give it its own custom_id)")
+            }
+            start = end
         }
         pending.removeAll(keepingCapacity: true)
         pendingLines.removeAll(keepingCapacity: true)
