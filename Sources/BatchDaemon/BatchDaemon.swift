@@ -26,11 +26,13 @@ public protocol BatchRunner: Sendable {
     /// Identifies the model in result and snapshot files.
     var fingerprint: ModelFingerprint { get }
     /// One outcome per job, in order. A job's outcome must not depend on its batch-mates.
+    /// `images[i]` is job `i`'s image file, read once and checked against the sha256 recorded at
+    /// enqueue: the engine decodes these bytes, never the path again (the file may change).
     /// `snapshots[i]` is job `i`'s latest snapshot payload (checked against the model and its
     /// checksum): the job goes on from it, or, when the engine cannot use it, starts from scratch
     /// and says so through `session.log`. The runner calls `session.afterStep` after prefill and
     /// after every decode step, and hands the payloads it asks for to `session.snapshotTaken`.
-    func run(_ jobs: [Job], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<Stats>]
+    func run(_ jobs: [Job], images: [Data], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<Stats>]
 }
 
 /// Where a running batch stands: after prefill (`step` 0) and after every decode step. Jobs are
@@ -283,7 +285,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     func runBatch(_ claimed: [Job], unsettled: inout [Int64], report: inout DaemonReport, stop: StopFlag, start: Date,
                   log: @escaping @Sendable (String) -> Void, progress: @escaping @Sendable (DaemonProgress) -> Void) throws {
         let batchStart = Date()
-        let jobs = try failChangedImages(claimed, report: &report, log: log)
+        let checked = try readImages(claimed, report: &report, log: log)
+        let jobs = checked.map(\.job), images = checked.map(\.image)
         unsettled = jobs.map(\.id)
         if jobs.isEmpty { return }
         let counts = try queue.counts()
@@ -294,7 +297,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                                    remaining: (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0),
                                    generatedTokens: report.generatedTokens)
         let snapshots = jobs.map { readSnapshot($0, log: log) }
-        let outcomes = withHeartbeat(jobs, lostLeases: lostLeases) { runner.run(jobs, resumingFrom: snapshots, session: session) }
+        let outcomes = withHeartbeat(jobs, lostLeases: lostLeases) { runner.run(jobs, images: images, resumingFrom: snapshots, session: session) }
         var released: [Int64] = []
         for (index, (job, outcome)) in zip(jobs, outcomes).enumerated() {
             if case .stopped = outcome {
@@ -383,17 +386,19 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         return nil
     }
 
-    /// Fails, permanently and with a sentence naming the file, each claimed job whose image is no longer the one
-    /// enqueued (its sha256 differs from the one recorded at enqueue) or cannot be read; returns the others.
-    /// Captioning whatever now lies at the path would give the job another image's caption.
-    func failChangedImages(_ jobs: [Job], report: inout DaemonReport, log: (String) -> Void) throws -> [Job] {
-        var kept: [Job] = []
+    /// Reads each claimed job's image once and returns the jobs with their bytes; fails, permanently and with a
+    /// sentence naming the file, each job whose image is no longer the one enqueued (its sha256 differs from the
+    /// one recorded at enqueue) or cannot be read. Captioning whatever now lies at the path would give the job
+    /// another image's caption; handing the engine the checked bytes leaves no moment for the file to change.
+    func readImages(_ jobs: [Job], report: inout DaemonReport, log: (String) -> Void) throws -> [(job: Job, image: Data)] {
+        var kept: [(job: Job, image: Data)] = []
         for job in jobs {
             let reason: String
             do {
-                let actual = try Checksum.sha256Hex(fileAt: URL(fileURLWithPath: job.imagePath))
+                let image = try Self.readImage(job.imagePath)
+                let actual = Checksum.sha256Hex(image)
                 if actual == job.imageSHA256 {
-                    kept.append(job)
+                    kept.append((job, image))
                     continue
                 }
                 reason = "the image \(job.imagePath) changed after the job was enqueued (its sha256 is now \(actual), "
@@ -405,6 +410,29 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             try finish(job, .failed(reason: reason, permanent: true), report: &report, log: log)
         }
         return kept
+    }
+
+    /// Images larger than this are refused (the engine's decoder refuses them too).
+    public static var maxImageBytes: Int { 1 << 30 }
+
+    /// The bytes of the regular file at `path`, opened without blocking (a FIFO named like an image never stalls
+    /// the batch) and refused when it is not a regular file or larger than `maxImageBytes`.
+    static func readImage(_ path: String) throws -> Data {
+        let descriptor = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        guard descriptor >= 0 else { throw ArtifactError.io(path: path, operation: "open", reason: String(cString: strerror(errno))) }
+        let handle = FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
+        var status = stat()
+        guard fstat(descriptor, &status) == 0, status.st_mode & S_IFMT == S_IFREG else {
+            throw ArtifactError.io(path: path, operation: "read", reason: "not a regular file")
+        }
+        guard Int(status.st_size) <= maxImageBytes else {
+            throw ArtifactError.io(path: path, operation: "read", reason: "\(status.st_size) bytes, more than \(maxImageBytes)")
+        }
+        do {
+            return try handle.readToEnd() ?? Data()
+        } catch {
+            throw ArtifactError.io(path: path, operation: "read", reason: error.localizedDescription)
+        }
     }
 
     /// The payload of a job's latest snapshot, or nil when it has none or it is refused (logged;

@@ -47,13 +47,13 @@ struct EngineRunner: BatchRunner {
             sparsity: SparsityParameters(mode: mode, visionKeepRate: p.visionKeepRate))
     }
 
-    func run(_ jobs: [Job], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<GenerationStats>] {
+    func run(_ jobs: [Job], images: [Data], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<GenerationStats>] {
         var outcomes = [JobOutcome<GenerationStats>?](repeating: nil, count: jobs.count)
         var requests: [GenerationRequest] = [], rows: [Int] = [], resumed: [GenerationSnapshot?] = []
         let generator = pipeline.generator
         for (i, job) in jobs.enumerated() {
             do {
-                let request = try pipeline.request(imageAt: URL(fileURLWithPath: job.imagePath), question: job.prompt, parameters: parameters(job))
+                let request = try pipeline.request(imageData: images[i], name: job.imagePath, question: job.prompt, parameters: parameters(job))
                 try generator.validate([request])
                 requests.append(request)
                 rows.append(i)
