@@ -50,7 +50,9 @@ public struct WorkerRecord: Sendable, Hashable {
     /// What can be said of this worker from here: dead (known only on its own host), silent (another host, and no
     /// heartbeat for half a lease: two of its four heartbeats missed), or alive as far as can be told.
     public func liveness(now: Int64) -> WorkerLiveness {
-        if host == ProcessInfo.processInfo.hostName {
+        // Without /proc (another system) nothing is known of the process: judge it by its heartbeats, as on another host.
+        let procKnown = !processStart.isEmpty && !bootID.isEmpty && !ProcessLiveness.bootID().isEmpty
+        if procKnown && host == ProcessInfo.processInfo.hostName {
             if bootID != ProcessLiveness.bootID() { return .dead(reason: "its host has restarted since") }
             guard let start = ProcessLiveness.startTime(of: pid) else { return .dead(reason: "process \(pid) is not running") }
             if start != processStart { return .dead(reason: "process \(pid) is not running (the pid now belongs to another process)") }
