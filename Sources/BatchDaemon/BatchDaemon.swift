@@ -464,7 +464,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         switch outcome {
         case .succeeded(let text, let tokenIDs, let finishReason, let stats, let timings):
             let now = Int64(Date().timeIntervalSince1970 * 1000)
-            let record = ResultRecord(jobID: job.id, attempt: job.attempt, customID: job.customID, text: text, tokenIDs: tokenIDs,
+            let record = ResultRecord(queueID: queue.identity, jobID: job.id, attempt: job.attempt, customID: job.customID, text: text, tokenIDs: tokenIDs,
                                       finishReason: finishReason, parameters: job.parameters, stats: stats, model: runner.fingerprint,
                                       timings: ResultTimings(enqueuedAt: job.createdAt, startedAt: job.startedAt ?? now, finishedAt: now))
             let written: AtomicFile.Written

@@ -1,6 +1,7 @@
 // Job identity (issue 11, items 1-4 and 6): a result or snapshot written for one job is never taken for
 // another's, whether the id was pruned and handed out again, the file was swapped, a second queue shares
 // `--out`, the model was retrained to the same size, or the image was replaced after enqueue.
+import Artifacts
 import CommandLineSupport
 import Foundation
 import Testing
@@ -77,6 +78,11 @@ struct JobIdentityTests {
             let record = try JSONSerialization.jsonObject(with: Data(export.standardOutput.utf8)) as! [String: Any]
             #expect(record["job_id"] as? Int == 1 && record["state"] as? String == "succeeded")
             #expect(record["text"] as? String == (try captionAlone(image, prompt: "Describe.", maxTokens: 6, in: directory)), "\(name)")
+            // The result file names its queue in its folder and in its JSON.
+            let status = try run(["status", "--db", "\(name).sqlite", "--json"], in: directory)
+            let queue = (try JSONSerialization.jsonObject(with: Data(status.standardOutput.utf8)) as! [String: Any])["queue_id"] as! String
+            let file = directory.appendingPathComponent("out/\(queue)/1-1.json.zst")
+            #expect(try ResultFile.read(ResultSummary.self, from: file).queueID == queue)
         }
     }
 

@@ -215,7 +215,7 @@ struct QueueCommandLineTests {
         let jobs = try queue.claim(owner: "test", limit: 3, leaseDuration: 60_000)
         let results = try ResultFile(directory: workspace.directory.appendingPathComponent("out"))
         // a succeeds with a multi-line, comma-holding caption; b fails permanently; c stays running.
-        let record = ResultRecord(jobID: jobs[0].id, attempt: jobs[0].attempt, customID: jobs[0].customID,
+        let record = ResultRecord(queueID: queue.identity, jobID: jobs[0].id, attempt: jobs[0].attempt, customID: jobs[0].customID,
                                   text: "A cat,\nsitting \"still\".", tokenIDs: [1, 2], finishReason: "stop",
                                   parameters: jobs[0].parameters, stats: Stats(decode_ms: 1),
                                   model: ModelFingerprint(fingerprint: "f"), timings: ResultTimings(startedAt: 1, finishedAt: 2))
