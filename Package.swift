@@ -48,11 +48,10 @@ let package = Package(
         .executableTarget(name: "dllava", dependencies: [
             "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "Artifacts", "BatchDaemon",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "GRDB", package: "GRDB.swift"),
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
         .executableTarget(name: "dllava-bench", dependencies: [
-            "CBLAS", "DynamicLLaVA", "Numerics", "Llama", "Vision",
+            "CBLAS", "DynamicLLaVA", "Numerics", "Llama", "Vision", "Sparsification",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),
@@ -71,7 +70,7 @@ let package = Package(
             "dllava", "CommandLineSupport", "Artifacts", .product(name: "GRDB", package: "GRDB.swift"),
         ]),
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
-        .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama"],
+        .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama", "Sparsification"],
                     exclude: ["Fixtures"]),
         .testTarget(name: "JobQueueTests", dependencies: ["JobQueue"]),
         .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts"]),

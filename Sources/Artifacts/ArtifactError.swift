@@ -24,7 +24,7 @@ public indirect enum ArtifactError: Error, Sendable, Equatable, CustomStringConv
         case let .io(path, operation, reason): "\(operation) \(path) failed: \(reason)"
         case let .checksumMismatch(path, expected, actual): "\(path) has sha256 \(actual), not the recorded \(expected)"
         case let .unsupportedFormatVersion(path, version, supported):
-            "\(path) is result format version \(version); this build reads version \(supported)"
+            "\(path) is result format version \(version); this build reads versions 1 to \(supported)"
         case let .malformedResult(path, reason): "\(path) is not a valid result file: \(reason)"
         case let .inFile(path, error): "\(path): \(error)"
         }

@@ -7,11 +7,17 @@ public enum Checksum {
         hex(SHA256.hash(data: data))
     }
 
-    /// Reads the file in 1 MiB pieces.
+    /// Reads the file in 1 MiB pieces. Only a regular file is read: the file is opened without blocking (a FIFO
+    /// named like an image would otherwise wait forever for a writer) and anything else is refused.
     public static func sha256Hex(fileAt url: URL) throws -> String {
-        let descriptor = open(url.path, O_RDONLY | O_CLOEXEC)
+        let descriptor = open(url.path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         guard descriptor >= 0 else { throw ArtifactError.posix("open", url.path) }
         defer { close(descriptor) }
+        var status = stat()
+        guard fstat(descriptor, &status) == 0 else { throw ArtifactError.posix("stat", url.path) }
+        guard status.st_mode & S_IFMT == S_IFREG else {
+            throw ArtifactError.io(path: url.path, operation: "read", reason: "not a regular file")
+        }
         var hasher = SHA256()
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         while true {

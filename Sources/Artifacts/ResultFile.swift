@@ -33,11 +33,14 @@ public struct ResultTimings: Codable, Sendable, Hashable {
 /// statistics types so this target needs neither the queue nor the engine; readers that only want the text
 /// decode `ResultSummary`.
 ///
-/// Format version 1 (never edited; a change is version 2): `format_version`, `job_id`, `attempt`, `custom_id`
-/// (absent when none), `text`, `token_ids`, `finish_reason`, `parameters`, `stats`, `model`
-/// (`fingerprint`, `name`), `timings` (`enqueued_at`, `started_at`, `finished_at`).
+/// Format version 1 (never edited): `format_version`, `job_id`, `attempt`, `custom_id` (absent when none), `text`,
+/// `token_ids`, `finish_reason`, `parameters`, `stats`, `model` (`fingerprint`, `name`), `timings` (`enqueued_at`,
+/// `started_at`, `finished_at`). Version 2 (written now) adds `queue_id`, the identity of the queue whose job this
+/// is, so a file names its job even outside its queue's folder. Readers take both.
 public struct ResultRecord<Parameters: Codable & Sendable, Stats: Codable & Sendable>: Codable, Sendable {
     public var formatVersion: Int
+    /// The queue's identity (absent in version 1 files).
+    public var queueID: String?
     public var jobID: Int64
     public var attempt: Int
     public var customID: String?
@@ -49,9 +52,10 @@ public struct ResultRecord<Parameters: Codable & Sendable, Stats: Codable & Send
     public var model: ModelFingerprint
     public var timings: ResultTimings
 
-    public init(jobID: Int64, attempt: Int, customID: String?, text: String, tokenIDs: [Int32], finishReason: String,
+    public init(queueID: String, jobID: Int64, attempt: Int, customID: String?, text: String, tokenIDs: [Int32], finishReason: String,
                 parameters: Parameters, stats: Stats, model: ModelFingerprint, timings: ResultTimings) {
         formatVersion = ResultFile.formatVersion
+        self.queueID = queueID
         self.jobID = jobID
         self.attempt = attempt
         self.customID = customID
@@ -65,7 +69,7 @@ public struct ResultRecord<Parameters: Codable & Sendable, Stats: Codable & Send
     }
 
     enum CodingKeys: String, CodingKey {
-        case formatVersion = "format_version", jobID = "job_id", attempt, customID = "custom_id", text
+        case formatVersion = "format_version", queueID = "queue_id", jobID = "job_id", attempt, customID = "custom_id", text
         case tokenIDs = "token_ids", finishReason = "finish_reason", parameters, stats, model, timings
     }
 }
@@ -73,13 +77,15 @@ public struct ResultRecord<Parameters: Codable & Sendable, Stats: Codable & Send
 /// The fields of a result file that `export` needs, whatever the parameter and statistics types.
 public struct ResultSummary: Decodable, Sendable, Hashable {
     public var formatVersion: Int
+    /// Absent in version 1 files.
+    public var queueID: String?
     public var jobID: Int64
     public var customID: String?
     public var text: String
     public var finishReason: String
 
     enum CodingKeys: String, CodingKey {
-        case formatVersion = "format_version", jobID = "job_id", customID = "custom_id", text, finishReason = "finish_reason"
+        case formatVersion = "format_version", queueID = "queue_id", jobID = "job_id", customID = "custom_id", text, finishReason = "finish_reason"
     }
 }
 
@@ -87,7 +93,8 @@ public struct ResultSummary: Decodable, Sendable, Hashable {
 /// so a late write from an attempt whose lease was rescued can never replace the file (and checksum) that the
 /// accepted attempt recorded.
 public struct ResultFile: Sendable {
-    public static let formatVersion = 1
+    /// The version written; every version from 1 up to it is read.
+    public static let formatVersion = 2
     /// Results larger than this are refused on reading (a guard against a corrupt or hostile size).
     public static let maxDecompressedSize = 256 << 20
 
@@ -105,6 +112,14 @@ public struct ResultFile: Sendable {
 
     public func url(job: Int64, attempt: Int) -> URL {
         directory.appendingPathComponent("\(job)-\(attempt).json.zst")
+    }
+
+    /// The job id and attempt a result file's name (`<job id>-<attempt>.json.zst`) gives, or nil for other names.
+    public static func parseName(_ name: String) -> (job: Int64, attempt: Int)? {
+        guard name.hasSuffix(".json.zst") else { return nil }
+        let parts = name.dropLast(".json.zst".count).split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 2, let job = Int64(parts[0]), let attempt = Int(parts[1]), job > 0, attempt > 0 else { return nil }
+        return (job, attempt)
     }
 
     /// Encodes (sorted keys), compresses and writes `record` atomically; returns the path and the sha256 of the
@@ -140,7 +155,7 @@ public struct ResultFile: Sendable {
         do { version = try JSONDecoder().decode(FormatVersion.self, from: json).format_version } catch {
             throw ArtifactError.malformedResult(path: url.path, reason: "no format_version")
         }
-        guard version == formatVersion else {
+        guard (1...formatVersion).contains(version) else {
             throw ArtifactError.unsupportedFormatVersion(path: url.path, version: version, supported: formatVersion)
         }
         do { return try JSONDecoder().decode(R.self, from: json) } catch {

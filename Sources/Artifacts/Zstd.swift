@@ -29,16 +29,13 @@ public enum Zstd {
         guard let context = ZSTD_createDCtx() else { throw ArtifactError.zstd(operation: "decompression", reason: "out of memory") }
         defer { ZSTD_freeDCtx(context) }
         return try data.withUnsafeBytes { source -> Data in
-            // The frame header usually records the size: allocate it at once, or refuse at once.
+            // The frame header usually records the size: refuse at once what could never fit. It is not trusted for
+            // the allocation (a damaged or crafted header could declare gigabytes for a few bytes of input): the
+            // buffer starts at what the input could plausibly expand to and grows with what is really produced.
             let declared = ZSTD_getFrameContentSize(source.baseAddress, source.count)
-            var capacity = 1 << 16
-            if declared != ZSTD_CONTENTSIZE_UNKNOWN && declared != ZSTD_CONTENTSIZE_ERROR {
-                if declared > UInt64(maxSize) { throw ArtifactError.decompressedSizeLimit(limit: maxSize) }
-                capacity = Int(declared) + 1
-            }
-            // One byte more than allowed, so "exactly maxSize" and "more than maxSize" can be told apart.
-            capacity = min(capacity, maxSize + 1)
-            var output = [UInt8](repeating: 0, count: capacity)
+            let known = declared != ZSTD_CONTENTSIZE_UNKNOWN && declared != ZSTD_CONTENTSIZE_ERROR
+            if known && declared > UInt64(maxSize) { throw ArtifactError.decompressedSizeLimit(limit: maxSize) }
+            var output = [UInt8](repeating: 0, count: initialCapacity(declared: known ? declared : nil, inputBytes: source.count, maxSize: maxSize))
             var produced = 0
             var input = ZSTD_inBuffer(src: source.baseAddress, size: source.count, pos: 0)
             while true {
@@ -62,6 +59,15 @@ public enum Zstd {
             }
             return Data(output[..<produced])
         }
+    }
+
+    /// The first output buffer: the declared size when the input could plausibly expand to it (16 times its size, at
+    /// least 64 KiB), else that plausible size; the buffer then grows with what is really produced. Never more than
+    /// `maxSize + 1`: one byte more than allowed tells "exactly maxSize" from "more".
+    static func initialCapacity(declared: UInt64?, inputBytes: Int, maxSize: Int) -> Int {
+        let plausible = max(1 << 16, inputBytes.multipliedReportingOverflow(by: 16).partialValue)
+        let wanted = declared.map { Int(min($0 + 1, UInt64(plausible))) } ?? (1 << 16)
+        return min(wanted, maxSize + 1)
     }
 
     private static func check(_ code: Int, _ operation: String) throws {

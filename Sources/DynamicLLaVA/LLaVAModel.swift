@@ -125,10 +125,14 @@ public struct LLaVAModel: Sendable {
     public let imagePreprocessing: ImagePreprocessing
     /// The predictors of a Dynamic-LLaVA checkpoint (nil: no `sparse_config`).
     public let sparse: SparseModules?
+    /// The CLIP checkpoint directory the original layout names with `mm_vision_tower` (nil in the llava-hf layout,
+    /// whose tower lives in `directory`): the files a model fingerprint must cover lie in both.
+    public let visionTowerDirectory: URL?
 
     public init(vision: CLIPVisionTower, projector: MultimodalProjector, language: LlamaModel, directory: URL,
                 layout: CheckpointLayout, endOfSequenceTokenID: Int32?, imagePreprocessing: ImagePreprocessing,
-                sparse: SparseModules? = nil) {
+                sparse: SparseModules? = nil, visionTowerDirectory: URL? = nil) {
+        self.visionTowerDirectory = visionTowerDirectory
         self.imagePreprocessing = imagePreprocessing
         self.sparse = sparse
         self.vision = vision
@@ -239,7 +243,7 @@ public struct LLaVAModel: Sendable {
         return LLaVAModel(vision: vision, projector: projector, language: language, directory: directory, layout: .original, endOfSequenceTokenID: endOfSequence,
                           imagePreprocessing: .read(towerDirectory.appendingPathComponent("preprocessor_config.json"),
                                                     padToSquare: mm.imageAspectRatio == "pad"),
-                          sparse: sparse)
+                          sparse: sparse, visionTowerDirectory: towerDirectory)
     }
 
     /// `mm_vision_tower` is a directory (absolute, or relative to the model) or a hub name whose

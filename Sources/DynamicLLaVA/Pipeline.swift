@@ -62,12 +62,31 @@ public struct LLaVAPipeline: Sendable {
         }
     }
 
+    /// `[3, S, S]` pixel values of an encoded image held in memory; `name` (its path) is used in errors.
+    public func pixelValues(imageData data: Data, name: String) throws(InputError) -> [Float] {
+        do {
+            return preprocessor.pixelValues(for: try decoder.decode(data: data, name: name))
+        } catch {
+            throw .image(error)
+        }
+    }
+
     /// A request for `question` about the image at `url`, wrapped in the chat template.
     public func request(imageAt url: URL, question: String, parameters: GenerationParameters) throws(InputError) -> GenerationRequest {
+        request(pixelValues: try pixelValues(imageAt: url), question: question, parameters: parameters)
+    }
+
+    /// A request for `question` about an image already read (`data`, the file's bytes; `name` its path for errors):
+    /// the daemon decodes exactly the bytes whose sha256 it checked.
+    public func request(imageData data: Data, name: String, question: String, parameters: GenerationParameters) throws(InputError) -> GenerationRequest {
+        request(pixelValues: try pixelValues(imageData: data, name: name), question: question, parameters: parameters)
+    }
+
+    func request(pixelValues: [Float], question: String, parameters: GenerationParameters) -> GenerationRequest {
         let prompt = template.tokens(question: question, tokenizer: tokenizer)
         var parameters = parameters
         parameters.endOfSequence = endOfSequenceTokenID
-        return GenerationRequest(idsBeforeImage: prompt.idsBeforeImage, pixelValues: try pixelValues(imageAt: url),
+        return GenerationRequest(idsBeforeImage: prompt.idsBeforeImage, pixelValues: pixelValues,
                                  idsAfterImage: prompt.idsAfterImage, parameters: parameters)
     }
 

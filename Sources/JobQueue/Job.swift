@@ -18,6 +18,10 @@ public enum JobState: String, CaseIterable, Codable, Sendable, Comparable {
 /// The generation parameters a job asks for, as JSONL and CSV manifests spell them. `nil` means "the
 /// engine's default", so two jobs that differ only in spelling a default explicitly are different jobs;
 /// the canonical JSON (sorted keys, absent fields omitted) is what the idempotency key hashes.
+///
+/// The one schema of the parameters: `schema` lists each field once (key, type, what a bad value is called), and
+/// decoding (the job row's JSON, a JSONL line, a CSV row whose cells arrive as text) and `overridden(by:)` go
+/// through it.
 public struct JobParameters: Codable, Sendable, Hashable {
     /// Dynamic-LLaVA's sparsification modes (docs/DYNAMIC_LLAVA.md section 4, `generate --sparsity`).
     public enum Sparsity: String, Codable, Sendable, CaseIterable {
@@ -52,10 +56,42 @@ public struct JobParameters: Codable, Sendable, Hashable {
 
     /// Fields of `other` that are set replace ours (manifest line over command-line defaults).
     public func overridden(by other: JobParameters) -> JobParameters {
-        JobParameters(maxTokens: other.maxTokens ?? maxTokens, temperature: other.temperature ?? temperature,
-                      topP: other.topP ?? topP, topK: other.topK ?? topK, seed: other.seed ?? seed,
-                      stop: other.stop ?? stop, sparsity: other.sparsity ?? sparsity,
-                      visionKeepRate: other.visionKeepRate ?? visionKeepRate)
+        var result = self
+        for field in Self.schema { field.override(&result, other) }
+        return result
+    }
+
+    /// Every field, once: how it decodes and how a set value overrides.
+    static let schema: [ParameterField] = [
+        .scalar(.maxTokens, \.maxTokens, "an integer"),
+        .scalar(.temperature, \.temperature, "a number"),
+        .scalar(.topP, \.topP, "a number"),
+        .scalar(.topK, \.topK, "an integer"),
+        .scalar(.seed, \.seed, "an integer from 0 to 2^64-1"),
+        .stopStrings,
+        .sparsityMode,
+        .scalar(.visionKeepRate, \.visionKeepRate, "a number"),
+    ]
+
+    /// Set to true in a decoder's `userInfo` when every value arrives as text (CSV cells): numbers are then parsed
+    /// from the text, as a JSON reader would read the same digits.
+    public static let textValuesKey = CodingUserInfoKey(rawValue: "dllava.job-parameters.text-values")!
+
+    /// A value that does not fit its field; `reason` names the field (e.g. "temperature must be a number").
+    public struct FieldError: Error, Sendable, Equatable {
+        public var reason: String
+    }
+
+    /// Decodes through `schema`; keys that are not parameters are left for the caller (a manifest line has more).
+    public init(from decoder: Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        let text = decoder.userInfo[Self.textValuesKey] as? Bool == true
+        self.init()
+        for field in Self.schema { try field.decode(&self, container, text) }
+    }
+
+    static func sparsityMessage(_ text: String) -> String {
+        "sparsity must be one of \(Sparsity.allCases.map(\.rawValue).joined(separator: ", ")), not '\(text)'"
     }
 
     /// Why these parameters cannot be run, or nil when they can.
@@ -80,6 +116,67 @@ public struct JobParameters: Codable, Sendable, Hashable {
     public static func decode(canonicalJSON text: String) throws -> JobParameters {
         try JSONDecoder().decode(JobParameters.self, from: Data(text.utf8))
     }
+}
+
+/// One field of `JobParameters.schema`.
+struct ParameterField: Sendable {
+    typealias Container = KeyedDecodingContainer<JobParameters.CodingKeys>
+    let key: JobParameters.CodingKeys
+    let decode: @Sendable (inout JobParameters, Container, _ text: Bool) throws -> Void
+    let override: @Sendable (inout JobParameters, JobParameters) -> Void
+
+    /// Whether `key` holds a value (JSON null and absence are "not given").
+    static func isGiven(_ key: JobParameters.CodingKeys, in container: Container) throws -> Bool {
+        try container.contains(key) && !container.decodeNil(forKey: key)
+    }
+
+    /// A number field: a JSON number, or a cell whose text parses as one.
+    static func scalar<T: Decodable & LosslessStringConvertible & Sendable>(
+        _ key: JobParameters.CodingKeys, _ path: WritableKeyPath<JobParameters, T?> & Sendable, _ what: String) -> ParameterField {
+        ParameterField(key: key, decode: { parameters, container, text in
+            guard try isGiven(key, in: container) else { return }
+            if text {
+                let cell = try container.decode(String.self, forKey: key)
+                guard let value = T(cell.trimmingCharacters(in: .whitespaces)) else {
+                    throw JobParameters.FieldError(reason: "\(key.stringValue) must be \(what), not '\(cell)'")
+                }
+                parameters[keyPath: path] = value
+            } else {
+                do { parameters[keyPath: path] = try container.decode(T.self, forKey: key) } catch {
+                    throw JobParameters.FieldError(reason: "\(key.stringValue) must be \(what)")
+                }
+            }
+        }, override: { parameters, other in
+            if let value = other[keyPath: path] { parameters[keyPath: path] = value }
+        })
+    }
+
+    /// `stop`: a string or a list of strings in JSON; one string in a cell.
+    static let stopStrings = ParameterField(key: .stop, decode: { parameters, container, _ in
+        guard try isGiven(.stop, in: container) else { return }
+        if let single = try? container.decode(String.self, forKey: .stop) {
+            parameters.stop = [single]
+        } else {
+            do { parameters.stop = try container.decode([String].self, forKey: .stop) } catch {
+                throw JobParameters.FieldError(reason: "stop must be a string or a list of strings")
+            }
+        }
+    }, override: { parameters, other in
+        if let value = other.stop { parameters.stop = value }
+    })
+
+    /// `sparsity`: one of the mode names.
+    static let sparsityMode = ParameterField(key: .sparsity, decode: { parameters, container, _ in
+        guard try isGiven(.sparsity, in: container) else { return }
+        let text: String
+        do { text = try container.decode(String.self, forKey: .sparsity) } catch {
+            throw JobParameters.FieldError(reason: "sparsity must be a string")
+        }
+        guard let mode = JobParameters.Sparsity(rawValue: text) else { throw JobParameters.FieldError(reason: JobParameters.sparsityMessage(text)) }
+        parameters.sparsity = mode
+    }, override: { parameters, other in
+        if let value = other.sparsity { parameters.sparsity = value }
+    })
 }
 
 /// What a worker measured while running a job (milliseconds unless named otherwise); stored as JSON in
@@ -179,6 +276,8 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
     /// When the current (or last) attempt was claimed.
     public var startedAt: Int64?
     public var finalizedAt: Int64?
+    /// Where the job's KV snapshot was last written (the file is deleted when the job finishes, unless kept).
+    public var snapshotPath: String?
 
     public init(row: Row) throws {
         id = row["id"]
@@ -211,6 +310,7 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
         updatedAt = row["updated_at"]
         startedAt = row["started_at"]
         finalizedAt = row["finalized_at"]
+        snapshotPath = row["snapshot_path"]
     }
 }
 
@@ -222,6 +322,6 @@ extension Job: Encodable {
         case maxAttempts = "max_attempts", runAt = "run_at", leaseOwner = "lease_owner", leaseExpiresAt = "lease_expires_at"
         case heartbeatAt = "heartbeat_at", cancelRequested = "cancel_requested", error, outputPath = "output_path"
         case outputSHA256 = "output_sha256", timings, createdAt = "created_at", updatedAt = "updated_at"
-        case startedAt = "started_at", finalizedAt = "finalized_at"
+        case startedAt = "started_at", finalizedAt = "finalized_at", snapshotPath = "snapshot_path"
     }
 }

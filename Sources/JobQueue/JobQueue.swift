@@ -50,7 +50,16 @@ public struct JobFilter: Sendable, Hashable {
 public struct EnqueueResult: Sendable, Hashable {
     public var inserted: [Int64] = []
     public var alreadyPresent: [Int64] = []
+    /// Jobs whose custom id is already queued with another image, prompt or parameters: not enqueued.
+    public var conflicts: [Conflict] = []
     public init() {}
+
+    public struct Conflict: Sendable, Hashable {
+        /// Index of the job in the array given to `enqueue`.
+        public var index: Int
+        /// The queued job holding the custom id.
+        public var existingID: Int64
+    }
 }
 
 /// What a worker hands to `complete`: the result file it wrote and what it measured.
@@ -114,6 +123,10 @@ public final class JobQueue: Sendable {
     public let path: String
     public let clock: QueueClock
     public let retryPolicy: RetryPolicy
+    /// The queue's identity: a lowercase UUID created once with the queue (migration v2) and never changed. Result and
+    /// snapshot files are named under it, so neither a second queue sharing an output folder nor a restored copy of
+    /// another queue's database can write or read this queue's files by job id alone.
+    public let identity: String
     let pool: DatabasePool
 
     /// Rows a bulk operation changes per write transaction.
@@ -128,34 +141,110 @@ public final class JobQueue: Sendable {
         case normal
     }
 
-    /// Opens the queue at `path`, applying migrations it lacks. Without `create`, a missing file is an error
-    /// (`JobQueueError.noDatabase`); a database with migrations this build does not know is refused.
-    public init(path: String, create: Bool = false, busyTimeout: TimeInterval = 10, durability: Durability = .full,
+    /// How a command opens the queue.
+    public enum Access: Sendable {
+        /// `init`: create the file when missing and apply every migration. An existing database must be empty or
+        /// a dllava queue: the schema is never written into someone else's database.
+        case create
+        /// Workers and operators that change jobs: the file must already be a dllava queue (else
+        /// `JobQueueError.notAQueue`, with nothing written); migrations it lacks are applied.
+        case readWrite
+        /// `status`, `list`, `show`, `export`: opened read-only, never written (a read-only file or a file on a
+        /// read-only mount works); a queue that lacks migrations is refused (`olderSchema`) rather than upgraded.
+        case readOnly
+    }
+
+    /// Opens the queue at `path`. Without `create`, a missing file is an error (`JobQueueError.noDatabase`); a
+    /// database that is not a dllava queue is refused before anything is written to it (`notAQueue`); a database
+    /// with migrations this build does not know is refused (`newerSchema`).
+    public convenience init(path: String, create: Bool = false, busyTimeout: TimeInterval = 10, durability: Durability = .full,
+                            clock: QueueClock = .system, retryPolicy: RetryPolicy = RetryPolicy()) throws {
+        try self.init(path: path, access: create ? .create : .readWrite, busyTimeout: busyTimeout, durability: durability,
+                      clock: clock, retryPolicy: retryPolicy)
+    }
+
+    public init(path: String, access: Access, busyTimeout: TimeInterval = 10, durability: Durability = .full,
                 clock: QueueClock = .system, retryPolicy: RetryPolicy = RetryPolicy()) throws {
-        if !create && !FileManager.default.fileExists(atPath: path) {
-            throw JobQueueError.noDatabase(path: path)
+        do {
+            let exists = FileManager.default.fileExists(atPath: path)
+            if access != .create && !exists { throw JobQueueError.noDatabase(path: path) }
+            if exists { try Self.checkIsQueue(path: path, allowEmpty: access == .create, busyTimeout: busyTimeout) }
+            var configuration = Configuration()
+            configuration.busyMode = .timeout(busyTimeout)
+            configuration.label = "dllava-queue"
+            configuration.readonly = access == .readOnly
+            pool = try DatabasePool(path: access == .readOnly ? Self.readablePath(path) : path, configuration: configuration)
+            if access != .readOnly {
+                // GRDB sets NORMAL when it turns WAL on; only the one writer connection commits, so setting it there suffices.
+                try pool.writeWithoutTransaction { try $0.execute(sql: "PRAGMA synchronous = \(durability == .full ? "FULL" : "NORMAL")") }
+            }
+            self.path = path
+            self.clock = clock
+            self.retryPolicy = retryPolicy
+            let migrator = Schema.migrator
+            let (superseded, complete) = try pool.read { db in
+                (try migrator.hasBeenSuperseded(db), try migrator.hasCompletedMigrations(db))
+            }
+            if superseded { throw JobQueueError.newerSchema(path: path) }
+            if !complete {
+                if access == .readOnly { throw JobQueueError.olderSchema(path: path) }
+                // Only a database that lacks migrations takes the write lock on opening; readers (status) never wait.
+                try migrator.migrate(pool)
+            }
+            identity = try pool.read { try String.fetchOne($0, sql: "SELECT uuid FROM queue WHERE singleton = 1") } ?? ""
+            if identity.isEmpty { throw JobQueueError.corruptQueue(path: path, reason: "it has no queue identity") }
+        } catch let error as DatabaseError {
+            throw JobQueueError(error, path: path)
         }
+    }
+
+    /// Runs a read on the pool, turning SQLite's errors into `JobQueueError.database`, so callers handle one error type.
+    func read<T>(_ body: (Database) throws -> T) throws -> T {
+        do { return try pool.read(body) } catch let error as DatabaseError { throw JobQueueError(error, path: path) }
+    }
+
+    /// Runs a write transaction on the pool, turning SQLite's errors into `JobQueueError.database`.
+    func write<T>(_ body: (Database) throws -> T) throws -> T {
+        do { return try pool.write(body) } catch let error as DatabaseError { throw JobQueueError(error, path: path) }
+    }
+
+    /// The name to open `path` read-only by. SQLite reads a WAL database through its `-shm` file, which it creates
+    /// beside the database when missing; on a read-only disk without one it cannot, so there the file is opened as
+    /// an immutable URI (`file:...?immutable=1`, Debian's SQLite takes URIs): what the last checkpoint wrote, which on
+    /// a disk nobody can write to is the whole queue.
+    static func readablePath(_ path: String) -> String {
+        let absolute = URL(fileURLWithPath: path).standardizedFileURL.path
+        let directory = (absolute as NSString).deletingLastPathComponent
+        if access(directory, W_OK) == 0 || FileManager.default.fileExists(atPath: absolute + "-shm") { return path }
+        var allowed = CharacterSet.urlPathAllowed
+        allowed.remove(charactersIn: "?#%")
+        return "file:" + (absolute.addingPercentEncoding(withAllowedCharacters: allowed) ?? absolute) + "?immutable=1"
+    }
+
+    /// Refuses, through a read-only connection that changes nothing, a file that is not a dllava queue: not SQLite
+    /// at all, or an SQLite database without the queue's migration record and job table (`allowEmpty`: a database
+    /// with no tables at all, such as a 0-byte file, may become a queue at `init`).
+    static func checkIsQueue(path: String, allowEmpty: Bool, busyTimeout: TimeInterval) throws {
         var configuration = Configuration()
+        configuration.readonly = true
         configuration.busyMode = .timeout(busyTimeout)
-        configuration.label = "dllava-queue"
-        pool = try DatabasePool(path: path, configuration: configuration)
-        // GRDB sets NORMAL when it turns WAL on; only the one writer connection commits, so setting it there suffices.
-        try pool.writeWithoutTransaction { try $0.execute(sql: "PRAGMA synchronous = \(durability == .full ? "FULL" : "NORMAL")") }
-        self.path = path
-        self.clock = clock
-        self.retryPolicy = retryPolicy
-        let migrator = Schema.migrator
-        let (superseded, complete) = try pool.read { db in
-            (try migrator.hasBeenSuperseded(db), try migrator.hasCompletedMigrations(db))
+        let tables: Set<String>
+        do {
+            let database = try DatabaseQueue(path: readablePath(path), configuration: configuration)
+            tables = Set(try database.read { try String.fetchAll($0, sql: "SELECT name FROM sqlite_master WHERE type = 'table'") })
+            try database.close()
+        } catch let error as DatabaseError where [.SQLITE_NOTADB, .SQLITE_CORRUPT].contains(error.resultCode) {
+            throw JobQueueError.notAQueue(path: path, reason: "it is not an SQLite database")
         }
-        if superseded { throw JobQueueError.newerSchema(path: path) }
-        // Only a database that lacks migrations takes the write lock on opening; readers (status) never wait.
-        if !complete { try migrator.migrate(pool) }
+        if tables.isEmpty && allowEmpty { return }
+        guard tables.contains("grdb_migrations") && tables.contains("job") else {
+            throw JobQueueError.notAQueue(path: path, reason: tables.isEmpty ? "it is an empty database" : "it has no job table")
+        }
     }
 
     /// Migration identifiers applied to this database, in order.
     public func appliedMigrations() throws -> [String] {
-        try pool.read { try Schema.migrator.appliedMigrations($0) }
+        try read { try Schema.migrator.appliedMigrations($0) }
     }
 
     // MARK: Enqueue
@@ -178,7 +267,7 @@ public final class JobQueue: Sendable {
         while start < jobs.count {
             let chunk = jobs[start ..< min(start + Self.chunkSize, jobs.count)]
             let now = clock.now()
-            try pool.write { db in
+            try write { db in
                 let insert = try db.cachedStatement(sql: """
                     INSERT INTO job (custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority,
                                      state, attempt, max_attempts, run_at, created_at, updated_at)
@@ -186,8 +275,8 @@ public final class JobQueue: Sendable {
                     ON CONFLICT DO NOTHING
                     RETURNING id
                     """)
-                let existing = try db.cachedStatement(sql: "SELECT id FROM job WHERE idempotency_key = ?")
-                for job in chunk {
+                let existing = try db.cachedStatement(sql: "SELECT id, image_sha256, prompt, params FROM job WHERE idempotency_key = ?")
+                for (index, job) in zip(chunk.indices, chunk) {
                     let params = canonical[job.parameters] ?? {
                         let json = job.parameters.canonicalJSON()
                         canonical[job.parameters] = json
@@ -201,8 +290,14 @@ public final class JobQueue: Sendable {
                     ]
                     if let id = try Int64.fetchOne(insert, arguments: arguments) {
                         result.inserted.append(id)
-                    } else if let id = try Int64.fetchOne(existing, arguments: [key]) {
-                        result.alreadyPresent.append(id)
+                    } else if let row = try Row.fetchOne(existing, arguments: [key]) {
+                        let id: Int64 = row["id"]
+                        // A custom id names one job: the same id with another image, prompt or parameters is a conflict.
+                        if row["image_sha256"] == job.imageSHA256 && row["prompt"] == job.prompt && row["params"] == params {
+                            result.alreadyPresent.append(id)
+                        } else {
+                            result.conflicts.append(EnqueueResult.Conflict(index: index, existingID: id))
+                        }
                     } else {
                         // ON CONFLICT matched the custom_id's uniqueness under a different key: impossible while
                         // the key is derived from the custom id, so the row was written by something else.
@@ -223,7 +318,7 @@ public final class JobQueue: Sendable {
     public func claim(owner: String, limit: Int, leaseDuration: Int64) throws -> [Job] {
         precondition(limit >= 1 && leaseDuration >= 1, "claim needs limit >= 1 and a positive lease")
         let now = clock.now()
-        let rows = try pool.write { db in
+        let rows = try write { db in
             _ = try Self.rescueExpiredLeases(db, now: now)
             return try Job.fetchAll(db.cachedStatement(sql: Self.claimSQL),
                                     arguments: [owner, now + leaseDuration, now, now, now, now, limit])
@@ -238,7 +333,7 @@ public final class JobQueue: Sendable {
     @discardableResult
     public func rescueExpiredLeases() throws -> Int {
         let now = clock.now()
-        return try pool.write { try Self.rescueExpiredLeases($0, now: now) }
+        return try write { try Self.rescueExpiredLeases($0, now: now) }
     }
 
     /// The claim. `INDEXED BY` pins the plan to the claim-order index: without it SQLite may pick the state index,
@@ -276,12 +371,15 @@ public final class JobQueue: Sendable {
     /// a `cancel` asked to stop. Call it from a thread that long matrix products cannot starve.
     public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64) throws -> HeartbeatResult {
         let now = clock.now()
-        let rows = try pool.write { db in
-            try Row.fetchAll(db.cachedStatement(sql: """
+        let rows = try write { db in
+            let rows = try Row.fetchAll(db.cachedStatement(sql: """
                 UPDATE job SET lease_expires_at = ?, heartbeat_at = ?, updated_at = ?
                 WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running' AND lease_owner = ?
                 RETURNING id, cancel_requested
                 """), arguments: [now + leaseDuration, now, now, JobFilter.jsonArray(jobs.map { "\($0)" }), owner])
+            // The worker registry's beat: how other hosts tell a silent worker.
+            try db.cachedStatement(sql: "UPDATE worker SET heartbeat_at = ? WHERE owner = ?").execute(arguments: [now, owner])
+            return rows
         }
         var result = HeartbeatResult()
         for row in rows {
@@ -295,7 +393,7 @@ public final class JobQueue: Sendable {
 
     /// The jobs among `jobs` whose cancellation was requested (a read; cheap enough for every decode step).
     public func cancelRequested(among jobs: [Int64]) throws -> Set<Int64> {
-        try pool.read { db in
+        try read { db in
             Set(try Int64.fetchAll(db, sql: """
                 SELECT id FROM job WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running' AND cancel_requested = 1
                 """, arguments: [JobFilter.jsonArray(jobs.map { "\($0)" })]))
@@ -308,7 +406,7 @@ public final class JobQueue: Sendable {
     public func complete(job id: Int64, attempt: Int, owner: String, output: JobOutput) throws -> Bool {
         let now = clock.now()
         let timings = try output.timings.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
-        return try pool.write { db in
+        return try write { db in
             try db.cachedStatement(sql: """
                 UPDATE job
                 SET state = 'succeeded', output_path = ?, output_sha256 = ?, timings = ?, error = NULL,
@@ -327,7 +425,7 @@ public final class JobQueue: Sendable {
     public func fail(job id: Int64, attempt: Int, owner: String, error reason: String, permanent: Bool) throws -> JobState? {
         let now = clock.now()
         let retryAt = now + retryPolicy.delay(afterAttempt: attempt)
-        return try pool.write { db in
+        return try write { db in
             let state = try String.fetchOne(db.cachedStatement(sql: """
                 UPDATE job
                 SET state = CASE WHEN ?1 THEN 'failed' WHEN cancel_requested = 1 THEN 'cancelled'
@@ -345,7 +443,7 @@ public final class JobQueue: Sendable {
     /// Finalises a running job as `cancelled` after its worker saw `cancel_requested`; fenced like `complete`.
     public func acknowledgeCancel(job id: Int64, attempt: Int, owner: String) throws -> Bool {
         let now = clock.now()
-        return try pool.write { db in
+        return try write { db in
             try db.cachedStatement(sql: """
                 UPDATE job SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, finalized_at = ?, updated_at = ?
                 WHERE id = ? AND state = 'running' AND attempt = ? AND lease_owner = ?
@@ -360,7 +458,7 @@ public final class JobQueue: Sendable {
     @discardableResult
     public func release(jobs: [Int64], owner: String) throws -> Int {
         let now = clock.now()
-        return try pool.write { db in
+        return try write { db in
             try db.cachedStatement(sql: """
                 UPDATE job
                 SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'available' END,
@@ -415,20 +513,44 @@ public final class JobQueue: Sendable {
 
     public func retry(ids: [Int64], attempts: Int = 3) throws -> Int { try retry(JobFilter(ids: ids), attempts: attempts) }
 
+    /// What `prune` deleted: how many rows, and the files those rows recorded (not touched by `prune`).
+    public struct PruneResult: Sendable, Hashable {
+        public var deleted = 0
+        /// Result files of the deleted rows.
+        public var outputPaths: [String] = []
+        /// KV snapshot paths of the deleted rows (a kept final snapshot, or one a cancel, release or rescue left);
+        /// the file may be gone already.
+        public var snapshotPaths: [String] = []
+    }
+
     /// Deletes final rows (succeeded, failed, cancelled) finalised more than `olderThan` milliseconds ago.
-    /// Returns the output paths the deleted rows recorded (result files are not touched here).
-    public func prune(olderThan age: Int64) throws -> (deleted: Int, outputPaths: [String]) {
+    /// Returns the output and snapshot paths the deleted rows recorded (files are not touched here). Their ids are
+    /// never handed out again (AUTOINCREMENT, migration v2).
+    public func prune(olderThan age: Int64) throws -> PruneResult {
         let cutoff = clock.now() - age
-        var outputPaths: [String] = []
-        let deleted = try chunked { db, _ in
-            let paths = try String?.fetchAll(db, sql: """
+        var result = PruneResult()
+        result.deleted = try chunked { db, _ in
+            let rows = try Row.fetchAll(db, sql: """
                 DELETE FROM job WHERE id IN (SELECT id FROM job
                     WHERE state IN ('succeeded', 'failed', 'cancelled') AND finalized_at < ? LIMIT ?)
-                RETURNING output_path
+                RETURNING output_path, snapshot_path
                 """, arguments: [cutoff, Self.chunkSize])
-            outputPaths += paths.compactMap { $0 }
+            for row in rows {
+                if let path: String = row["output_path"] { result.outputPaths.append(path) }
+                if let path: String = row["snapshot_path"] { result.snapshotPaths.append(path) }
+            }
         }
-        return (deleted, outputPaths)
+        return result
+    }
+
+    /// Records where `job`'s KV snapshot is written, so `prune` can find it. A worker calls it before the job's first
+    /// snapshot of an attempt; recording a path whose file is never written (or is deleted later) is harmless.
+    public func recordSnapshotPath(job id: Int64, path: String) throws {
+        let now = clock.now()
+        try write { db in
+            try db.cachedStatement(sql: "UPDATE job SET snapshot_path = ?, updated_at = ? WHERE id = ? AND snapshot_path IS NOT ?")
+                .execute(arguments: [path, now, id, path])
+        }
     }
 
     /// Runs `body` in write transactions of at most `chunkSize` changed rows until one changes fewer.
@@ -436,7 +558,7 @@ public final class JobQueue: Sendable {
         var total = 0
         while true {
             let now = clock.now()
-            let changed = try pool.write { db in
+            let changed = try write { db in
                 try body(db, now)
                 return db.changesCount
             }
@@ -448,17 +570,17 @@ public final class JobQueue: Sendable {
     // MARK: Reading
 
     public func job(id: Int64) throws -> Job? {
-        try pool.read { try Job.fetchOne($0, sql: "SELECT * FROM job WHERE id = ?", arguments: [id]) }
+        try read { try Job.fetchOne($0, sql: "SELECT * FROM job WHERE id = ?", arguments: [id]) }
     }
 
     public func job(customID: String) throws -> Job? {
-        try pool.read { try Job.fetchOne($0, sql: "SELECT * FROM job WHERE custom_id = ?", arguments: [customID]) }
+        try read { try Job.fetchOne($0, sql: "SELECT * FROM job WHERE custom_id = ?", arguments: [customID]) }
     }
 
     /// Jobs `filter` selects, by id, starting after `afterID`.
     public func list(_ filter: JobFilter = .all, limit: Int = 100, afterID: Int64 = 0) throws -> [Job] {
         let (condition, arguments) = filter.sql()
-        return try pool.read { db in
+        return try read { db in
             try Job.fetchAll(db, sql: "SELECT * FROM job WHERE \(condition) AND id > ? ORDER BY id LIMIT ?",
                              arguments: arguments + [afterID, limit])
         }
@@ -468,7 +590,7 @@ public final class JobQueue: Sendable {
     /// them all in memory.
     public func forEach(_ filter: JobFilter = .all, _ body: (Job) throws -> Void) throws {
         let (condition, arguments) = filter.sql()
-        try pool.read { db in
+        try read { db in
             let jobs = try Job.fetchCursor(db, sql: "SELECT * FROM job WHERE \(condition) ORDER BY id", arguments: arguments)
             while let job = try jobs.next() { try body(job) }
         }
@@ -476,7 +598,7 @@ public final class JobQueue: Sendable {
 
     /// Rows per state, every state present.
     public func counts() throws -> [JobState: Int] {
-        try pool.read { try Self.counts($0) }
+        try read { try Self.counts($0) }
     }
 
     static func counts(_ db: Database) throws -> [JobState: Int] {
@@ -492,7 +614,7 @@ public final class JobQueue: Sendable {
     /// ten minutes ago is not averaged over the whole hour).
     public func statistics(window: Int64 = 3_600_000) throws -> QueueStatistics {
         let now = clock.now()
-        return try pool.read { db in
+        return try read { db in
             let counts = try Self.counts(db)
             let row = try Row.fetchOne(db, sql: """
                 SELECT COUNT(*) AS n, MIN(started_at) AS first FROM job WHERE state = 'succeeded' AND finalized_at >= ?

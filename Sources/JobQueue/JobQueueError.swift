@@ -1,6 +1,7 @@
 import Foundation
+import GRDB
 
-/// Failures of the queue itself (database errors from SQLite come through as GRDB's `DatabaseError`).
+/// Failures of the queue, SQLite's included (as `database`): callers never see GRDB's error type.
 public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
     /// No database file at the path (only `init` creates one).
     case noDatabase(path: String)
@@ -10,6 +11,42 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
     case corruptRow(id: Int64, reason: String)
     /// A job that cannot be enqueued (bad parameters, empty prompt, ...).
     case invalidJob(reason: String)
+    /// The file is not a dllava queue (not SQLite, or an SQLite database without the queue's tables); nothing was
+    /// written to it.
+    case notAQueue(path: String, reason: String)
+    /// The queue lacks migrations this build applies, and it was opened read-only.
+    case olderSchema(path: String)
+    /// The database has the queue's tables but not their required content (its identity row).
+    case corruptQueue(path: String, reason: String)
+    /// SQLite failed (`message` is its text).
+    case database(path: String, failure: DatabaseFailure, message: String)
+
+    /// What kind of SQLite failure a `database` error is: what the caller can do about it differs.
+    public enum DatabaseFailure: String, Sendable, Equatable {
+        /// Another process held the database longer than the busy timeout: try again.
+        case busy
+        /// The disk is full.
+        case full
+        /// A read or write of the file failed.
+        case ioError
+        /// The file is not an SQLite database, or is damaged.
+        case notADatabase
+        /// The file cannot be opened (for writing).
+        case cannotOpen
+        case other
+    }
+
+    init(_ error: DatabaseError, path: String) {
+        let failure: DatabaseFailure = switch error.resultCode {
+        case .SQLITE_BUSY, .SQLITE_LOCKED: .busy
+        case .SQLITE_FULL: .full
+        case .SQLITE_IOERR: .ioError
+        case .SQLITE_NOTADB, .SQLITE_CORRUPT: .notADatabase
+        case .SQLITE_CANTOPEN, .SQLITE_READONLY, .SQLITE_PERM: .cannotOpen
+        default: .other
+        }
+        self = .database(path: path, failure: failure, message: error.message ?? "\(error.resultCode)")
+    }
 
     public var description: String {
         switch self {
@@ -17,6 +54,18 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
         case let .newerSchema(path): "\(path) was made by a newer dllava (its schema has migrations this build does not know)"
         case let .corruptRow(id, reason): "job \(id) cannot be read: \(reason)"
         case let .invalidJob(reason): "invalid job: \(reason)"
+        case let .notAQueue(path, reason): "\(path) is not a dllava queue database (\(reason)); it was left unchanged"
+        case let .olderSchema(path): "\(path) was made by an older dllava: upgrade it with `dllava init --db \(path)` (or any command that changes jobs)"
+        case let .database(path, failure, message):
+            switch failure {
+            case .busy: "the queue database \(path) is busy (another process held it too long); try again"
+            case .full: "the disk holding the queue database \(path) is full; free space and try again"
+            case .ioError: "cannot write the queue database \(path): \(message)"
+            case .notADatabase: "\(path) is not a usable queue database: \(message)"
+            case .cannotOpen: "cannot open the queue database \(path) for writing: \(message)"
+            case .other: "queue database \(path): \(message)"
+            }
+        case let .corruptQueue(path, reason): "\(path) is not a usable queue database: \(reason)"
         }
     }
 }

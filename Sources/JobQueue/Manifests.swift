@@ -45,6 +45,15 @@ public struct ManifestError: Error, Sendable, Hashable, CustomStringConvertible 
     public var description: String { "\(file): \(reason)" }
 }
 
+/// Writing a manifest's jobs failed part way (a full disk, an I/O error): `inserted` jobs were committed before it,
+/// and running the same command again enqueues the rest (the committed ones are skipped by their idempotency key).
+public struct ManifestInterrupted: Error {
+    public var file: String
+    public var inserted: Int
+    public var alreadyPresent: Int
+    public var underlying: Error
+}
+
 extension JobQueue {
     /// Enqueues every `.jpg`, `.jpeg` and `.png` file (any letter case) in `folder` with one prompt, sorted by
     /// path relative to the folder; subfolders only with `recursive`. Jobs have no custom id: re-running the same
@@ -100,6 +109,10 @@ extension JobQueue {
                 lineNumber += 1
                 if lineNumber == 1, line.starts(with: [0xEF, 0xBB, 0xBF]) { line.removeFirst(3) }
                 if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+                if let problem = JSONLineCheck.problem(in: line) {
+                    batch.report(line: lineNumber, problem)
+                    continue
+                }
                 let entry: ManifestEntry
                 do {
                     entry = try decoder.decode(ManifestEntry.self, from: Data(line))
@@ -157,108 +170,6 @@ extension JobQueue {
     }
 }
 
-/// A reason a single manifest line is rejected.
-struct ManifestLineError: Error {
-    var reason: String
-    init(_ reason: String) { self.reason = reason }
-}
-
-/// One manifest line, decoded but not yet checked against the file system.
-struct ManifestEntry {
-    var customID: String?
-    var image: String
-    var prompt: String
-    var parameters: JobParameters
-    var priority: Int?
-
-    static let fields: Set<String> = Set(JobParameters.CodingKeys.allCases.map(\.stringValue) + ["custom_id", "image", "prompt", "priority"])
-
-    init(customID: String?, image: String, prompt: String, parameters: JobParameters, priority: Int?) {
-        self.customID = customID
-        self.image = image
-        self.prompt = prompt
-        self.parameters = parameters
-        self.priority = priority
-    }
-
-    /// From a CSV record: empty cells are absent, numbers are parsed as JSON would read them.
-    init(csvFields cells: [String: String]) throws {
-        func cell(_ name: String) -> String? { cells[name].flatMap { $0.isEmpty ? nil : $0 } }
-        func number<T: LosslessStringConvertible>(_ name: String, _ type: T.Type, _ what: String) throws -> T? {
-            guard let text = cell(name) else { return nil }
-            guard let value = T(text.trimmingCharacters(in: .whitespaces)) else { throw ManifestLineError("\(name) must be \(what), not '\(text)'") }
-            return value
-        }
-        guard let image = cell("image") else { throw ManifestLineError("no image") }
-        guard let prompt = cell("prompt") else { throw ManifestLineError("no prompt") }
-        var sparsity: JobParameters.Sparsity?
-        if let text = cell("sparsity") {
-            guard let value = JobParameters.Sparsity(rawValue: text) else { throw ManifestLineError(Self.sparsityMessage(text)) }
-            sparsity = value
-        }
-        self.init(customID: cell("custom_id"), image: image, prompt: prompt, parameters: JobParameters(
-            maxTokens: try number("max_tokens", Int.self, "an integer"),
-            temperature: try number("temperature", Double.self, "a number"),
-            topP: try number("top_p", Double.self, "a number"),
-            topK: try number("top_k", Int.self, "an integer"),
-            seed: try number("seed", UInt64.self, "an integer from 0 to 2^64-1"),
-            stop: cell("stop").map { [$0] },
-            sparsity: sparsity,
-            visionKeepRate: try number("vision_keep_rate", Double.self, "a number")),
-            priority: try number("priority", Int.self, "an integer"))
-    }
-
-    static func sparsityMessage(_ text: String) -> String {
-        "sparsity must be one of \(JobParameters.Sparsity.allCases.map(\.rawValue).joined(separator: ", ")), not '\(text)'"
-    }
-}
-
-extension ManifestEntry: Decodable {
-    struct Key: CodingKey {
-        var stringValue: String
-        var intValue: Int? { nil }
-        init(_ name: String) { stringValue = name }
-        init?(stringValue: String) { self.stringValue = stringValue }
-        init?(intValue: Int) { nil }
-    }
-
-    init(from decoder: Decoder) throws {
-        let container = try decoder.container(keyedBy: Key.self)
-        for key in container.allKeys where !Self.fields.contains(key.stringValue) {
-            throw ManifestLineError("unknown field '\(key.stringValue)'")
-        }
-        func field<T: Decodable>(_ name: String, _ type: T.Type, _ what: String) throws -> T? {
-            let key = Key(name)
-            guard container.contains(key), !(try container.decodeNil(forKey: key)) else { return nil }
-            do { return try container.decode(T.self, forKey: key) } catch { throw ManifestLineError("\(name) must be \(what)") }
-        }
-        guard let image = try field("image", String.self, "a string") else { throw ManifestLineError("no image") }
-        guard let prompt = try field("prompt", String.self, "a string") else { throw ManifestLineError("no prompt") }
-        var stop: [String]?
-        if let single = try? field("stop", String.self, "") {
-            stop = [single]
-        } else {
-            stop = try field("stop", [String].self, "a string or a list of strings")
-        }
-        var sparsity: JobParameters.Sparsity?
-        if let text = try field("sparsity", String.self, "a string") {
-            guard let value = JobParameters.Sparsity(rawValue: text) else { throw ManifestLineError(Self.sparsityMessage(text)) }
-            sparsity = value
-        }
-        self.init(customID: try field("custom_id", String.self, "a string"), image: image, prompt: prompt,
-                  parameters: JobParameters(
-                    maxTokens: try field("max_tokens", Int.self, "an integer"),
-                    temperature: try field("temperature", Double.self, "a number"),
-                    topP: try field("top_p", Double.self, "a number"),
-                    topK: try field("top_k", Int.self, "an integer"),
-                    seed: try field("seed", UInt64.self, "an integer from 0 to 2^64-1"),
-                    stop: stop,
-                    sparsity: sparsity,
-                    visionKeepRate: try field("vision_keep_rate", Double.self, "a number")),
-                  priority: try field("priority", Int.self, "an integer"))
-    }
-}
-
 /// Turns manifest entries into jobs (resolving and hashing images) and enqueues them a chunk at a time.
 struct ManifestBatch {
     let queue: JobQueue
@@ -267,6 +178,10 @@ struct ManifestBatch {
     let options: ManifestOptions
     let onProblem: (ManifestProblem) -> Void
     var pending: [NewJob] = []
+    /// The manifest line of each pending job (nil for folder entries), to name it in a conflict.
+    var pendingLines: [Int?] = []
+    /// custom_id -> the first line that gave it and that line's content key, to tell a repeated line from a conflict.
+    var customIDs: [String: (line: Int?, content: String)] = [:]
     var report = ManifestReport()
     /// Image path -> sha256, so a manifest that asks several questions of one image reads it once.
     var hashes: [String: String] = [:]
@@ -301,171 +216,60 @@ struct ManifestBatch {
                 return report(line: line, "image \(path) not found")
             }
             if isDirectory.boolValue { return report(line: line, "image \(path) is a folder") }
+            guard Hashing.isRegularFile(path) else {
+                return report(line: line, "image \(path) is not a regular file (a FIFO, socket or device); skipped")
+            }
             guard let hash = try? Hashing.sha256Hex(fileAt: path) else { return report(line: line, "image \(path) cannot be read") }
             if hashes.count >= 4_096 { hashes.removeAll(keepingCapacity: true) }
             hashes[path] = hash
             sha256 = hash
         }
-        pending.append(NewJob(customID: entry.customID, imagePath: path, imageSHA256: sha256, prompt: entry.prompt,
-                              parameters: parameters, priority: entry.priority ?? options.priority, maxAttempts: options.maxAttempts))
+        let job = NewJob(customID: entry.customID, imagePath: path, imageSHA256: sha256, prompt: entry.prompt,
+                         parameters: parameters, priority: entry.priority ?? options.priority, maxAttempts: options.maxAttempts)
+        if let customID = entry.customID {
+            let content = NewJob.contentKey(imageSHA256: sha256, prompt: entry.prompt, parameters: parameters)
+            if let first = customIDs[customID] {
+                if first.content != content {
+                    let firstPlace = first.line.map { "line \($0)" } ?? "an earlier entry"
+                    return report(line: line, "custom_id '\(customID)' is also on \(firstPlace) with another image, prompt or parameters; "
+                                  + "this line is not enqueued (give it its own custom_id)")
+                }
+            } else {
+                customIDs[customID] = (line, content)
+            }
+        }
+        pending.append(job)
+        pendingLines.append(line)
         if pending.count >= options.chunkSize { try flush() }
     }
 
+    /// Enqueues the pending jobs, one transaction per `JobQueue.chunkSize`, so that when a write fails the count of
+    /// jobs committed before it is exact.
     mutating func flush() throws {
-        guard !pending.isEmpty else { return }
-        let result = try queue.enqueue(pending)
-        report.inserted += result.inserted.count
-        report.alreadyPresent += result.alreadyPresent.count
+        var start = 0
+        while start < pending.count {
+            let end = min(start + JobQueue.chunkSize, pending.count)
+            let result: EnqueueResult
+            do {
+                result = try queue.enqueue(Array(pending[start ..< end]))
+            } catch {
+                throw ManifestInterrupted(file: file, inserted: report.inserted, alreadyPresent: report.alreadyPresent, underlying: error)
+            }
+            report.inserted += result.inserted.count
+            report.alreadyPresent += result.alreadyPresent.count
+            for conflict in result.conflicts {
+                let index = start + conflict.index
+                report(line: pendingLines[index], "custom_id '\(pending[index].customID ?? "")' is already queued as job "
+                       + "\(conflict.existingID) with another image, prompt or parameters; this line is not enqueued (give it its own custom_id)")
+            }
+            start = end
+        }
         pending.removeAll(keepingCapacity: true)
+        pendingLines.removeAll(keepingCapacity: true)
     }
 
     mutating func finish() throws -> ManifestReport {
         try flush()
         return report
-    }
-}
-
-/// Reads a file in 256 KiB pieces and hands out lines (without their `\n`) or single bytes.
-final class ChunkedReader {
-    private let handle: FileHandle
-    private var buffer: [UInt8] = []
-    private var position = 0
-    private var atEnd = false
-    let path: String
-
-    init(path: String) throws {
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), !isDirectory.boolValue,
-              let handle = FileHandle(forReadingAtPath: path) else {
-            throw ManifestError(file: path, reason: "no such file, or it cannot be read")
-        }
-        self.handle = handle
-        self.path = path
-    }
-
-    deinit { try? handle.close() }
-
-    /// False at the end of the file.
-    private func fill() throws -> Bool {
-        if position < buffer.count { return true }
-        if atEnd { return false }
-        let chunk: Data?
-        do { chunk = try handle.read(upToCount: 1 << 18) } catch {
-            throw ManifestError(file: path, reason: "read failed: \(error.localizedDescription)")
-        }
-        guard let chunk, !chunk.isEmpty else { atEnd = true; return false }
-        buffer = [UInt8](chunk)
-        position = 0
-        return true
-    }
-
-    func nextByte() throws -> UInt8? {
-        guard try fill() else { return nil }
-        defer { position += 1 }
-        return buffer[position]
-    }
-
-    /// The next line without its `\n` (a `\r` before it is kept), or nil at the end of the file.
-    func nextLine() throws -> [UInt8]? {
-        var line: [UInt8] = []
-        var sawAny = false
-        while try fill() {
-            sawAny = true
-            if let newline = buffer[position...].firstIndex(of: 0x0A) {
-                line += buffer[position ..< newline]
-                position = newline + 1
-                return line
-            }
-            line += buffer[position...]
-            position = buffer.count
-        }
-        return sawAny ? line : nil
-    }
-}
-
-/// A CSV record: its fields, or why it is malformed.
-struct CSVRecord {
-    var fields: [String]
-    var problem: String?
-}
-
-/// RFC 4180 records, streamed: a quoted field may span lines, so records are read byte by byte, not by line.
-/// Lenient where RFC 4180 leaves no doubt about the intent: a quote inside an unquoted field is kept as a
-/// character, and a record may end in LF as well as CRLF.
-struct CSVRecordReader {
-    let reader: ChunkedReader
-    /// The line the next byte is on.
-    var line = 1
-    var pendingByte: UInt8?
-
-    init(reader: ChunkedReader) { self.reader = reader }
-
-    private mutating func byte() throws -> UInt8? {
-        if let pendingByte { self.pendingByte = nil; return pendingByte }
-        return try reader.nextByte()
-    }
-
-    private enum State { case fieldStart, unquoted, quoted, quotedSawQuote, afterQuoted }
-
-    /// The next record and the line it starts on, or nil at the end of the file.
-    mutating func next() throws -> (Int, CSVRecord)? {
-        let quote: UInt8 = 0x22, comma: UInt8 = 0x2C, lf: UInt8 = 0x0A, cr: UInt8 = 0x0D
-        let startLine = line
-        var fields: [String] = []
-        var field: [UInt8] = []
-        var problem: String?
-        var state = State.fieldStart
-        var sawAny = false
-        func record() -> (Int, CSVRecord) {
-            fields.append(String(decoding: field, as: UTF8.self))
-            return (startLine, CSVRecord(fields: fields, problem: problem))
-        }
-        while true {
-            guard let c = try byte() else {
-                if !sawAny { return nil }
-                if state == .quoted { problem = problem ?? "a quoted field is not closed before the end of the file" }
-                return record()
-            }
-            sawAny = true
-            switch state {
-            case .quoted:
-                if c == quote { state = .quotedSawQuote } else {
-                    if c == lf { line += 1 }
-                    field.append(c)
-                }
-                continue
-            case .quotedSawQuote:
-                if c == quote { field.append(quote); state = .quoted; continue }
-                state = .afterQuoted
-            default:
-                break
-            }
-            if c == comma {
-                fields.append(String(decoding: field, as: UTF8.self))
-                field.removeAll(keepingCapacity: true)
-                state = .fieldStart
-                continue
-            }
-            if c == lf {
-                line += 1
-                return record()
-            }
-            if c == cr {
-                let after = try byte()
-                if after == lf || after == nil {
-                    if after == lf { line += 1 }
-                    return record()
-                }
-                pendingByte = after
-            }
-            switch state {
-            case .fieldStart:
-                if c == quote { state = .quoted } else { field.append(c); state = .unquoted }
-            case .afterQuoted:
-                problem = problem ?? "text after the closing quote of a field"
-            default:
-                field.append(c)
-            }
-        }
     }
 }

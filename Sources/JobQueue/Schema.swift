@@ -1,3 +1,4 @@
+import Foundation
 import GRDB
 
 /// The queue's migrations. Each one is shipped once and never edited: a change to the schema is a new
@@ -49,6 +50,99 @@ enum Schema {
             // counts(), list --state, throughput over succeeded rows, prune over final rows.
             try db.execute(sql: "CREATE INDEX job_state_finalized ON job (state, finalized_at)")
         }
+        registerIdentityMigration(&migrator)
+        registerWorkerMigration(&migrator)
         return migrator
+    }
+
+    /// v3: the worker registry. Each `run` records who it is (host, boot id, pid and the process's start time, so a
+    /// reused pid is not taken for the same process) and when it last beat; a worker on the same host then tells a
+    /// dead worker's jobs at once instead of waiting out their lease, and `status` can say whose jobs are orphaned.
+    static func registerWorkerMigration(_ migrator: inout DatabaseMigrator) {
+        migrator.registerMigration("v3-worker-registry") { db in
+            try db.execute(sql: """
+                CREATE TABLE worker (
+                    owner         TEXT PRIMARY KEY,
+                    host          TEXT NOT NULL,
+                    boot_id       TEXT NOT NULL,
+                    pid           INTEGER NOT NULL,
+                    process_start TEXT NOT NULL,
+                    lease_ms      INTEGER NOT NULL CHECK (lease_ms > 0),
+                    started_at    INTEGER NOT NULL,
+                    heartbeat_at  INTEGER NOT NULL
+                ) STRICT
+                """)
+        }
+    }
+
+    /// v2: job ids are never reused, and the queue has an identity.
+    ///
+    /// v1's `id INTEGER PRIMARY KEY` let SQLite hand a pruned job's id to a new job, whose run then found the old job's
+    /// snapshot and result file names. SQLite adds AUTOINCREMENT only at CREATE TABLE, so the table is rebuilt: rows
+    /// keep their ids, and `sqlite_sequence` starts above the largest one copied. (Ids pruned above that largest one
+    /// before this migration may be handed out again; their files carry v1's names, which no v2 run writes or reads.)
+    ///
+    /// `queue.uuid` is created here once (for a new queue at `init`, for an existing one when it is first opened by
+    /// this build) and never changes: result and snapshot files live under `<out>/<uuid>/`, so two queues sharing one
+    /// `--out` never write the same name. `job.snapshot_path` records where a job's KV snapshot went, so `prune
+    /// --delete-outputs` can delete it without knowing `--out`.
+    static func registerIdentityMigration(_ migrator: inout DatabaseMigrator) {
+        migrator.registerMigration("v2-job-identity") { db in
+            try db.execute(sql: """
+                CREATE TABLE queue (
+                    singleton  INTEGER PRIMARY KEY CHECK (singleton = 1),
+                    uuid       TEXT NOT NULL CHECK (length(uuid) = 36),
+                    created_at INTEGER NOT NULL
+                ) STRICT
+                """)
+            try db.execute(sql: "INSERT INTO queue (singleton, uuid, created_at) VALUES (1, ?, ?)",
+                           arguments: [UUID().uuidString.lowercased(), Int64(Date().timeIntervalSince1970 * 1000)])
+            let columns = """
+                id, custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority, state, attempt,
+                max_attempts, run_at, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, error, output_path,
+                output_sha256, timings, created_at, updated_at, started_at, finalized_at
+                """
+            try db.execute(sql: """
+                CREATE TABLE job_v2 (
+                    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+                    custom_id        TEXT UNIQUE,
+                    idempotency_key  TEXT NOT NULL UNIQUE,
+                    image_path       TEXT NOT NULL,
+                    image_sha256     TEXT NOT NULL,
+                    prompt           TEXT NOT NULL,
+                    params           TEXT NOT NULL,
+                    priority         INTEGER NOT NULL DEFAULT 0,
+                    state            TEXT NOT NULL DEFAULT 'available'
+                                     CHECK (state IN ('available', 'running', 'retryable', 'succeeded', 'failed', 'cancelled')),
+                    attempt          INTEGER NOT NULL DEFAULT 0 CHECK (attempt >= 0),
+                    max_attempts     INTEGER NOT NULL CHECK (max_attempts >= 1),
+                    run_at           INTEGER NOT NULL,
+                    lease_owner      TEXT,
+                    lease_expires_at INTEGER,
+                    heartbeat_at     INTEGER,
+                    cancel_requested INTEGER NOT NULL DEFAULT 0 CHECK (cancel_requested IN (0, 1)),
+                    error            TEXT,
+                    output_path      TEXT,
+                    output_sha256    TEXT,
+                    timings          TEXT,
+                    created_at       INTEGER NOT NULL,
+                    updated_at       INTEGER NOT NULL,
+                    started_at       INTEGER,
+                    finalized_at     INTEGER,
+                    snapshot_path    TEXT,
+                    CHECK ((state IN ('succeeded', 'failed', 'cancelled')) = (finalized_at IS NOT NULL)),
+                    CHECK ((state = 'running') = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL))
+                ) STRICT
+                """)
+            try db.execute(sql: "INSERT INTO job_v2 (\(columns)) SELECT \(columns) FROM job ORDER BY id")
+            try db.execute(sql: "DROP TABLE job")
+            try db.execute(sql: "ALTER TABLE job_v2 RENAME TO job")
+            // The same indexes as v1 (dropped with the old table), for the same reasons.
+            try db.execute(sql: """
+                CREATE INDEX job_claim_order ON job (priority, run_at, id) WHERE state IN ('available', 'retryable')
+                """)
+            try db.execute(sql: "CREATE INDEX job_lease_expiry ON job (lease_expires_at) WHERE state = 'running'")
+            try db.execute(sql: "CREATE INDEX job_state_finalized ON job (state, finalized_at)")
+        }
     }
 }

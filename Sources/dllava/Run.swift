@@ -10,17 +10,31 @@ struct EngineRunner: BatchRunner {
     let pipeline: LLaVAPipeline
     let fingerprint: ModelFingerprint
 
-    init(pipeline: LLaVAPipeline) throws {
+    /// The model is named in result and snapshot files by its contents: every weight, configuration and tokenizer
+    /// file of the model directory and of its vision tower directory (`ModelFingerprint.content`). Digests of
+    /// unchanged files come from `cache`, so a large checkpoint is read once, not at every start.
+    init(pipeline: LLaVAPipeline, cache: FileDigestCache) throws {
         self.pipeline = pipeline
-        // config.json's bytes and every weight file's size name the model in result files.
-        let directory = pipeline.model.directory
-        var description = try Data(contentsOf: directory.appendingPathComponent("config.json"))
-        let files = (try? FileManager.default.contentsOfDirectory(atPath: directory.path))?.filter { $0.hasSuffix(".safetensors") }.sorted() ?? []
-        for file in files {
-            let size = (try? FileManager.default.attributesOfItem(atPath: directory.appendingPathComponent(file).path)[.size] as? Int) ?? 0
-            description.append(Data("\n\(file) \(size)".utf8))
+        let model = pipeline.model
+        var files: [(label: String, url: URL)] = []
+        let directories: [(role: String, directory: URL?)] = [("model", model.directory), ("vision", model.visionTowerDirectory)]
+        for (role, directory) in directories {
+            guard let directory, role == "model" || directory.standardizedFileURL != model.directory.standardizedFileURL else { continue }
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? []
+            for name in names.sorted() where Self.isModelFile(name) && Self.isRegularFile(directory.appendingPathComponent(name)) {
+                files.append(("\(role)/\(name)", directory.appendingPathComponent(name)))
+            }
         }
-        fingerprint = ModelFingerprint(fingerprint: Checksum.sha256Hex(description), name: directory.lastPathComponent)
+        fingerprint = try ModelFingerprint.content(of: files, name: model.directory.lastPathComponent, cache: cache)
+    }
+
+    /// Weights, configuration and tokenizer files: what decides the model's outputs.
+    static func isModelFile(_ name: String) -> Bool {
+        [".safetensors", ".json", ".model"].contains { name.hasSuffix($0) }
+    }
+
+    static func isRegularFile(_ url: URL) -> Bool {
+        (try? url.resourceValues(forKeys: [.isRegularFileKey]).isRegularFile) == true
     }
 
     func parameters(_ job: Job) -> GenerationParameters {
@@ -33,13 +47,13 @@ struct EngineRunner: BatchRunner {
             sparsity: SparsityParameters(mode: mode, visionKeepRate: p.visionKeepRate))
     }
 
-    func run(_ jobs: [Job], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<GenerationStats>] {
+    func run(_ jobs: [Job], images: [Data], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<GenerationStats>] {
         var outcomes = [JobOutcome<GenerationStats>?](repeating: nil, count: jobs.count)
         var requests: [GenerationRequest] = [], rows: [Int] = [], resumed: [GenerationSnapshot?] = []
         let generator = pipeline.generator
         for (i, job) in jobs.enumerated() {
             do {
-                let request = try pipeline.request(imageAt: URL(fileURLWithPath: job.imagePath), question: job.prompt, parameters: parameters(job))
+                let request = try pipeline.request(imageData: images[i], name: job.imagePath, question: job.prompt, parameters: parameters(job))
                 try generator.validate([request])
                 requests.append(request)
                 rows.append(i)
@@ -104,16 +118,20 @@ struct Run: ParsableCommand {
         discussion: """
         Claims up to --batch-size jobs at a time, renews their leases from a heartbeat thread, runs \
         them through the engine (each job's result is what it would be alone), writes one \
-        zstd-compressed result file per job under --out and completes the job fenced by its \
-        attempt. Several `run` processes may share one database. With --lock-file a second run \
+        zstd-compressed result file per job and attempt to OUT/<queue id>/<job id>-<attempt>.json.zst \
+        and completes the job fenced by its attempt. The queue id is the UUID `init` gave the \
+        database (`dllava status` prints it), so queues sharing --out never collide. A job whose \
+        image changed since it was enqueued (its sha256 differs) fails with a message naming the \
+        file. Several `run` processes may share one database. With --lock-file a second run \
         holding the same lock exits 75 at once (for cron).
 
         Every --snapshot-every decode steps each running job's KV cache and generation state go \
-        to OUT/snapshots/job-<id>.kv.zst (written atomically); an interrupted job resumes from \
-        its latest snapshot without redoing vision and prefill, with exactly the output of an \
-        uninterrupted run. A snapshot that is corrupt, truncated, of another model or of an \
-        unknown version is refused (logged) and the job starts from scratch. A job's snapshot \
-        is deleted when it finishes; with --keep-kv its final snapshot stays there. \
+        to OUT/<queue id>/snapshots/job-<id>.kv.zst (written atomically); an interrupted job \
+        resumes from its latest snapshot without redoing vision and prefill, with exactly the \
+        output of an uninterrupted run. A snapshot that is corrupt, truncated, of an unknown \
+        version, of another model (by the contents of its files), or of another job, queue, \
+        image, prompt or parameters is refused (logged) and the job starts from scratch. A job's \
+        snapshot is deleted when it finishes; with --keep-kv its final snapshot stays there. \
         `dllava snapshot inspect FILE` prints a snapshot's header.
 
         SIGTERM or SIGINT: no new claims; at the next decode step every running job is \
@@ -144,7 +162,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("lock-file"), help: "Hold this lock while running; exit 75 if another process holds it.")
     var lockFile: String?
 
-    @Option(help: "Lease length (e.g. 5m); the heartbeat renews it every third.")
+    @Option(help: "Lease length (e.g. 5m), at least 2s; the heartbeat renews it every quarter.")
     var lease = "5m"
 
     @Option(name: .customLong("snapshot-every"), help: "Snapshot running jobs every N decode steps (0: only on SIGTERM/SIGINT).")
@@ -157,6 +175,13 @@ struct Run: ParsableCommand {
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
         guard snapshotEvery >= 0 else { throw ValidationError("--snapshot-every must not be negative") }
         if let maxJobs, maxJobs < 1 { throw ValidationError("--max-jobs must be at least 1") }
+        guard let leaseMilliseconds = DurationText.milliseconds(lease) else {
+            throw ValidationError("--lease: '\(lease)' is not a duration like 30s, 5m or 2h")
+        }
+        guard Int64(leaseMilliseconds) >= DaemonOptions.minimumLeaseMilliseconds else {
+            throw ValidationError("--lease \(lease) is too short: a lease must be at least 2s (the heartbeat renews it every quarter, "
+                                  + "and a shorter one expires under a healthy worker)")
+        }
     }
 
     func run() throws {
@@ -172,10 +197,16 @@ struct Run: ParsableCommand {
             options.keepKV = keepKV
             let queue = try database.open()
             let pipeline = try LLaVAPipeline(model: try modelOptions.load())
-            let daemon = BatchDaemon(queue: queue, runner: try EngineRunner(pipeline: pipeline),
-                                     results: try ResultFile(directory: URL(fileURLWithPath: out)), options: options)
-            let stop = StopFlag()
             let display = ProgressDisplay()
+            let digests = FileDigestCache(location: FileDigestCache.defaultLocation())
+            let runner = try EngineRunner(pipeline: pipeline, cache: digests)
+            do {
+                try digests.save()
+            } catch {
+                display.log("cannot save the model file digests (the next start reads the model again): \(error)")
+            }
+            let daemon = try BatchDaemon(queue: queue, runner: runner, out: URL(fileURLWithPath: out), options: options)
+            let stop = StopFlag()
             let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
                 signal(number, SIG_IGN)
                 let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
@@ -186,12 +217,24 @@ struct Run: ParsableCommand {
                 source.resume()
                 return source
             }
-            let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
-            display.finish()
-            signals.forEach { $0.cancel() }
-            print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), "
-                  + "cancelled \(report.cancelled), released \(report.released), discarded \(report.discarded)")
+            do {
+                let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
+                display.finish()
+                signals.forEach { $0.cancel() }
+                printSummary(report)
+            } catch let stopped as DaemonStopped {
+                display.finish()
+                signals.forEach { $0.cancel() }
+                printSummary(stopped.report)
+                let cause = queueCommandFailure(stopped.underlying, database: database.path)
+                throw CommandFailure(message: "\(cause.message); stopped, and \(stopped.batchNote)", code: cause.code)
+            }
         }
+    }
+
+    func printSummary(_ report: DaemonReport) {
+        print("claimed \(report.claimed), succeeded \(report.succeeded), failed \(report.failed), retrying \(report.retried), "
+              + "cancelled \(report.cancelled), released \(report.released), discarded \(report.discarded)")
     }
 
     func milliseconds(_ text: String, option: String) throws -> Int64 {

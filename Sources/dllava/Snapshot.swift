@@ -13,7 +13,8 @@ struct Snapshot: ParsableCommand {
             abstract: "Print a snapshot's header after checking the whole file.",
             discussion: """
             Checks the magic, format version, length, zstd frame and sha256 of the payload, then \
-            decodes the generation state. Prints the format versions, model fingerprint, K/V \
+            decodes the generation state. Prints the format versions, the queue and job the \
+            snapshot belongs to, its image sha256, prompt and parameters, the model fingerprint, K/V \
             storage type, layers and cells per layer, prompt and generated tokens, decode step, \
             sampler, sizes and the checksum. A bad file exits 65 with a sentence naming it.
             """)
@@ -56,6 +57,12 @@ struct SnapshotHeader: Encodable {
     var fileFormatVersion: UInt32
     var stateFormatVersion: UInt32
     var modelFingerprint: String
+    var queue: String
+    var job: Int64
+    var imageSHA256: String
+    var prompt: String
+    /// Canonical JSON, as the job row stores it.
+    var parameters: String
     var dtype = "f32"
     var layers: Int
     var keyValueWidth: Int
@@ -78,6 +85,11 @@ struct SnapshotHeader: Encodable {
         fileFormatVersion = contents.formatVersion
         stateFormatVersion = GenerationSnapshot.formatVersion
         modelFingerprint = contents.modelFingerprint
+        queue = contents.identity.queue
+        job = contents.identity.job
+        imageSHA256 = contents.identity.imageSHA256
+        prompt = contents.identity.prompt
+        parameters = contents.identity.parameters
         layers = state.cells.count
         keyValueWidth = state.keyValueWidth
         cellsPerLayer = state.cells.map(\.cellCount)
@@ -115,6 +127,10 @@ struct SnapshotHeader: Encodable {
         return """
         \(file)
           format:          file version \(fileFormatVersion), state version \(stateFormatVersion)
+          job:             \(job) of queue \(queue)
+          image sha256:    \(imageSHA256)
+          prompt:          \(prompt.debugDescription)
+          parameters:      \(parameters)
           model:           \(modelFingerprint)
           K/V storage:     \(dtype), \(layers) layers of width \(keyValueWidth)
           cells per layer: \(cellsPerLayer.map(String.init).joined(separator: " "))
@@ -128,7 +144,7 @@ struct SnapshotHeader: Encodable {
 
     enum CodingKeys: String, CodingKey {
         case fileFormatVersion = "file_format_version", stateFormatVersion = "state_format_version"
-        case modelFingerprint = "model_fingerprint", dtype, layers, keyValueWidth = "key_value_width"
+        case modelFingerprint = "model_fingerprint", queue, job, imageSHA256 = "image_sha256", prompt, parameters, dtype, layers, keyValueWidth = "key_value_width"
         case cellsPerLayer = "cells_per_layer", promptTokens = "prompt_tokens", imageTokens = "image_tokens"
         case generatedTokens = "generated_tokens", decodeSteps = "decode_steps", finished, sampler
         case samplerState = "sampler_state", fileBytes = "file_bytes", payloadBytes = "payload_bytes"

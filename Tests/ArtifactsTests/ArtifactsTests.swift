@@ -83,6 +83,17 @@ struct ArtifactsTests {
         #expect(try Zstd.decompress(compressed, maxSize: 1 << 20).count == 1 << 20)
     }
 
+    @Test func aDeclaredContentSizeIsNotAllocatedBeforeTheDataBacksIt() throws {
+        // A header may declare gigabytes for a few bytes: the first buffer follows the input, not the header.
+        #expect(Zstd.initialCapacity(declared: 3 << 30, inputBytes: 200, maxSize: 4 << 30) == 1 << 16)
+        #expect(Zstd.initialCapacity(declared: 3 << 30, inputBytes: 1 << 20, maxSize: 4 << 30) == 16 << 20)
+        #expect(Zstd.initialCapacity(declared: 1_000, inputBytes: 200, maxSize: 4 << 30) == 1_001)
+        #expect(Zstd.initialCapacity(declared: nil, inputBytes: 200, maxSize: 100) == 101)
+        // Real data larger than the first buffer still comes out whole.
+        let large = Data((0..<(4 << 20)).map { UInt8(truncatingIfNeeded: ($0 &* 2654435761) >> 13) })
+        #expect(try Zstd.decompress(try Zstd.compress(large), maxSize: 8 << 20) == large)
+    }
+
     @Test func atomicWriteReplacesTheFileWhole() throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -120,7 +131,7 @@ struct ArtifactsTests {
     }
 
     func record(job: Int64 = 42, attempt: Int = 2) -> ResultRecord<TestParameters, TestStats> {
-        ResultRecord(jobID: job, attempt: attempt, customID: "photo-7", text: "A cat on a mat.", tokenIDs: [319, 6635, 373],
+        ResultRecord(queueID: "0b5c6e0a-9d57-4f3e-8a36-2f1f3f5e1c11", jobID: job, attempt: attempt, customID: "photo-7", text: "A cat on a mat.", tokenIDs: [319, 6635, 373],
                      finishReason: "stop", parameters: TestParameters(max_tokens: 32),
                      stats: TestStats(image_tokens_kept: 144, decode_ms: 12.5),
                      model: ModelFingerprint(fingerprint: "sha256:abc", name: "tiny"),
@@ -138,7 +149,8 @@ struct ArtifactsTests {
         #expect(back.text == "A cat on a mat." && back.tokenIDs == [319, 6635, 373] && back.stats.image_tokens_kept == 144)
         #expect(back.parameters == TestParameters(max_tokens: 32) && back.model.name == "tiny" && back.timings.finishedAt == 3)
         let summary = try ResultFile.read(ResultSummary.self, from: written.url)
-        #expect(summary == ResultSummary(formatVersion: 1, jobID: 42, customID: "photo-7", text: "A cat on a mat.", finishReason: "stop"))
+        #expect(summary == ResultSummary(formatVersion: 2, queueID: "0b5c6e0a-9d57-4f3e-8a36-2f1f3f5e1c11", jobID: 42, customID: "photo-7",
+                                         text: "A cat on a mat.", finishReason: "stop"))
         #expect(throws: ArtifactError.checksumMismatch(path: written.url.path, expected: "0000", actual: written.sha256)) {
             try ResultFile.read(ResultSummary.self, from: written.url, expectedSHA256: "0000")
         }
@@ -148,10 +160,15 @@ struct ArtifactsTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
         let future = directory.appendingPathComponent("future.json.zst")
-        try AtomicFile.write(try Zstd.compress(Data(#"{"format_version": 2, "text": "x"}"#.utf8)), to: future)
-        #expect(throws: ArtifactError.unsupportedFormatVersion(path: future.path, version: 2, supported: 1)) {
+        try AtomicFile.write(try Zstd.compress(Data(#"{"format_version": 3, "text": "x"}"#.utf8)), to: future)
+        #expect(throws: ArtifactError.unsupportedFormatVersion(path: future.path, version: 3, supported: 2)) {
             try ResultFile.read(ResultSummary.self, from: future)
         }
+        // Version 1, written before files carried their queue, is still read.
+        let older = directory.appendingPathComponent("older.json.zst")
+        try AtomicFile.write(try Zstd.compress(Data(#"{"format_version": 1, "job_id": 3, "text": "x", "finish_reason": "stop"}"#.utf8)), to: older)
+        #expect(try ResultFile.read(ResultSummary.self, from: older) == ResultSummary(formatVersion: 1, queueID: nil, jobID: 3, customID: nil,
+                                                                                     text: "x", finishReason: "stop"))
         let corrupt = directory.appendingPathComponent("corrupt.json.zst")
         try AtomicFile.write(Data("plain text".utf8), to: corrupt)
         #expect(throws: ArtifactError.inFile(path: corrupt.path, .zstd(operation: "decompression", reason: "Unknown frame descriptor"))) {
@@ -181,8 +198,8 @@ struct ArtifactsTests {
         #expect(process.terminationStatus == 0)
         let object = try #require(try JSONSerialization.jsonObject(with: json) as? [String: Any])
         #expect(object["text"] as? String == "A cat on a mat.")
-        #expect(object["format_version"] as? Int == 1 && object["custom_id"] as? String == "photo-7")
-        #expect(Set(object.keys) == ["format_version", "job_id", "attempt", "custom_id", "text", "token_ids", "finish_reason",
+        #expect(object["format_version"] as? Int == 2 && object["custom_id"] as? String == "photo-7")
+        #expect(Set(object.keys) == ["format_version", "queue_id", "job_id", "attempt", "custom_id", "text", "token_ids", "finish_reason",
                                      "parameters", "stats", "model", "timings"])
     }
 }

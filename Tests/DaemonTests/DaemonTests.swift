@@ -25,6 +25,18 @@ func workspace(jobs: [(String, String, String)]) throws -> URL {
     return directory
 }
 
+/// The queue's identity (`status --json`), which names its folder under `--out`.
+func queueID(_ directory: URL) throws -> String {
+    let status = try run(["status", "--db", "q.sqlite", "--json"], in: directory)
+    let object = try JSONSerialization.jsonObject(with: Data(status.standardOutput.utf8)) as! [String: Any]
+    return object["queue_id"] as! String
+}
+
+/// Where `run --out out` puts this queue's result files (and, under `snapshots`, its KV snapshots).
+func queueOutput(_ directory: URL) throws -> URL {
+    directory.appendingPathComponent("out").appendingPathComponent(try queueID(directory))
+}
+
 /// custom_id -> exported record.
 func export(_ directory: URL) throws -> [String: [String: Any]] {
     let exported = try run(["export", "--db", "q.sqlite", "--format", "jsonl", "--output", "-"], in: directory)
@@ -139,8 +151,8 @@ struct DaemonTests {
             #expect(records[id]?["state"] as? String == "succeeded", "\(id)")
             #expect(records[id]?["attempts"] as? Int == 1, "\(id) was claimed more than once")
         }
-        // One result file per job: no attempt ran twice (snapshots live in out/snapshots).
-        let files = try FileManager.default.contentsOfDirectory(atPath: directory.appendingPathComponent("out").path)
+        // One result file per job: no attempt ran twice (snapshots live in out/<queue>/snapshots).
+        let files = try FileManager.default.contentsOfDirectory(atPath: try queueOutput(directory).path)
         #expect(files.filter { $0.hasSuffix(".json.zst") }.count == jobs.count)
     }
 }

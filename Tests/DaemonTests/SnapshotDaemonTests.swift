@@ -29,7 +29,7 @@ func outputs(_ directory: URL) throws -> [String: ([Int32], String)] {
         let token_ids: [Int32]
         let text: String
     }
-    let out = directory.appendingPathComponent("out")
+    let out = try queueOutput(directory)
     var outputs: [String: ([Int32], String)] = [:]
     for name in try FileManager.default.contentsOfDirectory(atPath: out.path) where name.hasSuffix(".json.zst") {
         let output = try ResultFile.read(Output.self, from: out.appendingPathComponent(name))
@@ -40,7 +40,7 @@ func outputs(_ directory: URL) throws -> [String: ([Int32], String)] {
 }
 
 func snapshotFile(_ directory: URL, job: Int) -> URL {
-    directory.appendingPathComponent("out/snapshots/job-\(job).kv.zst")
+    try! queueOutput(directory).appendingPathComponent("snapshots/job-\(job).kv.zst")
 }
 
 /// Starts `dllava run` in `directory`; its stderr goes to `run.log` there.
@@ -121,7 +121,7 @@ struct SnapshotDaemonTests {
             #expect(resumed[id]?.1 == expected[id]?.1, "\(id): text differs from the uninterrupted run")
         }
         // Finished jobs leave no snapshot behind.
-        #expect(try FileManager.default.contentsOfDirectory(atPath: directory.appendingPathComponent("out/snapshots").path).isEmpty)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: try queueOutput(directory).appendingPathComponent("snapshots").path).isEmpty)
     }
 
     @Test("cancelling a running job ends it cancelled at a decode step; its batch-mates succeed with their own output")
@@ -150,7 +150,7 @@ struct SnapshotDaemonTests {
         }
     }
 
-    @Test("a snapshot of an unknown version, corrupt, or of another prompt restarts its job from scratch; a kept final snapshot is reused as is")
+    @Test("a snapshot of an unknown version, corrupt, or of another job (even one with the same image, prompt and parameters) restarts its job from scratch")
     func refusedAndReusedSnapshots() throws {
         let lines = (0..<3).map { i -> [String: Any] in
             var line = manifest[i]
@@ -180,16 +180,20 @@ struct SnapshotDaemonTests {
         damaged[damaged.count / 2] ^= 0xFF
         try damaged.write(to: snapshotFile(directory, job: 5))
         try kept.write(to: snapshotFile(directory, job: 6))  // job 1's state, but job 6 asks job 3's question
-        try kept.write(to: snapshotFile(directory, job: 7))  // job 1's final state, job 7 is job 1 again
+        try kept.write(to: snapshotFile(directory, job: 7))  // job 1's final state, and job 7 asks job 1's question of job 1's image
 
         let second = try startRun([], in: directory)
         second.waitUntilExit()
         #expect(second.terminationStatus == 0)
         let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
-        #expect(log.contains("\(snapshotFile(directory, job: 4).path) is snapshot format version 99; this build reads version 1; starting it from scratch"), "\(log)")
+        let queue = try queueID(directory)
+        #expect(log.contains("\(snapshotFile(directory, job: 4).path) is snapshot format version 99; this build reads version 2; starting it from scratch"), "\(log)")
         #expect(log.contains("job 5: \(snapshotFile(directory, job: 5).path)"), "\(log)")
-        #expect(log.contains("\(snapshotFile(directory, job: 6).path) does not fit its job: its prompt differs; starting the job from scratch"), "\(log)")
-        #expect(log.contains("resuming from \(snapshotFile(directory, job: 7).path) at decode step 5 (6 tokens so far)"), "\(log)")
+        for job in [6, 7] {
+            #expect(log.contains("job \(job): \(snapshotFile(directory, job: job).path) does not belong to this job: it was written for job 1 of queue \(queue), "
+                                 + "not job \(job) of queue \(queue); starting it from scratch"), "\(log)")
+        }
+        #expect(!log.contains("resuming from"), "\(log)")
         let records = try export(directory)
         let results = try outputs(directory)
         for (k, i) in [0, 1, 2, 0].enumerated() {
@@ -208,7 +212,10 @@ struct SnapshotDaemonTests {
         let daemon = try startRun(["--batch-size", "2", "--snapshot-every", "10", "--lease", "2s"], in: directory)
         waitFor(snapshotFile(directory, job: 1))
         // What a rescue by another worker looks like to this one.
-        let database = try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path)
+        // A running daemon writes too (heartbeats, snapshot paths): wait for it rather than fail on a busy database.
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)
+        let database = try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path, configuration: configuration)
         // (The new owner holds a fresh lease, so this worker cannot rescue the row again before it exits.)
         try database.write { try $0.execute(sql: "UPDATE job SET lease_owner = 'another-worker', lease_expires_at = lease_expires_at + 3600000 WHERE id = 1") }
         daemon.waitUntilExit()
@@ -233,7 +240,7 @@ struct SnapshotDaemonTests {
         let file = snapshotFile(directory, job: 1)
         let text = try run(["snapshot", "inspect", file.path], in: directory)
         #expect(text.status == 0, "\(text.standardError)")
-        #expect(text.standardOutput.contains("file version 1, state version 1") && text.standardOutput.contains("f32, 4 layers of width 32"))
+        #expect(text.standardOutput.contains("file version 2, state version 1") && text.standardOutput.contains("f32, 4 layers of width 32"))
         #expect(text.standardOutput.contains("5 generated") && text.standardOutput.contains("ok"))
         let json = try run(["snapshot", "inspect", file.path, "--json"], in: directory)
         let header = try JSONSerialization.jsonObject(with: Data(json.standardOutput.utf8)) as! [String: Any]

@@ -167,4 +167,99 @@ struct ManifestTests {
         #expect(try fixture.queue.counts()[.available] == lines)
         #expect(try fixture.queue.job(customID: "c99999")?.prompt == "Describe image 4.")
     }
+
+    @Test func jsonlLinesThatAreNotUnicodeTextSaySo() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        try fixture.file("images/a.jpg", "abc")
+        var bytes = Data()
+        let lines: [[UInt8]] = [
+            Array(#"{"image": "images/a.jpg", "prompt": "caf"#.utf8) + [0xE9] + Array(#""}"#.utf8),
+            Array(#"{"image": "images/a.jpg", "prompt": "a"#.utf8) + [0x00] + Array(#"b"}"#.utf8),
+            Array(#"{"image": "images/a.jpg", "prompt": "a\u0000b"}"#.utf8),
+            Array(#"{"image": "images/a.jpg", "prompt": "half \ud800 of it"}"#.utf8),
+            Array(#"{"image": "images/a.jpg", "prompt": "\udc00 alone"}"#.utf8),
+            Array(#"{"image": "images/a.jpg", "prompt": "Describe.", "prompt": "Ignore that."}"#.utf8),
+            Array(#"{"image": "images/a.jpg", "prompt": "A smile \ud83d\ude00 and a \\u0000 that is text."}"#.utf8),
+        ]
+        for line in lines { bytes.append(contentsOf: line + [0x0A]) }
+        let manifest = fixture.directory.appendingPathComponent("bad.jsonl")
+        try bytes.write(to: manifest)
+        let report = try fixture.queue.enqueueJSONL(manifest)
+        #expect(report.problems.map(\.reason) == [
+            "byte 41 is not valid UTF-8 (a manifest must be UTF-8 text)",
+            "byte 39 is a NUL character",
+            "a string holds a NUL character (\\u0000)",
+            "a string holds a lone surrogate (a \\uD800-\\uDBFF escape without its low half)",
+            "a string holds a lone surrogate (a \\uDC00-\\uDFFF escape without its high half)",
+            "the key \"prompt\" is given twice",
+        ])
+        #expect(report.problems.map { $0.line ?? 0 } == [1, 2, 3, 4, 5, 6])
+        #expect(report.inserted == 1)
+        #expect(try fixture.queue.list().first?.prompt == "A smile \u{1F600} and a \\u0000 that is text.")
+    }
+
+    @Test func aCustomIDGivenTwiceWithOtherContentIsAConflictNamingBothLines() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        try fixture.file("images/a.jpg", "abc")
+        try fixture.file("images/b.jpg", "abcd")
+        let manifest = try fixture.file("jobs.jsonl", """
+            {"custom_id": "x", "image": "images/a.jpg", "prompt": "Describe."}
+            {"custom_id": "x", "image": "images/a.jpg", "prompt": "Describe."}
+            {"custom_id": "x", "image": "images/b.jpg", "prompt": "Describe."}
+            """)
+        let report = try fixture.queue.enqueueJSONL(manifest)
+        #expect(report.inserted == 1 && report.alreadyPresent == 1)
+        #expect(report.problems.map(\.description) == [
+            "\(manifest.path):3: custom_id 'x' is also on line 1 with another image, prompt or parameters; this line is not enqueued (give it its own custom_id)",
+        ])
+        // Against the queue: a later manifest reusing the id for another question.
+        let later = try fixture.file("later.jsonl", #"{"custom_id": "x", "image": "images/a.jpg", "prompt": "Count the shapes."}"# + "\n")
+        let again = try fixture.queue.enqueueJSONL(later)
+        #expect(again.inserted == 0 && again.alreadyPresent == 0)
+        #expect(again.problems.map(\.description) == [
+            "\(later.path):1: custom_id 'x' is already queued as job 1 with another image, prompt or parameters; this line is not enqueued (give it its own custom_id)",
+        ])
+    }
+
+    @Test func anUnterminatedCSVQuoteReportsTheLinesItSwallowed() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        try fixture.file("images/a.jpg", "abc")
+        let manifest = try fixture.file("jobs.csv", """
+            custom_id,image,prompt
+            one,images/a.jpg,Describe.
+            two,images/a.jpg,"Describe the image.
+            three,images/a.jpg,Describe.
+            four,images/a.jpg,Describe.
+
+            """)
+        let report = try fixture.queue.enqueueCSV(manifest)
+        #expect(report.inserted == 1)
+        #expect(report.problems.map(\.description) == [
+            "\(manifest.path):3: the quoted field opened on line 3 is never closed: it swallowed lines 3-6 to the end of the file (4 lines, none enqueued); close the quote",
+        ])
+    }
+
+    @Test func csvAndJSONLDecodeEveryParameterThroughOneSchema() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        try fixture.file("images/a.jpg", "abc")
+        let jsonl = try fixture.file("jobs.jsonl", #"""
+            {"custom_id": "j", "image": "images/a.jpg", "prompt": "P", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "seed": 18446744073709551615, "stop": "###", "sparsity": "random", "vision_keep_rate": 0.25, "priority": 2}
+            """# + "\n")
+        let csv = try fixture.file("jobs.csv", """
+            custom_id,image,prompt,max_tokens,temperature,top_p,top_k,seed,stop,sparsity,vision_keep_rate,priority
+            c,images/a.jpg,P,7,0.5,0.9,4,18446744073709551615,###,random,0.25,2
+            """ + "\n")
+        #expect(try fixture.queue.enqueueJSONL(jsonl).inserted == 1)
+        #expect(try fixture.queue.enqueueCSV(csv).inserted == 1)
+        let fromJSONL = try #require(try fixture.queue.job(customID: "j")), fromCSV = try #require(try fixture.queue.job(customID: "c"))
+        #expect(fromJSONL.parameters == fromCSV.parameters && fromJSONL.priority == 2 && fromCSV.priority == 2)
+        #expect(fromCSV.parameters == JobParameters(maxTokens: 7, temperature: 0.5, topP: 0.9, topK: 4, seed: .max, stop: ["###"],
+                                                    sparsity: .random, visionKeepRate: 0.25))
+        // Every field of the schema is one a manifest may name.
+        #expect(JobParameters.schema.map(\.key.stringValue).sorted() == JobParameters.CodingKeys.allCases.map(\.stringValue).sorted())
+    }
 }

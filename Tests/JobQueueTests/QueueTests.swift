@@ -8,7 +8,7 @@ struct QueueTests {
     @Test func migrationsCreateTheStrictJobTableOnAFreshDatabase() throws {
         let fixture = try Fixture()
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-job"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
         let pool = try DatabasePool(path: fixture.databasePath)
         let strict = try pool.read { try Bool.fetchOne($0, sql: "SELECT strict FROM pragma_table_list WHERE name = 'job'") }
         #expect(strict == true)
@@ -16,7 +16,63 @@ struct QueueTests {
         #expect(journal == "wal")
         // Opening again applies nothing new.
         let again = try JobQueue(path: fixture.databasePath)
-        #expect(try again.appliedMigrations() == ["v1-job"])
+        #expect(try again.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
+        #expect(again.identity == fixture.queue.identity)
+    }
+
+    @Test func eachQueueHasItsOwnIdentityFromCreation() throws {
+        let first = try Fixture(), second = try Fixture()
+        defer { first.remove(); second.remove() }
+        #expect(UUID(uuidString: first.queue.identity) != nil && first.queue.identity == first.queue.identity.lowercased())
+        #expect(first.queue.identity != second.queue.identity)
+    }
+
+    @Test func pruneNeverLetsANewJobTakeAPrunedJobsID() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(2)).inserted
+        for job in try queue.claim(owner: "w", limit: 2, leaseDuration: 60_000) {
+            _ = try queue.complete(job: job.id, attempt: job.attempt, owner: "w", output: JobOutput(path: "/out/\(job.id)", sha256: "s"))
+        }
+        fixture.clock.advance(10)
+        #expect(try queue.prune(olderThan: 1).deleted == 2)
+        let next = try queue.enqueue(fixture.jobs(1, prefix: "later")).inserted
+        #expect(next == [ids[1] + 1])
+    }
+
+    @Test func aVersion1QueueGetsAnIdentityAndKeepsItsJobsAndIDs() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("v1.sqlite").path
+        // A queue as the v1 schema left it: jobs 1 to 3, of which 3 was pruned (SQLite would reuse 3 for the next job).
+        let database = try DatabaseQueue(path: path)
+        try Schema.migrator.migrate(database, upTo: "v1-job")
+        try database.write { db in
+            for id in 1...3 {
+                try db.execute(sql: """
+                    INSERT INTO job (id, custom_id, idempotency_key, image_path, image_sha256, prompt, params, max_attempts, run_at,
+                                     created_at, updated_at)
+                    VALUES (?, ?, ?, '/i.jpg', 'aa', 'Describe.', '{}', 3, 0, 0, 0)
+                    """, arguments: [id, "old-\(id)", "custom_id:old-\(id)"])
+            }
+            try db.execute(sql: "DELETE FROM job WHERE id = 3")
+        }
+        try database.close()
+        let queue = try JobQueue(path: path)
+        #expect(try queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
+        #expect(UUID(uuidString: queue.identity) != nil)
+        #expect(try queue.list().map(\.customID) == ["old-1", "old-2"])
+        func jobs(_ count: Int, prefix: String) -> [NewJob] {
+            (0..<count).map { NewJob(customID: "\(prefix)-\($0)", imagePath: "/i.jpg", imageSHA256: "aa", prompt: "Describe.") }
+        }
+        let next = try queue.enqueue(jobs(2, prefix: "new")).inserted
+        #expect(next == [3, 4])
+        // Pruned from now on, an id is never handed out again.
+        #expect(try queue.cancel(ids: next).cancelled == 2)
+        Thread.sleep(forTimeInterval: 0.01)
+        #expect(try queue.prune(olderThan: 1).deleted == 2)
+        #expect(try queue.enqueue(jobs(1, prefix: "last")).inserted == [5])
     }
 
     @Test func openingAMissingDatabaseWithoutCreateFails() throws {
@@ -57,10 +113,13 @@ struct QueueTests {
         let second = try queue.enqueue(fixture.jobs(5))
         #expect(second.inserted.isEmpty && second.alreadyPresent == first.inserted)
 
-        // Same custom id, different content: the custom id decides.
+        // Same custom id, different content: a conflict, not a job already queued (and nothing is written).
         var changed = fixture.jobs(1)[0]
         changed.prompt = "Something else."
-        #expect(try queue.enqueue([changed]).alreadyPresent == [first.inserted[0]])
+        let conflicting = try queue.enqueue([changed])
+        #expect(conflicting.alreadyPresent.isEmpty && conflicting.inserted.isEmpty)
+        #expect(conflicting.conflicts == [EnqueueResult.Conflict(index: 0, existingID: first.inserted[0])])
+        #expect(try queue.job(id: first.inserted[0])?.prompt == "Describe the image.")
 
         // No custom id: image bytes + prompt + parameters decide, wherever the image lives.
         let a = NewJob(imagePath: "/a.jpg", imageSHA256: String(repeating: "b", count: 64), prompt: "What is it?",
@@ -338,6 +397,19 @@ struct QueueTests {
         let pruned = try queue.prune(olderThan: 86_400_000)
         #expect(pruned.deleted == 2 && pruned.outputPaths == ["/out/1.json.zst"])
         #expect(try queue.list().map(\.id) == [ids[1], ids[3]])
+    }
+
+    @Test func pruneReturnsTheSnapshotPathsItsRowsRecorded() throws {
+        let fixture = try Fixture()
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(2)).inserted
+        try queue.recordSnapshotPath(job: ids[0], path: "/out/q/snapshots/job-\(ids[0]).kv.zst")
+        #expect(try queue.job(id: ids[0])?.snapshotPath == "/out/q/snapshots/job-\(ids[0]).kv.zst")
+        _ = try queue.cancel(ids: ids)
+        fixture.clock.advance(10)
+        let pruned = try queue.prune(olderThan: 1)
+        #expect(pruned.deleted == 2 && pruned.snapshotPaths == ["/out/q/snapshots/job-\(ids[0]).kv.zst"] && pruned.outputPaths.isEmpty)
     }
 
     @Test func releaseHandsJobsBackWithoutUsingATry() throws {

@@ -151,7 +151,7 @@ struct QueueCommandLineTests {
         #expect(try workspace.run(["init"], environment: ["DLLAVA_DB": fromEnvironment]).status == 0)
         #expect(FileManager.default.fileExists(atPath: fromEnvironment))
         let local = try workspace.run(["init"])
-        #expect(local.status == 0 && local.standardOutput == "created dllava.sqlite (schema v1-job)\n")
+        #expect(local.status == 0 && local.standardOutput == "created dllava.sqlite (schema v3-worker-registry)\n")
         #expect(FileManager.default.fileExists(atPath: workspace.directory.appendingPathComponent("dllava.sqlite").path))
     }
 
@@ -215,7 +215,7 @@ struct QueueCommandLineTests {
         let jobs = try queue.claim(owner: "test", limit: 3, leaseDuration: 60_000)
         let results = try ResultFile(directory: workspace.directory.appendingPathComponent("out"))
         // a succeeds with a multi-line, comma-holding caption; b fails permanently; c stays running.
-        let record = ResultRecord(jobID: jobs[0].id, attempt: jobs[0].attempt, customID: jobs[0].customID,
+        let record = ResultRecord(queueID: queue.identity, jobID: jobs[0].id, attempt: jobs[0].attempt, customID: jobs[0].customID,
                                   text: "A cat,\nsitting \"still\".", tokenIDs: [1, 2], finishReason: "stop",
                                   parameters: jobs[0].parameters, stats: Stats(decode_ms: 1),
                                   model: ModelFingerprint(fingerprint: "f"), timings: ResultTimings(startedAt: 1, finishedAt: 2))
@@ -254,21 +254,149 @@ struct QueueCommandLineTests {
         #expect(tampered.errorLines.count == 2 && tampered.errorLines[0].hasPrefix("dllava: job 1: \(written.url.path) has sha256 "))
     }
 
-    @Test func pruneDeletesOldFinishedJobsAndOptionallyTheirOutputs() throws {
+    @Test func pruneDeletesOldFinishedJobsAndOptionallyTheirResultsAndSnapshots() throws {
         let workspace = try Workspace()
         defer { workspace.remove() }
         #expect(try workspace.queue("init").status == 0)
         _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
         let queue = try JobQueue(path: workspace.database)
         let job = try queue.claim(owner: "test", limit: 1, leaseDuration: 60_000)[0]
-        let output = try workspace.file("out/1-1.json.zst", "x")
+        let output = try workspace.file("out/q/1-1.json.zst", "x")
+        let snapshot = try workspace.file("out/q/snapshots/job-1.kv.zst", "kept")
+        try queue.recordSnapshotPath(job: job.id, path: snapshot.path)
         _ = try queue.complete(job: job.id, attempt: job.attempt, owner: "test", output: JobOutput(path: output.path, sha256: "x"))
         let young = try workspace.queue("prune", "--older-than", "1h")
         #expect(young.status == 0 && young.standardOutput == "deleted 0 finished jobs older than 1h\n")
         Thread.sleep(forTimeInterval: 0.01)
         let old = try workspace.queue("prune", "--older-than", "1ms", "--delete-outputs")
-        #expect(old.status == 0 && old.standardOutput == "deleted 1 finished job older than 1ms and 1 result file\n")
-        #expect(!FileManager.default.fileExists(atPath: output.path))
+        #expect(old.status == 0 && old.standardOutput == "deleted 1 finished job older than 1ms and 1 result file and 1 snapshot\n")
+        #expect(!FileManager.default.fileExists(atPath: output.path) && !FileManager.default.fileExists(atPath: snapshot.path))
         #expect(try queue.counts().values.reduce(0, +) == 2)
+    }
+
+    @Test func exportRefusesTheDatabaseItsWALAndSHMAndNonRegularFiles() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        #expect(try workspace.queue("init").status == 0)
+        _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
+        let before = try Data(contentsOf: URL(fileURLWithPath: workspace.database))
+        // An open connection keeps the -wal and -shm files in place.
+        let holder = try DatabasePool(path: workspace.database)
+        _ = try holder.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM job") }
+        let alias = workspace.directory.appendingPathComponent("alias.sqlite").path
+        #expect(link(workspace.database, alias) == 0)
+        for (output, named) in [(workspace.database, workspace.database), ("queue.sqlite", "queue.sqlite"), (alias, alias),
+                                (workspace.database + "-wal", workspace.database + "-wal"), (workspace.database + "-shm", workspace.database + "-shm")] {
+            let run = try workspace.queue("export", "--output", output)
+            #expect(run.status == 64, "\(output): \(run.standardError)")
+            #expect(run.errorLines.count == 1 && run.standardError.contains("--output \(named) is the queue database"), "\(run.standardError)")
+        }
+        try holder.close()
+        #expect(try Data(contentsOf: URL(fileURLWithPath: workspace.database)) == before)
+        #expect(try JobQueue(path: workspace.database).counts()[.available] == 3)
+
+        let fifo = workspace.directory.appendingPathComponent("pipe.jsonl").path
+        #expect(mkfifo(fifo, 0o644) == 0)
+        let folder = workspace.directory.appendingPathComponent("images").path
+        for output in [fifo, folder] {
+            let run = try workspace.queue("export", "--output", output)
+            #expect(run.status == 64 && run.errorLines == ["dllava: --output \(output) exists and is not a regular file; export to a regular file or to -"],
+                    "\(run.standardError)")
+        }
+        var status = stat()
+        #expect(stat(fifo, &status) == 0 && status.st_mode & S_IFMT == S_IFIFO)
+        // A regular file is replaced as before.
+        try workspace.file("old.jsonl", "old")
+        #expect(try workspace.queue("export", "--output", "old.jsonl").status == 0)
+    }
+
+    @Test func aFIFONamedLikeAnImageIsSkippedWithAMessageNotWaitedOn() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        #expect(try workspace.queue("init").status == 0)
+        try workspace.file("images/a.jpg", "image a")
+        let fifo = workspace.directory.appendingPathComponent("images/x.png").path
+        #expect(mkfifo(fifo, 0o644) == 0)
+        try workspace.file("fifo.jsonl", #"{"custom_id": "x", "image": "images/x.png", "prompt": "Describe."}"# + "\n")
+        for arguments in [["--folder", "images", "--prompt", "Describe."], ["--jsonl", "fifo.jsonl"]] {
+            // Run with a deadline: a build that opens the FIFO would wait for a writer forever.
+            let process = Process(), errors = Pipe()
+            process.executableURL = dllavaExecutable
+            process.arguments = ["enqueue", "--db", workspace.database] + arguments
+            process.currentDirectoryURL = workspace.directory
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = errors
+            try process.run()
+            let deadline = Date().addingTimeInterval(30)
+            while process.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+            if process.isRunning {
+                kill(process.processIdentifier, SIGKILL)
+                process.waitUntilExit()
+                Issue.record("enqueue \(arguments) hung on the FIFO")
+                continue
+            }
+            let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            #expect(process.terminationStatus == 65, "\(text)")
+            #expect(text.contains("image \(fifo) is not a regular file (a FIFO, socket or device); skipped"), "\(text)")
+        }
+        let queue = try JobQueue(path: workspace.database)
+        #expect(try queue.list().map(\.imagePath) == [workspace.directory.appendingPathComponent("images/a.jpg").path])
+    }
+
+    @Test func aLeaseTooShortToOutliveAHeartbeatIsRefusedBeforeAnythingIsClaimed() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        #expect(try workspace.queue("init").status == 0)
+        _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
+        for lease in ["1ms", "1s", "1999ms"] {
+            let run = try workspace.run(["run", "--db", workspace.database, "--model", "/no/model", "--out", "out", "--until-empty", "--lease", lease])
+            #expect(run.status == 64, "\(lease): \(run.standardError)")
+            #expect(run.standardError.contains("--lease \(lease) is too short: a lease must be at least 2s"), "\(run.standardError)")
+        }
+        #expect(try JobQueue(path: workspace.database).counts()[.available] == 3)
+    }
+
+    @Test func aForeignOrEmptyDatabaseIsRefusedWith78AndLeftUnchanged() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        let foreign = try DatabaseQueue(path: workspace.database)
+        try foreign.write { try $0.execute(sql: "CREATE TABLE notes (text TEXT); INSERT INTO notes VALUES ('mine')") }
+        try foreign.close()
+        let before = try Data(contentsOf: URL(fileURLWithPath: workspace.database))
+        let manifest = try workspace.standardManifest()
+        for arguments in [["status"], ["list"], ["show", "1"], ["export", "--output", "-"], ["cancel", "--all"], ["retry", "--state", "failed"],
+                          ["prune", "--older-than", "1d"], ["enqueue", "--jsonl", manifest.path], ["init"]] {
+            let run = try workspace.run([arguments[0], "--db", workspace.database] + arguments.dropFirst())
+            #expect(run.status == 78, "\(arguments): \(run.standardError)")
+            #expect(run.errorLines == ["dllava: \(workspace.database) is not a dllava queue database (it has no job table); it was left unchanged"],
+                    "\(arguments)")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: workspace.database)) == before)
+        let tables = try DatabaseQueue(path: workspace.database).read { try String.fetchAll($0, sql: "SELECT name FROM sqlite_master") }
+        #expect(tables == ["notes"])
+
+        // A 0-byte file: read commands refuse it and leave it empty; `init` makes it a queue.
+        let empty = workspace.directory.appendingPathComponent("empty.sqlite").path
+        #expect(FileManager.default.createFile(atPath: empty, contents: Data()))
+        let status = try workspace.run(["status", "--db", empty])
+        #expect(status.status == 78 && status.errorLines == ["dllava: \(empty) is not a dllava queue database (it is an empty database); it was left unchanged"])
+        #expect(try FileManager.default.attributesOfItem(atPath: empty)[.size] as? Int == 0)
+        #expect(try workspace.run(["init", "--db", empty]).status == 0)
+        #expect(try workspace.run(["status", "--db", empty]).status == 0)
+    }
+
+    @Test func readCommandsNeverWriteToTheQueue() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        #expect(try workspace.queue("init").status == 0)
+        _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
+        let before = try Data(contentsOf: URL(fileURLWithPath: workspace.database))
+        let modified = try FileManager.default.attributesOfItem(atPath: workspace.database)[.modificationDate] as? Date
+        for arguments in [["status"], ["status", "--json"], ["list"], ["show", "1"], ["export", "--output", "-"]] {
+            let run = try workspace.run([arguments[0], "--db", workspace.database] + arguments.dropFirst())
+            #expect(run.status == 0, "\(arguments): \(run.standardError)")
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: workspace.database)) == before)
+        #expect(try FileManager.default.attributesOfItem(atPath: workspace.database)[.modificationDate] as? Date == modified)
     }
 }

@@ -1,0 +1,174 @@
+import Foundation
+import GRDB
+
+/// A `run` process as the worker registry records it (table `worker`, migration v3).
+public struct WorkerRecord: Sendable, Hashable {
+    /// The lease owner string its claims carry.
+    public var owner: String
+    public var host: String
+    /// `/proc/sys/kernel/random/boot_id`: a worker of an earlier boot of this host is dead.
+    public var bootID: String
+    public var pid: Int32
+    /// The process's start time (`/proc/<pid>/stat` field 22, clock ticks since boot): a live pid with another start
+    /// time is another process that reused the pid.
+    public var processStart: String
+    public var leaseMilliseconds: Int64
+    public var startedAt: Int64
+    public var heartbeatAt: Int64
+
+    /// This process, as the worker `owner` with leases of `leaseMilliseconds`.
+    public static func current(owner: String, leaseMilliseconds: Int64, now: Int64) -> WorkerRecord {
+        let pid = getpid()
+        return WorkerRecord(owner: owner, host: ProcessInfo.processInfo.hostName, bootID: ProcessLiveness.bootID(),
+                            pid: pid, processStart: ProcessLiveness.startTime(of: pid) ?? "", leaseMilliseconds: leaseMilliseconds,
+                            startedAt: now, heartbeatAt: now)
+    }
+
+    init(row: Row) {
+        owner = row["owner"]
+        host = row["host"]
+        bootID = row["boot_id"]
+        pid = row["pid"]
+        processStart = row["process_start"]
+        leaseMilliseconds = row["lease_ms"]
+        startedAt = row["started_at"]
+        heartbeatAt = row["heartbeat_at"]
+    }
+
+    public init(owner: String, host: String, bootID: String, pid: Int32, processStart: String, leaseMilliseconds: Int64,
+                startedAt: Int64, heartbeatAt: Int64) {
+        self.owner = owner
+        self.host = host
+        self.bootID = bootID
+        self.pid = pid
+        self.processStart = processStart
+        self.leaseMilliseconds = leaseMilliseconds
+        self.startedAt = startedAt
+        self.heartbeatAt = heartbeatAt
+    }
+
+    /// What can be said of this worker from here: dead (known only on its own host), silent (another host, and no
+    /// heartbeat for half a lease: two of its four heartbeats missed), or alive as far as can be told.
+    public func liveness(now: Int64) -> WorkerLiveness {
+        // Without /proc (another system) nothing is known of the process: judge it by its heartbeats, as on another host.
+        let procKnown = !processStart.isEmpty && !bootID.isEmpty && !ProcessLiveness.bootID().isEmpty
+        if procKnown && host == ProcessInfo.processInfo.hostName {
+            if bootID != ProcessLiveness.bootID() { return .dead(reason: "its host has restarted since") }
+            guard let start = ProcessLiveness.startTime(of: pid) else { return .dead(reason: "process \(pid) is not running") }
+            if start != processStart { return .dead(reason: "process \(pid) is not running (the pid now belongs to another process)") }
+            return .alive
+        }
+        if now - heartbeatAt > leaseMilliseconds / 2 { return .silent(since: heartbeatAt) }
+        return .alive
+    }
+}
+
+public enum WorkerLiveness: Sendable, Hashable {
+    case alive
+    /// On this host, and its process is gone: its jobs can be reclaimed at once.
+    case dead(reason: String)
+    /// On another host, and it has not beaten for half a lease: its jobs are reclaimed when their leases expire.
+    case silent(since: Int64)
+}
+
+/// A running job whose worker is gone: who held it, why it is taken for gone, and when it will be claimable.
+public struct OrphanedJob: Sendable, Hashable {
+    public var id: Int64
+    public var owner: String
+    public var host: String
+    public var liveness: WorkerLiveness
+    /// Its lease's expiry (Unix ms): the latest it is reclaimed; a worker on the dead worker's host does it at its next claim.
+    public var leaseExpiresAt: Int64
+}
+
+/// Process facts from /proc (Linux); elsewhere unknown, and a worker is then never taken for dead by pid.
+enum ProcessLiveness {
+    static func bootID() -> String {
+        (try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+    }
+
+    /// Field 22 of `/proc/<pid>/stat`, or nil when no such process runs.
+    static func startTime(of pid: Int32) -> String? {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let end = stat.lastIndex(of: ")") else { return nil }
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let fields = stat[stat.index(after: end)...].split(separator: " ")
+        return fields.count > 19 ? String(fields[19]) : nil
+    }
+}
+
+extension JobQueue {
+    /// Records this worker (replacing an earlier record under the same owner).
+    public func register(_ worker: WorkerRecord) throws {
+        try write { db in
+            try db.execute(sql: """
+                INSERT OR REPLACE INTO worker (owner, host, boot_id, pid, process_start, lease_ms, started_at, heartbeat_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [worker.owner, worker.host, worker.bootID, worker.pid, worker.processStart, worker.leaseMilliseconds,
+                                 worker.startedAt, worker.heartbeatAt])
+        }
+    }
+
+    /// Removes this worker's record at a clean exit.
+    public func unregister(owner: String) throws {
+        try write { try $0.execute(sql: "DELETE FROM worker WHERE owner = ?", arguments: [owner]) }
+    }
+
+    public func workers() throws -> [WorkerRecord] {
+        try read { db in try Row.fetchAll(db, sql: "SELECT * FROM worker ORDER BY owner").map(WorkerRecord.init(row:)) }
+    }
+
+    /// Running jobs whose registered worker is dead or silent. Jobs of owners without a record (workers of an older
+    /// dllava) are left to their lease.
+    public func orphanedJobs() throws -> [OrphanedJob] {
+        let now = clock.now()
+        let gone = try workers().compactMap { worker -> (WorkerRecord, WorkerLiveness)? in
+            let liveness = worker.liveness(now: now)
+            return liveness == .alive ? nil : (worker, liveness)
+        }
+        guard !gone.isEmpty else { return [] }
+        let byOwner = Dictionary(uniqueKeysWithValues: gone.map { ($0.0.owner, $0) })
+        return try read { db in
+            try Row.fetchAll(db, sql: """
+                SELECT id, lease_owner, lease_expires_at FROM job
+                WHERE state = 'running' AND lease_owner IN (SELECT value FROM json_each(?)) ORDER BY id
+                """, arguments: [JobFilter.jsonArray(byOwner.keys.sorted().map(JobFilter.jsonString))]).map { row in
+                let owner: String = row["lease_owner"]
+                let (worker, liveness) = byOwner[owner]!
+                return OrphanedJob(id: row["id"], owner: owner, host: worker.host, liveness: liveness, leaseExpiresAt: row["lease_expires_at"])
+            }
+        }
+    }
+
+    /// Hands back at once the running jobs of workers on this host whose process is gone, as an expired lease would
+    /// (`retryable`, or `failed` when that was the last attempt, or `cancelled` if asked), and drops their records.
+    /// Returns how many jobs were reclaimed. Workers on other hosts are left to their leases.
+    @discardableResult
+    public func reclaimJobsOfDeadWorkers() throws -> Int {
+        let now = clock.now()
+        let dead = try workers().compactMap { worker -> (String, String)? in
+            if case .dead(let reason) = worker.liveness(now: now) { return (worker.owner, reason) }
+            return nil
+        }
+        guard !dead.isEmpty else { return 0 }
+        return try write { db in
+            var reclaimed = 0
+            for (owner, reason) in dead {
+                try db.execute(sql: """
+                    UPDATE job
+                    SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
+                                     WHEN attempt >= max_attempts THEN 'failed'
+                                     ELSE 'retryable' END,
+                        error = CASE WHEN cancel_requested = 1 THEN error
+                                     ELSE 'the worker ' || lease_owner || ' died during attempt ' || attempt || ' of ' || max_attempts || ' (' || ?2 || ')' END,
+                        finalized_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 END,
+                        run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1
+                    WHERE state = 'running' AND lease_owner = ?3
+                    """, arguments: [now, reason, owner])
+                reclaimed += db.changesCount
+                try db.execute(sql: "DELETE FROM worker WHERE owner = ?", arguments: [owner])
+            }
+            return reclaimed
+        }
+    }
+}
