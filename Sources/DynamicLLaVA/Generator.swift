@@ -416,12 +416,7 @@ public struct Generator: Sendable {
             }
             consult(step: step, newTokens: active.count)
         }
-        return states.map { state in
-            guard !state.removed else { return nil }
-            var result = state.result
-            result.stats.precision = Kernels.precision
-            return result
-        }
+        return states.map { $0.removed ? nil : $0.result }
     }
 
     /// Embeds a request's prompt (running the vision tower on its image), prefills its cells and
@@ -442,6 +437,7 @@ public struct Generator: Sendable {
         var state = RequestState(request: request, sequence: r, sampler: Sampler(request.parameters.sampling),
                                  promptEmbeddings: embeddings, promptLength: embeddings.rows, imageSpan: imageSpan)
         state.result.stats.promptTokens = embeddings.rows
+        state.result.stats.precision = Kernels.precision
         state.result.stats.imageTokensTotal = imageSpan?.count ?? 0
         let logits: [Float]
         if state.sparsity.usesKeyValueCache {
@@ -470,6 +466,8 @@ public struct Generator: Sendable {
             (snapshot.idsBeforeImage == request.idsBeforeImage && snapshot.idsAfterImage == request.idsAfterImage
                 && snapshot.imageTokens == imageTokens, "its prompt differs"),
             (snapshot.parameters == request.parameters, "its generation parameters differ"),
+            (snapshot.result.stats.precision == Kernels.precision,
+             "it was computed at \(snapshot.result.stats.precision?.rawValue ?? "an unrecorded") precision, this run uses \(Kernels.precision.rawValue)"),
             (request.parameters.sparsity.usesKeyValueCache, "the request runs without a KV cache"),
             (!snapshot.result.tokenIDs.isEmpty, "it has no generated token"),
             (request.generatedPrefix.isEmpty, "the request also replays a generated prefix"),

@@ -139,7 +139,7 @@ struct SnapshotTests {
         #expect(throws: SnapshotFormatError.malformed("1 bytes follow the last layer")) { try GenerationSnapshot(decoding: payload + Data([0])) }
     }
 
-    @Test("a snapshot of another prompt, other parameters or another model does not fit")
+    @Test("a snapshot of another prompt, other parameters, another precision or another model does not fit")
     func mismatchedSnapshotsDoNotFit() throws {
         let resume = ResumeCase.all[0]
         let generator = try resume.generator()
@@ -154,6 +154,12 @@ struct SnapshotTests {
         otherSeed.parameters.sampling.seed += 1
         #expect(throws: GenerationError.snapshotMismatch(request: 0, reason: "its generation parameters differ")) {
             try generator.checkSnapshot(snapshot, fits: otherSeed, request: 0)
+        }
+        // Another precision would not continue the run bit for bit (the tests run at f32).
+        var otherPrecision = snapshot
+        otherPrecision.result.stats.precision = .bf16
+        #expect(throws: GenerationError.snapshotMismatch(request: 0, reason: "it was computed at bf16 precision, this run uses f32")) {
+            try generator.checkSnapshot(otherPrecision, fits: requests[0], request: 0)
         }
         let otherModel = Generator(model: try DynamicFixture.model())
         #expect(throws: GenerationError.self) { try otherModel.checkSnapshot(snapshot, fits: requests[0], request: 0) }
