@@ -144,7 +144,7 @@ DL_AVX512 float reduce512(__m512 v) {
 /// One tile: rows x[0..<MR], weight rows w[n..<n+NR]; writes y[0..<MR][n..<n+NR].
 DL_AVX512 void tile512(const int MR, const int NR, int type, const float *x, size_t ldx,
                        const void *w, size_t k, size_t ldw, size_t n, float *y, size_t ldy) {
-    __m512 acc[6][4];
+    __m512 acc[8][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
     size_t kk = 0;
@@ -182,9 +182,24 @@ DL_AVX512 void rows512(const int MR, int type, const float *x, size_t ldx, const
     }
 }
 
+/// Rows `0..<MR` (7 or 8: a decode batch in one pass over the weights) against columns in
+/// groups of 3, which keeps the accumulators in registers.
+DL_AVX512 void rows512_narrow(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
+                              size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    size_t n = n_begin;
+    for (; n + 3 <= n_end; n += 3) tile512(MR, 3, type, x, ldx, w, k, ldw, n, y, ldy);
+    switch (n_end - n) {
+    case 2: tile512(MR, 2, type, x, ldx, w, k, ldw, n, y, ldy); break;
+    case 1: tile512(MR, 1, type, x, ldx, w, k, ldw, n, y, ldy); break;
+    default: break;
+    }
+}
+
 DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                                    size_t n_begin, size_t n_end, float *y, size_t ldy) {
     switch (rows) {
+    case 8: rows512_narrow(8, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 7: rows512_narrow(7, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
     case 6: rows512(6, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
     case 5: rows512(5, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
     case 4: rows512(4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
@@ -428,10 +443,13 @@ void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, co
             size_t r1 = r0 + row_block < m ? r0 + row_block : m;
             for (size_t n0 = n_begin; n0 < n_end; n0 += 16) {
                 size_t n1 = n0 + 16 < n_end ? n0 + 16 : n_end;
-                for (size_t r = r0; r < r1; r += tile_rows) {
+                for (size_t r = r0; r < r1;) {
                     size_t rows = r1 - r < tile_rows ? r1 - r : tile_rows;
+                    // A block of 7 or 8 rows (a decode batch) is one tile, not 6 + the rest.
+                    if (path == DL_PATH_AVX512 && (r1 - r == 7 || r1 - r == 8)) rows = r1 - r;
                     if (path == DL_PATH_AVX512) rows512_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, ldw, n0, n1, y + r * ldy, ldy);
                     else rows256_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, ldw, n0, n1, y + r * ldy, ldy);
+                    r += rows;
                 }
             }
         }

@@ -69,7 +69,7 @@ struct EngineBenchmark: ParsableCommand {
     var decodeTokens = 8
 
     @Option(help: "Comma-separated precisions to measure (f32, bf16).")
-    var precisions = Precision.preferred == .bf16 ? "f32,bf16" : "f32"
+    var precisions = Precision.bf16.isNative ? "f32,bf16" : "f32"
 
     func run() throws {
         guard var preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }

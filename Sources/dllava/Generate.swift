@@ -15,7 +15,7 @@ struct ModelOptions: ParsableArguments {
 
     @Option(help: """
         Arithmetic of the matrix products: f32, or bf16 (activations and weights rounded to bf16, \
-        sums in f32, on AVX512-BF16). Default: bf16 where the CPU has AVX512-BF16, else f32.
+        sums in f32; needs AVX512-BF16). Results do not depend on the thread count or batch in either.
         """)
     var precision: Precision = .preferred
 
