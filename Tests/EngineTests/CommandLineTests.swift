@@ -96,6 +96,30 @@ struct CommandLineTests {
         }
     }
 
+    @Test("every kernel path DLLAVA_KERNEL can force gives the same ids and log-probabilities; an unknown path exits 78")
+    func kernelPathsAgreeThroughTheCommandLine() throws {
+        let model = fixtures.appendingPathComponent("models/llava_orig_tiny").path
+        var environment = ProcessInfo.processInfo.environment
+        // Timings differ between runs; ids and log-probabilities must not.
+        struct Output: Decodable, Equatable {
+            struct Entry: Decodable, Equatable { let id: Int32; let logprob: Float }
+            let token_ids: [Int32]
+            let logprobs: [[Entry]]
+        }
+        var outputs: [KernelPath: Output] = [:]
+        for path in KernelPath.allCases where path.isAvailable {
+            environment["DLLAVA_KERNEL"] = path.rawValue
+            let run = try runDLLaVA(arguments(model: model, case: 0, extra: ["--json", "--logprobs", "3"]), environment: environment)
+            #expect(run.status == 0, "\(path): \(run.standardError)")
+            outputs[path] = try JSONDecoder().decode(Output.self, from: Data(run.standardOutput.utf8))
+        }
+        let first = try #require(outputs[.scalar])
+        for (path, output) in outputs { #expect(output == first, "\(path) differs from scalar") }
+        environment["DLLAVA_KERNEL"] = "avx9000"
+        let unknown = try runDLLaVA(arguments(model: model, case: 0), environment: environment)
+        #expect(unknown.status == 78 && unknown.standardError.contains("DLLAVA_KERNEL=avx9000"))
+    }
+
     @Test("a missing config.json exits 78 and names the file")
     func missingConfiguration() throws {
         let model = try copyOfFixtureModel("llava_orig_tiny")
