@@ -169,26 +169,15 @@ DL_AVX512 void tile512(const int MR, const int NR, int type, const float *x, siz
         for (int j = 0; j < NR; j++) y[i * ldy + n + j] = reduce512(acc[i][j]);
 }
 
-/// Rows `0..<MR` against columns `n_begin..<n_end` in groups of 4 (the last group narrower).
-DL_AVX512 void rows512(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
+/// Rows `0..<MR` against columns `n_begin..<n_end` in groups of `NR` (the last group narrower):
+/// 4 for up to 6 rows; 3 for 7 or 8 rows (a decode batch in one pass over the weights), which
+/// keeps the accumulators in registers.
+DL_AVX512 void rows512(const int MR, const int NR, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                        size_t n_begin, size_t n_end, float *y, size_t ldy) {
     size_t n = n_begin;
-    for (; n + 4 <= n_end; n += 4) tile512(MR, 4, type, x, ldx, w, k, ldw, n, y, ldy);
+    for (; n + NR <= n_end; n += NR) tile512(MR, NR, type, x, ldx, w, k, ldw, n, y, ldy);
     switch (n_end - n) {
     case 3: tile512(MR, 3, type, x, ldx, w, k, ldw, n, y, ldy); break;
-    case 2: tile512(MR, 2, type, x, ldx, w, k, ldw, n, y, ldy); break;
-    case 1: tile512(MR, 1, type, x, ldx, w, k, ldw, n, y, ldy); break;
-    default: break;
-    }
-}
-
-/// Rows `0..<MR` (7 or 8: a decode batch in one pass over the weights) against columns in
-/// groups of 3, which keeps the accumulators in registers.
-DL_AVX512 void rows512_narrow(const int MR, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
-                              size_t n_begin, size_t n_end, float *y, size_t ldy) {
-    size_t n = n_begin;
-    for (; n + 3 <= n_end; n += 3) tile512(MR, 3, type, x, ldx, w, k, ldw, n, y, ldy);
-    switch (n_end - n) {
     case 2: tile512(MR, 2, type, x, ldx, w, k, ldw, n, y, ldy); break;
     case 1: tile512(MR, 1, type, x, ldx, w, k, ldw, n, y, ldy); break;
     default: break;
@@ -198,14 +187,14 @@ DL_AVX512 void rows512_narrow(const int MR, int type, const float *x, size_t ldx
 DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                                    size_t n_begin, size_t n_end, float *y, size_t ldy) {
     switch (rows) {
-    case 8: rows512_narrow(8, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
-    case 7: rows512_narrow(7, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
-    case 6: rows512(6, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
-    case 5: rows512(5, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
-    case 4: rows512(4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
-    case 3: rows512(3, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
-    case 2: rows512(2, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
-    default: rows512(1, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 8: rows512(8, 3, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 7: rows512(7, 3, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 6: rows512(6, 4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 5: rows512(5, 4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 4: rows512(4, 4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 3: rows512(3, 4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    case 2: rows512(2, 4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
+    default: rows512(1, 4, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
     }
 }
 

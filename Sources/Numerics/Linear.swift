@@ -26,18 +26,10 @@ public enum BLAS {
             CblasRowMajor, CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
             blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc))
     }
-
-    /// `y[N] = A[N, K] · x[K]`, row-major `A` with leading dimension `lda`.
-    @inline(__always)
-    public static func sgemv(n: Int, k: Int, a: UnsafePointer<Float>, lda: Int, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>) {
-        guard n > 0 else { return }
-        _ = singleThreaded
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, blasint(n), blasint(k), 1, a, blasint(lda), x, 1, 0, y, 1)
-    }
 }
 
-/// Worker threads for the products. Results never depend on it: work is split into bands fixed
-/// by the weight's shape, and each band is computed the same way whichever worker takes it.
+/// Worker threads for the products. Results never depend on it: work is split into blocks of
+/// output elements, each computed the same way whichever worker takes it and however large.
 public enum Parallelism {
     nonisolated(unsafe) public private(set) static var threads = 1
 
@@ -142,11 +134,6 @@ public enum Precision: String, Sendable, Codable, CaseIterable {
     public var isNative: Bool {
         self == .f32 || dl_kernel_bf16_available() != 0
     }
-
-    /// The default: f32. bf16 was measured slower than f32 on the AVX512-BF16 host this was built
-    /// on (a Xeon where `vdpbf16ps` has the f32 FMA's throughput and rounding f16 weights costs
-    /// conversions; see README "Performance"), with identical captions, so it stays an option.
-    public static var preferred: Precision { .f32 }
 }
 
 /// The CPU path of the matrix kernels: the fastest this CPU runs, or the one `DLLAVA_KERNEL`

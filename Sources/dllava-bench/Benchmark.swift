@@ -103,10 +103,10 @@ struct EngineBenchmark: ParsableCommand {
         print("")
         print("| threads | precision | vision ms/image | vision GFLOP/s | prefill tok/s | prefill GFLOP/s | GEMM GFLOP/s (prefill shapes) | sgemm GFLOP/s (same shapes) | GEMM / sgemm | prefill / sgemm | vision / sgemm | decode tok/s b=1 | decode tok/s b=8 | b=8 / b=1 | weight-stream ms | decode b=1 ms/tok / stream |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        // The tower selects layer -2: it runs all encoder layers but the last.
-        let visionFlops = Double(visionFlopCount(preset.vision, layers: preset.vision.hiddenLayers - 1))
-        for count in threadCounts {
-          for precision in precisionList {
+        // The tower runs the encoder layers up to the hidden state it selects (-2: all but the last).
+        let selected = vision.selectLayer < 0 ? preset.vision.hiddenLayers + 1 + vision.selectLayer : vision.selectLayer
+        let visionFlops = Double(visionFlopCount(preset.vision, layers: selected))
+        for (count, precision) in threadCounts.flatMap({ count in precisionList.map { (count, $0) } }) {
             Parallelism.setThreads(count)
             Kernels.use(precision)
             // Vision tower (one image).
@@ -162,7 +162,6 @@ struct EngineBenchmark: ParsableCommand {
                          kernelRate / 1e9, gemmRate / 1e9, kernelRate / gemmRate, prefillFlops / prefillSeconds / gemmRate,
                          visionFlops / visionSeconds / gemmRate, rates[0], rates[1], rates[1] / rates[0],
                          streamSeconds * 1000, batchOneStep / streamSeconds))
-          }
         }
         var usage = rusage()
         getrusage(RUSAGE_SELF.rawValue, &usage)
@@ -195,10 +194,8 @@ func prefillFlopCount(_ c: LlamaConfiguration, tokens n: Int) -> Int {
 func sgemmRate(_ c: LlamaConfiguration, tokens m: Int, threads: Int) -> Double {
     openblas_set_num_threads(Int32(threads))
     defer { openblas_set_num_threads(1) }
-    let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
-    let shapes = [(q, h), (c.keyValueWidth, h), (c.keyValueWidth, h), (h, q), (c.intermediateSize, h), (c.intermediateSize, h), (h, c.intermediateSize)]
     var flops = 0.0, elapsed = 0.0
-    for (n, k) in shapes {
+    for (n, k) in decoderProductShapes(c) {
         let a = [Float](repeating: 0.01, count: m * k), b = [Float](repeating: 0.02, count: n * k)
         var out = [Float](repeating: 0, count: m * n)
         let start = DispatchTime.now()
@@ -215,13 +212,17 @@ func sgemmRate(_ c: LlamaConfiguration, tokens m: Int, threads: Int) -> Double {
     return flops / elapsed
 }
 
+/// `(N, K)` of one decoder layer's weight products: q, k, v, o, gate, up, down.
+func decoderProductShapes(_ c: LlamaConfiguration) -> [(Int, Int)] {
+    let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
+    return [(q, h), (c.keyValueWidth, h), (c.keyValueWidth, h), (h, q), (c.intermediateSize, h), (c.intermediateSize, h), (h, c.intermediateSize)]
+}
+
 /// The engine's `linear` FLOP/s over the same shapes as `sgemmRate`, weights as stored, at the
 /// current `Kernels.precision` and thread count.
 func linearRate(_ c: LlamaConfiguration, tokens m: Int, storageType: StorageType) -> Double {
-    let h = c.hiddenSize, q = c.attentionHeads * c.headDimension
-    let shapes = [(q, h), (c.keyValueWidth, h), (c.keyValueWidth, h), (h, q), (c.intermediateSize, h), (c.intermediateSize, h), (h, c.intermediateSize)]
     var flops = 0.0, elapsed = 0.0
-    for (index, (n, k)) in shapes.enumerated() {
+    for (index, (n, k)) in decoderProductShapes(c).enumerated() {
         let weight = WeightMatrix(randomRows: n, columns: k, storageType: storageType, seed: UInt64(100 + index))
         let x = Matrix(rows: m, columns: k, values: (0..<m * k).map { Float(($0 * 7919) % 255) / 255 - 0.5 })
         let start = DispatchTime.now()

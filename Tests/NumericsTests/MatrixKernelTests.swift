@@ -32,17 +32,23 @@ func firstBitDifference(_ a: [Float], _ b: [Float]) -> String? {
 }
 let rowCounts = [1, 2, 3, 7, 8, 9, 16, 17, 64, 577, 1000]
 
+/// `rows` activations and a `[37, K]` weight of wide-ranging values (K = 133, or 53 for the large
+/// batches), and their double-precision product.
+func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix, weight: WeightMatrix, exact: Matrix) {
+    let k = rows > 100 ? 53 : 133, n = 37
+    let weight = WeightMatrix(rows: n, columns: k, values: wideRangeValues(n * k, seed: seed), storageType: storage)
+    let x = Matrix(rows: rows, columns: k, values: wideRangeValues(rows * k, seed: seed + 1 + UInt64(rows)))
+    return (x, weight, ReferenceKernels.linear(x, weight.widened(), outFeatures: n))
+}
+
 @Suite struct MatrixKernelTests {
     @Test("every kernel path equals the plain twin bit for bit, and the double-precision product within tolerance",
           arguments: [StorageType.float32, .float16, .bfloat16], rowCounts)
     func pathsEqualThePlainTwin(storage: StorageType, rows: Int) {
-        let k = rows > 100 ? 53 : 133, n = 37
-        let weight = WeightMatrix(rows: n, columns: k, values: wideRangeValues(n * k, seed: 31), storageType: storage)
-        let x = Matrix(rows: rows, columns: k, values: wideRangeValues(rows * k, seed: UInt64(32 + rows)))
+        let (x, weight, exact) = kernelOperands(storage: storage, rows: rows, seed: 31)
         let twin = ReferenceKernels.linearInKernelOrder(x, weight)
-        let exact = ReferenceKernels.linear(x, weight.widened(), outFeatures: n)
         // f32 rounding of K products and sums: a bound that grows with K.
-        let tolerance = Float(k) * 1.2e-7 * 4
+        let tolerance = Float(x.columns) * 1.2e-7 * 4
         #expect(maxRelativeDifference(twin.values, exact.values) < tolerance)
         for path in kernelPaths {
             let fast = linear(x, weight, path: path)
@@ -53,11 +59,8 @@ let rowCounts = [1, 2, 3, 7, 8, 9, 16, 17, 64, 577, 1000]
     @Test("bf16 precision: every path equals the plain emulation of vdpbf16ps bit for bit, within bf16 rounding of the exact product",
           arguments: [StorageType.float32, .float16, .bfloat16], rowCounts)
     func bf16PathsEqualThePlainTwin(storage: StorageType, rows: Int) {
-        let k = rows > 100 ? 53 : 133, n = 37
-        let weight = WeightMatrix(rows: n, columns: k, values: wideRangeValues(n * k, seed: 71), storageType: storage)
-        let x = Matrix(rows: rows, columns: k, values: wideRangeValues(rows * k, seed: UInt64(72 + rows)))
+        let (x, weight, exact) = kernelOperands(storage: storage, rows: rows, seed: 71)
         let twin = ReferenceKernels.linearBF16InKernelOrder(x, weight)
-        let exact = ReferenceKernels.linear(x, weight.widened(), outFeatures: n)
         // Each operand rounded to 8 significant bits: relative 2^-8 per product, partly cancelling.
         #expect(maxRelativeDifference(twin.values, exact.values) < 2e-2)
         for path in kernelPaths {
