@@ -184,8 +184,9 @@ DL_AVX512 void rows512(const int MR, const int NR, int type, const float *x, siz
     }
 }
 
-DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
+DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const void *activations, size_t ldx, const void *w, size_t k, size_t ldw,
                                    size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    const float *x = activations;
     switch (rows) {
     case 8: rows512(8, 3, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
     case 7: rows512(7, 3, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy); break;
@@ -283,8 +284,9 @@ DL_AVX2 void rows256(const int MR, int type, const float *x, size_t ldx, const v
     }
 }
 
-DL_AVX2_FN void rows256_dispatch(size_t rows, int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
+DL_AVX2_FN void rows256_dispatch(size_t rows, int type, const void *activations, size_t ldx, const void *w, size_t k, size_t ldw,
                                  size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    const float *x = activations;
     if (rows == 2) rows256(2, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy);
     else rows256(1, type, x, ldx, w, k, ldw, n_begin, n_end, y, ldy);
 }
@@ -366,8 +368,10 @@ DL_BF16 void rows_bf16(const int MR, int type, const uint16_t *x, size_t ldx, co
     }
 }
 
-DL_BF16_FN void rows_bf16_dispatch(size_t rows, int type, const uint16_t *x, size_t ldx, const void *w, size_t k,
-                                   size_t n_begin, size_t n_end, float *y, size_t ldy) {
+DL_BF16_FN void rows_bf16_dispatch(size_t rows, int type, const void *activations, size_t ldx, const void *w, size_t k,
+                                   size_t ldw, size_t n_begin, size_t n_end, float *y, size_t ldy) {
+    (void)ldw;  // the bf16 path reads whole weight rows (ldw == k)
+    const uint16_t *x = activations;
     switch (rows) {
     case 6: rows_bf16(6, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
     case 5: rows_bf16(5, type, x, ldx, w, k, n_begin, n_end, y, ldy); break;
@@ -414,6 +418,36 @@ int dl_kernel_path_best(void) {
     return DL_PATH_SCALAR;
 }
 
+#ifdef DL_X86
+/// One of the `*_dispatch` functions above: rows `0..<rows` (at most the path's tile) of `x`
+/// against columns `n_begin..<n_end`.
+typedef void (*dl_rows_kernel)(size_t rows, int type, const void *x, size_t ldx, const void *w, size_t k, size_t ldw,
+                               size_t n_begin, size_t n_end, float *y, size_t ldy);
+
+/// The blocking every vector path shares: blocks of `row_block` rows (their activations stay in
+/// cache) against groups of 16 columns (their weights stay in L1) against tiles of `tile_rows`
+/// rows; a block's last 7 or 8 rows form one tile when `eight_row_tiles` (a decode batch in one
+/// pass over the weights). `x` has elements of `x_size` bytes. Tiles never change the order of a
+/// sum, so none of this changes a result's bits.
+static void gemm_tiles(dl_rows_kernel kernel, size_t tile_rows, int eight_row_tiles, int type, const void *x, size_t x_size,
+                       size_t ldx, size_t m, const void *w, size_t k, size_t ldw, size_t n_begin, size_t n_end,
+                       float *y, size_t ldy, size_t row_block) {
+    if (row_block < tile_rows) row_block = tile_rows;
+    for (size_t r0 = 0; r0 < m; r0 += row_block) {
+        size_t r1 = r0 + row_block < m ? r0 + row_block : m;
+        for (size_t n0 = n_begin; n0 < n_end; n0 += 16) {
+            size_t n1 = n0 + 16 < n_end ? n0 + 16 : n_end;
+            for (size_t r = r0; r < r1;) {
+                size_t rows = r1 - r < tile_rows ? r1 - r : tile_rows;
+                if (eight_row_tiles && (r1 - r == 7 || r1 - r == 8)) rows = r1 - r;
+                kernel(rows, type, (const char *)x + r * ldx * x_size, ldx, w, k, ldw, n0, n1, y + r * ldy, ldy);
+                r += rows;
+            }
+        }
+    }
+}
+#endif
+
 void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *w, size_t k, size_t ldw,
              size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block) {
     if (m == 0 || n_end <= n_begin) return;
@@ -423,25 +457,12 @@ void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, co
         return;
     }
 #ifdef DL_X86
-    if (path == DL_PATH_AVX512 || path == DL_PATH_AVX2) {
-        // Blocks of `row_block` rows (their activations stay in cache) against groups of 16
-        // columns (their weights stay in L1) against tiles of the path's row count.
-        const size_t tile_rows = path == DL_PATH_AVX512 ? 6 : 2;
-        if (row_block < tile_rows) row_block = tile_rows;
-        for (size_t r0 = 0; r0 < m; r0 += row_block) {
-            size_t r1 = r0 + row_block < m ? r0 + row_block : m;
-            for (size_t n0 = n_begin; n0 < n_end; n0 += 16) {
-                size_t n1 = n0 + 16 < n_end ? n0 + 16 : n_end;
-                for (size_t r = r0; r < r1;) {
-                    size_t rows = r1 - r < tile_rows ? r1 - r : tile_rows;
-                    // A block of 7 or 8 rows (a decode batch) is one tile, not 6 + the rest.
-                    if (path == DL_PATH_AVX512 && (r1 - r == 7 || r1 - r == 8)) rows = r1 - r;
-                    if (path == DL_PATH_AVX512) rows512_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, ldw, n0, n1, y + r * ldy, ldy);
-                    else rows256_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, ldw, n0, n1, y + r * ldy, ldy);
-                    r += rows;
-                }
-            }
-        }
+    if (path == DL_PATH_AVX512) {
+        gemm_tiles(rows512_dispatch, 6, 1, weight_type, x, sizeof(float), ldx, m, w, k, ldw, n_begin, n_end, y, ldy, row_block);
+        return;
+    }
+    if (path == DL_PATH_AVX2) {
+        gemm_tiles(rows256_dispatch, 2, 0, weight_type, x, sizeof(float), ldx, m, w, k, ldw, n_begin, n_end, y, ldy, row_block);
         return;
     }
 #endif
@@ -454,18 +475,7 @@ void dl_gemm_bf16(int path, int weight_type, const uint16_t *x, size_t ldx, size
     if (m == 0 || n_end <= n_begin) return;
 #ifdef DL_X86
     if (path == DL_PATH_AVX512 && dl_kernel_bf16_available()) {
-        const size_t tile_rows = 6;
-        if (row_block < tile_rows) row_block = tile_rows;
-        for (size_t r0 = 0; r0 < m; r0 += row_block) {
-            size_t r1 = r0 + row_block < m ? r0 + row_block : m;
-            for (size_t n0 = n_begin; n0 < n_end; n0 += 16) {
-                size_t n1 = n0 + 16 < n_end ? n0 + 16 : n_end;
-                for (size_t r = r0; r < r1; r += tile_rows) {
-                    size_t rows = r1 - r < tile_rows ? r1 - r : tile_rows;
-                    rows_bf16_dispatch(rows, weight_type, x + r * ldx, ldx, w, k, n0, n1, y + r * ldy, ldy);
-                }
-            }
-        }
+        gemm_tiles(rows_bf16_dispatch, 6, 0, weight_type, x, sizeof(uint16_t), ldx, m, w, k, k, n_begin, n_end, y, ldy, row_block);
         return;
     }
 #endif
