@@ -1,64 +1,12 @@
-// The daemon loop (docs/FORMATS.md "Queue semantics"): claim a batch in one short transaction,
-// keep its leases alive from a heartbeat thread while the engine runs, write each result file
-// atomically, then complete (fenced by attempt and owner) or fail each job. Between decode steps
-// the engine asks a `BatchSession` what to do: write KV snapshots, let a cancelled job leave the
-// batch, or stop every row for a graceful shutdown. It never imports the model: the engine
-// reaches it through `BatchRunner`, which the `dllava` executable implements, and snapshots cross
-// as opaque payloads.
+// The daemon loop (docs/FORMATS.md "Queue semantics"): claim jobs in short transactions, keep
+// their leases alive from a heartbeat thread, drive the engine's batch one decode step at a time,
+// and at every step boundary settle finished jobs (result file written atomically, completion
+// fenced by attempt and owner), let cancelled or lost jobs leave, write KV snapshots, and refill
+// the freed places with newly claimed jobs. It never imports the model: the engine reaches it
+// through `BatchRunner` (BatchRunner.swift), which the `dllava` executable implements.
 import Artifacts
 import Foundation
 import JobQueue
-
-/// What the engine made of one job.
-public enum JobOutcome<Stats: Codable & Sendable>: Sendable {
-    case succeeded(text: String, tokenIDs: [Int32], finishReason: String, stats: Stats, timings: JobTimings)
-    /// `permanent`: the job can never succeed (an undecodable image, a prompt longer than the
-    /// context); otherwise it is retried with backoff.
-    case failed(reason: String, permanent: Bool)
-    /// The job left its batch unfinished because `BatchSession.afterStep` removed it (a cancel, or
-    /// a graceful shutdown after its snapshot).
-    case stopped
-}
-
-/// Runs batches of jobs through an engine.
-public protocol BatchRunner: Sendable {
-    associatedtype Stats: Codable & Sendable
-    /// Identifies the model in result and snapshot files.
-    var fingerprint: ModelFingerprint { get }
-    /// One outcome per job, in order. A job's outcome must not depend on its batch-mates.
-    /// `images[i]` is job `i`'s image file, read once and checked against the sha256 recorded at
-    /// enqueue: the engine decodes these bytes, never the path again (the file may change).
-    /// `snapshots[i]` is job `i`'s latest snapshot payload (checked against the model and its
-    /// checksum): the job goes on from it, or, when the engine cannot use it, starts from scratch
-    /// and says so through `session.log`. The runner calls `session.afterStep` after prefill and
-    /// after every decode step, and hands the payloads it asks for to `session.snapshotTaken`.
-    func run(_ jobs: [Job], images: [Data], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<Stats>]
-}
-
-/// Where a running batch stands: after prefill (`step` 0) and after every decode step. Jobs are
-/// indices into the batch.
-public struct BatchStep: Sendable, Equatable {
-    public var step: Int
-    public var generating: [Int]
-    /// Jobs that finished generating in this step.
-    public var finished: [Int]
-    public var newTokens: Int
-
-    public init(step: Int, generating: [Int], finished: [Int], newTokens: Int) {
-        self.step = step
-        self.generating = generating
-        self.finished = finished
-        self.newTokens = newTokens
-    }
-}
-
-/// What the daemon wants done before the next decode step (job indices into the batch).
-public struct BatchDirective: Sendable, Equatable {
-    /// Capture these jobs' state and pass it to `snapshotTaken`.
-    public var snapshot: Set<Int> = []
-    /// These jobs leave the batch now (outcome `.stopped`); the others go on unchanged.
-    public var remove: Set<Int> = []
-}
 
 public struct DaemonOptions: Sendable {
     /// Heartbeats in one lease: more than three, so a lease survives a missed heartbeat or two.
@@ -76,14 +24,16 @@ public struct DaemonOptions: Sendable {
     public var untilEmpty = false
     public var maxJobs: Int? = nil
     public var maxSeconds: Double? = nil
-    /// Seconds between polls of an empty queue.
+    /// Seconds between polls of an empty queue (and, while jobs run, between claims that found
+    /// nothing).
     public var pollSeconds: Double = 2
     public var owner = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UUID().uuidString.prefix(8))"
-    /// A KV snapshot of every running job each this many decode steps (0: none; a graceful
-    /// shutdown writes them anyway).
+    /// A KV snapshot of every running job each this many of its decode steps (0: none; a
+    /// graceful shutdown writes them anyway).
     public var snapshotEvery = 32
     /// Keep each job's final snapshot (taken when it finishes) instead of deleting its snapshot.
     public var keepKV = false
+    public var clock = DaemonClock.system
 
     public init() {}
 }
@@ -104,13 +54,13 @@ public enum DaemonFault: Error, Sendable, CustomStringConvertible {
 public struct DaemonStopped: Error {
     public var report: DaemonReport
     public var underlying: Error
-    /// Jobs of the batch handed back to the queue without counting their attempt.
+    /// Running jobs handed back to the queue without counting their attempt.
     public var released: Int
-    /// Jobs of the batch the database would not take back: they stay `running` until their lease
+    /// Running jobs the database would not take back: they stay `running` until their lease
     /// expires (then the attempt counts).
     public var unreleased: Int
 
-    /// What happened to the batch, as a clause to follow the cause.
+    /// What happened to the running jobs, as a clause to follow the cause.
     public var batchNote: String {
         var note = "released \(released) job\(released == 1 ? "" : "s") of the batch to the queue without counting the attempt"
         if unreleased > 0 { note += "; \(unreleased) stay running until their lease expires" }
@@ -124,7 +74,8 @@ public struct DaemonReport: Sendable, Equatable {
     public var succeeded = 0
     public var failed = 0
     public var retried = 0
-    /// Results the queue refused (the lease had been lost to another worker).
+    /// Results the queue refused, or running jobs dropped, because the lease had been lost to
+    /// another worker.
     public var discarded = 0
     /// Running jobs finalised as cancelled at a decode step.
     public var cancelled = 0
@@ -148,17 +99,7 @@ public struct DaemonProgress: Sendable, Equatable {
     public var etaSeconds: Double? { done > 0 ? elapsedSeconds / Double(done) * Double(remaining) : nil }
 }
 
-/// Jobs of the running batch whose lease the heartbeat found lost (rescued by another worker,
-/// or finalised): written by the heartbeat thread, read at every decode step.
-final class LostLeases: @unchecked Sendable {
-    private let lock = NSLock()
-    private var lost: Set<Int64> = []
-
-    func insert(_ ids: Set<Int64>) { lock.withLock { lost.formUnion(ids) } }
-    var ids: Set<Int64> { lock.withLock { lost } }
-}
-
-/// A flag set from a signal handler or another thread; read between batches and at every decode step.
+/// A flag set from a signal handler or another thread; read at every decode step.
 public final class StopFlag: @unchecked Sendable {
     private let lock = NSLock()
     private var stopped = false
@@ -169,6 +110,10 @@ public final class StopFlag: @unchecked Sendable {
     public var isStopped: Bool { lock.withLock { stopped } }
 }
 
+/// The daemon: it owns the generation loop. At every decode-step boundary it settles finished
+/// jobs, drops jobs whose lease was lost, lets cancelled jobs leave, writes snapshots, and fills
+/// the places freed with newly claimed jobs (continuous batching), so the batch never idles while
+/// its longest job finishes.
 public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     public let queue: JobQueue
     public let runner: Runner
@@ -198,21 +143,20 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                          prompt: job.prompt, parameters: job.parameters.canonicalJSON())
     }
 
-    /// Runs until the queue is empty (`untilEmpty`), `maxJobs` or `maxSeconds` is reached, or
-    /// `stop` is set. Graceful shutdown: once `stop` is set nothing new is claimed, and at the next
-    /// decode step every running job is snapshotted, leaves its batch and is released to the queue.
-    /// `log` receives one line per batch and per notable event; `progress` is called after every
-    /// decode step and batch.
+    /// Runs until the queue is empty (`untilEmpty`), or until `maxJobs` or `maxSeconds` is reached
+    /// and the running jobs have finished, or until `stop` is set. Graceful shutdown: once `stop`
+    /// is set nothing new is claimed, and at the next decode step every running job is
+    /// snapshotted, leaves the batch and is released to the queue. `log` receives one line per
+    /// admission of jobs and per notable event; `progress` is called after every decode step.
     ///
     /// At start it sweeps what earlier runs left behind (`sweep`). A fault that makes going on
     /// pointless (a result file that cannot be written, as on a full disk; a database write that
-    /// fails) stops the run: the batch's unsettled jobs are released to the queue without counting
-    /// their attempt (as far as the database still takes writes) and `DaemonStopped` is thrown with
-    /// the report so far and the cause.
+    /// fails) stops the run: the unsettled jobs are released to the queue without counting their
+    /// attempt (as far as the database still takes writes) and `DaemonStopped` is thrown with the
+    /// report so far and the cause.
     public func run(stop: StopFlag, log: @escaping @Sendable (String) -> Void,
                     progress: @escaping @Sendable (DaemonProgress) -> Void = { _ in }) throws -> DaemonReport {
-        var report = DaemonReport()
-        let start = Date()
+        var loop = Loop(daemon: self, batch: runner.makeBatch(), stop: stop, log: log, progress: progress)
         do {
             try FileManager.default.createDirectory(at: snapshotDirectory, withIntermediateDirectories: true)
         } catch {
@@ -220,108 +164,264 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         }
         do {
             try sweep(log: log)
-            try queue.register(WorkerRecord.current(owner: options.owner, leaseMilliseconds: options.leaseMilliseconds,
-                                                    now: Int64(Date().timeIntervalSince1970 * 1000)))
+            try queue.register(WorkerRecord.current(owner: options.owner, leaseMilliseconds: options.leaseMilliseconds, now: options.clock.now()))
         } catch {
-            throw DaemonStopped(report: report, underlying: error, released: 0, unreleased: 0)
+            throw DaemonStopped(report: loop.report, underlying: error, released: 0, unreleased: 0)
         }
         defer {
             do { try queue.unregister(owner: options.owner) } catch { log("cannot remove this worker's record: \(error)") }
         }
+        let heartbeat = Heartbeat(queue: queue, owner: options.owner, leaseMilliseconds: options.leaseMilliseconds)
+        defer { heartbeat.stop() }
+        do {
+            try loop.run(heartbeat: heartbeat)
+        } catch {
+            var released = 0
+            let unsettled = loop.unsettled.sorted()
+            if !unsettled.isEmpty {
+                do {
+                    released = try queue.release(jobs: unsettled, owner: options.owner)
+                    loop.report.released += released
+                } catch {
+                    log("cannot release jobs \(unsettled.map(String.init).joined(separator: ", ")): \(error); they are rescued when their lease expires")
+                }
+            }
+            throw DaemonStopped(report: loop.report, underlying: error, released: released, unreleased: unsettled.count - released)
+        }
+        return loop.report
+    }
+
+    /// One run's loop state: the batch, its jobs, and the counts.
+    struct Loop {
+        let daemon: BatchDaemon
+        let batch: Runner.Batch
+        let stop: StopFlag
+        let log: @Sendable (String) -> Void
+        let progress: @Sendable (DaemonProgress) -> Void
+        var report = DaemonReport()
+        /// Claimed jobs the queue has not yet been told the fate of: what a fault hands back.
+        var unsettled: Set<Int64> = []
+        /// The jobs in the batch.
+        var running: [Int64: Job] = [:]
+        /// Decode steps each job in the batch has run since it entered.
+        var steps: [Int64: Int] = [:]
+        /// Jobs whose snapshot path this run has recorded in the queue.
+        var recordedSnapshotPaths: Set<Int64> = []
+        /// Tokens generated so far, counted at every step (for the progress display).
+        var tokensGenerated = 0
+        /// When a claim last found nothing: while jobs run, the next is tried `pollSeconds` later.
+        var lastEmptyClaim: Int64? = nil
         var waitingReported = false
-        while !stop.isStopped {
-            if let maxSeconds = options.maxSeconds, Date().timeIntervalSince(start) >= maxSeconds { break }
-            var limit = options.batchSize
-            if let maxJobs = options.maxJobs {
-                limit = min(limit, maxJobs - report.claimed)
-                if limit <= 0 { break }
+        /// Jobs left in the queue at the last admission, and `done` then.
+        var remainingAtAdmission = 0
+        var doneAtAdmission = 0
+        let start: Int64
+
+        init(daemon: BatchDaemon, batch: Runner.Batch, stop: StopFlag, log: @escaping @Sendable (String) -> Void,
+             progress: @escaping @Sendable (DaemonProgress) -> Void) {
+            self.daemon = daemon
+            self.batch = batch
+            self.stop = stop
+            self.log = log
+            self.progress = progress
+            start = daemon.options.clock.now()
+        }
+
+        var options: DaemonOptions { daemon.options }
+        /// Jobs this run finished: succeeded, failed, cancelled or released.
+        var done: Int { report.succeeded + report.failed + report.cancelled + report.released }
+        var queue: JobQueue { daemon.queue }
+
+        /// Claims may go on: no stop, and neither the time nor the job limit reached.
+        var mayClaim: Bool {
+            if stop.isStopped { return false }
+            if let maxSeconds = options.maxSeconds, Double(options.clock.now() - start) / 1000 >= maxSeconds { return false }
+            if let maxJobs = options.maxJobs, report.claimed >= maxJobs { return false }
+            return true
+        }
+
+        mutating func run(heartbeat: Heartbeat) throws {
+            while true {
+                let free = options.batchSize - running.count
+                let claimDue = running.isEmpty || lastEmptyClaim.map { options.clock.now() - $0 >= Int64(options.pollSeconds * 1000) } ?? true
+                if mayClaim && free > 0 && claimDue {
+                    var limit = free
+                    if let maxJobs = options.maxJobs { limit = min(limit, maxJobs - report.claimed) }
+                    let claimed = try claim(limit: limit)
+                    if claimed.isEmpty {
+                        lastEmptyClaim = options.clock.now()
+                        if running.isEmpty {
+                            if try waitForWork() { continue }
+                            return
+                        }
+                    } else {
+                        lastEmptyClaim = nil
+                        waitingReported = false
+                        try admit(claimed, heartbeat: heartbeat)
+                    }
+                } else if running.isEmpty {
+                    return
+                }
+                try atStepBoundary(heartbeat: heartbeat)
+                let generating = batch.generating
+                guard !generating.isEmpty else { continue }
+                batch.step()
+                for id in generating { steps[id, default: 0] += 1 }
+                tokensGenerated += generating.count
             }
-            let claimed: [Job]
-            var orphans: [OrphanedJob] = []
-            do {
-                let reclaimed = try queue.reclaimJobsOfDeadWorkers()
-                if reclaimed > 0 { log("reclaimed \(reclaimed) job\(reclaimed == 1 ? "" : "s") of dead workers on this host") }
-                claimed = try queue.claim(owner: options.owner, limit: limit, leaseDuration: options.leaseMilliseconds)
-                if claimed.isEmpty && options.untilEmpty { orphans = try queue.orphanedJobs() }
-            } catch {
-                throw DaemonStopped(report: report, underlying: error, released: 0, unreleased: 0)
-            }
-            if claimed.isEmpty {
-                if options.untilEmpty && orphans.isEmpty { break }
-                if !orphans.isEmpty && !waitingReported {
+        }
+
+        /// Reclaims dead workers' jobs on this host, then claims up to `limit` jobs.
+        mutating func claim(limit: Int) throws -> [Job] {
+            let reclaimed = try queue.reclaimJobsOfDeadWorkers()
+            if reclaimed > 0 { log("reclaimed \(reclaimed) job\(reclaimed == 1 ? "" : "s") of dead workers on this host") }
+            let claimed = try queue.claim(owner: options.owner, limit: limit, leaseDuration: options.leaseMilliseconds)
+            report.claimed += claimed.count
+            unsettled.formUnion(claimed.map(\.id))
+            return claimed
+        }
+
+        /// Nothing running and nothing claimable: false to stop (`untilEmpty` and no silent
+        /// worker's job to wait for), else true after waiting `pollSeconds`.
+        mutating func waitForWork() throws -> Bool {
+            if options.untilEmpty {
+                let orphans = try queue.orphanedJobs()
+                if orphans.isEmpty { return false }
+                if !waitingReported {
                     // Silent workers on other hosts: their jobs become claimable when their leases expire.
                     let until = orphans.map(\.leaseExpiresAt).max() ?? 0
                     log("waiting for \(orphans.count) job\(orphans.count == 1 ? "" : "s") of silent workers (\(Set(orphans.map(\.owner)).sorted().joined(separator: ", "))); "
                         + "their leases expire by \(Date(timeIntervalSince1970: Double(until) / 1000))")
                     waitingReported = true
                 }
-                Thread.sleep(forTimeInterval: options.pollSeconds)
-                continue
             }
-            waitingReported = false
-            report.claimed += claimed.count
-            // Jobs of this batch not yet finished, failed, cancelled or released: what a fault hands back.
-            var unsettled = claimed.map(\.id)
-            do {
-                try runBatch(claimed, unsettled: &unsettled, report: &report, stop: stop, start: start, log: log, progress: progress)
-            } catch {
-                var released = 0
-                if !unsettled.isEmpty {
-                    do {
-                        released = try queue.release(jobs: unsettled, owner: options.owner)
-                        report.released += released
-                    } catch {
-                        log("cannot release jobs \(unsettled.map(String.init).joined(separator: ", ")): \(error); they are rescued when their lease expires")
-                    }
-                }
-                throw DaemonStopped(report: report, underlying: error, released: released, unreleased: unsettled.count - released)
-            }
+            options.clock.sleep(Int64(options.pollSeconds * 1000))
+            return true
         }
-        return report
-    }
 
-    /// One claimed batch: image checks, the engine, then each job's result, failure, cancel or
-    /// release. Removes each job from `unsettled` once the queue has recorded what became of it.
-    func runBatch(_ claimed: [Job], unsettled: inout [Int64], report: inout DaemonReport, stop: StopFlag, start: Date,
-                  log: @escaping @Sendable (String) -> Void, progress: @escaping @Sendable (DaemonProgress) -> Void) throws {
-        let batchStart = Date()
-        let checked = try readImages(claimed, report: &report, log: log)
-        let jobs = checked.map(\.job), images = checked.map(\.image)
-        unsettled = jobs.map(\.id)
-        if jobs.isEmpty { return }
-        let counts = try queue.counts()
-        let lostLeases = LostLeases()
-        let session = BatchSession(jobs: jobs, queue: queue, options: options, stop: stop, lostLeases: lostLeases, snapshotURL: snapshotURL,
-                                   identity: snapshotIdentity, log: log, progress: progress,
-                                   start: start, done: report.succeeded + report.failed + report.cancelled + report.released,
-                                   remaining: (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0),
-                                   generatedTokens: report.generatedTokens)
-        let snapshots = jobs.map { readSnapshot($0, log: log) }
-        let outcomes = withHeartbeat(jobs, lostLeases: lostLeases) { runner.run(jobs, images: images, resumingFrom: snapshots, session: session) }
-        var released: [Int64] = []
-        for (index, (job, outcome)) in zip(jobs, outcomes).enumerated() {
-            if case .stopped = outcome {
-                if let id = try settleStopped(job, index: index, session: session, report: &report, log: log) {
-                    released.append(id)
-                    continue
+        /// Checks the claimed jobs' images, reads their snapshots and adds them to the batch
+        /// (vision and prefill for all of them together).
+        mutating func admit(_ claimed: [Job], heartbeat: Heartbeat) throws {
+            let admissionStart = options.clock.now()
+            heartbeat.track(claimed.map(\.id))
+            var entries: [BatchEntry] = []
+            for job in claimed {
+                do {
+                    let image = try daemon.checkedImage(job)
+                    entries.append(BatchEntry(job: job, image: image, snapshot: daemon.readSnapshot(job, log: log), snapshotURL: daemon.snapshotURL(job: job.id)))
+                } catch {
+                    log("job \(job.id): \(error.reason)")
+                    try settle(job, .failed(reason: error.reason, permanent: true), heartbeat: heartbeat)
                 }
-            } else {
-                try finish(job, outcome, report: &report, log: log)
             }
-            unsettled.removeAll { $0 == job.id }
+            for entry in entries { running[entry.job.id] = entry.job }
+            let refused = batch.add(entries, log: log)
+            for entry in entries {
+                if let outcome = refused[entry.job.id] {
+                    running[entry.job.id] = nil
+                    try settle(entry.job, outcome, heartbeat: heartbeat)
+                }
+            }
+            let counts = try queue.counts()
+            remainingAtAdmission = (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0)
+            doneAtAdmission = done
+            let admitted = entries.count - refused.count
+            log(String(format: "admitted %d job%@ in %.1f s (vision and prefill); %d running; %d succeeded, %d failed so far; %d tokens generated; %d left in the queue",
+                       admitted, admitted == 1 ? "" : "s", Double(options.clock.now() - admissionStart) / 1000, running.count,
+                       report.succeeded, report.failed, report.generatedTokens, remainingAtAdmission))
         }
-        if !released.isEmpty {
-            report.released += try queue.release(jobs: released, owner: options.owner)
-            unsettled.removeAll { released.contains($0) }
-            log("released jobs \(released.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(snapshotDirectory.path)")
+
+        /// Between two decode steps: finished jobs are settled; jobs whose lease was lost leave;
+        /// cancelled jobs leave; on a stop every job is snapshotted, leaves and is released;
+        /// otherwise the jobs due a snapshot get one.
+        mutating func atStepBoundary(heartbeat: Heartbeat) throws {
+            for id in batch.finished {
+                guard let job = running[id] else { continue }
+                if options.keepKV { takeSnapshot(of: job) }
+                guard let outcome = batch.remove(job: id) else { preconditionFailure("a finished job has an outcome") }
+                running[id] = nil
+                try settle(job, outcome, heartbeat: heartbeat)
+                if options.keepKV, case .succeeded = outcome { log("job \(id): final KV snapshot kept at \(daemon.snapshotURL(job: id).path)") }
+            }
+            let lost = heartbeat.lost
+            for id in batch.generating where lost.contains(id) {
+                _ = batch.remove(job: id)
+                running[id] = nil
+                unsettled.remove(id)
+                heartbeat.untrack(id)
+                report.discarded += 1
+                log("job \(id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step")
+            }
+            let generating = batch.generating
+            if !generating.isEmpty {
+                let requested: Set<Int64>
+                do {
+                    requested = try queue.cancelRequested(among: generating)
+                } catch {
+                    log("cannot read cancel requests at a decode step: \(error)")
+                    requested = []
+                }
+                for id in generating where requested.contains(id) {
+                    guard let job = running[id] else { continue }
+                    _ = batch.remove(job: id)
+                    running[id] = nil
+                    if try queue.acknowledgeCancel(job: id, attempt: job.attempt, owner: options.owner) {
+                        report.cancelled += 1
+                        daemon.removeSnapshot(job: id, log: log)
+                        log("job \(id): cancelled at a decode step")
+                    } else {
+                        report.discarded += 1
+                    }
+                    unsettled.remove(id)
+                    heartbeat.untrack(id)
+                }
+            }
+            let going = batch.generating
+            if stop.isStopped && !going.isEmpty {
+                for id in going {
+                    if let job = running[id] { takeSnapshot(of: job) }
+                    _ = batch.remove(job: id)
+                    running[id] = nil
+                }
+                report.released += try queue.release(jobs: going, owner: options.owner)
+                for id in going {
+                    unsettled.remove(id)
+                    heartbeat.untrack(id)
+                }
+                log("released jobs \(going.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(daemon.snapshotDirectory.path)")
+            } else if options.snapshotEvery > 0 {
+                for id in going where (steps[id] ?? 0) > 0 && steps[id]! % options.snapshotEvery == 0 {
+                    if let job = running[id] { takeSnapshot(of: job) }
+                }
+            }
+            progress(DaemonProgress(done: done, remaining: max(0, remainingAtAdmission - (done - doneAtAdmission)),
+                                    generatedTokens: tokensGenerated, elapsedSeconds: Double(options.clock.now() - start) / 1000))
         }
-        let seconds = Date().timeIntervalSince(batchStart)
-        let after = try queue.counts()
-        let remaining = (after[.available] ?? 0) + (after[.retryable] ?? 0) + (after[.running] ?? 0)
-        log(String(format: "batch of %d in %.1f s: %d succeeded, %d failed so far; %d tokens generated; %d left in the queue",
-                   jobs.count, seconds, report.succeeded, report.failed, report.generatedTokens, remaining))
-        progress(DaemonProgress(done: report.succeeded + report.failed + report.cancelled + report.released, remaining: remaining,
-                                generatedTokens: report.generatedTokens, elapsedSeconds: Date().timeIntervalSince(start)))
+
+        /// Records what became of a job in the queue (result file and completion, or failure).
+        mutating func settle(_ job: Job, _ outcome: JobOutcome<Runner.Batch.Stats>, heartbeat: Heartbeat) throws {
+            try daemon.finish(job, outcome, report: &report, log: log)
+            steps[job.id] = nil
+            unsettled.remove(job.id)
+            heartbeat.untrack(job.id)
+        }
+
+        /// Writes the job's snapshot atomically, stamped with its identity; a failure is logged and
+        /// the batch goes on. The path is recorded in the queue first (once per job and run), so
+        /// `prune` finds the file even if this process dies right after writing it.
+        mutating func takeSnapshot(of job: Job) {
+            guard let payload = batch.snapshot(job: job.id) else { return }
+            let url = daemon.snapshotURL(job: job.id)
+            do {
+                if !recordedSnapshotPaths.contains(job.id) {
+                    try queue.recordSnapshotPath(job: job.id, path: url.path)
+                    recordedSnapshotPaths.insert(job.id)
+                }
+                try SnapshotFile.write(payload, identity: daemon.snapshotIdentity(job), to: url)
+            } catch {
+                log("job \(job.id): \(error)")
+            }
+        }
     }
 
     /// Temporary files older than this are left by a killed writer: an atomic write of one result
@@ -366,50 +466,28 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         }
     }
 
-    /// Settles a job that left its batch unfinished: dropped (lease lost), finalised as cancelled,
-    /// or, after a graceful stop, returned for `release` (its id).
-    func settleStopped(_ job: Job, index: Int, session: BatchSession, report: inout DaemonReport, log: (String) -> Void) throws -> Int64? {
-        if session.abandoned.contains(index) {
-            report.discarded += 1
-            log("job \(job.id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step")
-        } else if session.cancelled.contains(index) {
-            if try queue.acknowledgeCancel(job: job.id, attempt: job.attempt, owner: options.owner) {
-                report.cancelled += 1
-                removeSnapshot(job: job.id, log: log)
-                log("job \(job.id): cancelled at a decode step")
-            } else {
-                report.discarded += 1
-            }
-        } else {
-            return job.id
-        }
-        return nil
+    /// Why a claimed job's image is refused before the engine sees it (a sentence naming the file).
+    struct ImageRefused: Error {
+        var reason: String
     }
 
-    /// Reads each claimed job's image once and returns the jobs with their bytes; fails, permanently and with a
-    /// sentence naming the file, each job whose image is no longer the one enqueued (its sha256 differs from the
-    /// one recorded at enqueue) or cannot be read. Captioning whatever now lies at the path would give the job
-    /// another image's caption; handing the engine the checked bytes leaves no moment for the file to change.
-    func readImages(_ jobs: [Job], report: inout DaemonReport, log: (String) -> Void) throws -> [(job: Job, image: Data)] {
-        var kept: [(job: Job, image: Data)] = []
-        for job in jobs {
-            let reason: String
-            do {
-                let image = try Self.readImage(job.imagePath)
-                let actual = Checksum.sha256Hex(image)
-                if actual == job.imageSHA256 {
-                    kept.append((job, image))
-                    continue
-                }
-                reason = "the image \(job.imagePath) changed after the job was enqueued (its sha256 is now \(actual), "
-                    + "the job recorded \(job.imageSHA256)); enqueue it again to caption the new image"
-            } catch {
-                reason = "cannot read the image: \(error)"
-            }
-            log("job \(job.id): \(reason)")
-            try finish(job, .failed(reason: reason, permanent: true), report: &report, log: log)
+    /// The bytes of the job's image, read once; refused when the image is no longer the one enqueued (its sha256
+    /// differs from the one recorded at enqueue) or cannot be read. Captioning whatever now lies at the path would
+    /// give the job another image's caption; handing the engine the checked bytes leaves no moment for the file
+    /// to change.
+    func checkedImage(_ job: Job) throws(ImageRefused) -> Data {
+        let image: Data
+        do {
+            image = try Self.readImage(job.imagePath)
+        } catch {
+            throw ImageRefused(reason: "cannot read the image: \(error)")
         }
-        return kept
+        let actual = Checksum.sha256Hex(image)
+        guard actual == job.imageSHA256 else {
+            throw ImageRefused(reason: "the image \(job.imagePath) changed after the job was enqueued (its sha256 is now \(actual), "
+                               + "the job recorded \(job.imageSHA256)); enqueue it again to caption the new image")
+        }
+        return image
     }
 
     /// Images larger than this are refused (the engine's decoder refuses them too).
@@ -460,7 +538,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     /// Writes the result and completes the job, or records its failure.
     /// A finished job's snapshot is deleted (kept with `keepKV` on success); a job that will be
     /// retried keeps it to resume from.
-    func finish(_ job: Job, _ outcome: JobOutcome<Runner.Stats>, report: inout DaemonReport, log: (String) -> Void) throws {
+    func finish(_ job: Job, _ outcome: JobOutcome<Runner.Batch.Stats>, report: inout DaemonReport, log: (String) -> Void) throws {
         switch outcome {
         case .succeeded(let text, let tokenIDs, let finishReason, let stats, let timings):
             let now = Int64(Date().timeIntervalSince1970 * 1000)
@@ -486,11 +564,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             if completed {
                 report.succeeded += 1
                 report.generatedTokens += tokenIDs.count
-                if options.keepKV {
-                    log("job \(job.id): final KV snapshot kept at \(snapshotURL(job: job.id).path)")
-                } else {
-                    removeSnapshot(job: job.id, log: log)
-                }
+                if !options.keepKV { removeSnapshot(job: job.id, log: log) }
             } else {
                 report.discarded += 1
             }
@@ -502,132 +576,6 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             case nil: report.discarded += 1
             default: report.retried += 1
             }
-        case .stopped:
-            preconditionFailure("stopped jobs are released or cancelled by run")
         }
     }
-
-    /// Runs `body` while a thread renews the jobs' leases every quarter of the lease, so long
-    /// matrix products never starve the heartbeat, and records the leases it finds lost.
-    func withHeartbeat<T>(_ jobs: [Job], lostLeases: LostLeases, _ body: () -> T) -> T {
-        let done = StopFlag()
-        let ids = jobs.map(\.id)
-        let queue = queue, owner = options.owner, lease = options.leaseMilliseconds
-        let thread = Thread {
-            let interval = Double(lease) / Double(DaemonOptions.heartbeatsPerLease) / 1000
-            var next = Date().addingTimeInterval(interval)
-            while !done.isStopped {
-                Thread.sleep(forTimeInterval: min(0.2, interval))
-                if Date() >= next {
-                    if let result = try? queue.heartbeat(jobs: ids, owner: owner, leaseDuration: lease) { lostLeases.insert(result.lost) }
-                    next = Date().addingTimeInterval(interval)
-                }
-            }
-        }
-        thread.start()
-        defer { done.stop() }
-        return body()
-    }
-}
-
-/// The daemon's side of one running batch, consulted by the runner between decode steps: it
-/// writes snapshots (every `snapshotEvery` steps, at a graceful shutdown, and finals with
-/// `keepKV`), removes jobs whose cancel was requested or whose lease was lost, and reports
-/// progress. Used from the runner's thread only.
-public final class BatchSession {
-    let jobs: [Job]
-    let queue: JobQueue
-    let options: DaemonOptions
-    let stop: StopFlag
-    let lostLeases: LostLeases
-    let snapshotURL: (Int64) -> URL
-    let identity: (Job) -> SnapshotIdentity
-    /// Jobs (indices) whose snapshot path this session has recorded in the queue.
-    private var recordedSnapshotPaths: Set<Int> = []
-    let logLine: @Sendable (String) -> Void
-    let progress: @Sendable (DaemonProgress) -> Void
-    let start: Date
-    let doneBefore: Int
-    let remainingAtStart: Int
-    var generatedTokens: Int
-    var finishedInBatch = 0
-    /// Jobs (indices) removed because their cancel was requested.
-    private(set) var cancelled: Set<Int> = []
-    /// Jobs (indices) removed because their lease was lost: no snapshot, no result.
-    private(set) var abandoned: Set<Int> = []
-
-    init(jobs: [Job], queue: JobQueue, options: DaemonOptions, stop: StopFlag, lostLeases: LostLeases, snapshotURL: @escaping (Int64) -> URL,
-         identity: @escaping (Job) -> SnapshotIdentity, log: @escaping @Sendable (String) -> Void, progress: @escaping @Sendable (DaemonProgress) -> Void,
-         start: Date, done: Int, remaining: Int, generatedTokens: Int) {
-        self.jobs = jobs
-        self.queue = queue
-        self.options = options
-        self.stop = stop
-        self.lostLeases = lostLeases
-        self.snapshotURL = snapshotURL
-        self.identity = identity
-        self.logLine = log
-        self.progress = progress
-        self.start = start
-        self.doneBefore = done
-        self.remainingAtStart = remaining
-        self.generatedTokens = generatedTokens
-    }
-
-    /// Decides what happens before the next decode step.
-    public func afterStep(_ step: BatchStep) -> BatchDirective {
-        generatedTokens += step.newTokens
-        finishedInBatch += step.finished.count
-        progress(DaemonProgress(done: doneBefore + finishedInBatch, remaining: remainingAtStart - finishedInBatch,
-                                generatedTokens: generatedTokens, elapsedSeconds: Date().timeIntervalSince(start)))
-        var directive = BatchDirective()
-        if options.keepKV { directive.snapshot.formUnion(step.finished) }
-        let lost = lostLeases.ids
-        let losing = step.generating.filter { lost.contains(jobs[$0].id) }
-        abandoned.formUnion(losing)
-        directive.remove.formUnion(losing)
-        let held = step.generating.filter { !lost.contains(jobs[$0].id) }
-        guard !held.isEmpty else { return directive }
-        let requested: Set<Int64>
-        do {
-            requested = try queue.cancelRequested(among: held.map { jobs[$0].id })
-        } catch {
-            logLine("cannot read cancel requests at decode step \(step.step): \(error)")
-            requested = []
-        }
-        let cancelling = held.filter { requested.contains(jobs[$0].id) }
-        cancelled.formUnion(cancelling)
-        directive.remove.formUnion(cancelling)
-        let going = held.filter { !requested.contains(jobs[$0].id) }
-        if stop.isStopped {
-            directive.snapshot.formUnion(going)
-            directive.remove.formUnion(going)
-            finishedInBatch += going.count
-        } else if options.snapshotEvery > 0 && step.step > 0 && step.step % options.snapshotEvery == 0 {
-            directive.snapshot.formUnion(going)
-        }
-        return directive
-    }
-
-    /// Writes job `index`'s snapshot atomically, stamped with its identity; a failure is logged and
-    /// the batch goes on. The path is recorded in the queue first (once per job), so `prune` finds
-    /// the file even if this process dies right after writing it.
-    public func snapshotTaken(job index: Int, payload: Data) {
-        let job = jobs[index]
-        let url = snapshotURL(job.id)
-        do {
-            if !recordedSnapshotPaths.contains(index) {
-                try queue.recordSnapshotPath(job: job.id, path: url.path)
-                recordedSnapshotPaths.insert(index)
-            }
-            try SnapshotFile.write(payload, identity: identity(job), to: url)
-        } catch {
-            logLine("job \(job.id): \(error)")
-        }
-    }
-
-    public func log(_ line: String) { logLine(line) }
-
-    /// Where job `index`'s snapshot is written.
-    public func snapshotURL(job index: Int) -> URL { snapshotURL(jobs[index].id) }
 }

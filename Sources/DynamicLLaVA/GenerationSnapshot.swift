@@ -3,6 +3,7 @@
 // and the file itself are Artifacts' `SnapshotFile`; this is the payload inside it.
 import Foundation
 import Llama
+import Numerics
 
 #if !(arch(x86_64) || arch(arm64))
 #error("GenerationSnapshot writes arrays in memory order, which is little-endian only on these architectures")
@@ -237,5 +238,59 @@ struct ByteReader {
             bytes.withUnsafeBytes { UnsafeMutableRawBufferPointer(buffer).copyMemory(from: $0) }
             initialized = count
         }
+    }
+}
+
+// The conversion between a batch row and its snapshot.
+extension Generator {
+    /// Checks that `snapshot` is `request`'s state on this model: the same prompt and parameters,
+    /// and a cache of this model's shape.
+    public func checkSnapshot(_ snapshot: GenerationSnapshot, fits request: GenerationRequest, request r: Int) throws(GenerationError) {
+        let c = model.language.configuration
+        let imageTokens = request.pixelValues == nil ? 0 : model.vision.configuration.patchCount
+        let problems: [(Bool, String)] = [
+            (snapshot.cells.count == c.hiddenLayers, "it has \(snapshot.cells.count) layers, the model \(c.hiddenLayers)"),
+            (snapshot.keyValueWidth == c.keyValueWidth, "its K/V width is \(snapshot.keyValueWidth), the model's \(c.keyValueWidth)"),
+            (snapshot.idsBeforeImage == request.idsBeforeImage && snapshot.idsAfterImage == request.idsAfterImage
+                && snapshot.imageTokens == imageTokens, "its prompt differs"),
+            (snapshot.parameters == request.parameters, "its generation parameters differ"),
+            (snapshot.result.stats.precision == Kernels.precision,
+             "it was computed at \(snapshot.result.stats.precision?.rawValue ?? "an unrecorded") precision, this run uses \(Kernels.precision.rawValue)"),
+            (request.parameters.sparsity.usesKeyValueCache, "the request runs without a KV cache"),
+            (!snapshot.result.tokenIDs.isEmpty, "it has no generated token"),
+            (request.generatedPrefix.isEmpty, "the request also replays a generated prefix"),
+            (snapshot.result.tokenIDs.allSatisfy { $0 >= 0 && Int($0) < c.vocabularySize }, "a generated token lies outside the vocabulary"),
+            (snapshot.promptLength + snapshot.result.tokenIDs.count <= c.maxPositionEmbeddings, "its sequence is longer than the context"),
+            // The newest generated token is fed at the next step, so no cell may hold it yet.
+            (snapshot.cells.allSatisfy { $0.positions.allSatisfy { $0 >= 0 && Int($0) < snapshot.promptLength + snapshot.result.tokenIDs.count - 1 } },
+             "a cell's position lies outside the sequence"),
+        ]
+        if let (_, reason) = problems.first(where: { !$0.0 }) { throw .snapshotMismatch(request: r, reason: reason) }
+    }
+
+    /// A request's state restored from its snapshot, its cells installed as sequence `r`.
+    func resumedState(_ request: GenerationRequest, from snapshot: GenerationSnapshot, sequence r: Int,
+                      cache: inout KeyValueCache) -> RequestState {
+        for l in cache.layers.indices { cache.layers[l][r] = snapshot.cells[l] }
+        let imageStart = snapshot.idsBeforeImage.count
+        var state = RequestState(request: request, sequence: r, sampler: snapshot.sampler, promptEmbeddings: nil,
+                                 promptLength: snapshot.promptLength,
+                                 imageSpan: snapshot.imageTokens == 0 ? nil : imageStart ..< imageStart + snapshot.imageTokens)
+        state.result = snapshot.result
+        state.finished = snapshot.finished
+        state.decodeSteps = snapshot.decodeSteps
+        return state
+    }
+
+    /// The state of a request with a KV cache, as a snapshot.
+    func snapshot(of state: RequestState, cache: KeyValueCache) -> GenerationSnapshot {
+        var result = state.result
+        result.stepLogits = []
+        result.gateLogits = []
+        result.keptGeneratedIndices = []
+        return GenerationSnapshot(idsBeforeImage: state.request.idsBeforeImage, imageTokens: state.imageSpan?.count ?? 0,
+                                  idsAfterImage: state.request.idsAfterImage, parameters: state.parameters, sampler: state.sampler,
+                                  decodeSteps: state.decodeSteps, finished: state.finished, result: result,
+                                  keyValueWidth: cache.keyValueWidth, cells: cache.layers.map { $0[state.sequence] })
     }
 }

@@ -289,7 +289,11 @@ public struct LLaVAModel: Sendable {
     /// Image embeddings `[patchCount, H]` per image: CLIP features, then the projector.
     /// `pixels`: one `[3, S, S]` normalised array per image.
     public func imageEmbeddings(_ pixels: [[Float]]) -> [Matrix] {
-        // One image at a time: an image's embeddings never depend on the others in its batch.
-        pixels.map { projector(vision.features($0)) }
+        // All images in one pass (stacked); an image's embeddings never depend on the others.
+        let features = vision.features(pixels)
+        guard !features.isEmpty else { return [] }
+        let projected = projector(Matrix.concatenateRows(features))
+        let patches = vision.configuration.patchCount
+        return features.indices.map { projected.rows($0 * patches ..< ($0 + 1) * patches) }
     }
 }

@@ -17,6 +17,58 @@ public struct SequenceCells: Sendable, Equatable {
     }
 
     public var cellCount: Int { positions.count }
+
+    /// Makes room for `count` more cells of `width` floats, so that appending them never grows
+    /// the arrays (a decode step then appends without reallocating).
+    public mutating func reserveCapacity(additionalCells count: Int, width: Int) {
+        positions.reserveCapacity(cellCount + count)
+        keys.reserveCapacity((cellCount + count) * width)
+        values.reserveCapacity((cellCount + count) * width)
+    }
+
+    /// Appends cells: `positions` `[n]`, `keys` and `values` `[n, width]`.
+    mutating func append(positions newPositions: ArraySlice<Int32>, keys newKeys: ArraySlice<Float>, values newValues: ArraySlice<Float>) {
+        positions.append(contentsOf: newPositions)
+        keys.append(contentsOf: newKeys)
+        values.append(contentsOf: newValues)
+    }
+
+    /// The additive attention mask `[writes.count, cellCount]` for the last `writes.count` cells,
+    /// just appended by one pass: every earlier cell is visible; among the new ones, causal, and a
+    /// token that does not write K/V is visible only to itself. Nil when nothing is hidden (one
+    /// new token sees every cell and itself).
+    func attentionMask(newTokens writes: ArraySlice<Bool>) -> [Float]? {
+        let queryCount = writes.count, keyCount = cellCount, previous = keyCount - queryCount
+        guard queryCount > 1 else { return nil }
+        var mask = [Float](repeating: 0, count: queryCount * keyCount)
+        for (q, _) in writes.enumerated() {
+            for (j, writesKeyValue) in writes.enumerated() where !(j == q || (j < q && writesKeyValue)) {
+                mask[q * keyCount + previous + j] = -.infinity
+            }
+        }
+        return mask
+    }
+
+    /// Drops, among the last `writes.count` cells, those whose token does not write K/V (order kept).
+    mutating func compactNewest(writes: ArraySlice<Bool>, width: Int) {
+        let previous = cellCount - writes.count
+        var kept = previous
+        for (j, writesKeyValue) in writes.enumerated() where writesKeyValue {
+            let source = previous + j
+            if source != kept {
+                positions[kept] = positions[source]
+                for i in 0..<width {
+                    keys[kept * width + i] = keys[source * width + i]
+                    values[kept * width + i] = values[source * width + i]
+                }
+            }
+            kept += 1
+        }
+        let dropped = cellCount - kept
+        positions.removeLast(dropped)
+        keys.removeLast(dropped * width)
+        values.removeLast(dropped * width)
+    }
 }
 
 /// The KV cache of a batch: for every layer, the cells of every sequence (row) of the batch.
@@ -49,6 +101,16 @@ public struct KeyValueCache: Sendable, Equatable {
     public mutating func appendSequence() -> Int {
         for l in layers.indices { layers[l].append(SequenceCells()) }
         return sequenceCount - 1
+    }
+
+    /// Empties sequence `s` in every layer (its storage is released; the index stays valid).
+    public mutating func clear(sequence s: Int) {
+        for l in layers.indices { layers[l][s] = SequenceCells() }
+    }
+
+    /// Reserves room for `count` more cells of sequence `s` in every layer.
+    public mutating func reserveCapacity(sequence s: Int, additionalCells count: Int) {
+        for l in layers.indices { layers[l][s].reserveCapacity(additionalCells: count, width: keyValueWidth) }
     }
 }
 

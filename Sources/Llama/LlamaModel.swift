@@ -54,9 +54,9 @@ public struct ForwardObservation: Sendable {
     /// Hidden states after each layer in `hiddenLayers` (parity tests trace them).
     public var hiddenAfterLayer: [Int: Matrix] = [:]
     public var hiddenLayers: Set<Int> = []
-    /// Multiply-adds x2 of the decoder layers run, counted from the actual shapes (projections,
-    /// FFN, and attention over the keys each token was scored against).
-    public var flops = 0
+    /// Multiply-adds x2 of the decoder layers run, per cache sequence, counted from the actual
+    /// shapes (projections, FFN, and attention over the keys each token was scored against).
+    public var flops: [Int: Int] = [:]
 
     public init(attentionLayers: Set<Int> = [], hiddenLayers: Set<Int> = []) {
         self.attentionLayers = attentionLayers
@@ -168,27 +168,19 @@ public struct LlamaModel: Sendable {
         rotary.apply(&queries, heads: c.attentionHeads, positions: batch.positions)
         rotary.apply(&keys, heads: c.keyValueHeads, positions: batch.positions)
 
-        let width = c.keyValueWidth, queryWidth = c.attentionHeads * c.headDimension
+        let width = c.keyValueWidth, queryWidth = c.attentionHeads * c.headDimension, h = c.hiddenSize
         var attended = Matrix(zeros: x.rows, queryWidth)
         for (s, tokens) in spans {
             // Move the cells out so appending does not copy them (copy-on-write).
             var cells = SequenceCells()
             swap(&cells, &cache.layers[l][s])
-            let previous = cells.cellCount
-            cells.positions.append(contentsOf: batch.positions[tokens])
-            cells.keys.append(contentsOf: keys.values[tokens.lowerBound * width ..< tokens.upperBound * width])
-            cells.values.append(contentsOf: values.values[tokens.lowerBound * width ..< tokens.upperBound * width])
+            cells.append(positions: batch.positions[tokens], keys: keys.values[tokens.lowerBound * width ..< tokens.upperBound * width],
+                         values: values.values[tokens.lowerBound * width ..< tokens.upperBound * width])
             let keyCount = cells.cellCount, queryCount = tokens.count
-            observation.flops += 2 * 2 * c.attentionHeads * c.headDimension * queryCount * keyCount
-            // Mask: earlier cells are all visible; among this batch's tokens, causal, and a token
-            // that does not write K/V is visible only to itself.
-            var mask = [Float](repeating: 0, count: queryCount * keyCount)
-            for q in 0..<queryCount {
-                for j in 0..<queryCount {
-                    let visible = j == q || (j < q && batch.writesKeyValue[tokens.lowerBound + j])
-                    if !visible { mask[q * keyCount + previous + j] = -.infinity }
-                }
-            }
+            let writes = batch.writesKeyValue[tokens]
+            observation.flops[s, default: 0] += 2 * 2 * c.attentionHeads * c.headDimension * queryCount * keyCount
+                + 2 * queryCount * h * (queryWidth + 2 * width) + 2 * queryCount * queryWidth * h + 3 * 2 * queryCount * h * c.intermediateSize
+            let mask = cells.attentionMask(newTokens: writes)
             let recordWeights = observation.attentionLayers.contains(l)
             var weightsOut = recordWeights ? [Float](repeating: 0, count: c.attentionHeads * queryCount * keyCount) : []
             queries.values.withUnsafeBufferPointer { qp in
@@ -209,26 +201,9 @@ public struct LlamaModel: Sendable {
                 }
             }
             if recordWeights { observation.attentionWeights[l, default: [:]][s] = weightsOut }
-            // Drop the cells of tokens that do not write K/V (they sit at the end, in order).
-            var kept = previous
-            for j in 0..<queryCount where batch.writesKeyValue[tokens.lowerBound + j] {
-                let source = previous + j
-                if source != kept {
-                    cells.positions[kept] = cells.positions[source]
-                    for i in 0..<width {
-                        cells.keys[kept * width + i] = cells.keys[source * width + i]
-                        cells.values[kept * width + i] = cells.values[source * width + i]
-                    }
-                }
-                kept += 1
-            }
-            cells.positions.removeLast(keyCount - kept)
-            cells.keys.removeLast((keyCount - kept) * width)
-            cells.values.removeLast((keyCount - kept) * width)
+            cells.compactNewest(writes: writes, width: width)
             swap(&cells, &cache.layers[l][s])
         }
-        let t = x.rows, h = c.hiddenSize
-        observation.flops += 2 * t * h * (queryWidth + 2 * width) + 2 * t * queryWidth * h + 3 * 2 * t * h * c.intermediateSize
         var hidden = x
         hidden += product(attended, weights.outputProjection)
         let normed2 = rmsNorm(hidden, weight: weights.postAttentionNorm, epsilon: c.rmsNormEpsilon)

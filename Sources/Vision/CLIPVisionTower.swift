@@ -100,8 +100,10 @@ struct CLIPEncoderLayer: Sendable {
         fc2 = try LinearLayer(checkpoint, prefix + "mlp.fc2.", inFeatures: i, outFeatures: d, bias: true)
     }
 
-    /// `x`: `[tokens, D]` of one image; attention is bidirectional.
-    func callAsFunction(_ x: Matrix, configuration: CLIPVisionConfiguration) -> Matrix {
+    /// `x`: `[images * tokens, D]`, the images' tokens stacked; attention is bidirectional within
+    /// each image (`tokens` rows) and never crosses images.
+    func callAsFunction(_ x: Matrix, tokensPerImage tokens: Int, configuration: CLIPVisionConfiguration) -> Matrix {
+        precondition(x.rows % tokens == 0, "vision layer: \(x.rows) rows are not whole images of \(tokens) tokens")
         let normed = layerNorm1(x)
         let q = queryProjection(normed), k = keyProjection(normed), v = valueProjection(normed)
         var attended = Matrix(zeros: x.rows, x.columns)
@@ -110,12 +112,15 @@ struct CLIPEncoderLayer: Sendable {
             k.values.withUnsafeBufferPointer { kp in
                 v.values.withUnsafeBufferPointer { vp in
                     attended.values.withUnsafeMutableBufferPointer { op in
-                        multiHeadAttention(
-                            queries: qp.baseAddress!, queryStride: d, queryCount: x.rows,
-                            keys: kp.baseAddress!, keyStride: d, values: vp.baseAddress!, valueStride: d, keyCount: x.rows,
-                            heads: heads, keyValueHeads: heads, headDimension: headDimension,
-                            scale: 1 / Float(headDimension).squareRoot(), mask: nil,
-                            output: op.baseAddress!, outputStride: d)
+                        for first in stride(from: 0, to: x.rows, by: tokens) {
+                            let offset = first * d
+                            multiHeadAttention(
+                                queries: qp.baseAddress! + offset, queryStride: d, queryCount: tokens,
+                                keys: kp.baseAddress! + offset, keyStride: d, values: vp.baseAddress! + offset, valueStride: d, keyCount: tokens,
+                                heads: heads, keyValueHeads: heads, headDimension: headDimension,
+                                scale: 1 / Float(headDimension).squareRoot(), mask: nil,
+                                output: op.baseAddress! + offset, outputStride: d)
+                        }
                     }
                 }
             }
@@ -182,29 +187,40 @@ public struct CLIPVisionTower: Sendable {
     /// Encoder layers actually run (those below the selected hidden state).
     public var layerCount: Int { layers.count }
 
-    /// Patch features of one image (images are never stacked, so an image's features do not
-    /// depend on the others of its batch).
+    /// Patch features of several images in one pass: their tokens are stacked, so each weight is
+    /// read once for all of them, and attention stays within each image. An image's features do
+    /// not depend on the others (the products are row-invariant).
     ///
-    /// - Parameter pixels: `[C, S, S]` normalised pixels, S = imageSize.
-    /// - Returns: `[patchCount, hiddenSize]`: the selected hidden state, CLS dropped.
-    public func features(_ pixels: [Float]) -> Matrix {
+    /// - Parameter images: each `[C, S, S]` normalised pixels, S = imageSize.
+    /// - Returns: per image `[patchCount, hiddenSize]`: the selected hidden state, CLS dropped.
+    public func features(_ images: [[Float]]) -> [Matrix] {
+        guard !images.isEmpty else { return [] }
         let c = configuration
         let tokens = c.patchCount + 1, d = c.hiddenSize
-        precondition(pixels.count == c.channels * c.imageSize * c.imageSize, "vision: pixel array is not [\(c.channels), \(c.imageSize), \(c.imageSize)]")
-        let embedded = linear(patches(pixels), patchEmbedding)
-        // Class token first, then the patches; learned positions added to all.
-        var hidden = Matrix(zeros: tokens, d)
-        for t in 0..<tokens {
-            for j in 0..<d {
-                let value = t == 0 ? classEmbedding[j] : embedded.values[(t - 1) * d + j]
-                hidden.values[t * d + j] = value + positionEmbedding[t * d + j]
+        for pixels in images {
+            precondition(pixels.count == c.channels * c.imageSize * c.imageSize, "vision: pixel array is not [\(c.channels), \(c.imageSize), \(c.imageSize)]")
+        }
+        let embedded = linear(Matrix.concatenateRows(images.map(patches)), patchEmbedding)
+        // Per image: the class token first, then the patches; learned positions added to all.
+        var hidden = Matrix(zeros: images.count * tokens, d)
+        for image in images.indices {
+            for t in 0..<tokens {
+                for j in 0..<d {
+                    let value = t == 0 ? classEmbedding[j] : embedded.values[(image * c.patchCount + t - 1) * d + j]
+                    hidden.values[(image * tokens + t) * d + j] = value + positionEmbedding[t * d + j]
+                }
             }
         }
         hidden = preLayerNorm(hidden)
         for layer in layers {
-            hidden = layer(hidden, configuration: c)
+            hidden = layer(hidden, tokensPerImage: tokens, configuration: c)
         }
-        return hidden.rows(1..<tokens)
+        return images.indices.map { hidden.rows(($0 * tokens + 1) ..< ($0 + 1) * tokens) }
+    }
+
+    /// Patch features of one image; see `features(_:)` for several.
+    public func features(_ pixels: [Float]) -> Matrix {
+        features([pixels])[0]
     }
 
     /// Unfolds `[C, S, S]` pixels into `[patchCount, C * P * P]`, patches in row-major order,

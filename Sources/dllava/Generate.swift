@@ -81,7 +81,7 @@ struct Generate: ParsableCommand {
     var pixelTensor = "pixel_values"
 
     @Option(name: .customLong("max-tokens"), help: "Most tokens to generate.")
-    var maxTokens: Int = 256
+    var maxTokens: Int = GenerationParameters.defaultMaxTokens
 
     @Option(help: "Sampling temperature; 0 is greedy.")
     var temperature: Float = 0
@@ -145,7 +145,7 @@ struct Generate: ParsableCommand {
         try reportingFailures {
             let model = try modelOptions.load()
             let sampling = SamplingParameters(temperature: temperature, topK: topK, topP: topP, seed: seed)
-            let mode = sparsity ?? (model.sparse == nil ? .full : .dynamic)
+            let mode = sparsity ?? Generator(model: model).defaultSparsityMode
             var parameters = GenerationParameters(
                 maxTokens: maxTokens, sampling: sampling, stop: stop, logprobs: logprobs, endOfSequence: model.endOfSequenceTokenID,
                 sparsity: SparsityParameters(mode: mode, visionKeepRate: visionKeepRate, usesKeyValueCache: !noKVCache, fastVLayer: fastVLayer,

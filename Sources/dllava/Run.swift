@@ -37,76 +37,98 @@ struct EngineRunner: BatchRunner {
         (try? url.resourceValues(forKeys: [.isRegularFileKey]).isRegularFile) == true
     }
 
+    func makeBatch() -> EngineBatch { EngineBatch(pipeline: pipeline) }
+}
+
+/// A running batch of jobs on the engine: a `GenerationBatch` whose rows are jobs.
+final class EngineBatch: RunningBatch {
+    let pipeline: LLaVAPipeline
+    var generation: GenerationBatch
+    var rowOfJob: [Int64: GenerationBatch.Row] = [:]
+    var jobOfRow: [GenerationBatch.Row: Int64] = [:]
+
+    init(pipeline: LLaVAPipeline) {
+        self.pipeline = pipeline
+        generation = GenerationBatch(generator: pipeline.generator)
+    }
+
+    var generating: [Int64] { generation.generating.map { jobOfRow[$0]! } }
+    var finished: [Int64] { generation.finished.map { jobOfRow[$0]! } }
+
+    /// The generation parameters of a job: its own, the rest from the model's defaults.
     func parameters(_ job: Job) -> GenerationParameters {
         let p = job.parameters
-        let mode: SparsityMode = p.sparsity.flatMap { SparsityMode(rawValue: $0.rawValue) } ?? (pipeline.model.sparse == nil ? .full : .dynamic)
+        let mode = p.sparsity.flatMap { SparsityMode(rawValue: $0.rawValue) } ?? pipeline.generator.defaultSparsityMode
         return GenerationParameters(
-            maxTokens: p.maxTokens ?? 256,
+            maxTokens: p.maxTokens ?? GenerationParameters.defaultMaxTokens,
             sampling: SamplingParameters(temperature: Float(p.temperature ?? 0), topK: p.topK ?? 0, topP: Float(p.topP ?? 1), seed: p.seed ?? 0),
             stop: p.stop ?? [], endOfSequence: pipeline.endOfSequenceTokenID,
             sparsity: SparsityParameters(mode: mode, visionKeepRate: p.visionKeepRate))
     }
 
-    func run(_ jobs: [Job], images: [Data], resumingFrom snapshots: [Data?], session: BatchSession) -> [JobOutcome<GenerationStats>] {
-        var outcomes = [JobOutcome<GenerationStats>?](repeating: nil, count: jobs.count)
-        var requests: [GenerationRequest] = [], rows: [Int] = [], resumed: [GenerationSnapshot?] = []
+    func add(_ entries: [BatchEntry], log: (String) -> Void) -> [Int64: JobOutcome<GenerationStats>] {
+        var refused: [Int64: JobOutcome<GenerationStats>] = [:]
+        var requests: [GenerationRequest] = [], snapshots: [GenerationSnapshot?] = [], jobs: [Int64] = []
         let generator = pipeline.generator
-        for (i, job) in jobs.enumerated() {
+        for entry in entries {
             do {
-                let request = try pipeline.request(imageData: images[i], name: job.imagePath, question: job.prompt, parameters: parameters(job))
+                let request = try pipeline.request(imageData: entry.image, name: entry.job.imagePath, question: entry.job.prompt,
+                                                   parameters: parameters(entry.job))
                 try generator.validate([request])
                 requests.append(request)
-                rows.append(i)
-                resumed.append(snapshots[i].flatMap { resumableSnapshot($0, for: request, job: i, session: session) })
+                snapshots.append(entry.snapshot.flatMap { resumableSnapshot($0, for: request, from: entry.snapshotURL, log: log) })
+                jobs.append(entry.job.id)
             } catch {
                 // A bad image, a prompt longer than the context, a mode the model cannot run: never retried.
-                outcomes[i] = .failed(reason: "\(error)", permanent: true)
+                refused[entry.job.id] = .failed(reason: "\(error)", permanent: true)
             }
         }
-        if !requests.isEmpty {
-            let rowOfJob = Dictionary(uniqueKeysWithValues: rows.enumerated().map { ($1, $0) })
-            let observer = DecodeObserver(
-                afterStep: { progress in
-                    let directive = session.afterStep(BatchStep(step: progress.step, generating: progress.generating.map { rows[$0] },
-                                                                finished: progress.finished.map { rows[$0] }, newTokens: progress.newTokens))
-                    return DecodeDirective(snapshot: Set(directive.snapshot.compactMap { rowOfJob[$0] }),
-                                           remove: Set(directive.remove.compactMap { rowOfJob[$0] }))
-                },
-                captured: { row, snapshot in session.snapshotTaken(job: rows[row], payload: snapshot.encoded()) })
-            do {
-                for (row, result) in zip(rows, try generator.generate(requests, resuming: resumed, observer: observer)) {
-                    guard let result else {
-                        outcomes[row] = .stopped
-                        continue
-                    }
-                    let timings = JobTimings(prefillMs: result.stats.prefillMilliseconds, decodeMs: result.stats.decodeMilliseconds,
-                                             totalMs: result.stats.prefillMilliseconds + result.stats.decodeMilliseconds,
-                                             generatedTokens: result.tokenIDs.count)
-                    outcomes[row] = .succeeded(text: result.text, tokenIDs: result.tokenIDs, finishReason: result.finishReason.rawValue,
-                                               stats: result.stats, timings: timings)
-                }
-            } catch {
-                for row in rows { outcomes[row] = .failed(reason: "\(error)", permanent: false) }
+        do {
+            for (job, row) in zip(jobs, try generation.add(requests, resuming: snapshots)) {
+                rowOfJob[job] = row
+                jobOfRow[row] = job
             }
+        } catch {
+            // Each request was validated and each snapshot checked above: not expected, but never fatal to the daemon.
+            for job in jobs { refused[job] = .failed(reason: "\(error)", permanent: false) }
         }
-        return outcomes.map { $0! }
+        return refused
+    }
+
+    func step() { generation.step() }
+
+    func snapshot(job: Int64) -> Data? {
+        rowOfJob[job].flatMap { generation.snapshot($0)?.encoded() }
+    }
+
+    func remove(job: Int64) -> JobOutcome<GenerationStats>? {
+        guard let row = rowOfJob.removeValue(forKey: job) else { return nil }
+        jobOfRow[row] = nil
+        let wasFinished = generation.isFinished(row)
+        let result = generation.remove(row)
+        guard wasFinished else { return nil }
+        let timings = JobTimings(prefillMs: result.stats.prefillMilliseconds, decodeMs: result.stats.decodeMilliseconds,
+                                 totalMs: result.stats.prefillMilliseconds + result.stats.decodeMilliseconds,
+                                 generatedTokens: result.tokenIDs.count)
+        return .succeeded(text: result.text, tokenIDs: result.tokenIDs, finishReason: result.finishReason.rawValue,
+                          stats: result.stats, timings: timings)
     }
 
     /// The snapshot a job resumes from, or nil (logged) when its payload cannot be decoded or is
     /// not this request's state: the job then starts from scratch.
-    func resumableSnapshot(_ payload: Data, for request: GenerationRequest, job index: Int, session: BatchSession) -> GenerationSnapshot? {
-        let path = session.snapshotURL(job: index).path
+    func resumableSnapshot(_ payload: Data, for request: GenerationRequest, from url: URL, log: (String) -> Void) -> GenerationSnapshot? {
+        let path = url.path
         do {
             let snapshot = try GenerationSnapshot(decoding: payload)
-            try pipeline.generator.checkSnapshot(snapshot, fits: request, request: index)
-            session.log("resuming from \(path) at decode step \(snapshot.decodeSteps) (\(snapshot.result.tokenIDs.count) tokens so far)")
+            try pipeline.generator.checkSnapshot(snapshot, fits: request, request: 0)
+            log("resuming from \(path) at decode step \(snapshot.decodeSteps) (\(snapshot.result.tokenIDs.count) tokens so far)")
             return snapshot
         } catch let error as SnapshotFormatError {
-            session.log("\(path): \(error); starting the job from scratch")
+            log("\(path): \(error); starting the job from scratch")
         } catch GenerationError.snapshotMismatch(_, let reason) {
-            session.log("\(path) does not fit its job: \(reason); starting the job from scratch")
+            log("\(path) does not fit its job: \(reason); starting the job from scratch")
         } catch {
-            session.log("\(path): \(error); starting the job from scratch")
+            log("\(path): \(error); starting the job from scratch")
         }
         return nil
     }

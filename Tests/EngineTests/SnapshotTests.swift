@@ -1,6 +1,7 @@
-// KV snapshots in the engine: the payload round trip, resuming exactly where a batch stopped
-// (greedy and seeded sampling, full and dynamic modes, rows of different lengths), the per-step
-// observer removing a row while its batch-mates go on, and payloads that must be refused.
+// KV snapshots and the step-driven batch in the engine: the payload round trip, resuming exactly
+// where a batch stopped (greedy and seeded sampling, full and dynamic modes, rows of different
+// lengths), rows leaving and entering a running batch while their batch-mates go on unchanged,
+// and payloads that must be refused.
 import Foundation
 import Testing
 @testable import DynamicLLaVA
@@ -38,18 +39,37 @@ struct ResumeCase: Sendable, CustomTestStringConvertible {
     }
 }
 
-/// Runs `requests` (resuming from `snapshots`) until decode step `step`, then snapshots every
-/// generating row and removes it; returns the snapshots (through their bytes) and the results.
+/// Runs `requests` (resuming from `snapshots`) in one batch for `step` decode steps, taking out
+/// the rows that finish, then snapshots every generating row and removes it; returns the
+/// snapshots (through their bytes) and the finished rows' results.
 func interrupt(_ generator: Generator, _ requests: [GenerationRequest], resuming snapshots: [GenerationSnapshot?],
                atStep step: Int) throws -> (snapshots: [GenerationSnapshot?], results: [GenerationResult?]) {
+    var batch = GenerationBatch(generator: generator)
+    let rows = try batch.add(requests, resuming: snapshots)
+    var results = [GenerationResult?](repeating: nil, count: requests.count)
     var captured = [GenerationSnapshot?](repeating: nil, count: requests.count)
-    let observer = DecodeObserver(
-        afterStep: { progress in
-            progress.step == step ? DecodeDirective(snapshot: Set(progress.generating), remove: Set(progress.generating)) : DecodeDirective()
-        },
-        captured: { r, snapshot in captured[r] = try! GenerationSnapshot(decoding: snapshot.encoded()) })
-    let results = try generator.generate(requests, resuming: snapshots, observer: observer)
+    func takeFinished() {
+        for row in batch.finished { results[rows.firstIndex(of: row)!] = batch.remove(row) }
+    }
+    takeFinished()
+    for _ in 0..<step where !batch.generating.isEmpty {
+        batch.step()
+        takeFinished()
+    }
+    for row in batch.generating {
+        captured[rows.firstIndex(of: row)!] = try GenerationSnapshot(decoding: try #require(batch.snapshot(row)).encoded())
+        batch.remove(row)
+    }
+    #expect(batch.count == 0)
     return (captured, results)
+}
+
+/// Runs `requests` (resuming from `snapshots`) in one batch until every row has finished.
+func runToEnd(_ generator: Generator, _ requests: [GenerationRequest], resuming snapshots: [GenerationSnapshot?]) throws -> [GenerationResult] {
+    var batch = GenerationBatch(generator: generator)
+    let rows = try batch.add(requests, resuming: snapshots)
+    while !batch.generating.isEmpty { batch.step() }
+    return rows.map { batch.remove($0) }
 }
 
 @Suite("KV snapshots")
@@ -84,7 +104,7 @@ struct SnapshotTests {
         let second = try interrupt(generator, blind, resuming: first.snapshots, atStep: 6)
         // The 9-token row finished at step 5 of the second run (3 + 5 = 8 steps): it has its result.
         #expect(second.results[1] != nil && second.snapshots[1] == nil)
-        let rest = try generator.generate(blind, resuming: second.snapshots, observer: nil)
+        let rest = try runToEnd(generator, blind, resuming: second.snapshots)
 
         for r in requests.indices {
             let resumed = try #require(second.results[r] ?? rest[r])
@@ -99,27 +119,40 @@ struct SnapshotTests {
         }
     }
 
-    @Test("a row removed at a decode step gets no result; its batch-mates go on unchanged")
-    func removedRowLeavesTheBatch() throws {
+    @Test("a row removed at a decode step leaves its batch-mates unchanged, and a row added into its place gets what it gets alone")
+    func rowsLeaveAndEnterARunningBatch() throws {
         let resume = ResumeCase.all[2]
         let generator = try resume.generator()
         let requests = try resume.requests()
         let whole = try generator.generate(requests)
-        var steps: [DecodeProgress] = []
-        let observer = DecodeObserver(
-            afterStep: { progress in
-                steps.append(progress)
-                return progress.step == 2 ? DecodeDirective(remove: [0]) : DecodeDirective()
-            },
-            captured: { _, _ in Issue.record("nothing was asked to be captured") })
-        let results = try generator.generate(requests, resuming: [nil, nil, nil], observer: observer)
-        #expect(results[0] == nil)
-        for r in [1, 2] {
-            #expect(results[r]?.tokenIDs == whole[r].tokenIDs && results[r]?.text == whole[r].text, "row \(r)")
+        var late = requests[1]
+        late.parameters.sampling = SamplingParameters(temperature: 1.1, topK: 20, seed: 9)
+        late.parameters.maxTokens = 12
+        let alone = try generator.generate([late])[0]
+
+        var batch = GenerationBatch(generator: generator)
+        let rows = try batch.add(requests)
+        #expect(batch.generating == rows && batch.finished.isEmpty)
+        batch.step()
+        batch.step()
+        let partial = batch.remove(rows[0])
+        #expect(partial.tokenIDs == Array(whole[0].tokenIDs.prefix(3)), "a removed row's tokens so far")
+        #expect(batch.generating == [rows[1], rows[2]])
+        // The newcomer takes the removed row's place in the cache while the others are mid-way.
+        let added = try batch.add([late])
+        #expect(batch.count == 3 && !rows.contains(added[0]))
+        var results: [GenerationBatch.Row: GenerationResult] = [:]
+        while !batch.generating.isEmpty {
+            for row in batch.step() { results[row] = batch.remove(row) }
         }
-        #expect(steps.first == DecodeProgress(step: 0, generating: [0, 1, 2], finished: [], newTokens: 3))
-        #expect(steps[3].generating == [1, 2])
-        #expect(steps.contains { $0.finished == [1] })
+        for r in [1, 2] {
+            #expect(results[rows[r]]?.tokenIDs == whole[r].tokenIDs && results[rows[r]]?.text == whole[r].text, "row \(r)")
+            #expect(results[rows[r]]?.logprobs == whole[r].logprobs, "row \(r)")
+        }
+        #expect(results[added[0]]?.tokenIDs == alone.tokenIDs && results[added[0]]?.logprobs == alone.logprobs)
+        #expect(results[added[0]]?.keptImageIndices == alone.keptImageIndices)
+        #expect(results[added[0]]?.stats.kvCellsPerLayer == alone.stats.kvCellsPerLayer)
+        #expect(batch.count == 0)
     }
 
     @Test("a payload of an unknown version or storage type, or cut short, is refused")
@@ -163,9 +196,11 @@ struct SnapshotTests {
         }
         let otherModel = Generator(model: try DynamicFixture.model())
         #expect(throws: GenerationError.self) { try otherModel.checkSnapshot(snapshot, fits: requests[0], request: 0) }
-        // generate checks too, before any work.
-        #expect(throws: GenerationError.snapshotMismatch(request: 0, reason: "its prompt differs")) {
-            try generator.generate([requests[1]], resuming: [snapshot], observer: nil)
+        // A batch checks too, before any work, and adds nothing.
+        var batch = GenerationBatch(generator: generator)
+        #expect(throws: GenerationError.snapshotMismatch(request: 1, reason: "its prompt differs")) {
+            try batch.add([requests[0], requests[1]], resuming: [nil, snapshot])
         }
+        #expect(batch.count == 0)
     }
 }

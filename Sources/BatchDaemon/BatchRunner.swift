@@ -1,0 +1,80 @@
+// The engine as the daemon sees it: a batch that jobs enter and leave at decode-step boundaries.
+// The daemon never imports the model; the `dllava` executable implements these protocols, and
+// snapshots cross as opaque payloads.
+import Artifacts
+import Foundation
+import JobQueue
+
+/// What the engine made of one job.
+public enum JobOutcome<Stats: Codable & Sendable>: Sendable {
+    case succeeded(text: String, tokenIDs: [Int32], finishReason: String, stats: Stats, timings: JobTimings)
+    /// `permanent`: the job can never succeed (an undecodable image, a prompt longer than the
+    /// context); otherwise it is retried with backoff.
+    case failed(reason: String, permanent: Bool)
+}
+
+/// A job entering a running batch.
+public struct BatchEntry: Sendable {
+    public var job: Job
+    /// The job's image file, read once and checked against the sha256 recorded at enqueue: the
+    /// engine decodes these bytes, never the path again (the file may change).
+    public var image: Data
+    /// The job's latest snapshot payload (checked against the job's identity and its checksum), or nil.
+    public var snapshot: Data?
+    /// Where that snapshot was read from, for messages.
+    public var snapshotURL: URL
+
+    public init(job: Job, image: Data, snapshot: Data?, snapshotURL: URL) {
+        self.job = job
+        self.image = image
+        self.snapshot = snapshot
+        self.snapshotURL = snapshotURL
+    }
+}
+
+/// The engine's side of a running batch, driven by the daemon one decode step at a time (as a
+/// llama.cpp server drives `llama_decode`). Jobs are named by their ids. A job's outcome must not
+/// depend on which jobs share its steps, nor on when it entered the batch.
+public protocol RunningBatch: AnyObject {
+    associatedtype Stats: Codable & Sendable
+    /// Jobs in the batch still generating, in the order they entered.
+    var generating: [Int64] { get }
+    /// Jobs in the batch that finished and wait for `remove`.
+    var finished: [Int64] { get }
+    /// Adds jobs, running vision and prefill for all of them together. A job with a snapshot goes
+    /// on from it and says so through `log`; when the engine cannot use the snapshot, it logs why
+    /// and the job starts from scratch. Returns the outcome of each job that could not enter (a
+    /// bad image, a prompt longer than the context, a mode the model cannot run); the others are
+    /// in the batch, possibly finished already.
+    func add(_ entries: [BatchEntry], log: (String) -> Void) -> [Int64: JobOutcome<Stats>]
+    /// One decode step: a token for every generating job.
+    func step()
+    /// The job's state as a snapshot payload, generating or finished; nil when it has none (a job
+    /// decoding without a KV cache).
+    func snapshot(job: Int64) -> Data?
+    /// Takes the job out of the batch: its outcome when it had finished, nil when it had not.
+    func remove(job: Int64) -> JobOutcome<Stats>?
+}
+
+/// Makes the batches the daemon drives.
+public protocol BatchRunner: Sendable {
+    associatedtype Batch: RunningBatch
+    /// Identifies the model in result and snapshot files.
+    var fingerprint: ModelFingerprint { get }
+    /// A new, empty batch.
+    func makeBatch() -> Batch
+}
+
+/// Time as the daemon sees it (milliseconds since the epoch, as the queue's clock), and a way to
+/// wait. Tests inject a manual clock, so nothing in them sleeps.
+public struct DaemonClock: Sendable {
+    public var now: @Sendable () -> Int64
+    public var sleep: @Sendable (_ milliseconds: Int64) -> Void
+
+    public init(now: @escaping @Sendable () -> Int64, sleep: @escaping @Sendable (_ milliseconds: Int64) -> Void) {
+        self.now = now
+        self.sleep = sleep
+    }
+
+    public static let system = DaemonClock(now: QueueClock.system.now, sleep: { Thread.sleep(forTimeInterval: Double($0) / 1000) })
+}
