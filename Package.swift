@@ -73,6 +73,8 @@ let package = Package(
         .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama", "Sparsification"],
                     exclude: ["Fixtures"]),
         .testTarget(name: "JobQueueTests", dependencies: ["JobQueue"]),
+        // The daemon loop in process, with a fake engine and a manual clock.
+        .testTarget(name: "BatchDaemonTests", dependencies: ["BatchDaemon", "JobQueue", "Artifacts"]),
         .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts"]),
         // Runs the built `dllava` executable (found beside the test bundle) on queue databases.
         .testTarget(name: "QueueCommandLineTests", dependencies: [

@@ -205,6 +205,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         var running: [Int64: Job] = [:]
         /// Decode steps each job in the batch has run since it entered.
         var steps: [Int64: Int] = [:]
+        /// The step count at each job's last periodic snapshot.
+        var periodicSnapshotAt: [Int64: Int] = [:]
         /// Jobs whose snapshot path this run has recorded in the queue.
         var recordedSnapshotPaths: Set<Int64> = []
         /// Tokens generated so far, counted at every step (for the progress display).
@@ -240,12 +242,18 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             return true
         }
 
+        /// A claim is due: there is room, claims may go on, and either nothing runs or the last
+        /// claim found work (or was `pollSeconds` ago).
+        var claimDue: Bool {
+            guard mayClaim && running.count < options.batchSize else { return false }
+            guard !running.isEmpty, let lastEmptyClaim else { return true }
+            return options.clock.now() - lastEmptyClaim >= Int64(options.pollSeconds * 1000)
+        }
+
         mutating func run(heartbeat: Heartbeat) throws {
             while true {
-                let free = options.batchSize - running.count
-                let claimDue = running.isEmpty || lastEmptyClaim.map { options.clock.now() - $0 >= Int64(options.pollSeconds * 1000) } ?? true
-                if mayClaim && free > 0 && claimDue {
-                    var limit = free
+                if claimDue {
+                    var limit = options.batchSize - running.count
                     if let maxJobs = options.maxJobs { limit = min(limit, maxJobs - report.claimed) }
                     let claimed = try claim(limit: limit)
                     if claimed.isEmpty {
@@ -263,6 +271,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     return
                 }
                 try atStepBoundary(heartbeat: heartbeat)
+                // Places freed (jobs finished at prefill, cancelled, refused) are filled before the next step.
+                if claimDue { continue }
                 let generating = batch.generating
                 guard !generating.isEmpty else { continue }
                 batch.step()
@@ -318,7 +328,6 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             let refused = batch.add(entries, log: log)
             for entry in entries {
                 if let outcome = refused[entry.job.id] {
-                    running[entry.job.id] = nil
                     try settle(entry.job, outcome, heartbeat: heartbeat)
                 }
             }
@@ -339,16 +348,13 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 guard let job = running[id] else { continue }
                 if options.keepKV { takeSnapshot(of: job) }
                 guard let outcome = batch.remove(job: id) else { preconditionFailure("a finished job has an outcome") }
-                running[id] = nil
                 try settle(job, outcome, heartbeat: heartbeat)
                 if options.keepKV, case .succeeded = outcome { log("job \(id): final KV snapshot kept at \(daemon.snapshotURL(job: id).path)") }
             }
             let lost = heartbeat.lost
             for id in batch.generating where lost.contains(id) {
                 _ = batch.remove(job: id)
-                running[id] = nil
-                unsettled.remove(id)
-                heartbeat.untrack(id)
+                forget(id, heartbeat: heartbeat)
                 report.discarded += 1
                 log("job \(id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step")
             }
@@ -364,7 +370,6 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 for id in generating where requested.contains(id) {
                     guard let job = running[id] else { continue }
                     _ = batch.remove(job: id)
-                    running[id] = nil
                     if try queue.acknowledgeCancel(job: id, attempt: job.attempt, owner: options.owner) {
                         report.cancelled += 1
                         daemon.removeSnapshot(job: id, log: log)
@@ -372,8 +377,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     } else {
                         report.discarded += 1
                     }
-                    unsettled.remove(id)
-                    heartbeat.untrack(id)
+                    forget(id, heartbeat: heartbeat)
                 }
             }
             let going = batch.generating
@@ -381,17 +385,16 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 for id in going {
                     if let job = running[id] { takeSnapshot(of: job) }
                     _ = batch.remove(job: id)
-                    running[id] = nil
                 }
                 report.released += try queue.release(jobs: going, owner: options.owner)
-                for id in going {
-                    unsettled.remove(id)
-                    heartbeat.untrack(id)
-                }
+                for id in going { forget(id, heartbeat: heartbeat) }
                 log("released jobs \(going.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(daemon.snapshotDirectory.path)")
             } else if options.snapshotEvery > 0 {
-                for id in going where (steps[id] ?? 0) > 0 && steps[id]! % options.snapshotEvery == 0 {
-                    if let job = running[id] { takeSnapshot(of: job) }
+                // A boundary can come twice without a step between (after an admission): one snapshot per step count.
+                for id in going {
+                    guard let job = running[id], let count = steps[id], count % options.snapshotEvery == 0, periodicSnapshotAt[id] != count else { continue }
+                    takeSnapshot(of: job)
+                    periodicSnapshotAt[id] = count
                 }
             }
             progress(DaemonProgress(done: done, remaining: max(0, remainingAtAdmission - (done - doneAtAdmission)),
@@ -401,9 +404,17 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         /// Records what became of a job in the queue (result file and completion, or failure).
         mutating func settle(_ job: Job, _ outcome: JobOutcome<Runner.Batch.Stats>, heartbeat: Heartbeat) throws {
             try daemon.finish(job, outcome, report: &report, log: log)
-            steps[job.id] = nil
-            unsettled.remove(job.id)
-            heartbeat.untrack(job.id)
+            forget(job.id, heartbeat: heartbeat)
+        }
+
+        /// Drops what the loop holds about a job that has left the batch and been settled.
+        mutating func forget(_ id: Int64, heartbeat: Heartbeat) {
+            running[id] = nil
+            steps[id] = nil
+            periodicSnapshotAt[id] = nil
+            recordedSnapshotPaths.remove(id)
+            unsettled.remove(id)
+            heartbeat.untrack(id)
         }
 
         /// Writes the job's snapshot atomically, stamped with its identity; a failure is logged and

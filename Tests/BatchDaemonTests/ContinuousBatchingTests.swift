@@ -1,0 +1,259 @@
+// The daemon loop in process, on a real SQLite queue, with a fake engine and a manual clock (no
+// sleeps): freed places are refilled at step boundaries (continuous batching), a cancel frees its
+// place, a graceful stop snapshots and releases the running jobs and a new run resumes them,
+// snapshots follow each job's own steps, and --max-time stops claiming but lets running jobs end.
+import Artifacts
+import BatchDaemon
+import Foundation
+import JobQueue
+import Testing
+
+/// Time that moves only when told: the fake engine advances it one second per decode step, and
+/// the daemon's waits advance it at once.
+final class ManualClock: @unchecked Sendable {
+    private let lock = NSLock()
+    private var milliseconds: Int64 = 1_800_000_000_000
+
+    var now: Int64 { lock.withLock { milliseconds } }
+    func advance(_ delta: Int64) { lock.withLock { milliseconds += delta } }
+
+    var daemonClock: DaemonClock { DaemonClock(now: { self.now }, sleep: { self.advance($0) }) }
+    var queueClock: QueueClock { QueueClock(now: { self.now }) }
+}
+
+/// What the fake engine saw: the generating jobs of every decode step, the jobs of every
+/// admission, and each job's token count at every snapshot taken of it.
+final class FakeWorld: @unchecked Sendable {
+    var steps: [[Int64]] = []
+    var admissions: [[Int64]] = []
+    var snapshots: [Int64: [Int]] = [:]
+    /// Called after each decode step with the number of steps so far.
+    var afterStep: (Int) -> Void = { _ in }
+    let clock: ManualClock
+
+    init(clock: ManualClock) { self.clock = clock }
+}
+
+/// A fake engine. A job's prompt `tokens N` asks for N tokens; token k is k. Entering the batch
+/// gives a job its first token (as prefill does), each decode step one more. A snapshot is the
+/// tokens so far; a job resumed from one goes on after them. The prompt `bad` is refused.
+final class FakeBatch: RunningBatch {
+    struct Stats: Codable, Sendable {
+        /// Tokens the job had when it entered this batch (from its snapshot).
+        var resumedWith: Int
+    }
+
+    let world: FakeWorld
+    var order: [Int64] = []
+    var tokens: [Int64: [Int32]] = [:]
+    var wanted: [Int64: Int] = [:]
+    var resumedWith: [Int64: Int] = [:]
+
+    init(world: FakeWorld) { self.world = world }
+
+    var generating: [Int64] { order.filter { tokens[$0]!.count < wanted[$0]! } }
+    var finished: [Int64] { order.filter { tokens[$0]!.count >= wanted[$0]! } }
+
+    func add(_ entries: [BatchEntry], log: (String) -> Void) -> [Int64: JobOutcome<Stats>] {
+        var refused: [Int64: JobOutcome<Stats>] = [:]
+        for entry in entries {
+            let id = entry.job.id
+            guard entry.job.prompt.hasPrefix("tokens "), let count = Int(entry.job.prompt.dropFirst(7)) else {
+                refused[id] = .failed(reason: "cannot read the prompt '\(entry.job.prompt)'", permanent: true)
+                continue
+            }
+            var sofar: [Int32] = []
+            if let snapshot = entry.snapshot {
+                sofar = try! JSONDecoder().decode([Int32].self, from: snapshot)
+                log("resuming from \(entry.snapshotURL.path) with \(sofar.count) tokens")
+            }
+            resumedWith[id] = sofar.count
+            tokens[id] = sofar.isEmpty ? [1] : sofar
+            wanted[id] = count
+            order.append(id)
+        }
+        world.admissions.append(entries.map(\.job.id).filter { refused[$0] == nil })
+        return refused
+    }
+
+    func step() {
+        let stepping = generating
+        world.steps.append(stepping)
+        for id in stepping { tokens[id]!.append(Int32(tokens[id]!.count + 1)) }
+        world.clock.advance(1_000)
+        world.afterStep(world.steps.count)
+    }
+
+    func snapshot(job: Int64) -> Data? {
+        world.snapshots[job, default: []].append(tokens[job]!.count)
+        return try! JSONEncoder().encode(tokens[job]!)
+    }
+
+    func remove(job: Int64) -> JobOutcome<Stats>? {
+        let done = tokens[job]!.count >= wanted[job]!
+        let ids = tokens.removeValue(forKey: job)!
+        order.removeAll { $0 == job }
+        guard done else { return nil }
+        return .succeeded(text: ids.map(String.init).joined(separator: " "), tokenIDs: ids, finishReason: "length",
+                          stats: Stats(resumedWith: resumedWith[job]!), timings: JobTimings(generatedTokens: ids.count))
+    }
+}
+
+struct FakeRunner: BatchRunner {
+    let world: FakeWorld
+    var fingerprint: ModelFingerprint { ModelFingerprint(fingerprint: "fake-model", name: "fake") }
+    func makeBatch() -> FakeBatch { FakeBatch(world: world) }
+}
+
+/// A queue in a fresh directory with one job per prompt (jobs 1, 2, ... in order), each with an
+/// image file of its own.
+struct Workspace {
+    let directory: URL
+    let clock = ManualClock()
+    let queue: JobQueue
+
+    init(prompts: [String]) throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-daemon-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        queue = try JobQueue(path: directory.appendingPathComponent("q.sqlite").path, create: true, clock: clock.queueClock)
+        var jobs: [NewJob] = []
+        for (i, prompt) in prompts.enumerated() {
+            let image = directory.appendingPathComponent("image\(i).png")
+            let bytes = Data("image \(i)".utf8)
+            try bytes.write(to: image)
+            jobs.append(NewJob(customID: "job\(i + 1)", imagePath: image.path, imageSHA256: Checksum.sha256Hex(bytes), prompt: prompt))
+        }
+        _ = try queue.enqueue(jobs)
+    }
+
+    func daemon(_ world: FakeWorld, batchSize: Int, configure: (inout DaemonOptions) -> Void = { _ in }) throws -> BatchDaemon<FakeRunner> {
+        var options = DaemonOptions()
+        options.batchSize = batchSize
+        options.untilEmpty = true
+        options.snapshotEvery = 0
+        options.clock = clock.daemonClock
+        configure(&options)
+        return try BatchDaemon(queue: queue, runner: FakeRunner(world: world), out: directory.appendingPathComponent("out"), options: options)
+    }
+
+    /// Token ids of each succeeded job's result file, by job id.
+    func results() throws -> [Int64: [Int32]] {
+        struct Result: Decodable {
+            let token_ids: [Int32]
+        }
+        var results: [Int64: [Int32]] = [:]
+        for job in try queue.list(JobFilter(states: [.succeeded]), limit: 1_000) {
+            let path = try #require(job.outputPath)
+            results[job.id] = try ResultFile.read(Result.self, from: URL(fileURLWithPath: path)).token_ids
+        }
+        return results
+    }
+
+    func state(_ job: Int64) throws -> JobState? { try queue.job(id: job)?.state }
+}
+
+/// A log that collects lines from the daemon.
+final class LogLines: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lines: [String] = []
+    func append(_ line: String) { lock.withLock { lines.append(line) } }
+    var text: String { lock.withLock { lines.joined(separator: "\n") } }
+}
+
+@Suite("The daemon loop: continuous batching with a fake engine")
+struct ContinuousBatchingTests {
+    @Test("a place freed by a finished job is filled before the next decode step; the batch never exceeds its size; every job succeeds once")
+    func freedPlacesAreRefilled() throws {
+        let workspace = try Workspace(prompts: ["tokens 1", "tokens 4", "tokens 2", "tokens 1", "tokens 3"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        let report = try workspace.daemon(world, batchSize: 2).run(stop: StopFlag(), log: { _ in })
+        // Job 1 ends at prefill, so job 3 joins job 2 before the first step; job 3 ends after
+        // it, job 4 enters and ends at prefill, job 5 takes the place; job 2 never waits alone.
+        #expect(world.admissions == [[1, 2], [3], [4], [5]])
+        #expect(world.steps == [[2, 3], [2, 5], [2, 5]])
+        #expect(report.claimed == 5 && report.succeeded == 5 && report.failed == 0 && report.discarded == 0)
+        let results = try workspace.results()
+        for (job, count) in [1, 4, 2, 1, 3].enumerated() {
+            #expect(results[Int64(job + 1)] == (1...count).map { Int32($0) }, "job \(job + 1)")
+        }
+    }
+
+    @Test("a job the engine refuses fails permanently and its place goes to the next job")
+    func refusedJobsFreeTheirPlace() throws {
+        let workspace = try Workspace(prompts: ["tokens 3", "bad", "tokens 2"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        let report = try workspace.daemon(world, batchSize: 2).run(stop: StopFlag(), log: { _ in })
+        #expect(world.admissions == [[1], [3]])
+        #expect(world.steps == [[1, 3], [1]])
+        #expect(report.succeeded == 2 && report.failed == 1)
+        #expect(try workspace.state(2) == .failed)
+    }
+
+    @Test("a job cancelled while it runs leaves at the next step boundary and the next job takes its place")
+    func cancelFreesThePlace() throws {
+        let workspace = try Workspace(prompts: ["tokens 5", "tokens 6", "tokens 3"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        let queue = workspace.queue
+        world.afterStep = { step in
+            if step == 2 { _ = try! queue.cancel(ids: [2]) }
+        }
+        let lines = LogLines()
+        let report = try workspace.daemon(world, batchSize: 2).run(stop: StopFlag(), log: lines.append)
+        #expect(world.steps == [[1, 2], [1, 2], [1, 3], [1, 3]])
+        #expect(report.cancelled == 1 && report.succeeded == 2)
+        #expect(try workspace.state(2) == .cancelled)
+        #expect(lines.text.contains("job 2: cancelled at a decode step"), "\(lines.text)")
+        #expect(try workspace.results()[1] == [1, 2, 3, 4, 5])
+    }
+
+    @Test("a stop snapshots and releases the running jobs and claims nothing more; the next run resumes them to the same tokens")
+    func stopReleasesAndTheNextRunResumes() throws {
+        let workspace = try Workspace(prompts: ["tokens 5", "tokens 6", "tokens 4"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        let stop = StopFlag()
+        world.afterStep = { step in
+            if step == 2 { stop.stop() }
+        }
+        let daemon = try workspace.daemon(world, batchSize: 2)
+        let first = try daemon.run(stop: stop, log: { _ in })
+        #expect(first.claimed == 2 && first.released == 2 && first.succeeded == 0)
+        #expect(world.snapshots == [1: [3], 2: [3]])
+        for job: Int64 in [1, 2] {
+            #expect(try workspace.state(job) == .available)
+            #expect(FileManager.default.fileExists(atPath: daemon.snapshotURL(job: job).path), "job \(job)")
+        }
+        #expect(try workspace.state(3) == .available)
+
+        let again = FakeWorld(clock: workspace.clock)
+        let lines = LogLines()
+        let second = try workspace.daemon(again, batchSize: 2).run(stop: StopFlag(), log: lines.append)
+        #expect(second.succeeded == 3)
+        #expect(lines.text.contains("resuming from \(daemon.snapshotURL(job: 1).path) with 3 tokens"), "\(lines.text)")
+        let results = try workspace.results()
+        #expect(results[1] == [1, 2, 3, 4, 5] && results[2] == [1, 2, 3, 4, 5, 6] && results[3] == [1, 2, 3, 4])
+        // Finished jobs' snapshots are removed.
+        #expect(!FileManager.default.fileExists(atPath: daemon.snapshotURL(job: 1).path))
+    }
+
+    @Test("snapshots follow each job's own decode steps; --max-time stops claiming and lets the running jobs finish")
+    func snapshotsPerJobAndMaxTime() throws {
+        let workspace = try Workspace(prompts: ["tokens 6", "tokens 3", "tokens 4", "tokens 4"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        let report = try workspace.daemon(world, batchSize: 2) {
+            $0.snapshotEvery = 2
+            $0.maxSeconds = 2.5
+        }.run(stop: StopFlag(), log: { _ in })
+        // Job 2 ends at step 2 (t = 2 s, no snapshot: it finished); job 3 takes its place. Each
+        // running job is snapshotted after every second step of its own. From t = 3 s the time is
+        // up: job 4 is never claimed, and jobs 1 and 3 run to their end.
+        #expect(world.steps == [[1, 2], [1, 2], [1, 3], [1, 3], [1, 3]])
+        #expect(world.snapshots == [1: [3, 5], 3: [3]])
+        #expect(report.claimed == 3 && report.succeeded == 3)
+        #expect(try workspace.state(4) == .available)
+    }
+}
