@@ -137,9 +137,7 @@ struct EngineBenchmark: ParsableCommand {
                 for l in 0..<c.hiddenLayers {
                     decodeCache.layers[l] = (0..<batch).map { _ in
                         var cells = cache.layers[l][0]
-                        cells.positions.reserveCapacity(cells.positions.count + decodeTokens)
-                        cells.keys.reserveCapacity(cells.keys.count + decodeTokens * c.keyValueWidth)
-                        cells.values.reserveCapacity(cells.values.count + decodeTokens * c.keyValueWidth)
+                        cells.reserveCapacity(additionalCells: decodeTokens, width: c.keyValueWidth)
                         return cells
                     }
                 }

@@ -138,16 +138,21 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Process queued jobs in batches until stopped (the daemon).",
         discussion: """
-        Claims up to --batch-size jobs at a time, renews their leases from a heartbeat thread, runs \
-        them through the engine (each job's result is what it would be alone), writes one \
-        zstd-compressed result file per job and attempt to OUT/<queue id>/<job id>-<attempt>.json.zst \
-        and completes the job fenced by its attempt. The queue id is the UUID `init` gave the \
+        Keeps up to --batch-size jobs generating together (continuous batching): at every decode \
+        step boundary, jobs that finished leave the batch and the places they free are filled \
+        with newly claimed jobs (their vision and prefill run together, in one pass), so the \
+        batch never idles while its longest job finishes. Each job's result is what it would be \
+        alone, whichever jobs share its steps. Leases are renewed from a heartbeat thread. Each \
+        job gets one zstd-compressed result file per attempt, \
+        OUT/<queue id>/<job id>-<attempt>.json.zst, written atomically, and is completed fenced \
+        by its attempt. The queue id is the UUID `init` gave the \
         database (`dllava status` prints it), so queues sharing --out never collide. A job whose \
         image changed since it was enqueued (its sha256 differs) fails with a message naming the \
         file. Several `run` processes may share one database. With --lock-file a second run \
-        holding the same lock exits 75 at once (for cron).
+        holding the same lock exits 75 at once (for cron). --max-time and --max-jobs stop \
+        claiming; the jobs already running finish.
 
-        Every --snapshot-every decode steps each running job's KV cache and generation state go \
+        Every --snapshot-every of its decode steps each running job's KV cache and generation state go \
         to OUT/<queue id>/snapshots/job-<id>.kv.zst (written atomically); an interrupted job \
         resumes from its latest snapshot without redoing vision and prefill, with exactly the \
         output of an uninterrupted run. A snapshot that is corrupt, truncated, of an unknown \
@@ -160,7 +165,7 @@ struct Run: ParsableCommand {
         snapshotted, leaves its batch and is released to the queue; then exit 0. A job \
         cancelled while running (`dllava cancel`) leaves its batch at the next decode step; its \
         batch-mates go on. On a terminal, progress is one updating line on stderr (done/total, \
-        tokens/s, ETA); otherwise one log line per batch.
+        tokens/s, ETA); otherwise one log line each time jobs enter the batch.
         """)
 
     @OptionGroup var database: DatabaseOptions
@@ -172,13 +177,13 @@ struct Run: ParsableCommand {
     @Flag(name: .customLong("until-empty"), help: "Exit when nothing is left to claim instead of polling.")
     var untilEmpty = false
 
-    @Option(name: .customLong("max-time"), help: "Stop claiming after this long (e.g. 50m, 2h).")
+    @Option(name: .customLong("max-time"), help: "Stop claiming after this long (e.g. 50m, 2h); running jobs finish.")
     var maxTime: String?
 
     @Option(name: .customLong("max-jobs"), help: "Stop after claiming this many jobs.")
     var maxJobs: Int?
 
-    @Option(name: .customLong("batch-size"), help: "Jobs per batch.")
+    @Option(name: .customLong("batch-size"), help: "Jobs generating at once (freed places are refilled at every decode step).")
     var batchSize = 8
 
     @Option(name: .customLong("lock-file"), help: "Hold this lock while running; exit 75 if another process holds it.")
