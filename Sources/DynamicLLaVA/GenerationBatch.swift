@@ -78,7 +78,7 @@ public struct GenerationBatch {
             added.append(row)
             if let snapshot {
                 let state = generator.resumedState(request, from: snapshot, sequence: takeSequence(), cache: &cache)
-                cache.reserveCapacity(sequence: state.sequence, additionalCells: state.parameters.maxTokens)
+                cache.reserveCapacity(sequence: state.sequence, additionalCells: generator.cellsToCome(state))
                 states[row] = state
             } else {
                 fresh.append((row, request))
@@ -123,7 +123,7 @@ public struct GenerationBatch {
                 flops[i] = groupFlops[j]
                 logits[i] = groupLogits[j]
                 prefilled[i].result.stats.kvCellsPerLayer = cache.cellCounts(sequence: group[j].sequence)
-                cache.reserveCapacity(sequence: group[j].sequence, additionalCells: group[j].parameters.maxTokens)
+                cache.reserveCapacity(sequence: group[j].sequence, additionalCells: generator.cellsToCome(group[j]))
             }
         }
         for i in prefilled.indices where !prefilled[i].sparsity.usesKeyValueCache {

@@ -46,4 +46,12 @@ extension Generator {
             state.result.text = detokenize(ids.last == state.parameters.endOfSequence ? Array(ids.dropLast()) : ids)
         }
     }
+
+    /// The most cells a row's sequence can still gain in a layer: one per token it will still
+    /// feed, bounded by `maxTokens` and by the context.
+    func cellsToCome(_ state: RequestState) -> Int {
+        let generated = state.result.tokenIDs.count
+        let context = model.language.configuration.maxPositionEmbeddings
+        return max(0, min(state.parameters.maxTokens - generated, context - state.promptLength - generated) + 1)
+    }
 }

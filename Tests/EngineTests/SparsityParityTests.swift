@@ -193,6 +193,7 @@ struct SparsityParityTests {
             #expect(batched[r].gateLogits == alone.gateLogits)
             #expect(batched[r].stats.kvCellsPerLayer == alone.stats.kvCellsPerLayer)
             #expect(batched[r].keptImageIndices == alone.keptImageIndices)
+            #expect(batched[r].stats.prefillFlops == alone.stats.prefillFlops, "row \(r): prefill FLOPs are counted per sequence")
         }
         // Rows really differ in cache length.
         #expect(Set(batched.map { $0.stats.kvCellsPerLayer }).count >= 4)
