@@ -68,6 +68,13 @@ public struct DaemonStopped: Error {
     }
 }
 
+/// Why a claimed job's image is refused before the engine sees it (a sentence naming the file).
+/// (Top level, not nested in the generic daemon: a typed throw of a generic nested type crashes
+/// Swift 6.3's optimizer.)
+struct ImageRefused: Error {
+    var reason: String
+}
+
 /// Counts of one daemon run.
 public struct DaemonReport: Sendable, Equatable {
     public var claimed = 0
@@ -475,11 +482,6 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 }
             }
         }
-    }
-
-    /// Why a claimed job's image is refused before the engine sees it (a sentence naming the file).
-    struct ImageRefused: Error {
-        var reason: String
     }
 
     /// The bytes of the job's image, read once; refused when the image is no longer the one enqueued (its sha256
