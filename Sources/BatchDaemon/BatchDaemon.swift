@@ -342,9 +342,9 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             remainingAtAdmission = (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0)
             doneAtAdmission = done
             let admitted = entries.count - refused.count
-            log(String(format: "admitted %d job%@ in %.1f s (vision and prefill); %d running; %d succeeded, %d failed so far; %d tokens generated; %d left in the queue",
-                       admitted, admitted == 1 ? "" : "s", Double(options.clock.now() - admissionStart) / 1000, running.count,
-                       report.succeeded, report.failed, report.generatedTokens, remainingAtAdmission))
+            let seconds = String(format: "%.1f", Double(options.clock.now() - admissionStart) / 1000)
+            log("admitted \(admitted) job\(admitted == 1 ? "" : "s") in \(seconds) s (vision and prefill); \(running.count) running; "
+                + "\(report.succeeded) succeeded, \(report.failed) failed so far; \(report.generatedTokens) tokens generated; \(remainingAtAdmission) left in the queue")
         }
 
         /// Between two decode steps: finished jobs are settled; jobs whose lease was lost leave;

@@ -124,6 +124,38 @@ struct SnapshotDaemonTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: try queueOutput(directory).appendingPathComponent("snapshots").path).isEmpty)
     }
 
+    @Test("continuous batching: jobs of different lengths at --batch-size 3 refill freed places mid-flight, and each gets the tokens it gets at --batch-size 1")
+    func continuousBatchingEqualsBatchOne() throws {
+        let lengths = [5, 40, 12, 30, 8, 25, 3]
+        let lines = lengths.enumerated().map { i, length -> [String: Any] in
+            var line = manifest[i % manifest.count]
+            line["custom_id"] = "job\(i)"
+            line["max_tokens"] = length
+            return line
+        }
+        var expected: [String: ([Int32], String)] = [:]
+        for batchSize in ["1", "3"] {
+            let directory = try workspace(manifest: lines)
+            defer { try? FileManager.default.removeItem(at: directory) }
+            let daemon = try startRun(["--batch-size", batchSize], in: directory)
+            daemon.waitUntilExit()
+            #expect(daemon.terminationStatus == 0)
+            let results = try outputs(directory)
+            #expect(results.count == lengths.count)
+            if batchSize == "1" {
+                expected = results
+                continue
+            }
+            for (id, output) in results {
+                #expect(output.0 == expected[id]?.0 && output.1 == expected[id]?.1, "\(id): differs from its run at batch size 1")
+            }
+            // Places were refilled one at a time while the others generated (not batch after batch).
+            let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
+            #expect(log.contains("admitted 3 jobs") && log.contains("admitted 1 job in"), "\(log)")
+            #expect(log.contains("; 3 running; 1 succeeded"), "\(log)")
+        }
+    }
+
     @Test("cancelling a running job ends it cancelled at a decode step; its batch-mates succeed with their own output")
     func cancelRunningJob() throws {
         var lines = Array(manifest.prefix(3))
