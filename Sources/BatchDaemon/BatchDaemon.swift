@@ -33,7 +33,6 @@ public struct DaemonOptions: Sendable {
     public var snapshotEvery = 32
     /// Keep each job's final snapshot (taken when it finishes) instead of deleting its snapshot.
     public var keepKV = false
-    public var clock = DaemonClock.system
 
     public init() {}
 }
@@ -171,7 +170,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         }
         do {
             try sweep(log: log)
-            try queue.register(WorkerRecord.current(owner: options.owner, leaseMilliseconds: options.leaseMilliseconds, now: options.clock.now()))
+            try queue.register(WorkerRecord.current(owner: options.owner, leaseMilliseconds: options.leaseMilliseconds, now: queue.clock.now()))
         } catch {
             throw DaemonStopped(report: loop.report, underlying: error, released: 0, unreleased: 0)
         }
@@ -233,7 +232,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             self.stop = stop
             self.log = log
             self.progress = progress
-            start = daemon.options.clock.now()
+            start = daemon.queue.clock.now()
         }
 
         var options: DaemonOptions { daemon.options }
@@ -244,7 +243,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         /// Claims may go on: no stop, and neither the time nor the job limit reached.
         var mayClaim: Bool {
             if stop.isStopped { return false }
-            if let maxSeconds = options.maxSeconds, Double(options.clock.now() - start) / 1000 >= maxSeconds { return false }
+            if let maxSeconds = options.maxSeconds, Double(queue.clock.now() - start) / 1000 >= maxSeconds { return false }
             if let maxJobs = options.maxJobs, report.claimed >= maxJobs { return false }
             return true
         }
@@ -254,7 +253,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         var claimDue: Bool {
             guard mayClaim && running.count < options.batchSize else { return false }
             guard !running.isEmpty, let lastEmptyClaim else { return true }
-            return options.clock.now() - lastEmptyClaim >= Int64(options.pollSeconds * 1000)
+            return queue.clock.now() - lastEmptyClaim >= Int64(options.pollSeconds * 1000)
         }
 
         mutating func run(heartbeat: Heartbeat) throws {
@@ -264,7 +263,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     if let maxJobs = options.maxJobs { limit = min(limit, maxJobs - report.claimed) }
                     let claimed = try claim(limit: limit)
                     if claimed.isEmpty {
-                        lastEmptyClaim = options.clock.now()
+                        lastEmptyClaim = queue.clock.now()
                         if running.isEmpty {
                             if try waitForWork() { continue }
                             return
@@ -312,14 +311,14 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     waitingReported = true
                 }
             }
-            options.clock.sleep(Int64(options.pollSeconds * 1000))
+            Thread.sleep(forTimeInterval: options.pollSeconds)
             return true
         }
 
         /// Checks the claimed jobs' images, reads their snapshots and adds them to the batch
         /// (vision and prefill for all of them together).
         mutating func admit(_ claimed: [Job], heartbeat: Heartbeat) throws {
-            let admissionStart = options.clock.now()
+            let admissionStart = queue.clock.now()
             heartbeat.track(claimed.map(\.id))
             var entries: [BatchEntry] = []
             for job in claimed {
@@ -342,7 +341,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             remainingAtAdmission = (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0)
             doneAtAdmission = done
             let admitted = entries.count - refused.count
-            let seconds = String(format: "%.1f", Double(options.clock.now() - admissionStart) / 1000)
+            let seconds = String(format: "%.1f", Double(queue.clock.now() - admissionStart) / 1000)
             log("admitted \(admitted) job\(admitted == 1 ? "" : "s") in \(seconds) s (vision and prefill); \(running.count) running; "
                 + "\(report.succeeded) succeeded, \(report.failed) failed so far; \(report.generatedTokens) tokens generated; \(remainingAtAdmission) left in the queue")
         }
@@ -405,7 +404,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 }
             }
             progress(DaemonProgress(done: done, remaining: max(0, remainingAtAdmission - (done - doneAtAdmission)),
-                                    generatedTokens: tokensGenerated, elapsedSeconds: Double(options.clock.now() - start) / 1000))
+                                    generatedTokens: tokensGenerated, elapsedSeconds: Double(queue.clock.now() - start) / 1000))
         }
 
         /// Records what became of a job in the queue (result file and completion, or failure).

@@ -64,17 +64,3 @@ public protocol BatchRunner: Sendable {
     /// A new, empty batch.
     func makeBatch() -> Batch
 }
-
-/// Time as the daemon sees it (milliseconds since the epoch, as the queue's clock), and a way to
-/// wait. Tests inject a manual clock, so nothing in them sleeps.
-public struct DaemonClock: Sendable {
-    public var now: @Sendable () -> Int64
-    public var sleep: @Sendable (_ milliseconds: Int64) -> Void
-
-    public init(now: @escaping @Sendable () -> Int64, sleep: @escaping @Sendable (_ milliseconds: Int64) -> Void) {
-        self.now = now
-        self.sleep = sleep
-    }
-
-    public static let system = DaemonClock(now: QueueClock.system.now, sleep: { Thread.sleep(forTimeInterval: Double($0) / 1000) })
-}

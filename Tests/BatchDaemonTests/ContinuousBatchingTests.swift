@@ -8,8 +8,8 @@ import Foundation
 import JobQueue
 import Testing
 
-/// Time that moves only when told: the fake engine advances it one second per decode step, and
-/// the daemon's waits advance it at once.
+/// Time that moves only when told (the queue's clock, which the daemon reads too): the fake
+/// engine advances it one second per decode step.
 final class ManualClock: @unchecked Sendable {
     private let lock = NSLock()
     private var milliseconds: Int64 = 1_800_000_000_000
@@ -17,7 +17,6 @@ final class ManualClock: @unchecked Sendable {
     var now: Int64 { lock.withLock { milliseconds } }
     func advance(_ delta: Int64) { lock.withLock { milliseconds += delta } }
 
-    var daemonClock: DaemonClock { DaemonClock(now: { self.now }, sleep: { self.advance($0) }) }
     var queueClock: QueueClock { QueueClock(now: { self.now }) }
 }
 
@@ -131,7 +130,6 @@ struct Workspace {
         options.batchSize = batchSize
         options.untilEmpty = true
         options.snapshotEvery = 0
-        options.clock = clock.daemonClock
         configure(&options)
         return try BatchDaemon(queue: queue, runner: FakeRunner(world: world), out: directory.appendingPathComponent("out"), options: options)
     }
