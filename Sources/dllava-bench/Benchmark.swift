@@ -56,7 +56,7 @@ struct EngineBenchmark: ParsableCommand {
     @Option(help: "tiny, mid, bench-1.57b or llava-1.5-7b.")
     var preset = "tiny"
 
-    @Option(help: "A model directory (either checkpoint layout) to measure instead of a preset's random weights.")
+    @Option(help: "Model directories (either checkpoint layout), comma-separated, to measure one after the other in this run instead of a preset's random weights (e.g. an f16 model and its `dllava quantize` copy).")
     var model: String?
 
     @Option(help: "Comma-separated thread counts to measure.")
@@ -72,7 +72,7 @@ struct EngineBenchmark: ParsableCommand {
     var precisions = Precision.bf16.isNative ? "f32,bf16" : "f32"
 
     func run() throws {
-        guard var preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
+        guard let preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
         let threadCounts = threads.split(separator: ",").compactMap { Int($0) }
         let precisionList = try precisions.split(separator: ",").map { name in
             guard let precision = Precision(rawValue: String(name)), precision.isNative else {
@@ -80,12 +80,24 @@ struct EngineBenchmark: ParsableCommand {
             }
             return precision
         }
+        guard let model else {
+            try measure(preset: preset, threadCounts: threadCounts, precisionList: precisionList, directory: nil)
+            return
+        }
+        for directory in model.split(separator: ",") {
+            try measure(preset: preset, threadCounts: threadCounts, precisionList: precisionList, directory: String(directory))
+        }
+    }
+
+    /// One table: the preset's random weights, or the model in `directory`.
+    func measure(preset: Preset, threadCounts: [Int], precisionList: [Precision], directory: String?) throws {
+        var preset = preset
         let start = DispatchTime.now()
         let vision: CLIPVisionTower, language: LlamaModel
-        if let model {
-            let loaded = try LLaVAModel.load(directory: URL(fileURLWithPath: model))
+        if let directory {
+            let loaded = try LLaVAModel.load(directory: URL(fileURLWithPath: directory))
             (vision, language) = (loaded.vision, loaded.language)
-            preset = Preset(name: "model \(model)", vision: vision.configuration, language: language.configuration,
+            preset = Preset(name: "model \(directory)", vision: vision.configuration, language: language.configuration,
                             storageType: language.storageType)
         } else {
             vision = CLIPVisionTower(randomWeights: preset.vision, selectLayer: -2, storageType: preset.storageType, seed: 1)
@@ -167,6 +179,7 @@ struct EngineBenchmark: ParsableCommand {
         getrusage(RUSAGE_SELF.rawValue, &usage)
         print("")
         print(String(format: "peak RSS: %.2f GiB", Double(usage.ru_maxrss) / Double(1 << 20)))
+        print("")
     }
 }
 
@@ -223,7 +236,9 @@ func decoderProductShapes(_ c: LlamaConfiguration) -> [(Int, Int)] {
 func linearRate(_ c: LlamaConfiguration, tokens m: Int, storageType: StorageType) -> Double {
     var flops = 0.0, elapsed = 0.0
     for (index, (n, k)) in decoderProductShapes(c).enumerated() {
-        let weight = WeightMatrix(randomRows: n, columns: k, storageType: storageType, seed: UInt64(100 + index))
+        let weight = storageType == .q8
+            ? WeightMatrix(randomRows: n, columns: k, storageType: .float16, seed: UInt64(100 + index)).quantizedQ8()!
+            : WeightMatrix(randomRows: n, columns: k, storageType: storageType, seed: UInt64(100 + index))
         let x = Matrix(rows: m, columns: k, values: (0..<m * k).map { Float(($0 * 7919) % 255) / 255 - 0.5 })
         let start = DispatchTime.now()
         _ = linear(x, weight)
