@@ -58,7 +58,7 @@ public struct SafeTensorsWriter {
             header[entry.name] = ["dtype": entry.dtype.rawValue, "shape": entry.shape, "data_offsets": [offset, offset + entry.byteCount]] as [String: Any]
             offset += entry.byteCount
         }
-        var headerData = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
+        var headerData = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys, .withoutEscapingSlashes])
         // The data starts 8-byte aligned, as the reference writer pads it.
         headerData.append(contentsOf: [UInt8](repeating: 0x20, count: (8 - headerData.count % 8) % 8))
         guard FileManager.default.createFile(atPath: url.path, contents: nil) else {
