@@ -537,8 +537,9 @@ void dl_weighted_sum(int path, const float *p, size_t count, const float *v, siz
 // P[b][j] = Σ_{t<4} xq[32b + 4j + t] · wq[32b + 4j + t]; with s[b] = dx[b] · dw[b] (an f32
 // product, dw widened from f16), lane (b mod 2) · 8 + j of 16 accumulates fmaf(P[b][j], s[b], lane)
 // over increasing b from +0; the 16 lanes are then reduced with the tree of the f32 path. The group
-// sums are exact on every path (VNNI's `vpdpbusd` on x + 128 minus 128 · Σw, AVX2's `vpmaddubsw`
-// on |x| and w signed like x, or a plain loop), so every path computes the same bits. A lane never
+// sums are exact on every path (VNNI's `vpdpbusd` on x + 128 minus 128 · Σw, or for one row on |x|
+// and w signed like x; AVX2's `vpmaddubsw` on |x| and w signed like x; or a plain loop), so every
+// path computes the same bits. A lane never
 // holds -0, so the zero block that pads an odd block count on the vector paths changes nothing.
 //
 // An activation record (one row) is `pairs · 64` bytes of int8 quants (block pairs; zeros past K)
@@ -662,10 +663,19 @@ DL_VNNI void tile_q8_512(const int MR, const int NR, const uint8_t *x, size_t ld
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
     for (size_t p = 0; p < pairs; p++) {
         int both = 2 * p + 1 < blocks;
+        // Several rows: x + 128 (unsigned) against w, less 128 · Σw per column, shared by the rows.
+        // One row: |x| against w with x's sign, which saves that correction.
         __m512i xu[8];
         __m512 xs[8];
+        __mmask64 negative = 0;
         for (int i = 0; i < MR; i++) {
-            xu[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x + i * ldx + 64 * p)), offset);
+            __m512i raw = _mm512_loadu_si512((const void *)(x + i * ldx + 64 * p));
+            if (MR == 1) {
+                xu[i] = _mm512_abs_epi8(raw);
+                negative = _mm512_movepi8_mask(raw);
+            } else {
+                xu[i] = _mm512_xor_si512(raw, offset);
+            }
             xs[i] = _mm512_loadu_ps((const float *)(x + i * ldx + pairs * 64) + 16 * p);
         }
         for (int j = 0; j < NR; j++) {
@@ -683,6 +693,11 @@ DL_VNNI void tile_q8_512(const int MR, const int NR, const uint8_t *x, size_t ld
                 halves = _mm_cvtsi32_si128(sr[0]);
             }
             __m512 dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_cvtph_ps(halves)));
+            if (MR == 1) {
+                __m512i sums = _mm512_dpbusd_epi32(zero, xu[0], _mm512_mask_sub_epi8(wv, negative, zero, wv));
+                acc[0][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(xs[0], dw), acc[0][j]);
+                continue;
+            }
             __m512i correction = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, wv));
             for (int i = 0; i < MR; i++) {
                 __m512i sums = _mm512_dpbusd_epi32(correction, xu[i], wv);
