@@ -181,8 +181,12 @@ extension WeightMatrix {
     /// A weight of small random values (magnitudes 2^-9 to 2^-6, random sign), written straight
     /// into its storage type from a seeded integer stream: fast enough to build a 7B model for
     /// benchmarks (values are not meant to be meaningful, only finite and small).
+    /// q8: the f16 random weight of the same seed, quantized.
     public init(randomRows rows: Int, columns: Int, storageType: StorageType, seed: UInt64) {
-        precondition(storageType != .q8, "random weights are float; quantize them with quantizedQ8()")
+        if storageType == .q8 {
+            self = WeightMatrix(randomRows: rows, columns: columns, storageType: .float16, seed: seed).quantizedQ8()!
+            return
+        }
         let count = rows * columns
         let storage = OwnedStorage(byteCount: count * storageType.byteCount)
         var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1

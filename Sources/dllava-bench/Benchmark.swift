@@ -68,6 +68,9 @@ struct EngineBenchmark: ParsableCommand {
     @Option(name: .customLong("decode-tokens"), help: "Decode steps timed per batch size.")
     var decodeTokens = 8
 
+    @Option(help: "Comma-separated weight formats of a preset's random weights, measured one after the other in this run (f32, f16, bf16, q8; default: the preset's). q8 stores every weight matrix of the preset in q8, the embeddings and the LM head included.")
+    var weights: String?
+
     @Option(help: "Comma-separated precisions to measure (f32, bf16).")
     var precisions = Precision.bf16.isNative ? "f32,bf16" : "f32"
 
@@ -81,7 +84,18 @@ struct EngineBenchmark: ParsableCommand {
             return precision
         }
         guard let model else {
-            try measure(preset: preset, threadCounts: threadCounts, precisionList: precisionList, directory: nil)
+            let names = ["f32": StorageType.float32, "f16": .float16, "bf16": .bfloat16, "q8": .q8]
+            let storageTypes = try weights.map { list in
+                try list.split(separator: ",").map { name in
+                    guard let type = names[String(name)] else { throw ValidationError("unknown weight format \(name) (f32, f16, bf16, q8)") }
+                    return type
+                }
+            } ?? [preset.storageType]
+            for storageType in storageTypes {
+                try measure(preset: Preset(name: preset.name + ", weights \(storageType.rawValue)", vision: preset.vision, language: preset.language,
+                                           storageType: storageType),
+                            threadCounts: threadCounts, precisionList: precisionList, directory: nil)
+            }
             return
         }
         for directory in model.split(separator: ",") {
@@ -236,9 +250,7 @@ func decoderProductShapes(_ c: LlamaConfiguration) -> [(Int, Int)] {
 func linearRate(_ c: LlamaConfiguration, tokens m: Int, storageType: StorageType) -> Double {
     var flops = 0.0, elapsed = 0.0
     for (index, (n, k)) in decoderProductShapes(c).enumerated() {
-        let weight = storageType == .q8
-            ? WeightMatrix(randomRows: n, columns: k, storageType: .float16, seed: UInt64(100 + index)).quantizedQ8()!
-            : WeightMatrix(randomRows: n, columns: k, storageType: storageType, seed: UInt64(100 + index))
+        let weight = WeightMatrix(randomRows: n, columns: k, storageType: storageType, seed: UInt64(100 + index))
         let x = Matrix(rows: m, columns: k, values: (0..<m * k).map { Float(($0 * 7919) % 255) / 255 - 0.5 })
         let start = DispatchTime.now()
         _ = linear(x, weight)
