@@ -28,9 +28,6 @@ public enum Q8Layout {
     /// Blocks per row of `columns` values.
     public static func blocks(columns: Int) -> Int { (columns + blockSize - 1) / blockSize }
 
-    /// Quants per row (`blocks · 32`, the padded width).
-    public static func paddedColumns(_ columns: Int) -> Int { blocks(columns: columns) * blockSize }
-
     /// The index of the first quant outside -127...127 (that is, -128), nil when all are valid.
     public static func firstInvalidQuant(_ quants: UnsafePointer<Int8>, count: Int) -> Int? {
         let index = dl_q8_find_invalid_quant(quants, count)
