@@ -81,7 +81,13 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
     precondition(x.columns == weight.columns, "linear: input has \(x.columns) features, weight expects \(weight.columns)")
     let m = x.rows, n = weight.rows, k = weight.columns
     if kernelPath == .reference {
-        var output = precision == .f32 ? ReferenceKernels.linearInKernelOrder(x, weight) : ReferenceKernels.linearBF16InKernelOrder(x, weight)
+        var output = weight.storageType == .q8 ? ReferenceKernels.linearQ8InKernelOrder(x, weight)
+            : precision == .f32 ? ReferenceKernels.linearInKernelOrder(x, weight) : ReferenceKernels.linearBF16InKernelOrder(x, weight)
+        if let bias { addBias(&output.values, bias, rows: m) }
+        return output
+    }
+    if weight.storageType == .q8 {
+        var output = linearQ8(x, weight, path: kernelPath)
         if let bias { addBias(&output.values, bias, rows: m) }
         return output
     }
@@ -121,9 +127,35 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
     return Matrix(rows: m, columns: n, values: output)
 }
 
+/// `x · Wᵀ` for a q8 weight: the rows of `x` quantized once per call (`dl_quantize_activations_q8`),
+/// then `dl_gemm_q8` over fixed blocks of output columns, as the float kernels. Row invariant:
+/// a row's quantization and each output's summation order depend on K alone.
+func linearQ8(_ x: Matrix, _ weight: WeightMatrix, path kernelPath: KernelPath) -> Matrix {
+    let m = x.rows, n = weight.rows, k = weight.columns
+    var output = [Float](repeating: 0, count: m * n)
+    guard m > 0, n > 0, let scales = weight.scales else { return Matrix(rows: m, columns: n, values: output) }
+    let recordBytes = dl_q8_activation_row_bytes(k)
+    let records = OwnedStorage(byteCount: m * recordBytes)
+    x.values.withUnsafeBufferPointer { xp in dl_quantize_activations_q8(xp.baseAddress!, k, m, k, records.pointer) }
+    let rowBlock = max(4, (192 << 10) / max(recordBytes, 1) / 4 * 4)
+    let columnBlock = max(16, min(256, (n + 15) / 16 / max(Parallelism.threads * 4, 1) * 16))
+    let blocks = (n + columnBlock - 1) / columnBlock, path = kernelPath.cValue
+    output.withUnsafeMutableBufferPointer { yp in
+        let pointers = UncheckedSendable((UnsafeRawPointer(records.pointer), yp.baseAddress!, weight.base, scales))
+        Parallelism.forEach(blocks) { b in
+            let (recordBase, yBase, quants, scaleBase) = pointers.value
+            let columns = (b * columnBlock, min(n, (b + 1) * columnBlock))
+            dl_gemm_q8(path, recordBase, m, quants.assumingMemoryBound(to: Int8.self), scaleBase.assumingMemoryBound(to: UInt16.self), k,
+                       columns.0, columns.1, yBase, n, rowBlock)
+        }
+    }
+    return withExtendedLifetime(records) { Matrix(rows: m, columns: n, values: output) }
+}
+
 /// The arithmetic of the matrix products.
 public enum Precision: String, Sendable, Codable, CaseIterable {
-    /// f32 products and accumulation: what the parity goldens are checked at.
+    /// f32 products and accumulation: what the parity goldens are checked at. (Products with
+    /// q8 weights always run the 8-bit arithmetic of `dl_gemm_q8`, whatever the precision.)
     case f32
     /// Activations and weights rounded to bf16, products summed in f32 (`vdpbf16ps`), as PyTorch
     /// bf16 and llama.cpp's bf16 do; norms, attention and softmax stay f32.
@@ -222,6 +254,7 @@ extension StorageType {
         case .float32: Int32(DL_WEIGHT_F32)
         case .float16: Int32(DL_WEIGHT_F16)
         case .bfloat16: Int32(DL_WEIGHT_BF16)
+        case .q8: preconditionFailure("q8 weights go through dl_gemm_q8")
         }
     }
 }

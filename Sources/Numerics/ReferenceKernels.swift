@@ -78,6 +78,63 @@ public enum ReferenceKernels {
         return Matrix(rows: x.rows, columns: n, values: out)
     }
 
+    /// The 8-bit product written plainly, the twin of `dl_gemm_q8`. Each row of `x` is quantized
+    /// per block of 32: scale `d = amax / 127`, quants `round-to-nearest-even(x · (127 / amax))`
+    /// clamped to ±127 (a block below 2^-100 is zero with `d = 0`; one holding NaN or infinity is
+    /// zero with `d = NaN`). Per block `b` and group `j` of 4, the integer sum `P` of the 4
+    /// products is exact; with `s = d_x · d_w` (f32), lane `(b mod 2) · 8 + j` of 16 adds
+    /// `P · s` as a fused multiply-add, in increasing `b`, from +0; lanes are reduced as in
+    /// `linearInKernelOrder`.
+    public static func linearQ8InKernelOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
+        precondition(weight.storageType == .q8, "linearQ8InKernelOrder: the weight is \(weight.storageType), not q8")
+        let k = x.columns, n = weight.rows, size = Q8Layout.blockSize, blocks = Q8Layout.blocks(columns: k)
+        let quants = weight.base.assumingMemoryBound(to: Int8.self)
+        let weightScales = weight.scales!.assumingMemoryBound(to: UInt16.self)
+        func halfToFloat(_ bits: UInt16) -> Float { Float(Float16(bitPattern: bits)) }
+
+        // Activations: per row, padded quants `[blocks * 32]` and a scale per block.
+        var inputQuants = [Int32](repeating: 0, count: x.rows * blocks * size)
+        var inputScales = [Float](repeating: 0, count: x.rows * blocks)
+        for r in 0..<x.rows {
+            for b in 0..<blocks {
+                let values = (b * size ..< min(k, (b + 1) * size)).map { x.values[r * k + $0] }
+                let amax = values.reduce(Float(0)) { Swift.max($0, $1.magnitude) }
+                if values.contains(where: { !$0.isFinite }) {
+                    inputScales[r * blocks + b] = .nan
+                } else if amax >= 0x1p-100 {
+                    inputScales[r * blocks + b] = amax / 127
+                    let inverse = 127 / amax
+                    for (offset, value) in values.enumerated() {
+                        let q = (value * inverse).rounded(.toNearestOrEven)
+                        inputQuants[(r * blocks + b) * size + offset] = Int32(Swift.min(127, Swift.max(-127, q)))
+                    }
+                }
+            }
+        }
+
+        var out = [Float](repeating: 0, count: x.rows * n)
+        for o in 0..<n {
+            for r in 0..<x.rows {
+                var lanes = [Float](repeating: 0, count: 16)
+                for b in 0..<blocks {
+                    let s = inputScales[r * blocks + b] * halfToFloat(weightScales[o * blocks + b])
+                    for j in 0..<8 {
+                        var sum: Int32 = 0
+                        for t in 0..<4 {
+                            let i = b * size + 4 * j + t
+                            sum += inputQuants[r * blocks * size + i] * Int32(quants[o * blocks * size + i])
+                        }
+                        lanes[(b % 2) * 8 + j] = lanes[(b % 2) * 8 + j].addingProduct(Float(sum), s)
+                    }
+                }
+                let s8 = (0..<8).map { lanes[$0] + lanes[$0 + 8] }
+                let s4 = (0..<4).map { s8[$0] + s8[$0 + 4] }
+                out[r * n + o] = (s4[0] + s4[2]) + (s4[1] + s4[3])
+            }
+        }
+        return Matrix(rows: x.rows, columns: n, values: out)
+    }
+
     public static func rmsNorm(_ x: Matrix, weight: [Float], epsilon: Float) -> Matrix {
         var out = x.values
         for r in 0..<x.rows {

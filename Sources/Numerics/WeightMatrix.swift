@@ -1,12 +1,38 @@
 import CKernels
 
-/// How a weight's elements are stored. Compute is always f32.
+/// How a weight's elements are stored.
 public enum StorageType: String, Sendable, Codable {
     case float32 = "F32"
     case float16 = "F16"
     case bfloat16 = "BF16"
+    /// 8-bit blocks (llama.cpp's q8_0): per row, blocks of 32 values along the columns, each 32
+    /// int8 quants in -127...127 and an f16 scale (`value = scale · quant`); the last block is
+    /// padded with zeros. Quants `[rows, blocks · 32]` at `base`, scales `[rows, blocks]` at
+    /// `scales`. Computed by the 8-bit kernels (`dl_gemm_q8`), activations quantized on the fly.
+    case q8 = "Q8_0"
 
-    public var byteCount: Int { self == .float32 ? 4 : 2 }
+    /// Bytes per stored element (a q8 quant; its block scales are counted by `WeightMatrix.byteCount`).
+    public var byteCount: Int {
+        switch self {
+        case .float32: 4
+        case .float16, .bfloat16: 2
+        case .q8: 1
+        }
+    }
+}
+
+/// The layout arithmetic of q8 weights.
+public enum Q8Layout {
+    public static let blockSize = Int(DL_Q8_BLOCK)
+
+    /// Blocks per row of `columns` values.
+    public static func blocks(columns: Int) -> Int { (columns + blockSize - 1) / blockSize }
+
+    /// The index of the first quant outside -127...127 (that is, -128), nil when all are valid.
+    public static func firstInvalidQuant(_ quants: UnsafePointer<Int8>, count: Int) -> Int? {
+        let index = dl_q8_find_invalid_quant(quants, count)
+        return index < 0 ? nil : index
+    }
 }
 
 /// Keeps the memory behind weights alive (an mmap'd file, or an owned allocation).
@@ -34,19 +60,31 @@ public struct WeightMatrix: @unchecked Sendable {
     public let columns: Int
     public let storageType: StorageType
     public let base: UnsafeRawPointer
+    /// q8 only: the f16 block scales `[rows, blocks]`.
+    public let scales: UnsafeRawPointer?
     public let owner: StorageOwner
 
-    public init(rows: Int, columns: Int, storageType: StorageType, base: UnsafeRawPointer, owner: StorageOwner) {
+    public init(rows: Int, columns: Int, storageType: StorageType, base: UnsafeRawPointer, scales: UnsafeRawPointer? = nil,
+                owner: StorageOwner) {
+        precondition((storageType == .q8) == (scales != nil), "WeightMatrix: q8 weights, and only they, have block scales")
         self.rows = rows
         self.columns = columns
         self.storageType = storageType
         self.base = base
+        self.scales = scales
         self.owner = owner
     }
 
-    /// Copies `values` into a new weight of the given storage type (rounding to nearest even).
+    /// Copies `values` into a new weight of the given storage type (rounding to nearest even, or
+    /// quantizing to q8; q8 needs finite values whose block scales fit in f16).
     public init(rows: Int, columns: Int, values: [Float], storageType: StorageType = .float32) {
         precondition(values.count == rows * columns, "WeightMatrix: \(values.count) values for [\(rows), \(columns)]")
+        if storageType == .q8 {
+            let float = WeightMatrix(rows: rows, columns: columns, values: values)
+            guard let quantized = float.quantizedQ8() else { preconditionFailure("WeightMatrix: values cannot be quantized to q8") }
+            self = quantized
+            return
+        }
         let storage = OwnedStorage(byteCount: values.count * storageType.byteCount)
         values.withUnsafeBufferPointer { source in
             let count = source.count
@@ -55,13 +93,40 @@ public struct WeightMatrix: @unchecked Sendable {
             case .float32: storage.pointer.copyMemory(from: sourceBase, byteCount: count * 4)
             case .float16: dl_narrow_f16(sourceBase, storage.pointer.assumingMemoryBound(to: UInt16.self), count)
             case .bfloat16: dl_narrow_bf16(sourceBase, storage.pointer.assumingMemoryBound(to: UInt16.self), count)
+            case .q8: break
             }
         }
         self.init(rows: rows, columns: columns, storageType: storageType, base: UnsafeRawPointer(storage.pointer), owner: storage)
     }
 
     public var elementCount: Int { rows * columns }
-    public var byteCount: Int { elementCount * storageType.byteCount }
+
+    /// Bytes the weight occupies (for q8: padded quants and f16 scales).
+    public var byteCount: Int {
+        storageType == .q8 ? rows * Q8Layout.blocks(columns: columns) * (Q8Layout.blockSize + 2) : elementCount * storageType.byteCount
+    }
+
+    /// The weight quantized to q8 (`dl_quantize_weights_q8`), in owned memory: quants then
+    /// scales. Nil when an element is not finite or a block's scale overflows f16.
+    public func quantizedQ8() -> WeightMatrix? {
+        let blocks = Q8Layout.blocks(columns: columns), quantBytes = rows * blocks * Q8Layout.blockSize
+        let storage = OwnedStorage(byteCount: quantBytes + rows * blocks * 2)
+        let scales = storage.pointer + quantBytes
+        let bandRows = max(1, (1 << 22) / max(columns, 1))
+        var band = [Float](repeating: 0, count: min(rows, bandRows) * columns)
+        for start in stride(from: 0, to: rows, by: bandRows) {
+            let end = min(rows, start + bandRows)
+            let failed = band.withUnsafeMutableBufferPointer { buffer in
+                widenRows(start..<end, into: buffer.baseAddress!)
+                return dl_quantize_weights_q8(buffer.baseAddress!, end - start, columns,
+                                              storage.pointer.assumingMemoryBound(to: Int8.self) + start * blocks * Q8Layout.blockSize,
+                                              scales.assumingMemoryBound(to: UInt16.self) + start * blocks) >= 0
+            }
+            if failed { return nil }
+        }
+        return WeightMatrix(rows: rows, columns: columns, storageType: .q8, base: UnsafeRawPointer(storage.pointer),
+                            scales: UnsafeRawPointer(scales), owner: storage)
+    }
 
     /// Widens rows `range` into `destination` (`range.count * columns` floats).
     public func widenRows(_ range: Range<Int>, into destination: UnsafeMutablePointer<Float>) {
@@ -74,6 +139,16 @@ public struct WeightMatrix: @unchecked Sendable {
             dl_widen_f16(base.assumingMemoryBound(to: UInt16.self) + start, destination, count)
         case .bfloat16:
             dl_widen_bf16(base.assumingMemoryBound(to: UInt16.self) + start, destination, count)
+        case .q8:
+            let blocks = Q8Layout.blocks(columns: columns)
+            var blockScales = [Float](repeating: 0, count: blocks)
+            for (index, row) in range.enumerated() {
+                dl_widen_f16(scales!.assumingMemoryBound(to: UInt16.self) + row * blocks, &blockScales, blocks)
+                let quants = base.assumingMemoryBound(to: Int8.self) + row * blocks * Q8Layout.blockSize
+                for column in 0..<columns {
+                    destination[index * columns + column] = Float(quants[column]) * blockScales[column / Q8Layout.blockSize]
+                }
+            }
         }
     }
 
@@ -93,6 +168,7 @@ public struct WeightMatrix: @unchecked Sendable {
 
     /// The same memory seen as a `[rows * columns / newColumns, newColumns]` weight.
     public func reshaped(columns newColumns: Int) -> WeightMatrix {
+        precondition(storageType != .q8, "reshape: q8 blocks follow the rows")
         precondition(elementCount % newColumns == 0, "reshape: \(elementCount) elements into \(newColumns) columns")
         return WeightMatrix(rows: elementCount / newColumns, columns: newColumns, storageType: storageType, base: base, owner: owner)
     }
@@ -102,7 +178,12 @@ extension WeightMatrix {
     /// A weight of small random values (magnitudes 2^-9 to 2^-6, random sign), written straight
     /// into its storage type from a seeded integer stream: fast enough to build a 7B model for
     /// benchmarks (values are not meant to be meaningful, only finite and small).
+    /// q8: the f16 random weight of the same seed, quantized.
     public init(randomRows rows: Int, columns: Int, storageType: StorageType, seed: UInt64) {
+        if storageType == .q8 {
+            self = WeightMatrix(randomRows: rows, columns: columns, storageType: .float16, seed: seed).quantizedQ8()!
+            return
+        }
         let count = rows * columns
         let storage = OwnedStorage(byteCount: count * storageType.byteCount)
         var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
@@ -134,6 +215,7 @@ extension WeightMatrix {
                     i += 1
                 }
             }
+        case .q8: break
         }
         self.init(rows: rows, columns: columns, storageType: storageType, base: UnsafeRawPointer(storage.pointer), owner: storage)
     }

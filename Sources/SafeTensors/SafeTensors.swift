@@ -15,6 +15,8 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     case unsupportedDType(file: String, tensor: String, dtype: String)
     /// config.json (or another JSON description) is missing or invalid.
     case invalidConfiguration(file: String, reason: String)
+    /// A file of a model being written (`dllava quantize`) cannot be created or written.
+    case unwritable(file: String, reason: String)
 
     public var description: String {
         switch self {
@@ -26,13 +28,15 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
         case .unsupportedDType(let file, let tensor, let dtype):
             return "\(file): tensor '\(tensor)' has unsupported dtype \(dtype) (supported: F32, F16, BF16)"
         case .invalidConfiguration(let file, let reason): return "\(file): invalid configuration: \(reason)"
+        case .unwritable(let file, let reason): return "\(file): cannot write: \(reason)"
         }
     }
 
     /// sysexits-style code: 78 (configuration) for a model that does not fit its description,
-    /// 65 (data) for unreadable or corrupt bytes.
+    /// 65 (data) for unreadable or corrupt bytes, 74 (I/O) for a file that cannot be written.
     public var exitCode: Int32 {
         switch self {
+        case .unwritable: return 74
         case .unreadable, .malformed: return 65
         case .missingTensor, .wrongShape, .unsupportedDType, .invalidConfiguration: return 78
         }
@@ -41,14 +45,14 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
 
 /// The dtypes a safetensors header may name that this reader understands.
 public enum TensorDType: String, Sendable {
-    case f32 = "F32", f16 = "F16", bf16 = "BF16", i64 = "I64", i32 = "I32", u8 = "U8", bool = "BOOL"
+    case f32 = "F32", f16 = "F16", bf16 = "BF16", i64 = "I64", i32 = "I32", i8 = "I8", u8 = "U8", bool = "BOOL"
 
     public var byteCount: Int {
         switch self {
         case .f32, .i32: return 4
         case .f16, .bf16: return 2
         case .i64: return 8
-        case .u8, .bool: return 1
+        case .i8, .u8, .bool: return 1
         }
     }
 
@@ -94,6 +98,11 @@ public struct TensorView: @unchecked Sendable {
     public let file: MappedFile
     /// Start of the tensor's bytes inside `file`.
     public let base: UnsafeRawPointer
+    /// The file's `dllava_quantization` metadata (`Q8Checkpoint.format`), nil for a float checkpoint.
+    public let quantization: String?
+
+    /// The tensor's bytes.
+    public var byteCount: Int { elementCount * dtype.byteCount }
 
     public var elementCount: Int { shape.reduce(1, *) }
 
@@ -142,19 +151,21 @@ public struct SafeTensorsFile: Sendable {
             throw .malformed(file: path, reason: "header length \(headerLength) does not fit in a file of \(file.byteCount) bytes")
         }
         let headerBytes = Data(bytes: file.base + 8, count: headerLength)
+        var metadata: [String: String] = [:]
         guard let header = (try? JSONSerialization.jsonObject(with: headerBytes)) as? [String: Any] else {
             throw .malformed(file: path, reason: "the header is not a JSON object")
+        }
+        for (key, item) in (header["__metadata__"] as? [String: Any]) ?? [:] { metadata[key] = item as? String }
+        let quantization = metadata[Q8Checkpoint.metadataKey]
+        if let quantization, quantization != Q8Checkpoint.format {
+            throw .invalidConfiguration(file: path, reason: "\(Q8Checkpoint.metadataKey) '\(quantization)' is not a quantization this reader knows (\(Q8Checkpoint.format))")
         }
         let dataStart = 8 + headerLength
         let dataLength = file.byteCount - dataStart
         var tensors: [String: TensorView] = [:]
-        var metadata: [String: String] = [:]
         var extents: [(begin: Int, end: Int, name: String)] = []
         for (name, value) in header {
-            if name == "__metadata__" {
-                for (key, item) in (value as? [String: Any]) ?? [:] { metadata[key] = item as? String }
-                continue
-            }
+            if name == "__metadata__" { continue }
             guard let entry = value as? [String: Any],
                   let dtypeName = entry["dtype"] as? String,
                   let shape = entry["shape"] as? [Int],
@@ -175,7 +186,8 @@ public struct SafeTensorsFile: Sendable {
                 throw .malformed(file: path, reason: "tensor '\(name)' has \(end - begin) bytes, but shape \(shape) of \(dtypeName) needs \(overflow ? -1 : count * dtype.byteCount)")
             }
             extents.append((begin, end, name))
-            tensors[name] = TensorView(name: name, dtype: dtype, shape: shape, file: file, base: file.base + dataStart + begin)
+            tensors[name] = TensorView(name: name, dtype: dtype, shape: shape, file: file, base: file.base + dataStart + begin,
+                                       quantization: quantization)
         }
         extents.sort { ($0.begin, $0.end) < ($1.begin, $1.end) }
         for (previous, next) in zip(extents, extents.dropFirst()) where next.begin < previous.end {
@@ -239,9 +251,30 @@ public struct Checkpoint: Sendable {
         return view
     }
 
-    /// A linear weight `[outFeatures, inFeatures]` in its stored dtype.
+    /// A linear weight `[outFeatures, inFeatures]` in its stored dtype: float, or q8 (an I8
+    /// tensor of quants with its scales beside it, `Q8Checkpoint`).
     public func weight(_ name: String, shape: [Int]) throws(CheckpointError) -> WeightMatrix {
-        try tensor(name, shape: shape).weight()
+        if let view = tensors[name], view.dtype == .i8 { return try q8Weight(view, shape: shape) }
+        return try tensor(name, shape: shape).weight()
+    }
+
+    /// The q8 weight whose quants are `view`, checked against `shape` `[out, in]`.
+    func q8Weight(_ view: TensorView, shape: [Int]) throws(CheckpointError) -> WeightMatrix {
+        guard view.quantization == Q8Checkpoint.format else {
+            throw .invalidConfiguration(file: view.file.path, reason: "tensor '\(view.name)' is I8 but the file's metadata does not declare \(Q8Checkpoint.metadataKey) = \(Q8Checkpoint.format)")
+        }
+        guard shape.count == 2 else { throw .unsupportedDType(file: view.file.path, tensor: view.name, dtype: view.dtype.rawValue) }
+        let (rows, columns) = (shape[0], shape[1]), blocks = Q8Layout.blocks(columns: columns)
+        let quants = try tensor(view.name, shape: [rows, blocks * Q8Layout.blockSize])
+        let scales = try tensor(Q8Checkpoint.scaleName(view.name), shape: [rows, blocks])
+        guard scales.dtype == .f16 else {
+            throw .unsupportedDType(file: scales.file.path, tensor: scales.name, dtype: scales.dtype.rawValue)
+        }
+        if let invalid = Q8Layout.firstInvalidQuant(quants.base.assumingMemoryBound(to: Int8.self), count: quants.elementCount) {
+            throw .malformed(file: view.file.path, reason: "tensor '\(view.name)' holds the quant -128 at element \(invalid) (q8_0 quants lie in -127...127)")
+        }
+        return WeightMatrix(rows: rows, columns: columns, storageType: .q8, base: quants.base, scales: scales.base,
+                            owner: Q8Storage(quants: quants.file, scales: scales.file))
     }
 
     /// A small tensor (norm weight, bias) widened to f32.

@@ -43,7 +43,7 @@ struct BenchmarkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dllava-bench",
         abstract: "Benchmarks with random weights at a preset shape (tiny, mid, llava-1.5-7b); Markdown tables.",
-        subcommands: [EngineBenchmark.self, SparsityBenchmark.self],
+        subcommands: [EngineBenchmark.self, SparsityBenchmark.self, WeightFormatBenchmark.self],
         defaultSubcommand: EngineBenchmark.self)
 }
 
@@ -56,7 +56,7 @@ struct EngineBenchmark: ParsableCommand {
     @Option(help: "tiny, mid, bench-1.57b or llava-1.5-7b.")
     var preset = "tiny"
 
-    @Option(help: "A model directory (either checkpoint layout) to measure instead of a preset's random weights.")
+    @Option(help: "Model directories (either checkpoint layout), comma-separated, to measure one after the other in this run instead of a preset's random weights (e.g. an f16 model and its `dllava quantize` copy).")
     var model: String?
 
     @Option(help: "Comma-separated thread counts to measure.")
@@ -68,11 +68,14 @@ struct EngineBenchmark: ParsableCommand {
     @Option(name: .customLong("decode-tokens"), help: "Decode steps timed per batch size.")
     var decodeTokens = 8
 
+    @Option(help: "Comma-separated weight formats of a preset's random weights, measured one after the other in this run (f32, f16, bf16, q8; default: the preset's). q8 stores every weight matrix of the preset in q8, the embeddings and the LM head included.")
+    var weights: String?
+
     @Option(help: "Comma-separated precisions to measure (f32, bf16).")
     var precisions = Precision.bf16.isNative ? "f32,bf16" : "f32"
 
     func run() throws {
-        guard var preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
+        guard let preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
         let threadCounts = threads.split(separator: ",").compactMap { Int($0) }
         let precisionList = try precisions.split(separator: ",").map { name in
             guard let precision = Precision(rawValue: String(name)), precision.isNative else {
@@ -80,12 +83,35 @@ struct EngineBenchmark: ParsableCommand {
             }
             return precision
         }
+        guard let model else {
+            let names = ["f32": StorageType.float32, "f16": .float16, "bf16": .bfloat16, "q8": .q8]
+            let storageTypes = try weights.map { list in
+                try list.split(separator: ",").map { name in
+                    guard let type = names[String(name)] else { throw ValidationError("unknown weight format \(name) (f32, f16, bf16, q8)") }
+                    return type
+                }
+            } ?? [preset.storageType]
+            for storageType in storageTypes {
+                try measure(preset: Preset(name: preset.name + ", weights \(storageType.rawValue)", vision: preset.vision, language: preset.language,
+                                           storageType: storageType),
+                            threadCounts: threadCounts, precisionList: precisionList, directory: nil)
+            }
+            return
+        }
+        for directory in model.split(separator: ",") {
+            try measure(preset: preset, threadCounts: threadCounts, precisionList: precisionList, directory: String(directory))
+        }
+    }
+
+    /// One table: the preset's random weights, or the model in `directory`.
+    func measure(preset: Preset, threadCounts: [Int], precisionList: [Precision], directory: String?) throws {
+        var preset = preset
         let start = DispatchTime.now()
         let vision: CLIPVisionTower, language: LlamaModel
-        if let model {
-            let loaded = try LLaVAModel.load(directory: URL(fileURLWithPath: model))
+        if let directory {
+            let loaded = try LLaVAModel.load(directory: URL(fileURLWithPath: directory))
             (vision, language) = (loaded.vision, loaded.language)
-            preset = Preset(name: "model \(model)", vision: vision.configuration, language: language.configuration,
+            preset = Preset(name: "model \(directory)", vision: vision.configuration, language: language.configuration,
                             storageType: language.storageType)
         } else {
             vision = CLIPVisionTower(randomWeights: preset.vision, selectLayer: -2, storageType: preset.storageType, seed: 1)
@@ -165,6 +191,7 @@ struct EngineBenchmark: ParsableCommand {
         getrusage(RUSAGE_SELF.rawValue, &usage)
         print("")
         print(String(format: "peak RSS: %.2f GiB", Double(usage.ru_maxrss) / Double(1 << 20)))
+        print("")
     }
 }
 

@@ -6,7 +6,7 @@ struct DLLaVA: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dllava",
         abstract: "Batch captioning with Dynamic-LLaVA on CPU.",
-        subcommands: [Generate.self, Tokenize.self, Flops.self, Run.self, Snapshot.self] + queueSubcommands)
+        subcommands: [Generate.self, Tokenize.self, Flops.self, Quantize.self, Run.self, Snapshot.self] + queueSubcommands)
 }
 
 /// A failure the CLI reports as one sentence on stderr with a sysexits-style code:

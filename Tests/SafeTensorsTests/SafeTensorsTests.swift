@@ -66,8 +66,11 @@ func floatBytes(_ values: [Float]) -> [UInt8] {
     @Test("rejects an unsupported dtype by name, a truncated header, and an empty file")
     func rejectsOtherBadInput() throws {
         let directory = try temporaryDirectory()
+        let f8 = try writeSafeTensors("f8.safetensors", header: #"{"q":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}"#, data: [1, 2], in: directory)
+        #expect(throws: CheckpointError.unsupportedDType(file: f8, tensor: "q", dtype: "F8_E4M3")) { try SafeTensorsFile(path: f8) }
+        // I8 (q8 quants) is read, but is not a float weight of its own.
         let int8 = try writeSafeTensors("i8.safetensors", header: #"{"q":{"dtype":"I8","shape":[2],"data_offsets":[0,2]}}"#, data: [1, 2], in: directory)
-        #expect(throws: CheckpointError.unsupportedDType(file: int8, tensor: "q", dtype: "I8")) { try SafeTensorsFile(path: int8) }
+        #expect(throws: CheckpointError.unsupportedDType(file: int8, tensor: "q", dtype: "I8")) { try SafeTensorsFile(path: int8).tensors["q"]!.weight() }
         let truncated = try writeSafeTensors("t.safetensors", header: "{}", data: [], in: directory, declaredLength: 1000)
         #expect(throws: CheckpointError.self) { try SafeTensorsFile(path: truncated) }
         let empty = directory.appendingPathComponent("empty.safetensors")

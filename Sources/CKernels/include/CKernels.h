@@ -52,4 +52,42 @@ int dl_kernel_bf16_available(void);
 void dl_gemm_bf16(int path, int weight_type, const uint16_t *x, size_t ldx, size_t m, const void *w, size_t k,
                   size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block);
 
+/// 8-bit weights (q8_0 layout, as llama.cpp's): each weight row is split into blocks of 32
+/// along K (the last block padded with zeros); a block holds 32 signed 8-bit values in
+/// -127...127 and one f16 scale, its value `scale · q`. Quants are `[N, blocks · 32]` int8, scales
+/// `[N, blocks]` f16, both row-major. See gemm.c for the arithmetic.
+enum { DL_Q8_BLOCK = 32 };
+
+/// Bytes of one row of activations quantized by `dl_quantize_activations_q8` for a `k`-wide input.
+size_t dl_q8_activation_row_bytes(size_t k);
+
+/// Quantizes rows `x` (`[m, k]` f32, row stride `ldx`) into `out` (`m` records of
+/// `dl_q8_activation_row_bytes(k)` bytes): per block of 32, scale `d = amax / 127` (f32) and
+/// `q = round-to-nearest-even(x · (127 / amax))` clamped to -127...127. A block whose largest
+/// magnitude is below 2^-100 is all zeros with scale 0; a block holding NaN or infinity has
+/// zeros and scale NaN, so the row's results are NaN. Plain scalar code shared by every path.
+void dl_quantize_activations_q8(const float *x, size_t ldx, size_t m, size_t k, void *out);
+
+/// Quantizes weight rows `w` (`[rows, k]` f32) into `quants` (`[rows, blocks · 32]`) and
+/// `scales` (`[rows, blocks]` f16): per block `d = f16(amax / 127)` (nearest even), then
+/// `q = round-to-nearest-even(w / d)` clamped to -127...127 (`q = 0` where `d == 0`).
+/// Returns the index of the first element that is not finite or whose block's scale overflows
+/// f16, or -1 when all is well.
+long dl_quantize_weights_q8(const float *w, size_t rows, size_t k, int8_t *quants, uint16_t *scales);
+
+/// The index of the first quant equal to -128 (outside the format's range), or -1.
+long dl_q8_find_invalid_quant(const int8_t *quants, size_t count);
+
+/// Whether this CPU has AVX-512 VNNI (`vpdpbusd`), which `dl_gemm_q8` uses on the AVX-512 path.
+int dl_kernel_q8_vnni_available(void);
+
+/// 8-bit product: `y[r, n] = Σ_k x[r, k] · w[n, k]` with `x` quantized by
+/// `dl_quantize_activations_q8` (`m` records) and `w` in q8_0 (`quants`, `scales`, `k` the
+/// unpadded width), for columns `n_begin..<n_end`. Per block, groups of 4 products are summed
+/// exactly in int32, then scaled and added in f32 in one fixed order (gemm.c), the same bits on
+/// every path and for any rows, columns, `row_block` or thread count. The AVX-512 path uses
+/// VNNI where the CPU has it, else the AVX2 kernel.
+void dl_gemm_q8(int path, const void *activations, size_t m, const int8_t *quants, const uint16_t *scales, size_t k,
+                size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block);
+
 #endif
