@@ -76,7 +76,8 @@ public struct DaemonOptions: Sendable {
     public var untilEmpty = false
     public var maxJobs: Int? = nil
     public var maxSeconds: Double? = nil
-    /// Seconds between polls of an empty queue.
+    /// The longest an idle worker waits between claims (SQLite: the poll interval; PostgreSQL wakes it sooner on
+    /// LISTEN/NOTIFY).
     public var pollSeconds: Double = 2
     public var owner = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UUID().uuidString.prefix(8))"
     /// A KV snapshot of every running job each this many decode steps (0: none; a graceful
@@ -255,7 +256,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                         + "their leases expire by \(Date(timeIntervalSince1970: Double(until) / 1000))")
                     waitingReported = true
                 }
-                Thread.sleep(forTimeInterval: options.pollSeconds)
+                queue.waitForWork(upTo: options.pollSeconds)
                 continue
             }
             waitingReported = false
