@@ -81,6 +81,11 @@ struct PostgresDaemonTests {
         let logs = (0..<3).map { (try? String(contentsOf: directory.appendingPathComponent("worker\($0).log"), encoding: .utf8)) ?? "" }
         #expect(workers[1].terminationStatus == 0, "\(logs[1])")
         #expect(workers[2].terminationStatus == 0, "\(logs[2])")
+        // The stopped worker handed its batch back with snapshots; the survivor took the killed worker's jobs at once
+        // (same host, dead pid) and resumed the stopped worker's from their snapshots.
+        #expect(logs[1].contains("released jobs"), "\(logs[1])")
+        #expect(logs[2].contains("resuming from"), "\(logs[2])")
+        #expect(logs[2].contains("of dead workers on this host"), "\(logs[2])")
         let records = try export(url: url, in: directory)
         #expect(records.count == jobs.count)
         for (id, _, _) in jobs {
