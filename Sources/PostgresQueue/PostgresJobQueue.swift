@@ -8,8 +8,9 @@ import PostgresNIO
 /// differs is how: claims lock their rows with `FOR UPDATE SKIP LOCKED` in one round trip (`dllava.claim`), and idle
 /// workers wait on `LISTEN dllava_work` instead of polling.
 ///
-/// Every operation is one transaction on the queue object's connection (`PostgresSession`), so a lost connection
-/// rolls back whatever was under way and the operation runs again once the server is back (within `reconnectWindow`).
+/// Every operation is one transaction on the queue object's connection (`PostgresSession`), most of them a single
+/// statement (one round trip), so a lost connection rolls back whatever was under way and the operation runs again
+/// once the server is back (within `reconnectWindow`).
 /// Times are Unix milliseconds from `clock`: keep the machines' clocks in sync (NTP), as leases compare them.
 public final class PostgresJobQueue: JobQueue {
     public let address: PostgresAddress
@@ -51,7 +52,7 @@ public final class PostgresJobQueue: JobQueue {
     }
 
     public func appliedMigrations() throws -> [String] {
-        try session.transaction(readOnly: true) { try PostgresSchema.applied($0) ?? [] }
+        try session.statement { try PostgresSchema.applied($0) ?? [] }
     }
 
     // MARK: Enqueue
@@ -124,7 +125,7 @@ public final class PostgresJobQueue: JobQueue {
     public func claim(owner: String, limit: Int, leaseDuration: Int64) throws -> [Job] {
         precondition(limit >= 1 && leaseDuration >= 1, "claim needs limit >= 1 and a positive lease")
         let now = clock.now()
-        let jobs = try session.transaction { statements in
+        let jobs = try session.statement { statements in
             try statements.rows("SELECT * FROM dllava.claim(\(owner), \(now + leaseDuration), \(now), \(limit)::integer)").map(Self.job)
         }
         return jobs.sorted { ($0.priority, $0.runAt, $0.id) < ($1.priority, $1.runAt, $1.id) }
@@ -133,21 +134,21 @@ public final class PostgresJobQueue: JobQueue {
     @discardableResult
     public func rescueExpiredLeases() throws -> Int {
         let now = clock.now()
-        return try session.transaction { statements in
+        return try session.statement { statements in
             try statements.rows("SELECT dllava.rescue_expired_leases(\(now))").first?.decode(Int.self) ?? 0
         }
     }
 
     public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64) throws -> HeartbeatResult {
         let now = clock.now()
-        let rows = try session.transaction { statements in
-            let rows = try statements.rows("""
+        // The worker registry's beat rides along in the same statement.
+        let rows = try session.statement { statements in
+            try statements.rows("""
+                WITH beat AS (UPDATE dllava.worker SET heartbeat_at = \(now) WHERE owner = \(owner))
                 UPDATE dllava.job SET lease_expires_at = \(now + leaseDuration), heartbeat_at = \(now), updated_at = \(now)
                 WHERE id = ANY(\(jobs)) AND state = 'running' AND lease_owner = \(owner)
                 RETURNING id, cancel_requested
                 """).map { try $0.decode((Int64, Bool).self) }
-            try statements.execute("UPDATE dllava.worker SET heartbeat_at = \(now) WHERE owner = \(owner)")
-            return rows
         }
         var result = HeartbeatResult()
         for (id, cancelRequested) in rows {
@@ -159,7 +160,7 @@ public final class PostgresJobQueue: JobQueue {
     }
 
     public func cancelRequested(among jobs: [Int64]) throws -> Set<Int64> {
-        try session.transaction(readOnly: true) { statements in
+        try session.statement { statements in
             Set(try statements.rows("""
                 SELECT id FROM dllava.job WHERE id = ANY(\(jobs)) AND state = 'running' AND cancel_requested
                 """).map { try $0.decode(Int64.self) })
@@ -169,7 +170,7 @@ public final class PostgresJobQueue: JobQueue {
     public func complete(job id: Int64, attempt: Int, owner: String, output: JobOutput) throws -> Bool {
         let now = clock.now()
         let timings = try output.timings.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
-        return try session.transaction { statements in
+        return try session.statement { statements in
             try statements.execute("""
                 UPDATE dllava.job
                 SET state = 'succeeded', output_path = \(output.path), output_sha256 = \(output.sha256), timings = \(timings), error = NULL,
@@ -183,7 +184,7 @@ public final class PostgresJobQueue: JobQueue {
     public func fail(job id: Int64, attempt: Int, owner: String, error reason: String, permanent: Bool) throws -> JobState? {
         let now = clock.now()
         let retryAt = now + retryPolicy.delay(afterAttempt: attempt)
-        let state = try session.transaction { statements in
+        let state = try session.statement { statements in
             try statements.rows("""
                 UPDATE dllava.job
                 SET state = CASE WHEN \(permanent) THEN 'failed' WHEN cancel_requested THEN 'cancelled'
@@ -200,7 +201,7 @@ public final class PostgresJobQueue: JobQueue {
 
     public func acknowledgeCancel(job id: Int64, attempt: Int, owner: String) throws -> Bool {
         let now = clock.now()
-        return try session.transaction { statements in
+        return try session.statement { statements in
             try statements.execute("""
                 UPDATE dllava.job SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, finalized_at = \(now), updated_at = \(now)
                 WHERE id = \(id) AND state = 'running' AND attempt = \(attempt) AND lease_owner = \(owner)
@@ -211,7 +212,7 @@ public final class PostgresJobQueue: JobQueue {
     @discardableResult
     public func release(jobs: [Int64], owner: String) throws -> Int {
         let now = clock.now()
-        return try session.transaction { statements in
+        return try session.statement { statements in
             try statements.execute("""
                 UPDATE dllava.job
                 SET state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'available' END,
@@ -273,7 +274,7 @@ public final class PostgresJobQueue: JobQueue {
 
     public func recordSnapshotPath(job id: Int64, path: String) throws {
         let now = clock.now()
-        try session.transaction { statements in
+        try session.statement { statements in
             try statements.execute("""
                 UPDATE dllava.job SET snapshot_path = \(path), updated_at = \(now) WHERE id = \(id) AND snapshot_path IS DISTINCT FROM \(path)
                 """)
@@ -285,7 +286,7 @@ public final class PostgresJobQueue: JobQueue {
         var total = 0
         while true {
             let now = clock.now()
-            let changed = try session.transaction { try body($0, now) }
+            let changed = try session.statement { try body($0, now) }
             total += changed
             if changed < jobQueueChunkSize { return total }
         }
@@ -294,15 +295,15 @@ public final class PostgresJobQueue: JobQueue {
     // MARK: Reading
 
     public func job(id: Int64) throws -> Job? {
-        try session.transaction(readOnly: true) { try $0.rows("SELECT * FROM dllava.job WHERE id = \(id)").first.map(Self.job) }
+        try session.statement { try $0.rows("SELECT * FROM dllava.job WHERE id = \(id)").first.map(Self.job) }
     }
 
     public func job(customID: String) throws -> Job? {
-        try session.transaction(readOnly: true) { try $0.rows("SELECT * FROM dllava.job WHERE custom_id = \(customID)").first.map(Self.job) }
+        try session.statement { try $0.rows("SELECT * FROM dllava.job WHERE custom_id = \(customID)").first.map(Self.job) }
     }
 
     public func list(_ filter: JobFilter, limit: Int, afterID: Int64) throws -> [Job] {
-        try session.transaction(readOnly: true) { statements in
+        try session.statement { statements in
             try statements.rows("""
                 SELECT * FROM dllava.job WHERE \(filter: filter) AND id > \(afterID) ORDER BY id LIMIT \(limit)
                 """).map(Self.job)
@@ -325,7 +326,7 @@ public final class PostgresJobQueue: JobQueue {
     }
 
     public func counts() throws -> [JobState: Int] {
-        try session.transaction(readOnly: true) { try Self.counts($0) }
+        try session.statement { try Self.counts($0) }
     }
 
     static func counts(_ statements: PostgresStatements) throws -> [JobState: Int] {
@@ -351,7 +352,7 @@ public final class PostgresJobQueue: JobQueue {
     // MARK: Worker registry
 
     public func register(_ worker: WorkerRecord) throws {
-        try session.transaction { statements in
+        try session.statement { statements in
             try statements.execute("""
                 INSERT INTO dllava.worker (owner, host, boot_id, pid, process_start, lease_ms, started_at, heartbeat_at)
                 VALUES (\(worker.owner), \(worker.host), \(worker.bootID), \(Int(worker.pid))::integer, \(worker.processStart),
@@ -364,11 +365,11 @@ public final class PostgresJobQueue: JobQueue {
     }
 
     public func unregister(owner: String) throws {
-        try session.transaction { try $0.execute("DELETE FROM dllava.worker WHERE owner = \(owner)") }
+        try session.statement { try $0.execute("DELETE FROM dllava.worker WHERE owner = \(owner)") }
     }
 
     public func workers() throws -> [WorkerRecord] {
-        try session.transaction(readOnly: true) { statements in
+        try session.statement { statements in
             try statements.rows("""
                 SELECT owner, host, boot_id, pid, process_start, lease_ms, started_at, heartbeat_at FROM dllava.worker ORDER BY owner
                 """).map { row in
@@ -381,7 +382,7 @@ public final class PostgresJobQueue: JobQueue {
     }
 
     public func runningLeases(ownedBy owners: [String]) throws -> [RunningLease] {
-        try session.transaction(readOnly: true) { statements in
+        try session.statement { statements in
             try statements.rows("""
                 SELECT id, lease_owner, lease_expires_at FROM dllava.job WHERE state = 'running' AND lease_owner = ANY(\(owners)) ORDER BY id
                 """).map { row in
@@ -411,7 +412,7 @@ public final class PostgresJobQueue: JobQueue {
     // MARK: Copy
 
     public func highestJobID() throws -> Int64 {
-        try session.transaction(readOnly: true) { statements in
+        try session.statement { statements in
             let (last, called, highest) = try statements.rows("""
                 SELECT last_value, is_called, (SELECT COALESCE(MAX(id), 0) FROM dllava.job) FROM dllava.job_id_seq
                 """)[0].decode((Int64, Bool, Int64).self)

@@ -39,24 +39,35 @@ final class PostgresSession: @unchecked Sendable {
     /// it again after a lost connection. `readOnly` opens a REPEATABLE READ READ ONLY transaction: one consistent
     /// snapshot for every statement in it.
     func transaction<T>(readOnly: Bool = false, _ body: (PostgresStatements) throws -> T) throws -> T {
+        try perform(begin: readOnly ? "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" : "BEGIN", body)
+    }
+
+    /// Runs `body`, which runs one statement: its own transaction, one round trip instead of three.
+    func statement<T>(_ body: (PostgresStatements) throws -> T) throws -> T {
+        try perform(begin: nil, body)
+    }
+
+    private func perform<T>(begin: PostgresQuery?, _ body: (PostgresStatements) throws -> T) throws -> T {
         try lock.withLock {
             let start = Date()
             var delay = 0.1
             var failures = 0
+            // Whether a connection was up when the first failure came (a lost one) or not (a server never reached).
+            let wasConnected = connection != nil
             while true {
                 do {
                     let statements = PostgresStatements(connection: try connected(), logger: logger)
-                    try statements.execute(readOnly ? "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" : "BEGIN")
+                    if let begin { try statements.execute(begin) }
                     do {
                         let value = try body(statements)
-                        try statements.execute("COMMIT")
+                        if begin != nil { try statements.execute("COMMIT") }
                         if failures > 0 { report("reconnected to \(address) after \(failures) failed tr\(failures == 1 ? "y" : "ies")") }
                         return value
                     } catch {
-                        if !Self.isConnectionLoss(error) { _ = try? statements.execute("ROLLBACK") }
+                        if begin != nil && !Self.isTransient(error) { _ = try? statements.execute("ROLLBACK") }
                         throw error
                     }
-                } catch let error where Self.isConnectionLoss(error) {
+                } catch let error where Self.isTransient(error) {
                     try? connection?.close().wait()
                     connection = nil
                     failures += 1
@@ -65,7 +76,10 @@ final class PostgresSession: @unchecked Sendable {
                         throw JobQueueError.database(path: address.description, failure: .unreachable,
                                                      message: Self.describe(error) + (failures > 1 ? " (gave up after \(Int(waited.rounded())) s)" : ""))
                     }
-                    if failures == 1 { report("lost the connection to \(address) (\(Self.describe(error))); retrying for up to \(Int(reconnectWindow)) s") }
+                    if failures == 1 {
+                        report("\(wasConnected ? "lost the connection to" : "cannot reach") \(address) (\(Self.describe(error))); "
+                               + "retrying for up to \(Int(reconnectWindow)) s")
+                    }
                     Thread.sleep(forTimeInterval: delay)
                     delay = min(delay * 2, 5)
                 } catch let error as JobQueueError {
@@ -98,15 +112,16 @@ final class PostgresSession: @unchecked Sendable {
                                               id: id, logger: logger).wait()
     }
 
-    /// Errors after which the server may come back: no connection, a connection closed under us, or the server
-    /// shutting down or refusing connections for now (SQLSTATE classes 08 and 57, and 53300 too many connections).
-    static func isConnectionLoss(_ error: Error) -> Bool {
+    /// Errors worth running the transaction again for: no connection, a connection closed under us, the server
+    /// shutting down or refusing connections for now (SQLSTATE classes 08 and 57, 53300 too many connections), and
+    /// a deadlock or serialization failure the server resolved by rolling this transaction back (40P01, 40001).
+    static func isTransient(_ error: Error) -> Bool {
         guard let error = error as? PSQLError else { return error is ChannelError || error is IOError || "\(type(of: error))".contains("Connect") }
         switch error.code {
         case .connectionError, .serverClosedConnection, .clientClosedConnection, .uncleanShutdown: return true
         case .server:
             let state = error.serverInfo?[.sqlState] ?? ""
-            return state.hasPrefix("08") || state.hasPrefix("57") || state == "53300"
+            return state.hasPrefix("08") || state.hasPrefix("57") || ["53300", "40P01", "40001"].contains(state)
         default: return false
         }
     }
