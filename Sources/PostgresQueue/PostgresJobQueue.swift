@@ -66,56 +66,82 @@ public final class PostgresJobQueue: JobQueue {
         while start < jobs.count {
             let chunk = jobs[start ..< min(start + jobQueueChunkSize, jobs.count)]
             let now = clock.now()
-            var chunkResult = EnqueueResult()
-            try session.transaction { statements in
-                chunkResult = EnqueueResult()
-                for (index, job) in zip(chunk.indices, chunk) {
-                    let params = canonical[job.parameters] ?? {
-                        let json = job.parameters.canonicalJSON()
-                        canonical[job.parameters] = json
-                        return json
-                    }()
-                    let key = job.idempotencyKey
-                    let runAt = job.runAt ?? now
-                    // The insert, or the row already holding the key, in one round trip.
-                    let rows = try statements.rows("""
-                        WITH inserted AS (
-                            INSERT INTO dllava.job (custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority,
-                                                    state, attempt, max_attempts, run_at, created_at, updated_at)
-                            VALUES (\(job.customID), \(key), \(job.imagePath), \(job.imageSHA256), \(job.prompt), \(params),
-                                    \(job.priority), 'available', 0, \(job.maxAttempts), \(runAt), \(now), \(now))
-                            ON CONFLICT DO NOTHING
-                            RETURNING id)
-                        SELECT id, true, '', '', '' FROM inserted
-                        UNION ALL
-                        SELECT id, false, image_sha256, prompt, params FROM dllava.job
-                        WHERE idempotency_key = \(key) AND NOT EXISTS (SELECT 1 FROM inserted)
-                        """)
-                    guard let row = rows.first else {
-                        // Another transaction inserted the key after this statement's snapshot: read it again.
-                        guard let existing = try statements.rows("""
-                            SELECT id, image_sha256, prompt, params FROM dllava.job WHERE idempotency_key = \(key)
-                            """).first else {
-                            throw JobQueueError.invalidJob(reason: "custom_id \(job.customID ?? "") conflicts with an existing row")
-                        }
-                        let (id, sha, prompt, storedParams) = try existing.decode((Int64, String, String, String).self)
-                        chunkResult.recordExisting(index: index, existingID: id,
-                                                   sameContent: sha == job.imageSHA256 && prompt == job.prompt && storedParams == params)
-                        continue
-                    }
-                    let (id, inserted, sha, prompt, storedParams) = try row.decode((Int64, Bool, String, String, String).self)
-                    if inserted {
-                        chunkResult.inserted.append(id)
-                    } else {
-                        chunkResult.recordExisting(index: index, existingID: id,
-                                                   sameContent: sha == job.imageSHA256 && prompt == job.prompt && storedParams == params)
-                    }
-                }
+            let jobsOfChunk = Array(chunk)
+            let params = jobsOfChunk.map { job in
+                canonical[job.parameters] ?? {
+                    let json = job.parameters.canonicalJSON()
+                    canonical[job.parameters] = json
+                    return json
+                }()
+            }
+            let chunkResult = try session.transaction { statements in
+                try Self.insert(jobsOfChunk, params: params, offset: start, now: now, statements)
             }
             result.inserted += chunkResult.inserted
             result.alreadyPresent += chunkResult.alreadyPresent
             result.conflicts += chunkResult.conflicts
             start += chunk.count
+        }
+        return result
+    }
+
+    /// One chunk in one statement: the jobs travel as arrays (`unnest ... WITH ORDINALITY`), the first job of each
+    /// idempotency key is inserted in the chunk's order (`ON CONFLICT DO NOTHING`), and each job comes back with its new
+    /// id or the row that already held its key. A later job with the key of an earlier one in the same chunk is that
+    /// job again, or a conflict with it; a key another transaction inserted meanwhile is read again on its own.
+    static func insert(_ jobs: [NewJob], params: [String], offset: Int, now: Int64, _ statements: PostgresStatements) throws -> EnqueueResult {
+        let keys = jobs.map(\.idempotencyKey)
+        let rows = try statements.rows("""
+            WITH input AS (
+                SELECT * FROM unnest(\(jobs.map { $0.customID ?? "" })::text[], \(keys)::text[], \(jobs.map(\.imagePath))::text[],
+                                     \(jobs.map(\.imageSHA256))::text[], \(jobs.map(\.prompt))::text[], \(params)::text[],
+                                     \(jobs.map(\.priority))::bigint[], \(jobs.map(\.maxAttempts))::bigint[],
+                                     \(jobs.map { $0.runAt ?? now })::bigint[])
+                    WITH ORDINALITY AS t(custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority, max_attempts,
+                                         run_at, position)),
+            first AS (SELECT DISTINCT ON (idempotency_key) * FROM input ORDER BY idempotency_key, position),
+            inserted AS (
+                INSERT INTO dllava.job (custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority, state, attempt,
+                                        max_attempts, run_at, created_at, updated_at)
+                SELECT NULLIF(custom_id, ''), idempotency_key, image_path, image_sha256, prompt, params, priority, 'available', 0,
+                       max_attempts, run_at, \(now), \(now)
+                FROM first ORDER BY position
+                ON CONFLICT DO NOTHING
+                RETURNING id, idempotency_key)
+            SELECT input.position, inserted.id, existing.id, existing.image_sha256, existing.prompt, existing.params
+            FROM input
+            LEFT JOIN first ON first.position = input.position
+            LEFT JOIN inserted ON inserted.idempotency_key = first.idempotency_key
+            LEFT JOIN dllava.job existing ON existing.idempotency_key = input.idempotency_key
+            ORDER BY input.position
+            """).map { try $0.decode((Int64, Int64?, Int64?, String?, String?, String?).self) }
+        var result = EnqueueResult()
+        var firstOfKey: [String: (index: Int, id: Int64)] = [:]
+        for (index, row) in rows.enumerated() {
+            let (_, insertedID, existingID, sha, prompt, storedParams) = row
+            let job = jobs[index], key = keys[index]
+            if let insertedID {
+                result.inserted.append(insertedID)
+                firstOfKey[key] = (index, insertedID)
+            } else if let existingID {
+                result.recordExisting(index: offset + index, existingID: existingID,
+                                      sameContent: sha == job.imageSHA256 && prompt == job.prompt && storedParams == params[index])
+            } else if let first = firstOfKey[key] {
+                let earlier = jobs[first.index]
+                result.recordExisting(index: offset + index, existingID: first.id,
+                                      sameContent: earlier.imageSHA256 == job.imageSHA256 && earlier.prompt == job.prompt
+                                          && params[first.index] == params[index])
+            } else {
+                // Another transaction inserted the key after this statement's snapshot: read it again.
+                guard let existing = try statements.rows("""
+                    SELECT id, image_sha256, prompt, params FROM dllava.job WHERE idempotency_key = \(key)
+                    """).first else {
+                    throw JobQueueError.invalidJob(reason: "custom_id \(job.customID ?? "") conflicts with an existing row")
+                }
+                let (id, sha, prompt, storedParams) = try existing.decode((Int64, String, String, String).self)
+                result.recordExisting(index: offset + index, existingID: id,
+                                      sameContent: sha == job.imageSHA256 && prompt == job.prompt && storedParams == params[index])
+            }
         }
         return result
     }
