@@ -47,7 +47,8 @@ public protocol JobQueue: AnyObject, Sendable {
 
     /// Records success. Accepted only while the job is `running` under `owner` with this `attempt`; returns false
     /// otherwise (the lease was rescued and the job handed on: this late result must be discarded). A job whose cancel
-    /// was requested but which finished anyway is recorded as succeeded.
+    /// was requested but which finished anyway is recorded as succeeded. The same completion again (same attempt,
+    /// path and sha256, as when a reply was lost and the call retried) returns true and changes nothing.
     func complete(job id: Int64, attempt: Int, owner: String, output: JobOutput) throws -> Bool
 
     /// Records a failure, fenced like `complete`; returns the job's new state, or nil when refused. `permanent` goes to

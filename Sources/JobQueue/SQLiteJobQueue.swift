@@ -317,7 +317,11 @@ public final class SQLiteJobQueue: JobQueue {
                     lease_owner = NULL, lease_expires_at = NULL, cancel_requested = 0, finalized_at = ?, updated_at = ?
                 WHERE id = ? AND state = 'running' AND attempt = ? AND lease_owner = ?
                 """).execute(arguments: [output.path, output.sha256, timings, now, now, id, attempt, owner])
-            return db.changesCount == 1
+            if db.changesCount == 1 { return true }
+            // The same result again (a retried completion) counts as done, as on PostgreSQL.
+            return try Bool.fetchOne(db.cachedStatement(sql: """
+                SELECT EXISTS (SELECT 1 FROM job WHERE id = ? AND state = 'succeeded' AND attempt = ? AND output_path = ? AND output_sha256 = ?)
+                """), arguments: [id, attempt, output.path, output.sha256]) ?? false
         }
     }
 

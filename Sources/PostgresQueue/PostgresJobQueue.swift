@@ -196,13 +196,20 @@ public final class PostgresJobQueue: JobQueue {
     public func complete(job id: Int64, attempt: Int, owner: String, output: JobOutput) throws -> Bool {
         let now = clock.now()
         let timings = try output.timings.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
+        // A completion repeated with the same result counts as done: after a connection lost with the reply, the
+        // retry finds the commit that went through (and the worker must not delete the file that row records).
         return try session.statement { statements in
-            try statements.execute("""
-                UPDATE dllava.job
-                SET state = 'succeeded', output_path = \(output.path), output_sha256 = \(output.sha256), timings = \(timings), error = NULL,
-                    lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false, finalized_at = \(now), updated_at = \(now)
-                WHERE id = \(id) AND state = 'running' AND attempt = \(attempt) AND lease_owner = \(owner)
-                """) == 1
+            try statements.rows("""
+                WITH done AS (
+                    UPDATE dllava.job
+                    SET state = 'succeeded', output_path = \(output.path), output_sha256 = \(output.sha256), timings = \(timings), error = NULL,
+                        lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false, finalized_at = \(now), updated_at = \(now)
+                    WHERE id = \(id) AND state = 'running' AND attempt = \(attempt) AND lease_owner = \(owner)
+                    RETURNING id)
+                SELECT EXISTS (SELECT 1 FROM done) OR EXISTS (
+                    SELECT 1 FROM dllava.job WHERE id = \(id) AND state = 'succeeded' AND attempt = \(attempt)
+                                               AND output_path = \(output.path) AND output_sha256 = \(output.sha256))
+                """)[0].decode(Bool.self)
         }
     }
 

@@ -242,6 +242,10 @@ struct QueueTests {
         #expect(done.finalizedAt == fixture.clock.now && done.leaseOwner == nil && done.timings?.totalMs == 5)
         // Completing twice is refused too: the row is no longer running.
         #expect(try !queue.complete(job: second.id, attempt: 2, owner: "b", output: JobOutput(path: "p3", sha256: "s3")))
+        // The same completion again (a retry after a lost reply) is accepted and changes nothing.
+        fixture.clock.advance(5)
+        #expect(try queue.complete(job: second.id, attempt: 2, owner: "b", output: JobOutput(path: "p2", sha256: "s2")))
+        #expect(try queue.job(id: first.id) == done)
     }
 
     @Test(arguments: Backend.allCases) func expiredLeasesAreRescued(_ backend: Backend) throws {
