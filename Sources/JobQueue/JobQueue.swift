@@ -85,7 +85,7 @@ public protocol JobQueue: AnyObject, Sendable {
     /// Jobs `filter` selects, by id, starting after `afterID`.
     func list(_ filter: JobFilter, limit: Int, afterID: Int64) throws -> [Job]
     /// Calls `body` with every job `filter` selects, by id, from one consistent snapshot, without holding them all in
-    /// memory.
+    /// memory. `body` must not call this queue object (the PostgreSQL queue holds its connection meanwhile).
     func forEach(_ filter: JobFilter, _ body: (Job) throws -> Void) throws
     /// Rows per state, every state present.
     func counts() throws -> [JobState: Int]
