@@ -38,11 +38,13 @@ final class PostgresSession: @unchecked Sendable {
     /// Runs `body` in one transaction (`BEGIN` ... `COMMIT`, rolled back on a thrown error), reconnecting and running
     /// it again after a lost connection. `readOnly` opens a REPEATABLE READ READ ONLY transaction: one consistent
     /// snapshot for every statement in it.
+    @discardableResult
     func transaction<T>(readOnly: Bool = false, _ body: (PostgresStatements) throws -> T) throws -> T {
         try perform(begin: readOnly ? "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" : "BEGIN", body)
     }
 
     /// Runs `body`, which runs one statement: its own transaction, one round trip instead of three.
+    @discardableResult
     func statement<T>(_ body: (PostgresStatements) throws -> T) throws -> T {
         try perform(begin: nil, body)
     }
