@@ -6,10 +6,10 @@ struct CopyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "copy", abstract: "Copy a queue, every job as it is, into a new queue (SQLite to PostgreSQL and back).",
         discussion: """
-        Moves a queue between backends without running anything again: every job keeps its id, state, attempts, \\
-        error, result path and checksum, and the copy keeps the queue's id, so result and snapshot files already \\
-        written under OUT/<queue id>/ belong to the copy. New jobs get ids above any the original handed out. The \\
-        target is created when missing and must hold no jobs. Stop the workers first: a job running during the copy \\
+        Moves a queue between backends without running anything again: every job keeps its id, state, attempts, \
+        error, result path and checksum, and the copy keeps the queue's id, so result and snapshot files already \
+        written under OUT/<queue id>/ belong to the copy. New jobs get ids above any the original handed out. The \
+        target is created when missing and must hold no jobs. Stop the workers first: a job running during the copy \
         is copied as running and is rescued when its lease expires.
         """)
 
