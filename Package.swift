@@ -14,6 +14,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.0.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.0.0"),
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.21.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.65.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
     ],
     targets: [
         // System libraries (Debian -dev packages, installed by Scripts/setup).
@@ -41,12 +44,17 @@ let package = Package(
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
+        // The same queue contract on PostgreSQL, for many machines sharing one queue (SKIP LOCKED claims, LISTEN/NOTIFY).
+        .target(name: "PostgresQueue", dependencies: [
+            "JobQueue", .product(name: "PostgresNIO", package: "postgres-nio"), .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"), .product(name: "Logging", package: "swift-log"),
+        ]),
         // zstd compression, atomic file writes, checksums, the result file; never imports the model.
         .target(name: "Artifacts", dependencies: ["CZstd", .product(name: "Crypto", package: "swift-crypto")]),
         // The daemon loop: claim, heartbeat, run through a BatchRunner, write results, complete or fail.
         .target(name: "BatchDaemon", dependencies: ["JobQueue", "Artifacts"]),
         .executableTarget(name: "dllava", dependencies: [
-            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "Artifacts", "BatchDaemon",
+            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "PostgresQueue", "Artifacts", "BatchDaemon",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
@@ -56,7 +64,7 @@ let package = Package(
         ]),
         .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),
         .executableTarget(name: "dllava-queue-bench", dependencies: [
-            "JobQueue", "Artifacts", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "JobQueue", "PostgresQueue", "Artifacts", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         .testTarget(name: "NumericsTests", dependencies: ["Numerics", "CKernels"]),
@@ -72,7 +80,7 @@ let package = Package(
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
         .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama", "Sparsification"],
                     exclude: ["Fixtures"]),
-        .testTarget(name: "JobQueueTests", dependencies: ["JobQueue"]),
+        .testTarget(name: "JobQueueTests", dependencies: ["JobQueue", "PostgresQueue", "CommandLineSupport"]),
         // The daemon loop in process, with a fake engine and a manual clock.
         .testTarget(name: "BatchDaemonTests", dependencies: ["BatchDaemon", "JobQueue", "Artifacts"]),
         .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts"]),

@@ -24,8 +24,8 @@ public struct DaemonOptions: Sendable {
     public var untilEmpty = false
     public var maxJobs: Int? = nil
     public var maxSeconds: Double? = nil
-    /// Seconds between polls of an empty queue (and, while jobs run, between claims that found
-    /// nothing).
+    /// The longest an idle worker waits between claims (SQLite: the poll interval; PostgreSQL wakes it sooner on
+    /// LISTEN/NOTIFY), and, while jobs run, the wait before claiming again after a claim that found nothing.
     public var pollSeconds: Double = 2
     public var owner = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UUID().uuidString.prefix(8))"
     /// A KV snapshot of every running job each this many of its decode steps (0: none; a
@@ -311,7 +311,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     waitingReported = true
                 }
             }
-            Thread.sleep(forTimeInterval: options.pollSeconds)
+            queue.waitForWork(upTo: options.pollSeconds)
             return true
         }
 

@@ -279,6 +279,38 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
     /// Where the job's KV snapshot was last written (the file is deleted when the job finishes, unless kept).
     public var snapshotPath: String?
 
+    public init(id: Int64, customID: String?, idempotencyKey: String, imagePath: String, imageSHA256: String, prompt: String,
+                parameters: JobParameters, priority: Int, state: JobState, attempt: Int, maxAttempts: Int, runAt: Int64,
+                leaseOwner: String?, leaseExpiresAt: Int64?, heartbeatAt: Int64?, cancelRequested: Bool, error: String?,
+                outputPath: String?, outputSHA256: String?, timings: JobTimings?, createdAt: Int64, updatedAt: Int64,
+                startedAt: Int64?, finalizedAt: Int64?, snapshotPath: String?) {
+        self.id = id
+        self.customID = customID
+        self.idempotencyKey = idempotencyKey
+        self.imagePath = imagePath
+        self.imageSHA256 = imageSHA256
+        self.prompt = prompt
+        self.parameters = parameters
+        self.priority = priority
+        self.state = state
+        self.attempt = attempt
+        self.maxAttempts = maxAttempts
+        self.runAt = runAt
+        self.leaseOwner = leaseOwner
+        self.leaseExpiresAt = leaseExpiresAt
+        self.heartbeatAt = heartbeatAt
+        self.cancelRequested = cancelRequested
+        self.error = error
+        self.outputPath = outputPath
+        self.outputSHA256 = outputSHA256
+        self.timings = timings
+        self.createdAt = createdAt
+        self.updatedAt = updatedAt
+        self.startedAt = startedAt
+        self.finalizedAt = finalizedAt
+        self.snapshotPath = snapshotPath
+    }
+
     public init(row: Row) throws {
         id = row["id"]
         customID = row["custom_id"]

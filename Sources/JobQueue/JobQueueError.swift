@@ -1,7 +1,8 @@
 import Foundation
 import GRDB
 
-/// Failures of the queue, SQLite's included (as `database`): callers never see GRDB's error type.
+/// Failures of the queue, SQLite's and PostgreSQL's included (as `database`): callers never see GRDB's or
+/// PostgresNIO's error types. `path` is the queue's location (a file, or a connection URL without its password).
 public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
     /// No database file at the path (only `init` creates one).
     case noDatabase(path: String)
@@ -18,7 +19,9 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
     case olderSchema(path: String)
     /// The database has the queue's tables but not their required content (its identity row).
     case corruptQueue(path: String, reason: String)
-    /// SQLite failed (`message` is its text).
+    /// A queue location that cannot be used at all (a malformed `postgres://` URL).
+    case badLocation(location: String, reason: String)
+    /// The database failed (`message` is its text).
     case database(path: String, failure: DatabaseFailure, message: String)
 
     /// What kind of SQLite failure a `database` error is: what the caller can do about it differs.
@@ -33,6 +36,8 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
         case notADatabase
         /// The file cannot be opened (for writing).
         case cannotOpen
+        /// The database server cannot be reached, or the connection to it was lost and could not be restored in time.
+        case unreachable
         case other
     }
 
@@ -63,9 +68,11 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
             case .ioError: "cannot write the queue database \(path): \(message)"
             case .notADatabase: "\(path) is not a usable queue database: \(message)"
             case .cannotOpen: "cannot open the queue database \(path) for writing: \(message)"
+            case .unreachable: "cannot reach the queue database \(path): \(message); try again when the server is back"
             case .other: "queue database \(path): \(message)"
             }
         case let .corruptQueue(path, reason): "\(path) is not a usable queue database: \(reason)"
+        case let .badLocation(location, reason): "\(location) is not a usable queue location: \(reason)"
         }
     }
 }

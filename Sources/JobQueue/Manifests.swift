@@ -243,12 +243,12 @@ struct ManifestBatch {
         if pending.count >= options.chunkSize { try flush() }
     }
 
-    /// Enqueues the pending jobs, one transaction per `JobQueue.chunkSize`, so that when a write fails the count of
+    /// Enqueues the pending jobs, one transaction per `jobQueueChunkSize`, so that when a write fails the count of
     /// jobs committed before it is exact.
     mutating func flush() throws {
         var start = 0
         while start < pending.count {
-            let end = min(start + JobQueue.chunkSize, pending.count)
+            let end = min(start + jobQueueChunkSize, pending.count)
             let result: EnqueueResult
             do {
                 result = try queue.enqueue(Array(pending[start ..< end]))

@@ -97,8 +97,7 @@ enum ProcessLiveness {
     }
 }
 
-extension JobQueue {
-    /// Records this worker (replacing an earlier record under the same owner).
+extension SQLiteJobQueue {
     public func register(_ worker: WorkerRecord) throws {
         try write { db in
             try db.execute(sql: """
@@ -109,7 +108,6 @@ extension JobQueue {
         }
     }
 
-    /// Removes this worker's record at a clean exit.
     public func unregister(owner: String) throws {
         try write { try $0.execute(sql: "DELETE FROM worker WHERE owner = ?", arguments: [owner]) }
     }
@@ -118,56 +116,33 @@ extension JobQueue {
         try read { db in try Row.fetchAll(db, sql: "SELECT * FROM worker ORDER BY owner").map(WorkerRecord.init(row:)) }
     }
 
-    /// Running jobs whose registered worker is dead or silent. Jobs of owners without a record (workers of an older
-    /// dllava) are left to their lease.
-    public func orphanedJobs() throws -> [OrphanedJob] {
-        let now = clock.now()
-        let gone = try workers().compactMap { worker -> (WorkerRecord, WorkerLiveness)? in
-            let liveness = worker.liveness(now: now)
-            return liveness == .alive ? nil : (worker, liveness)
-        }
-        guard !gone.isEmpty else { return [] }
-        let byOwner = Dictionary(uniqueKeysWithValues: gone.map { ($0.0.owner, $0) })
-        return try read { db in
+    public func runningLeases(ownedBy owners: [String]) throws -> [RunningLease] {
+        try read { db in
             try Row.fetchAll(db, sql: """
                 SELECT id, lease_owner, lease_expires_at FROM job
                 WHERE state = 'running' AND lease_owner IN (SELECT value FROM json_each(?)) ORDER BY id
-                """, arguments: [JobFilter.jsonArray(byOwner.keys.sorted().map(JobFilter.jsonString))]).map { row in
-                let owner: String = row["lease_owner"]
-                let (worker, liveness) = byOwner[owner]!
-                return OrphanedJob(id: row["id"], owner: owner, host: worker.host, liveness: liveness, leaseExpiresAt: row["lease_expires_at"])
+                """, arguments: [JobFilter.jsonArray(owners.map(JobFilter.jsonString))]).map { row in
+                RunningLease(id: row["id"], owner: row["lease_owner"], expiresAt: row["lease_expires_at"])
             }
         }
     }
 
-    /// Hands back at once the running jobs of workers on this host whose process is gone, as an expired lease would
-    /// (`retryable`, or `failed` when that was the last attempt, or `cancelled` if asked), and drops their records.
-    /// Returns how many jobs were reclaimed. Workers on other hosts are left to their leases.
-    @discardableResult
-    public func reclaimJobsOfDeadWorkers() throws -> Int {
+    public func reclaimJobs(ofDeadWorker owner: String, reason: String) throws -> Int {
         let now = clock.now()
-        let dead = try workers().compactMap { worker -> (String, String)? in
-            if case .dead(let reason) = worker.liveness(now: now) { return (worker.owner, reason) }
-            return nil
-        }
-        guard !dead.isEmpty else { return 0 }
         return try write { db in
-            var reclaimed = 0
-            for (owner, reason) in dead {
-                try db.execute(sql: """
-                    UPDATE job
-                    SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
-                                     WHEN attempt >= max_attempts THEN 'failed'
-                                     ELSE 'retryable' END,
-                        error = CASE WHEN cancel_requested = 1 THEN error
-                                     ELSE 'the worker ' || lease_owner || ' died during attempt ' || attempt || ' of ' || max_attempts || ' (' || ?2 || ')' END,
-                        finalized_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 END,
-                        run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1
-                    WHERE state = 'running' AND lease_owner = ?3
-                    """, arguments: [now, reason, owner])
-                reclaimed += db.changesCount
-                try db.execute(sql: "DELETE FROM worker WHERE owner = ?", arguments: [owner])
-            }
+            try db.execute(sql: """
+                UPDATE job
+                SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
+                                 WHEN attempt >= max_attempts THEN 'failed'
+                                 ELSE 'retryable' END,
+                    error = CASE WHEN cancel_requested = 1 THEN error
+                                 ELSE 'the worker ' || lease_owner || ' died during attempt ' || attempt || ' of ' || max_attempts || ' (' || ?2 || ')' END,
+                    finalized_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 END,
+                    run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1
+                WHERE state = 'running' AND lease_owner = ?3
+                """, arguments: [now, reason, owner])
+            let reclaimed = db.changesCount
+            try db.execute(sql: "DELETE FROM worker WHERE owner = ?", arguments: [owner])
             return reclaimed
         }
     }

@@ -1,17 +1,19 @@
-// Queue overhead: enqueue and claim+complete throughput on a fresh database file. Not a test: it asserts nothing
-// and prints what this machine does.
+// Queue overhead: enqueue and claim+complete throughput on a fresh database file, or on a PostgreSQL queue. Not a
+// test: it asserts nothing and prints what this machine does.
 //
 //   swift build -c release --product dllava-queue-bench
 //   .build/release/dllava-queue-bench --jobs 100000 --batch 1 --batch 8 --workers 1 --workers 4
+//   .build/release/dllava-queue-bench --postgres postgres://user@127.0.0.1:5432/bench --workers 1 --workers 4 --workers 16
 import ArgumentParser
 import Foundation
 import JobQueue
+import PostgresQueue
 
 @main
 struct QueueBenchmark: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dllava-queue-bench",
-        abstract: "Measure enqueue and claim+complete throughput (jobs/s) of the SQLite job queue.")
+        abstract: "Measure enqueue and claim+complete throughput (jobs/s) of the SQLite or the PostgreSQL job queue.")
 
     @Option(help: "Jobs per run.")
     var jobs = 100_000
@@ -28,6 +30,12 @@ struct QueueBenchmark: ParsableCommand {
     @Option(help: "full (fsync every commit, the queue's default) or normal (fsync at checkpoints; repeatable).")
     var durability: [String] = ["full"]
 
+    @Option(help: """
+        Measure the PostgreSQL queue in this database instead (created with `init` when it has none; each run adds its \
+        own jobs, so earlier runs' rows stay). Every worker thread has its own connection, as separate processes would.
+        """)
+    var postgres: String?
+
     @Flag(help: "Also time enqueueing the same number of jobs from a JSONL manifest (parse, hash, insert).")
     var manifest = false
 
@@ -41,16 +49,24 @@ struct QueueBenchmark: ParsableCommand {
         let load = (try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8))?.split(separator: " ").prefix(3).joined(separator: " ")
         say("load average: \(load ?? "unknown"); fsync of 4 KiB in this folder: median \(String(format: "%.2f", try fsyncMilliseconds(in: folder))) ms")
 
-        for durabilityName in durability {
-            guard let durabilityMode = JobQueue.Durability(rawValue: durabilityName) else {
-                throw ValidationError("--durability must be full or normal")
-            }
+        if let postgres {
+            say("PostgreSQL: \((try? PostgresAddress(postgres).description) ?? postgres) (one connection per worker, SKIP LOCKED claims, "
+                + "one transaction per claim and per completion)")
+        }
+        for durabilityName in postgres == nil ? durability : ["server"] {
+            let durabilityMode = SQLiteJobQueue.Durability(rawValue: durabilityName)
+            if postgres == nil && durabilityMode == nil { throw ValidationError("--durability must be full or normal") }
             for batchSize in batch {
                 for workerCount in workers {
                     let path = folder.appendingPathComponent("bench-\(durabilityName)-\(batchSize)-\(workerCount).sqlite").path
-                    let queue = try JobQueue(path: path, create: true, durability: durabilityMode)
+                    let queue: JobQueue = if let postgres {
+                        try PostgresJobQueue(url: postgres, access: .create)
+                    } else {
+                        try SQLiteJobQueue(path: path, create: true, durability: durabilityMode ?? .full)
+                    }
+                    let run = UUID().uuidString.prefix(8)
                     let newJobs = (0..<jobs).map { i in
-                        NewJob(customID: "job-\(i)", imagePath: "/images/\(i % 1000).jpg",
+                        NewJob(customID: "\(run)-job-\(i)", imagePath: "/images/\(i % 1000).jpg",
                                imageSHA256: String(repeating: "0", count: 64), prompt: "Describe the image in detail.",
                                parameters: JobParameters(maxTokens: 64, temperature: 0, seed: UInt64(i % 5)))
                     }
@@ -58,29 +74,42 @@ struct QueueBenchmark: ParsableCommand {
                     try queue.enqueue(newJobs)
                     let enqueueSeconds = Date().timeIntervalSince(start)
 
-                    start = Date()
                     let failures = Failures()
-                    DispatchQueue.concurrentPerform(iterations: workerCount) { worker in
-                        do {
-                            let owner = "bench-\(worker)"
-                            while true {
-                                let claimed = try queue.claim(owner: owner, limit: batchSize, leaseDuration: 600_000)
-                                if claimed.isEmpty { break }
-                                for job in claimed {
-                                    guard try queue.complete(job: job.id, attempt: job.attempt, owner: owner,
-                                                             output: JobOutput(path: "/out/\(job.id)-\(job.attempt).json.zst",
-                                                                               sha256: String(repeating: "1", count: 64))) else {
-                                        failures.add("job \(job.id): completion refused")
-                                        continue
+                    // SQLite: one pool for all threads (its writes are serialised anyway); PostgreSQL: a connection each.
+                    let workerQueues: [JobQueue] = try (0..<workerCount).map { _ in
+                        if let postgres { try PostgresJobQueue(url: postgres) } else { queue }
+                    }
+                    start = Date()
+                    // A thread per worker (concurrentPerform would run only as many at once as there are cores).
+                    let finished = DispatchGroup()
+                    for worker in 0..<workerCount {
+                        finished.enter()
+                        Thread {
+                            defer { finished.leave() }
+                            let queue = workerQueues[worker]
+                            do {
+                                let owner = "bench-\(run)-\(worker)"
+                                while true {
+                                    let claimed = try queue.claim(owner: owner, limit: batchSize, leaseDuration: 600_000)
+                                    if claimed.isEmpty { break }
+                                    for job in claimed {
+                                        guard try queue.complete(job: job.id, attempt: job.attempt, owner: owner,
+                                                                 output: JobOutput(path: "/out/\(job.id)-\(job.attempt).json.zst",
+                                                                                   sha256: String(repeating: "1", count: 64))) else {
+                                            failures.add("job \(job.id): completion refused")
+                                            continue
+                                        }
+                                        failures.complete()
                                     }
                                 }
+                            } catch {
+                                failures.add("\(error)")
                             }
-                        } catch {
-                            failures.add("\(error)")
-                        }
+                        }.start()
                     }
+                    finished.wait()
                     let claimSeconds = Date().timeIntervalSince(start)
-                    let succeeded = try queue.counts()[.succeeded, default: 0]
+                    let succeeded = failures.completed
                     say(String(format: "durability %@  jobs %d  batch %d  workers %d  enqueue %.0f jobs/s (%.2f s)  claim+complete %.0f jobs/s (%.2f s)  succeeded %d%@",
                                  durabilityName, jobs, batchSize, workerCount, Double(jobs) / enqueueSeconds, enqueueSeconds,
                                  Double(jobs) / claimSeconds, claimSeconds, succeeded,
@@ -99,7 +128,7 @@ struct QueueBenchmark: ParsableCommand {
                 text += #"{"custom_id": "m\#(i)", "image": "tiny.png", "prompt": "Describe image \#(i % 10).", "max_tokens": 64}"# + "\n"
             }
             try Data(text.utf8).write(to: url)
-            let queue = try JobQueue(path: folder.appendingPathComponent("manifest.sqlite").path, create: true)
+            let queue = try SQLiteJobQueue(path: folder.appendingPathComponent("manifest.sqlite").path, create: true)
             let start = Date()
             let report = try queue.enqueueJSONL(url)
             let seconds = Date().timeIntervalSince(start)
@@ -109,11 +138,15 @@ struct QueueBenchmark: ParsableCommand {
     }
 }
 
+/// What the worker threads of one run report: accepted completions, and failures.
 final class Failures: @unchecked Sendable {
     private let lock = NSLock()
     private var messages: [String] = []
+    private var completions = 0
     func add(_ message: String) { lock.withLock { messages.append(message) } }
+    func complete() { lock.withLock { completions += 1 } }
     var all: [String] { lock.withLock { messages } }
+    var completed: Int { lock.withLock { completions } }
 }
 
 /// Median time of 31 write(4 KiB) + fsync pairs on one file: what a durable commit costs on this disk right now.

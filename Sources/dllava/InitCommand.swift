@@ -10,7 +10,7 @@ struct InitCommand: ParsableCommand {
 
     func run() throws {
         try runQueueCommand(self, database: database.path) {
-            let existed = FileManager.default.fileExists(atPath: database.path)
+            let existed = database.isPostgres || FileManager.default.fileExists(atPath: database.location)
             let queue = try database.open(create: true)
             let schema = try queue.appliedMigrations().last ?? "none"
             print(existed ? "\(database.path) is ready (schema \(schema))" : "created \(database.path) (schema \(schema))")

@@ -3,35 +3,62 @@ import Artifacts
 import BatchDaemon
 import Foundation
 import JobQueue
+import PostgresQueue
 
 /// The queue commands, registered beside `generate` in `DLLaVA`.
 let queueSubcommands: [ParsableCommand.Type] = [
     InitCommand.self, EnqueueCommand.self, StatusCommand.self, ListCommand.self, ShowCommand.self,
-    RetryCommand.self, CancelCommand.self, ExportCommand.self, PruneCommand.self,
+    RetryCommand.self, CancelCommand.self, ExportCommand.self, PruneCommand.self, CopyCommand.self,
 ]
 
 extension JobState: ExpressibleByArgument {}
 
-/// `--db`, shared by every queue command.
+/// `--db`, shared by every queue command: an SQLite file, or a PostgreSQL queue's `postgres://` URL.
 struct DatabaseOptions: ParsableArguments {
-    @Option(name: .customLong("db"), help: "Queue database (default: $DLLAVA_DB, else ./dllava.sqlite).")
+    @Option(name: .customLong("db"), help: ArgumentHelp(
+        "Queue: an SQLite file, or postgres://user[:password]@host[:port]/database for a queue that workers on many machines "
+            + "share (default: $DLLAVA_DB, else ./dllava.sqlite).", valueName: "path-or-url"))
     var database: String?
 
-    @Option(name: .customLong("busy-timeout"), help: "Seconds to wait for another process's write before giving up (exit 75).")
+    @Option(name: .customLong("busy-timeout"), help: """
+        Seconds to wait for another process's write before giving up (exit 75); on PostgreSQL, also how long to keep \
+        reconnecting to a server that cannot be reached.
+        """)
     var busyTimeout: Double = 10
 
     func validate() throws {
         guard busyTimeout >= 0 else { throw ValidationError("--busy-timeout must not be negative") }
     }
 
-    var path: String {
+    /// The location as given (a PostgreSQL URL may hold a password: show `path` instead).
+    var location: String {
         database ?? ProcessInfo.processInfo.environment["DLLAVA_DB"] ?? "dllava.sqlite"
     }
+
+    var isPostgres: Bool { PostgresAddress.isPostgres(location) }
+
+    /// The location as messages name it: the file path, or the URL with its password hidden.
+    var path: String { Self.displayed(location) }
 
     /// `create` for `init` only; `readOnly` for commands that never change the queue (`status`, `list`, `show`,
     /// `export`), which then work on a read-only file and never write to it.
     func open(create: Bool = false, readOnly: Bool = false) throws -> JobQueue {
-        try JobQueue(path: path, access: create ? .create : readOnly ? .readOnly : .readWrite, busyTimeout: busyTimeout)
+        try Self.open(location, access: create ? .create : readOnly ? .readOnly : .readWrite, busyTimeout: busyTimeout)
+    }
+
+    /// The queue at `location`: a `postgres://` URL opens the PostgreSQL queue (reconnecting for up to `busyTimeout`
+    /// seconds, and saying so on stderr), anything else the SQLite file.
+    static func open(_ location: String, access: SQLiteJobQueue.Access, busyTimeout: Double) throws -> JobQueue {
+        if PostgresAddress.isPostgres(location) {
+            return try PostgresJobQueue(url: location, access: access, reconnectWindow: busyTimeout, report: writeStandardError)
+        }
+        return try SQLiteJobQueue(path: location, access: access, busyTimeout: busyTimeout)
+    }
+
+    /// `location` as messages name it: a file path as it is, a URL with its password hidden.
+    static func displayed(_ location: String) -> String {
+        guard PostgresAddress.isPostgres(location) else { return location }
+        return (try? PostgresAddress(location).description) ?? location
     }
 }
 
@@ -74,9 +101,10 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
         switch error {
         case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue: return CommandFailure(message: error.description, code: 78)
         case .corruptRow, .invalidJob: return CommandFailure(message: "\(database): \(error)", code: 65)
+        case .badLocation: return CommandFailure(message: error.description, code: 64)
         case .database(_, let failure, _):
             let code: Int32 = switch failure {
-            case .busy: 75
+            case .busy, .unreachable: 75
             case .full, .ioError: 74
             case .notADatabase, .cannotOpen: 78
             case .other: 1
@@ -84,6 +112,8 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
             return CommandFailure(message: error.description, code: code)
         }
     case let error as ManifestError:
+        return CommandFailure(message: error.description, code: 65)
+    case let error as QueueCopyError:
         return CommandFailure(message: error.description, code: 65)
     case let error as ManifestInterrupted:
         let cause = queueCommandFailure(error.underlying, database: database)

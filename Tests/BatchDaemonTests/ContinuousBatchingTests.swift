@@ -114,7 +114,7 @@ struct Workspace {
     init(prompts: [String]) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-daemon-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        queue = try JobQueue(path: directory.appendingPathComponent("q.sqlite").path, create: true, clock: clock.queueClock)
+        queue = try SQLiteJobQueue(path: directory.appendingPathComponent("q.sqlite").path, create: true, clock: clock.queueClock)
         var jobs: [NewJob] = []
         for (i, prompt) in prompts.enumerated() {
             let image = directory.appendingPathComponent("image\(i).png")

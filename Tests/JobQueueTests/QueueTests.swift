@@ -3,6 +3,8 @@ import GRDB
 import Testing
 @testable import JobQueue
 
+/// The queue contract: every test taking a `Backend` runs on SQLite and on PostgreSQL (a throwaway cluster,
+/// `TestPostgres`); the others check what only one backend has (SQLite's file, pragmas and plans).
 @Suite("JobQueue")
 struct QueueTests {
     @Test func migrationsCreateTheStrictJobTableOnAFreshDatabase() throws {
@@ -15,20 +17,20 @@ struct QueueTests {
         let journal = try pool.read { try String.fetchOne($0, sql: "PRAGMA journal_mode") }
         #expect(journal == "wal")
         // Opening again applies nothing new.
-        let again = try JobQueue(path: fixture.databasePath)
+        let again = try SQLiteJobQueue(path: fixture.databasePath)
         #expect(try again.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
         #expect(again.identity == fixture.queue.identity)
     }
 
-    @Test func eachQueueHasItsOwnIdentityFromCreation() throws {
-        let first = try Fixture(), second = try Fixture()
+    @Test(arguments: Backend.allCases) func eachQueueHasItsOwnIdentityFromCreation(_ backend: Backend) throws {
+        let first = try Fixture(backend), second = try Fixture(backend)
         defer { first.remove(); second.remove() }
         #expect(UUID(uuidString: first.queue.identity) != nil && first.queue.identity == first.queue.identity.lowercased())
         #expect(first.queue.identity != second.queue.identity)
     }
 
-    @Test func pruneNeverLetsANewJobTakeAPrunedJobsID() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func pruneNeverLetsANewJobTakeAPrunedJobsID(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let ids = try queue.enqueue(fixture.jobs(2)).inserted
@@ -59,7 +61,7 @@ struct QueueTests {
             try db.execute(sql: "DELETE FROM job WHERE id = 3")
         }
         try database.close()
-        let queue = try JobQueue(path: path)
+        let queue = try SQLiteJobQueue(path: path)
         #expect(try queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
         #expect(UUID(uuidString: queue.identity) != nil)
         #expect(try queue.list().map(\.customID) == ["old-1", "old-2"])
@@ -79,7 +81,7 @@ struct QueueTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
         let path = directory.appendingPathComponent("none.sqlite").path
-        #expect(throws: JobQueueError.noDatabase(path: path)) { try JobQueue(path: path) }
+        #expect(throws: JobQueueError.noDatabase(path: path)) { try SQLiteJobQueue(path: path) }
         #expect(!FileManager.default.fileExists(atPath: path))
     }
 
@@ -88,7 +90,7 @@ struct QueueTests {
         defer { fixture.remove() }
         let pool = try DatabasePool(path: fixture.databasePath)
         try pool.write { try $0.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('v99-future')") }
-        #expect(throws: JobQueueError.newerSchema(path: fixture.databasePath)) { try JobQueue(path: fixture.databasePath) }
+        #expect(throws: JobQueueError.newerSchema(path: fixture.databasePath)) { try SQLiteJobQueue(path: fixture.databasePath) }
     }
 
     @Test func finalizedAtIsRequiredExactlyOnFinalStates() throws {
@@ -104,8 +106,8 @@ struct QueueTests {
         }
     }
 
-    @Test func enqueueIsIdempotentByCustomIDAndByContent() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func enqueueIsIdempotentByCustomIDAndByContent(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let first = try queue.enqueue(fixture.jobs(5))
@@ -134,8 +136,8 @@ struct QueueTests {
         #expect(try queue.counts()[.available] == 7)
     }
 
-    @Test func invalidJobsAreRefusedBeforeAnythingIsWritten() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func invalidJobsAreRefusedBeforeAnythingIsWritten(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         var bad = fixture.jobs(2)
         bad[1].parameters.topP = 0
@@ -146,8 +148,8 @@ struct QueueTests {
         #expect(try fixture.queue.counts()[.available] == 0)
     }
 
-    @Test func claimTakesLowestPriorityThenEarliestRunAtThenID() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func claimTakesLowestPriorityThenEarliestRunAtThenID(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let now = fixture.clock.now
         var jobs = fixture.jobs(6)
@@ -172,7 +174,7 @@ struct QueueTests {
         defer { fixture.remove() }
         try fixture.queue.enqueue(fixture.jobs(2_000))
         let pool = try DatabasePool(path: fixture.databasePath)
-        for (sql, index) in [(JobQueue.claimSQL, "job_claim_order"), (JobQueue.rescueSQL, "job_lease_expiry")] {
+        for (sql, index) in [(SQLiteJobQueue.claimSQL, "job_claim_order"), (SQLiteJobQueue.rescueSQL, "job_lease_expiry")] {
             let plan = try pool.read { db in
                 try Row.fetchAll(db, sql: "EXPLAIN QUERY PLAN " + sql.replacingOccurrences(of: "RETURNING *", with: ""),
                                  arguments: sql.contains("?1") ? [0] : ["o", 0, 0, 0, 0, 0, 1]).map { $0["detail"] as String }
@@ -182,13 +184,14 @@ struct QueueTests {
         }
     }
 
-    @Test func claimNeverHandsOneJobToTwoWorkers() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func claimNeverHandsOneJobToTwoWorkers(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let total = 1_500
         let ids = try fixture.queue.enqueue(fixture.jobs(total)).inserted
-        // Two pools on one file stand for two processes; each runs several claim loops on its own threads.
-        let pools = [fixture.queue, try JobQueue(path: fixture.databasePath, busyTimeout: 30, clock: fixture.clock.queueClock)]
+        // Two queue objects on one queue (two pools on one file, two connections to one server) stand for two
+        // processes; each runs several claim loops on its own threads.
+        let pools = [fixture.queue, try fixture.reopen()]
         let claimed = Collector<Int64>()
         let errors = Collector<String>()
         let workers = 6
@@ -216,8 +219,8 @@ struct QueueTests {
         #expect(try fixture.queue.counts()[.succeeded] == total)
     }
 
-    @Test func completionFromAStaleAttemptOrAnotherOwnerIsRejected() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func completionFromAStaleAttemptOrAnotherOwnerIsRejected(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         try queue.enqueue(fixture.jobs(1))
@@ -239,10 +242,14 @@ struct QueueTests {
         #expect(done.finalizedAt == fixture.clock.now && done.leaseOwner == nil && done.timings?.totalMs == 5)
         // Completing twice is refused too: the row is no longer running.
         #expect(try !queue.complete(job: second.id, attempt: 2, owner: "b", output: JobOutput(path: "p3", sha256: "s3")))
+        // The same completion again (a retry after a lost reply) is accepted and changes nothing.
+        fixture.clock.advance(5)
+        #expect(try queue.complete(job: second.id, attempt: 2, owner: "b", output: JobOutput(path: "p2", sha256: "s2")))
+        #expect(try queue.job(id: first.id) == done)
     }
 
-    @Test func expiredLeasesAreRescued() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func expiredLeasesAreRescued(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let ids = try queue.enqueue(fixture.jobs(3, maxAttempts: 2)).inserted
@@ -268,8 +275,8 @@ struct QueueTests {
         #expect(failed.error == "the lease of dead-too expired during attempt 2 of 2")
     }
 
-    @Test func heartbeatExtendsOnlyLeasesTheOwnerStillHolds() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func heartbeatExtendsOnlyLeasesTheOwnerStillHolds(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let ids = try queue.enqueue(fixture.jobs(3)).inserted
@@ -288,6 +295,33 @@ struct QueueTests {
         #expect(try queue.job(id: mine[0])?.state == .running)
     }
 
+    @Test(arguments: Backend.allCases) func deadWorkersOfThisHostAreReclaimedAndSilentOnesReported(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(3)).inserted
+        let now = fixture.clock.now
+        var dead = WorkerRecord.current(owner: "dead", leaseMilliseconds: 60_000, now: now)
+        dead.pid = Int32.max  // above any pid_max: no such process on this host
+        let silent = WorkerRecord(owner: "silent", host: "elsewhere", bootID: "b", pid: 1, processStart: "1", leaseMilliseconds: 60_000,
+                                  startedAt: now, heartbeatAt: now)
+        for worker in [dead, silent, WorkerRecord.current(owner: "me", leaseMilliseconds: 60_000, now: now)] {
+            try queue.register(worker)
+            _ = try queue.claim(owner: worker.owner, limit: 1, leaseDuration: 60_000)
+        }
+        fixture.clock.advance(40_000)
+        let orphans = try queue.orphanedJobs()
+        #expect(orphans.map(\.id) == [ids[0], ids[1]] && orphans.map(\.owner) == ["dead", "silent"])
+        #expect(orphans[1].liveness == .silent(since: now) && orphans[1].host == "elsewhere" && orphans[1].leaseExpiresAt == now + 60_000)
+        #expect(try queue.reclaimJobsOfDeadWorkers() == 1)
+        let reclaimed = try #require(try queue.job(id: ids[0]))
+        #expect(reclaimed.state == .retryable && reclaimed.leaseOwner == nil && reclaimed.runAt == fixture.clock.now)
+        #expect(reclaimed.error == "the worker dead died during attempt 1 of 3 (process \(Int32.max) is not running)")
+        #expect(try queue.workers().map(\.owner) == ["me", "silent"])
+        try queue.unregister(owner: "me")
+        #expect(try queue.workers().map(\.owner) == ["silent"])
+    }
+
     @Test func backoffGrowsExponentiallyAndIsCapped() {
         let half = RetryPolicy(baseMs: 1_000, capMs: 10_000, jitter: { 0.5 })
         #expect((1...7).map(half.delay(afterAttempt:)) == [750, 1_500, 3_000, 6_000, 7_500, 7_500, 7_500])
@@ -301,8 +335,8 @@ struct QueueTests {
         }
     }
 
-    @Test func transientFailuresRetryAfterBackoffUntilAttemptsRunOut() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func transientFailuresRetryAfterBackoffUntilAttemptsRunOut(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let id = try queue.enqueue(fixture.jobs(1, maxAttempts: 2)).inserted[0]
@@ -319,8 +353,8 @@ struct QueueTests {
         #expect(failed.state == .failed && failed.finalizedAt == fixture.clock.now && failed.error == "out of memory again")
     }
 
-    @Test func permanentFailureGoesToFailedAtOnce() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func permanentFailureGoesToFailedAtOnce(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let id = try queue.enqueue(fixture.jobs(1, maxAttempts: 5)).inserted[0]
@@ -331,8 +365,8 @@ struct QueueTests {
         #expect(failed.finalizedAt != nil && failed.leaseOwner == nil)
     }
 
-    @Test func cancelFinalisesQueuedRowsAndFlagsRunningOnes() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func cancelFinalisesQueuedRowsAndFlagsRunningOnes(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let ids = try queue.enqueue(fixture.jobs(4)).inserted
@@ -351,8 +385,8 @@ struct QueueTests {
         #expect(try !queue.acknowledgeCancel(job: running[0].id, attempt: running[0].attempt, owner: "w"))
     }
 
-    @Test func retryAndCancelSelectByFilter() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func retryAndCancelSelectByFilter(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let ids = try queue.enqueue(fixture.jobs(6)).inserted
@@ -375,17 +409,17 @@ struct QueueTests {
         #expect(try queue.counts()[.available] == 6)
     }
 
-    @Test func bulkOperationsWorkInChunks() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func bulkOperationsWorkInChunks(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
-        try queue.enqueue(fixture.jobs(JobQueue.chunkSize * 2 + 7))
-        #expect(try queue.cancel(.all).cancelled == JobQueue.chunkSize * 2 + 7)
-        #expect(try queue.retry(.all) == JobQueue.chunkSize * 2 + 7)
+        try queue.enqueue(fixture.jobs(jobQueueChunkSize * 2 + 7))
+        #expect(try queue.cancel(.all).cancelled == jobQueueChunkSize * 2 + 7)
+        #expect(try queue.retry(.all) == jobQueueChunkSize * 2 + 7)
     }
 
-    @Test func pruneDeletesOnlyFinalRowsOlderThanTheCutoff() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func pruneDeletesOnlyFinalRowsOlderThanTheCutoff(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let ids = try queue.enqueue(fixture.jobs(4)).inserted
@@ -399,8 +433,8 @@ struct QueueTests {
         #expect(try queue.list().map(\.id) == [ids[1], ids[3]])
     }
 
-    @Test func pruneReturnsTheSnapshotPathsItsRowsRecorded() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func pruneReturnsTheSnapshotPathsItsRowsRecorded(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let ids = try queue.enqueue(fixture.jobs(2)).inserted
@@ -412,8 +446,8 @@ struct QueueTests {
         #expect(pruned.deleted == 2 && pruned.snapshotPaths == ["/out/q/snapshots/job-\(ids[0]).kv.zst"] && pruned.outputPaths.isEmpty)
     }
 
-    @Test func releaseHandsJobsBackWithoutUsingATry() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func releaseHandsJobsBackWithoutUsingATry(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         let ids = try queue.enqueue(fixture.jobs(2, maxAttempts: 1)).inserted
@@ -428,8 +462,8 @@ struct QueueTests {
         #expect(again.attempt == 2)
     }
 
-    @Test func statisticsGiveThroughputOverTheActivePartOfTheWindowAndAnETA() throws {
-        let fixture = try Fixture()
+    @Test(arguments: Backend.allCases) func statisticsGiveThroughputOverTheActivePartOfTheWindowAndAnETA(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
         try queue.enqueue(fixture.jobs(10))

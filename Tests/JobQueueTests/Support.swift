@@ -1,5 +1,8 @@
+import CommandLineSupport
 import Foundation
 import JobQueue
+import PostgresQueue
+import Testing
 
 /// A clock tests move by hand.
 final class ManualClock: @unchecked Sendable {
@@ -29,21 +32,53 @@ func temporaryDirectory() throws -> URL {
     return url
 }
 
-/// A queue in a fresh temporary directory with a hand-moved clock and a fixed jitter.
+/// The two implementations of the queue contract.
+enum Backend: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case sqlite, postgres
+    var testDescription: String { rawValue }
+}
+
+/// A fresh queue with a hand-moved clock and a fixed jitter: an SQLite file in a temporary directory, or a new
+/// database on the test PostgreSQL server (`TestPostgres`; a server that cannot start fails the test).
 struct Fixture {
+    let backend: Backend
     let directory: URL
     let clock = ManualClock()
+    let retryPolicy: RetryPolicy
+    /// The SQLite file or the PostgreSQL URL.
+    let location: String
     let queue: JobQueue
 
-    init(retryPolicy: RetryPolicy = RetryPolicy(baseMs: 1_000, capMs: 60_000, jitter: { 0.5 })) throws {
+    init(_ backend: Backend = .sqlite, retryPolicy: RetryPolicy = RetryPolicy(baseMs: 1_000, capMs: 60_000, jitter: { 0.5 })) throws {
+        self.backend = backend
+        self.retryPolicy = retryPolicy
         directory = try temporaryDirectory()
-        queue = try JobQueue(path: directory.appendingPathComponent("queue.sqlite").path, create: true,
-                             clock: clock.queueClock, retryPolicy: retryPolicy)
+        switch backend {
+        case .sqlite:
+            location = directory.appendingPathComponent("queue.sqlite").path
+            queue = try SQLiteJobQueue(path: location, create: true, clock: clock.queueClock, retryPolicy: retryPolicy)
+        case .postgres:
+            location = try TestPostgres.shared().createDatabase()
+            queue = try PostgresJobQueue(url: location, access: .create, clock: clock.queueClock, retryPolicy: retryPolicy)
+        }
     }
 
     var databasePath: String { directory.appendingPathComponent("queue.sqlite").path }
 
-    func remove() { try? FileManager.default.removeItem(at: directory) }
+    /// A second queue object on the same queue (another pool on the file, another connection to the server).
+    func reopen() throws -> JobQueue {
+        switch backend {
+        case .sqlite: try SQLiteJobQueue(path: location, busyTimeout: 30, clock: clock.queueClock, retryPolicy: retryPolicy)
+        case .postgres: try PostgresJobQueue(url: location, clock: clock.queueClock, retryPolicy: retryPolicy)
+        }
+    }
+
+    func remove() {
+        try? FileManager.default.removeItem(at: directory)
+        if backend == .postgres, let name = location.split(separator: "/").last {
+            _ = try? TestPostgres.shared().psql("DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+        }
+    }
 
     /// `count` distinct jobs (by custom id) on one made-up image hash.
     func jobs(_ count: Int, prefix: String = "job", priority: Int = 0, maxAttempts: Int = 3) -> [NewJob] {

@@ -73,7 +73,7 @@ struct QueueCommandLineTests {
         // Again: nothing new, same report.
         let again = try workspace.queue("enqueue", "--jsonl", manifest.path, "--temperature", "0.5")
         #expect(again.status == 65 && again.standardOutput == "enqueued 0 jobs from \(manifest.path) (3 already queued)\n")
-        let queue = try JobQueue(path: workspace.database)
+        let queue = try SQLiteJobQueue(path: workspace.database)
         #expect(try queue.job(customID: "a")?.parameters == JobParameters(maxTokens: 8, temperature: 0.5))
         #expect(try queue.counts()[.available] == 3)
     }
@@ -89,7 +89,7 @@ struct QueueCommandLineTests {
         let csv = try workspace.file("jobs.csv", "custom_id,image,prompt,seed\nx,images/a.jpg,\"Say \"\"x\"\", then stop.\",5\n")
         let run = try workspace.queue("enqueue", "--csv", csv.path)
         #expect(run.status == 0 && run.standardOutput == "enqueued 1 job from \(csv.path)\n")
-        let queue = try JobQueue(path: workspace.database)
+        let queue = try SQLiteJobQueue(path: workspace.database)
         #expect(try queue.job(customID: "x")?.prompt == "Say \"x\", then stop.")
         #expect(try queue.list().prefix(3).allSatisfy { $0.priority == 2 && $0.prompt == "Caption." })
     }
@@ -113,7 +113,7 @@ struct QueueCommandLineTests {
             #expect(run.status == 64, "\(arguments): \(run.standardError)")
         }
         // Nothing was cancelled by the refused `cancel`.
-        #expect(try JobQueue(path: workspace.database).counts().values.reduce(0, +) == 0)
+        #expect(try SQLiteJobQueue(path: workspace.database).counts().values.reduce(0, +) == 0)
     }
 
     @Test func aMissingOrForeignDatabaseIsAConfigurationError() throws {
@@ -160,7 +160,7 @@ struct QueueCommandLineTests {
         defer { workspace.remove() }
         #expect(try workspace.queue("init").status == 0)
         _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
-        let queue = try JobQueue(path: workspace.database)
+        let queue = try SQLiteJobQueue(path: workspace.database)
         let claimed = try queue.claim(owner: "test", limit: 1, leaseDuration: 60_000)
         _ = try queue.complete(job: claimed[0].id, attempt: 1, owner: "test", output: JobOutput(path: "/nowhere", sha256: "x"))
 
@@ -189,7 +189,7 @@ struct QueueCommandLineTests {
         defer { workspace.remove() }
         #expect(try workspace.queue("init").status == 0)
         _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
-        let queue = try JobQueue(path: workspace.database)
+        let queue = try SQLiteJobQueue(path: workspace.database)
         let running = try queue.claim(owner: "test", limit: 1, leaseDuration: 60_000)[0]
 
         let byID = try workspace.queue("cancel", "\(running.id + 1)")
@@ -211,7 +211,7 @@ struct QueueCommandLineTests {
         defer { workspace.remove() }
         #expect(try workspace.queue("init").status == 0)
         _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
-        let queue = try JobQueue(path: workspace.database)
+        let queue = try SQLiteJobQueue(path: workspace.database)
         let jobs = try queue.claim(owner: "test", limit: 3, leaseDuration: 60_000)
         let results = try ResultFile(directory: workspace.directory.appendingPathComponent("out"))
         // a succeeds with a multi-line, comma-holding caption; b fails permanently; c stays running.
@@ -259,7 +259,7 @@ struct QueueCommandLineTests {
         defer { workspace.remove() }
         #expect(try workspace.queue("init").status == 0)
         _ = try workspace.queue("enqueue", "--jsonl", workspace.standardManifest().path)
-        let queue = try JobQueue(path: workspace.database)
+        let queue = try SQLiteJobQueue(path: workspace.database)
         let job = try queue.claim(owner: "test", limit: 1, leaseDuration: 60_000)[0]
         let output = try workspace.file("out/q/1-1.json.zst", "x")
         let snapshot = try workspace.file("out/q/snapshots/job-1.kv.zst", "kept")
@@ -293,7 +293,7 @@ struct QueueCommandLineTests {
         }
         try holder.close()
         #expect(try Data(contentsOf: URL(fileURLWithPath: workspace.database)) == before)
-        #expect(try JobQueue(path: workspace.database).counts()[.available] == 3)
+        #expect(try SQLiteJobQueue(path: workspace.database).counts()[.available] == 3)
 
         let fifo = workspace.directory.appendingPathComponent("pipe.jsonl").path
         #expect(mkfifo(fifo, 0o644) == 0)
@@ -339,7 +339,7 @@ struct QueueCommandLineTests {
             #expect(process.terminationStatus == 65, "\(text)")
             #expect(text.contains("image \(fifo) is not a regular file (a FIFO, socket or device); skipped"), "\(text)")
         }
-        let queue = try JobQueue(path: workspace.database)
+        let queue = try SQLiteJobQueue(path: workspace.database)
         #expect(try queue.list().map(\.imagePath) == [workspace.directory.appendingPathComponent("images/a.jpg").path])
     }
 
@@ -353,7 +353,7 @@ struct QueueCommandLineTests {
             #expect(run.status == 64, "\(lease): \(run.standardError)")
             #expect(run.standardError.contains("--lease \(lease) is too short: a lease must be at least 2s"), "\(run.standardError)")
         }
-        #expect(try JobQueue(path: workspace.database).counts()[.available] == 3)
+        #expect(try SQLiteJobQueue(path: workspace.database).counts()[.available] == 3)
     }
 
     @Test func aForeignOrEmptyDatabaseIsRefusedWith78AndLeftUnchanged() throws {
