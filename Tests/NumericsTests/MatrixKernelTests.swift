@@ -136,16 +136,7 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
                             columns.lowerBound, columns.upperBound, yp.baseAddress! + 2 * stride, stride, 6)
                 }
             }
-            for r in 0..<rows + 4 {
-                for c in 0..<stride {
-                    let value = y[r * stride + c]
-                    if (2..<rows + 2).contains(r) && columns.contains(c) {
-                        #expect(value.bitPattern == expected.values[(r - 2) * n + c].bitPattern, "\(path) (\(r - 2), \(c))")
-                    } else {
-                        #expect(value.bitPattern == sentinel.bitPattern, "\(path) wrote guard (\(r), \(c))")
-                    }
-                }
-            }
+            expectGuardedOutput(y, expected: expected, columns: columns, stride: stride, sentinel: sentinel, path: path)
         }
     }
 
@@ -186,5 +177,21 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
         #expect(KernelPath(rawValue: "avx512") == .avx512 && KernelPath(rawValue: "reference") == .reference)
         #expect(KernelPath.reference.isAvailable && KernelPath.scalar.isAvailable)
         #expect(Kernels.best.isAvailable)
+    }
+}
+
+/// Checks a product written into a guarded buffer `y` (row stride `stride`): rows `2..<rows + 2`
+/// hold `expected` `[rows, n]` bit for bit in `columns`; every other value is still `sentinel`.
+func expectGuardedOutput(_ y: [Float], expected: Matrix, columns: Range<Int>, stride: Int, sentinel: Float, path: KernelPath) {
+    let rows = expected.rows, n = expected.columns
+    for r in 0..<rows + 4 {
+        for c in 0..<stride {
+            let value = y[r * stride + c]
+            if (2..<rows + 2).contains(r) && columns.contains(c) {
+                #expect(value.bitPattern == expected.values[(r - 2) * n + c].bitPattern, "\(path) (\(r - 2), \(c))")
+            } else {
+                #expect(value.bitPattern == sentinel.bitPattern, "\(path) wrote guard (\(r), \(c))")
+            }
+        }
     }
 }
