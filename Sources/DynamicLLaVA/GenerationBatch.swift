@@ -18,9 +18,8 @@ import Numerics
 /// ```
 public struct GenerationBatch {
     /// A row of the batch: stable for as long as the row is in it, never reused by another.
-    public struct Row: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public struct Row: Hashable, Sendable, CustomStringConvertible {
         public let id: Int
-        public static func < (a: Row, b: Row) -> Bool { a.id < b.id }
         public var description: String { "row \(id)" }
     }
 
@@ -178,12 +177,6 @@ public struct GenerationBatch {
         return active.filter { states[$0]!.finished }
     }
 
-    /// The row's result so far (final once it has finished).
-    public func result(_ row: Row) -> GenerationResult {
-        guard let state = states[row] else { preconditionFailure("\(row) is not in the batch") }
-        return state.result
-    }
-
     /// The row's state as a snapshot, generating or finished; nil for a row without a KV cache
     /// (its sequence is recomputed anyway).
     public func snapshot(_ row: Row) -> GenerationSnapshot? {
@@ -198,7 +191,7 @@ public struct GenerationBatch {
     public mutating func remove(_ row: Row) -> GenerationResult {
         guard let state = states.removeValue(forKey: row) else { preconditionFailure("\(row) is not in the batch") }
         rows.removeAll { $0 == row }
-        if state.sequence >= 0 && state.sparsity.usesKeyValueCache {
+        if state.sparsity.usesKeyValueCache {
             cache.clear(sequence: state.sequence)
             freeSequences.append(state.sequence)
         }
