@@ -65,12 +65,14 @@ struct UncheckedSendable<Value>: @unchecked Sendable {
 /// dtype, `bias` `[N]`; result `[M, N]`. The native kernels (`dl_gemm`, `dl_gemm_bf16`) read the
 /// weight as stored; `Kernels.precision` chooses f32 multiply-adds or bf16 products summed in f32.
 ///
-/// Row invariance: each output element is summed in one order fixed by K alone (16 strided lanes,
-/// then a fixed tree; see `ReferenceKernels.linearInKernelOrder`), so row `r`'s bits are the same
-/// whatever other rows `x` holds, whatever the thread count and whichever CPU path runs. All rows
-/// of a batch (every image's patches, every prompt, every decode row) can therefore share one
-/// call, and the weights stream from memory once for all of them. Workers take fixed blocks of
-/// output columns; K is never split.
+/// Row invariance: each output element is summed in one order fixed by K alone (f32: one chain of
+/// fused multiply-adds in increasing k over the weight's packed panels, `dl_gemm_panels`; bf16:
+/// 16 strided lanes of pairs, then a fixed tree; see `ReferenceKernels.linearInKernelOrder` and
+/// `linearBF16InKernelOrder`), so row `r`'s bits are the same whatever other rows `x` holds,
+/// whatever the thread count and whichever CPU path runs. All rows of a batch (every image's
+/// patches, every prompt, every decode row) can therefore share one call, and the weights stream
+/// from memory once for all of them. Workers take fixed blocks of output columns (multiples of
+/// 16, the panel width); K is never split.
 public func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil) -> Matrix {
     linear(x, weight, bias: bias, path: Kernels.path, precision: Kernels.precision)
 }
@@ -106,17 +108,19 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
                 count = m * k
             }
         } : []
+        // f32: the packed panels (made on the first product with this weight).
+        let weightBase = precision == .f32 ? weight.panels() : weight.base
         x.values.withUnsafeBufferPointer { xp in
             roundedInput.withUnsafeBufferPointer { rp in
                 output.withUnsafeMutableBufferPointer { yp in
-                    let pointers = UncheckedSendable((xp.baseAddress!, rp.baseAddress, yp.baseAddress!, weight.base))
+                    let pointers = UncheckedSendable((xp.baseAddress!, rp.baseAddress, yp.baseAddress!, weightBase))
                     Parallelism.forEach(blocks) { b in
                         let (xBase, roundedBase, yBase, weightBase) = pointers.value
                         let columns = (b * columnBlock, min(n, (b + 1) * columnBlock))
                         if precision == .bf16, let roundedBase {
                             dl_gemm_bf16(path, type, roundedBase, k, m, weightBase, k, columns.0, columns.1, yBase, n, rowBlock)
                         } else {
-                            dl_gemm(path, type, xBase, k, m, weightBase, k, k, columns.0, columns.1, yBase, n, rowBlock)
+                            dl_gemm_panels(path, type, xBase, k, m, weightBase, k, columns.0, columns.1, yBase, n)
                         }
                     }
                 }

@@ -18,10 +18,27 @@ public enum ReferenceKernels {
     }
 
     /// `x · Wᵀ` in f32 with the native kernels' summation order, written plainly: the twin every
-    /// kernel path must equal bit for bit. Lane `j` of 16 accumulates `k = j, j + 16, ...` with
+    /// kernel path must equal bit for bit. Each element is one chain of fused multiply-adds in
+    /// increasing `k` from +0 (the order of `dl_gemm_panels`).
+    public static func linearInKernelOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
+        let k = x.columns, n = weight.rows
+        var out = [Float](repeating: 0, count: x.rows * n)
+        for o in 0..<n {
+            let w = weight.widenedRows(o..<o + 1)
+            for r in 0..<x.rows {
+                var sum: Float = 0
+                for i in 0..<k { sum = sum.addingProduct(x.values[r * k + i], w[i]) }
+                out[r * n + o] = sum
+            }
+        }
+        return Matrix(rows: x.rows, columns: n, values: out)
+    }
+
+    /// Dot products of `x`'s rows with the rows of a row-major `weight` in the order of `dl_gemm`
+    /// (attention's scores for one query): lane `j` of 16 accumulates `k = j, j + 16, ...` with
     /// fused multiply-adds from +0, then lanes are added as `s8[i] = l[i] + l[i + 8]`,
     /// `s4[i] = s8[i] + s8[i + 4]`, `(s4[0] + s4[2]) + (s4[1] + s4[3])`.
-    public static func linearInKernelOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
+    public static func dotProductsInLaneOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
         let k = x.columns, n = weight.rows
         var out = [Float](repeating: 0, count: x.rows * n)
         for o in 0..<n {
@@ -41,7 +58,7 @@ public enum ReferenceKernels {
     /// even), then per lane `j` of 16 the pairs `k = 32t + 2j, 32t + 2j + 1`, the odd product
     /// added before the even one, each a fused multiply-add whose bf16 subnormal inputs count as
     /// zero and whose subnormal result is flushed to zero (the definition of `vdpbf16ps`); lanes
-    /// reduced as in `linearInKernelOrder`.
+    /// reduced as in `dotProductsInLaneOrder`.
     public static func linearBF16InKernelOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
         let k = x.columns, n = weight.rows
         func flushed(_ v: Float) -> Float {
@@ -84,7 +101,7 @@ public enum ReferenceKernels {
     /// zero with `d = NaN`). Per block `b` and group `j` of 4, the integer sum `P` of the 4
     /// products is exact; with `s = d_x · d_w` (f32), lane `(b mod 2) · 8 + j` of 16 adds
     /// `P · s` as a fused multiply-add, in increasing `b`, from +0; lanes are reduced as in
-    /// `linearInKernelOrder`.
+    /// `dotProductsInLaneOrder`.
     public static func linearQ8InKernelOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
         precondition(weight.storageType == .q8, "linearQ8InKernelOrder: the weight is \(weight.storageType), not q8")
         let k = x.columns, n = weight.rows, size = Q8Layout.blockSize, blocks = Q8Layout.blocks(columns: k)

@@ -1,4 +1,5 @@
 import CKernels
+import Foundation
 
 /// How a weight's elements are stored.
 public enum StorageType: String, Sendable, Codable {
@@ -36,7 +37,15 @@ public enum Q8Layout {
 }
 
 /// Keeps the memory behind weights alive (an mmap'd file, or an owned allocation).
-public protocol StorageOwner: AnyObject, Sendable {}
+public protocol StorageOwner: AnyObject, Sendable {
+    /// Tells the owner that `byteCount` bytes from `start` will rarely be read again (their
+    /// packed copy serves the products), so a file mapping can drop those pages from memory.
+    func releasePages(from start: UnsafeRawPointer, byteCount: Int)
+}
+
+extension StorageOwner {
+    public func releasePages(from start: UnsafeRawPointer, byteCount: Int) {}
+}
 
 /// Owned, aligned raw memory, freed on deinit.
 public final class OwnedStorage: StorageOwner, @unchecked Sendable {
@@ -63,6 +72,8 @@ public struct WeightMatrix: @unchecked Sendable {
     /// q8 only: the f16 block scales `[rows, blocks]`.
     public let scales: UnsafeRawPointer?
     public let owner: StorageOwner
+    /// The packed panels of the f32 kernels, made on first use and shared by copies of this value.
+    private let panelCache = PanelCache()
 
     public init(rows: Int, columns: Int, storageType: StorageType, base: UnsafeRawPointer, scales: UnsafeRawPointer? = nil,
                 owner: StorageOwner) {
@@ -166,6 +177,26 @@ public struct WeightMatrix: @unchecked Sendable {
         }
     }
 
+    /// The weight packed into panels of 16 columns for `dl_gemm_panels` (f32, f16 or bf16 kept as
+    /// stored): made once, on first use, by all workers; the stored rows' pages are then released
+    /// to their owner (a mapped checkpoint drops them from memory; they are read back only if a
+    /// row is widened again).
+    func panels() -> UnsafeRawPointer {
+        precondition(storageType != .q8, "panels: q8 weights go through dl_gemm_q8")
+        return panelCache.panels {
+            let type = storageType.kernelType, rows = rows, columns = columns
+            let storage = OwnedStorage(byteCount: dl_panel_bytes(type, rows, columns))
+            let panelCount = (rows + 15) / 16, chunk = 64
+            let pointers = UncheckedSendable((base, storage.pointer))
+            Parallelism.forEach((panelCount + chunk - 1) / chunk) { c in
+                let (source, destination) = pointers.value
+                dl_pack_panels(type, source, columns, rows, columns, destination, c * chunk, min(panelCount, (c + 1) * chunk))
+            }
+            owner.releasePages(from: base, byteCount: byteCount)
+            return storage
+        }
+    }
+
     /// The same memory seen as a `[rows * columns / newColumns, newColumns]` weight.
     public func reshaped(columns newColumns: Int) -> WeightMatrix {
         precondition(storageType != .q8, "reshape: q8 blocks follow the rows")
@@ -218,5 +249,20 @@ extension WeightMatrix {
         case .q8: break
         }
         self.init(rows: rows, columns: columns, storageType: storageType, base: UnsafeRawPointer(storage.pointer), owner: storage)
+    }
+}
+
+/// A weight's packed panels, made once under a lock.
+final class PanelCache: @unchecked Sendable {
+    private let lock = NSLock()
+    private var storage: OwnedStorage?
+
+    func panels(_ make: () -> OwnedStorage) -> UnsafeRawPointer {
+        lock.lock()
+        defer { lock.unlock() }
+        if let storage { return UnsafeRawPointer(storage.pointer) }
+        let made = make()
+        storage = made
+        return UnsafeRawPointer(made.pointer)
     }
 }

@@ -88,6 +88,16 @@ public final class MappedFile: StorageOwner, @unchecked Sendable {
     }
 
     deinit { munmap(UnsafeMutableRawPointer(mutating: base), byteCount) }
+
+    /// Drops the whole pages inside the range from this process's memory (`MADV_DONTNEED`): the
+    /// mapping is private and never written, so a later read brings them back from the file.
+    public func releasePages(from start: UnsafeRawPointer, byteCount: Int) {
+        let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let first = (Int(bitPattern: start) + pageSize - 1) / pageSize * pageSize
+        let end = (Int(bitPattern: start) + byteCount) / pageSize * pageSize
+        guard end > first, let pointer = UnsafeMutableRawPointer(bitPattern: first) else { return }
+        madvise(pointer, end - first, MADV_DONTNEED)
+    }
 }
 
 /// One tensor inside a mapped safetensors file.

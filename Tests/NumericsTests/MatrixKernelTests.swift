@@ -119,24 +119,37 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
         }
     }
 
-    @Test("the kernel writes only its rows and columns: guard values around the output stay",
+    @Test("the kernels write only their rows and columns: guard values around the output stay",
           arguments: [StorageType.float32, .float16, .bfloat16])
     func guardBytesStayUntouched(storage: StorageType) {
-        let k = 77, n = 50, rows = 13, stride = 64, columns = 9 ..< 43
+        let k = 77, n = 50, rows = 13, stride = 64
         let weight = WeightMatrix(rows: n, columns: k, values: randomValues(n * k, seed: 61), storageType: storage)
         let x = randomValues(rows * k, seed: 62)
         let sentinel = Float(bitPattern: 0x7FC0_DEAD)
-        let expected = ReferenceKernels.linearInKernelOrder(Matrix(rows: rows, columns: k, values: x), weight)
+        let input = Matrix(rows: rows, columns: k, values: x)
+        // Row-major dot products (attention's scores) from any column; packed panels from a
+        // multiple of 16 to a column inside the last panel.
+        let laneOrder = ReferenceKernels.dotProductsInLaneOrder(input, weight)
+        let chainOrder = ReferenceKernels.linearInKernelOrder(input, weight)
+        let panels = weight.panels()
         for path in kernelPaths where path != .reference {
-            // Two guard rows before and after, and columns outside `columns` in every row.
-            var y = [Float](repeating: sentinel, count: (rows + 4) * stride)
-            x.withUnsafeBufferPointer { xp in
-                y.withUnsafeMutableBufferPointer { yp in
-                    dl_gemm(path.cValue, storage.kernelType, xp.baseAddress!, k, rows, weight.base, k, k,
-                            columns.lowerBound, columns.upperBound, yp.baseAddress! + 2 * stride, stride, 6)
+            for usesPanels in [false, true] {
+                let (columns, expected) = usesPanels ? (16 ..< 43, chainOrder) : (9 ..< 43, laneOrder)
+                // Two guard rows before and after, and columns outside `columns` in every row.
+                var y = [Float](repeating: sentinel, count: (rows + 4) * stride)
+                x.withUnsafeBufferPointer { xp in
+                    y.withUnsafeMutableBufferPointer { yp in
+                        if !usesPanels {
+                            dl_gemm(path.cValue, storage.kernelType, xp.baseAddress!, k, rows, weight.base, k, k,
+                                    columns.lowerBound, columns.upperBound, yp.baseAddress! + 2 * stride, stride, 6)
+                        } else {
+                            dl_gemm_panels(path.cValue, storage.kernelType, xp.baseAddress!, k, rows, panels, k,
+                                           columns.lowerBound, columns.upperBound, yp.baseAddress! + 2 * stride, stride)
+                        }
+                    }
                 }
+                expectGuardedOutput(y, expected: expected, columns: columns, stride: stride, sentinel: sentinel, path: path)
             }
-            expectGuardedOutput(y, expected: expected, columns: columns, stride: stride, sentinel: sentinel, path: path)
         }
     }
 

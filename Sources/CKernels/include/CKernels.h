@@ -37,6 +37,22 @@ int dl_kernel_path_best(void);
 void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *w, size_t k, size_t ldw,
              size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block);
 
+/// Bytes of a `[n, k]` weight of `weight_type` packed into panels of 16 columns (see panels.c).
+size_t dl_panel_bytes(int weight_type, size_t n, size_t k);
+
+/// Packs panels `panel_begin..<panel_end` of the weight `w` (`[n, k]`, row stride `ldw`, in
+/// `weight_type`, kept as stored) into `panels`: panel p holds columns `16p..<16p + 16` as
+/// `[k][16]`, columns past `n` zero.
+void dl_pack_panels(int weight_type, const void *w, size_t ldw, size_t n, size_t k, void *panels, size_t panel_begin,
+                    size_t panel_end);
+
+/// `y[r, n] = Σ_k x[r, k] · w[n, k]` for rows `0..<m` and columns `n_begin..<n_end` (`n_begin` a
+/// multiple of 16) from the packed `panels` of `w`. Each element is one chain of fused
+/// multiply-adds in increasing k from +0 on every path, so a row's result is the same whatever
+/// rows, columns, thread count or path the call uses.
+void dl_gemm_panels(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *panels, size_t k,
+                    size_t n_begin, size_t n_end, float *y, size_t ldy);
+
 /// `out[d] = Σ_j p[j] · v[j, d]` for `d` in `0..<width`, `j` in `0..<count` (`v` rows `ldv` apart):
 /// attention's weighted sum of values for one query. Each element adds its terms in increasing
 /// `j` with fused multiply-adds from +0, the same bits on every path.
