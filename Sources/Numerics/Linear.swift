@@ -108,8 +108,9 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
                 count = m * k
             }
         } : []
-        // f32: the packed panels (made on the first product with this weight).
-        let weightBase = precision == .f32 ? weight.panels() : weight.base
+        // f32: the packed panels; bf16 on AMX: the bf16 panels (made on the first product with this weight).
+        let usesAMX = precision == .bf16 && kernelPath == .amx
+        let weightBase = precision == .f32 ? weight.panels() : usesAMX ? weight.panelsBF16() : weight.base
         x.values.withUnsafeBufferPointer { xp in
             roundedInput.withUnsafeBufferPointer { rp in
                 output.withUnsafeMutableBufferPointer { yp in
@@ -117,7 +118,9 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
                     Parallelism.forEach(blocks) { b in
                         let (xBase, roundedBase, yBase, weightBase) = pointers.value
                         let columns = (b * columnBlock, min(n, (b + 1) * columnBlock))
-                        if precision == .bf16, let roundedBase {
+                        if usesAMX, let roundedBase {
+                            dl_gemm_amx(roundedBase, k, m, weightBase, k, columns.0, columns.1, yBase, n)
+                        } else if precision == .bf16, let roundedBase {
                             dl_gemm_bf16(path, type, roundedBase, k, m, weightBase, k, columns.0, columns.1, yBase, n, rowBlock)
                         } else {
                             dl_gemm_panels(path, type, xBase, k, m, weightBase, k, columns.0, columns.1, yBase, n)
@@ -165,34 +168,41 @@ public enum Precision: String, Sendable, Codable, CaseIterable {
     /// bf16 and llama.cpp's bf16 do; norms, attention and softmax stay f32.
     case bf16
 
-    /// Whether this CPU runs the precision at full speed (bf16 needs AVX512-BF16; elsewhere only
-    /// the plain emulation would run it).
+    /// Whether this CPU runs the precision at full speed (bf16 needs AVX512-BF16 or AMX-BF16;
+    /// elsewhere only the plain emulation would run it).
     public var isNative: Bool {
-        self == .f32 || dl_kernel_bf16_available() != 0
+        self == .f32 || dl_kernel_bf16_available() != 0 || dl_kernel_amx_available() != 0
     }
 }
 
 /// The CPU path of the matrix kernels: the fastest this CPU runs, or the one `DLLAVA_KERNEL`
-/// names (`reference`, `scalar`, `avx2`, `avx512`), so that tests and CI exercise every path on
-/// one machine. Every path computes the same bits.
+/// names (`reference`, `scalar`, `avx2`, `avx512`, `amx`), so that tests and CI exercise every
+/// path on one machine. Every path computes the same bits, except bf16 products on `amx`, whose
+/// additions are the hardware's own (row and thread invariant all the same; see amx.c).
 public enum KernelPath: String, Sendable, CaseIterable {
     /// `ReferenceKernels.linearInKernelOrder`: the plain Swift twin of the kernels.
     case reference
     case scalar
     case avx2
     case avx512
+    /// `avx512`, with bf16 products on Intel AMX tiles (`tdpbf16ps`).
+    case amx
 
     var cValue: Int32 {
         switch self {
         case .reference, .scalar: Int32(DL_PATH_SCALAR)
         case .avx2: Int32(DL_PATH_AVX2)
-        case .avx512: Int32(DL_PATH_AVX512)
+        case .avx512, .amx: Int32(DL_PATH_AVX512)
         }
     }
 
     /// Whether this CPU can run the path.
     public var isAvailable: Bool {
-        self == .reference || dl_kernel_path_available(cValue) != 0
+        switch self {
+        case .reference: true
+        case .amx: dl_kernel_amx_available() != 0
+        default: dl_kernel_path_available(cValue) != 0
+        }
     }
 }
 
@@ -203,7 +213,7 @@ public enum KernelError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .unknownPath(let name):
-            "DLLAVA_KERNEL=\(name) is not a kernel path (reference, scalar, avx2, avx512)"
+            "DLLAVA_KERNEL=\(name) is not a kernel path (reference, scalar, avx2, avx512, amx)"
         case .unavailablePath(let path):
             "DLLAVA_KERNEL=\(path.rawValue): this CPU cannot run that kernel path"
         }
@@ -223,7 +233,8 @@ public enum Kernels {
 
     /// The fastest path this CPU runs.
     public static var best: KernelPath {
-        switch dl_kernel_path_best() {
+        if KernelPath.amx.isAvailable { return .amx }
+        return switch dl_kernel_path_best() {
         case Int32(DL_PATH_AVX512): .avx512
         case Int32(DL_PATH_AVX2): .avx2
         default: .scalar

@@ -74,6 +74,8 @@ public struct WeightMatrix: @unchecked Sendable {
     public let owner: StorageOwner
     /// The packed panels of the f32 kernels, made on first use and shared by copies of this value.
     private let panelCache = PanelCache()
+    /// The bf16 panels of the AMX kernel, likewise.
+    private let panelCacheBF16 = PanelCache()
 
     public init(rows: Int, columns: Int, storageType: StorageType, base: UnsafeRawPointer, scales: UnsafeRawPointer? = nil,
                 owner: StorageOwner) {
@@ -191,6 +193,24 @@ public struct WeightMatrix: @unchecked Sendable {
             Parallelism.forEach((panelCount + chunk - 1) / chunk) { c in
                 let (source, destination) = pointers.value
                 dl_pack_panels(type, source, columns, rows, columns, destination, c * chunk, min(panelCount, (c + 1) * chunk))
+            }
+            owner.releasePages(from: base, byteCount: byteCount)
+            return storage
+        }
+    }
+
+    /// The weight rounded to bf16 and packed into AMX B tiles for `dl_gemm_amx`: made once, on
+    /// first use; the stored rows' pages are then released as for `panels()`.
+    func panelsBF16() -> UnsafeRawPointer {
+        precondition(storageType != .q8, "panelsBF16: q8 weights go through dl_gemm_q8")
+        return panelCacheBF16.panels {
+            let type = storageType.kernelType, rows = rows, columns = columns
+            let storage = OwnedStorage(byteCount: dl_panel_bytes_bf16(rows, columns))
+            let panelCount = (rows + 15) / 16, chunk = 64
+            let pointers = UncheckedSendable((base, storage.pointer))
+            Parallelism.forEach((panelCount + chunk - 1) / chunk) { c in
+                let (source, destination) = pointers.value
+                dl_pack_panels_bf16(type, source, columns, rows, columns, destination, c * chunk, min(panelCount, (c + 1) * chunk))
             }
             owner.releasePages(from: base, byteCount: byteCount)
             return storage

@@ -106,4 +106,23 @@ int dl_kernel_q8_vnni_available(void);
 void dl_gemm_q8(int path, const void *activations, size_t m, const int8_t *quants, const uint16_t *scales, size_t k,
                 size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block);
 
+/// Whether this CPU has AMX-BF16 and the OS grants this process tile data (requested once).
+int dl_kernel_amx_available(void);
+
+/// Bytes of a `[n, k]` weight packed by `dl_pack_panels_bf16`.
+size_t dl_panel_bytes_bf16(size_t n, size_t k);
+
+/// Packs panels `panel_begin..<panel_end` of `w` (`[n, k]`, row stride `ldw`) rounded to bf16 into
+/// AMX B-tile order: panel p is `[Kp / 2][16][2]` (Kp = k rounded up to 32), zeros past `n` and `k`.
+void dl_pack_panels_bf16(int weight_type, const void *w, size_t ldw, size_t n, size_t k, void *panels, size_t panel_begin,
+                         size_t panel_end);
+
+/// bf16 product on AMX: `y[r, n]` for rows `0..<m` of `x` (bf16, `[m, k]`, row stride `ldx`) and
+/// columns `n_begin..<n_end` (`n_begin` a multiple of 16) from `dl_pack_panels_bf16` panels.
+/// Each element accumulates K-tiles of 32 in increasing order with `tdpbf16ps`, so a row's result
+/// never depends on the other rows, the columns or the thread count (see amx.c). Call only when
+/// `dl_kernel_amx_available()`.
+void dl_gemm_amx(const uint16_t *x, size_t ldx, size_t m, const void *panels, size_t k, size_t n_begin, size_t n_end, float *y,
+                 size_t ldy);
+
 #endif
