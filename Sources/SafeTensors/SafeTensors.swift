@@ -96,7 +96,7 @@ public final class MappedFile: StorageOwner, @unchecked Sendable {
         let first = (Int(bitPattern: start) + pageSize - 1) / pageSize * pageSize
         let end = (Int(bitPattern: start) + byteCount) / pageSize * pageSize
         guard end > first, let pointer = UnsafeMutableRawPointer(bitPattern: first) else { return }
-        if ProcessInfo.processInfo.environment["DL_NO_RELEASE"] == nil { madvise(pointer, end - first, MADV_DONTNEED) }
+        madvise(pointer, end - first, MADV_DONTNEED)
     }
 }
 
