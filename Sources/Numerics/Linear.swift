@@ -168,6 +168,14 @@ public enum Precision: String, Sendable, Codable, CaseIterable {
     /// bf16 and llama.cpp's bf16 do; norms, attention and softmax stay f32.
     case bf16
 
+    /// The precision a command uses unless told otherwise: bf16 where the CPU has AMX-BF16 (there
+    /// it is several times faster with identical captions on the shipped model; README
+    /// "Performance"), else f32 (`vdpbf16ps` alone was measured slower than f32 on the AVX512-BF16
+    /// Xeon this was built on).
+    public static var preferred: Precision {
+        KernelPath.amx.isAvailable && Kernels.path == .amx ? .bf16 : .f32
+    }
+
     /// Whether this CPU runs the precision at full speed (bf16 needs AVX512-BF16 or AMX-BF16;
     /// elsewhere only the plain emulation would run it).
     public var isNative: Bool {

@@ -15,16 +15,18 @@ struct ModelOptions: ParsableArguments {
 
     @Option(help: """
         Arithmetic of the matrix products: f32, or bf16 (activations and weights rounded to bf16, \
-        sums in f32; needs AVX512-BF16). Results do not depend on the thread count or batch in either.
+        sums in f32; needs AVX512-BF16 or AMX-BF16). Default: bf16 where the CPU has AMX-BF16, else \
+        f32. Results do not depend on the thread count or batch in either.
         """)
-    // f32 by default: bf16 was measured slower on the AVX512-BF16 Xeon this was built on (its
-    // `vdpbf16ps` has the f32 FMA's throughput), with identical captions (README "Performance").
-    var precision: Precision = .f32
+    var precision: Precision?
+
+    /// The precision used: the one asked for, else `Precision.preferred`.
+    var chosenPrecision: Precision { precision ?? .preferred }
 
     func validate() throws {
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
-        guard precision.isNative || Kernels.path == .reference || Kernels.path == .scalar else {
-            throw ValidationError("--precision bf16 needs a CPU with AVX512-BF16 (this one has none); use --precision f32")
+        guard chosenPrecision.isNative || Kernels.path == .reference || Kernels.path == .scalar else {
+            throw ValidationError("--precision bf16 needs a CPU with AVX512-BF16 or AMX-BF16 (this one has neither); use --precision f32")
         }
         guard model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] != nil else {
             throw ValidationError("no model: pass --model DIR or set DLLAVA_MODEL")
@@ -39,7 +41,7 @@ struct ModelOptions: ParsableArguments {
     func load() throws -> LLaVAModel {
         Parallelism.setThreads(threads)
         if let path = try Kernels.pathFromEnvironment() { Kernels.use(path) }
-        Kernels.use(precision)
+        Kernels.use(chosenPrecision)
         return try LLaVAModel.load(directory: modelDirectory)
     }
 }

@@ -77,7 +77,8 @@ struct QuantizeTests {
                                      "--token-ids-before", c.idsBeforeImage.map(String.init).joined(separator: ","),
                                      "--token-ids-after", c.idsAfterImage.map(String.init).joined(separator: ","),
                                      "--pixel-values", fixtures.appendingPathComponent("goldens/inputs.safetensors").path,
-                                     "--pixel-tensor", "pixel_values_\(k)", "--max-tokens", "9", "--threads", "1", "--json", "--logprobs", "1"])
+                                     "--pixel-tensor", "pixel_values_\(k)", "--max-tokens", "9", "--threads", "1", "--json", "--logprobs", "1",
+                                     "--precision", "f32"])
             #expect(run.status == 0, "\(run.standardError)")
             struct Output: Decodable {
                 struct Entry: Decodable { let id: Int32; let logprob: Float }
@@ -121,7 +122,8 @@ struct QuantizeTests {
         for path in KernelPath.allCases where path.isAvailable {
             environment["DLLAVA_KERNEL"] = path.rawValue
             let run = try runDLLaVA(["generate", "--model", output.path, "--image", sampleImages.appendingPathComponent("horse.png").path,
-                                     "--prompt", "Describe the image.", "--max-tokens", "6", "--logprobs", "2", "--json", "--threads", "2"],
+                                     "--prompt", "Describe the image.", "--max-tokens", "6", "--logprobs", "2", "--json", "--threads", "2",
+                                     "--precision", "f32"],
                                     environment: environment)
             #expect(run.status == 0, "\(path): \(run.standardError)")
             outputs[path.rawValue] = try JSONDecoder().decode(Output.self, from: Data(run.standardOutput.utf8))
