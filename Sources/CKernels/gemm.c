@@ -1,5 +1,8 @@
-// The engine's matrix product `y[r, n] = Σ_k x[r, k] · w[n, k]` on weights as stored (f32, f16,
-// bf16), with f32 activations and f32 fused multiply-adds, for every CPU path.
+// Row-major dot-product kernels `y[r, n] = Σ_k x[r, k] · w[n, k]` on weights as stored (f32, f16,
+// bf16), for every CPU path: `dl_gemm` (f32 fused multiply-adds; attention's one-query scores,
+// whose keys are rows of the cache), `dl_gemm_bf16` (the bf16 precision's `vdpbf16ps` products)
+// and `dl_gemm_q8` (8-bit weights). The f32 products with weights use the packed panels of
+// panels.c instead.
 //
 // Batch invariance by construction: every output element is summed in one fixed order that
 // depends on K alone, identical on every path (so a row's bits never depend on the other rows of
