@@ -14,6 +14,7 @@
 // It is not bit-identical to the `vdpbf16ps` path and its plain twin; tests hold it to the exact
 // product within bf16 rounding, and to row and thread invariance bit for bit.
 #include "CKernels.h"
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -30,33 +31,40 @@ static inline size_t padded_k(size_t k) { return (k + KTILE - 1) / KTILE * KTILE
 
 size_t dl_panel_bytes_bf16(size_t n, size_t k) { return (n + PANEL - 1) / PANEL * PANEL * padded_k(k) * 2; }
 
-static inline uint16_t rounded_bf16(int type, const void *w, size_t i) {
-    if (type == DL_WEIGHT_BF16) return ((const uint16_t *)w)[i];
-    float f;
-    if (type == DL_WEIGHT_F16) dl_widen_f16((const uint16_t *)w + i, &f, 1);
-    else f = ((const float *)w)[i];
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7f800000u) == 0) {  // subnormal: read as zero, sign kept
-        bits &= 0x80000000u;
-        memcpy(&f, &bits, sizeof f);
+/// Row `row` of `w` (`k` values) rounded to bf16 into `out`, through the f32 scratch `widened`.
+static void rounded_row(int type, const void *w, size_t row, size_t k, float *widened, uint16_t *out) {
+    if (type == DL_WEIGHT_BF16) {
+        memcpy(out, (const uint16_t *)w + row, k * 2);
+        return;
     }
-    uint16_t b;
-    dl_narrow_bf16(&f, &b, 1);
-    return b;
+    if (type == DL_WEIGHT_F16) dl_widen_f16((const uint16_t *)w + row, widened, k);
+    else memcpy(widened, (const float *)w + row, k * 4);
+    for (size_t i = 0; i < k; i++) {  // a subnormal is read as zero, sign kept
+        uint32_t bits;
+        memcpy(&bits, widened + i, sizeof bits);
+        if ((bits & 0x7f800000u) == 0) {
+            bits &= 0x80000000u;
+            memcpy(widened + i, &bits, sizeof bits);
+        }
+    }
+    dl_narrow_bf16(widened, out, k);
 }
 
 void dl_pack_panels_bf16(int weight_type, const void *w, size_t ldw, size_t n, size_t k, void *panels, size_t panel_begin,
                          size_t panel_end) {
     size_t kp = padded_k(k);
+    float *widened = malloc((k ? k : 1) * sizeof(float));
+    uint16_t *rounded = malloc((k ? k : 1) * sizeof(uint16_t));
     for (size_t p = panel_begin; p < panel_end; p++) {
         uint16_t *panel = (uint16_t *)panels + p * PANEL * kp;
         memset(panel, 0, PANEL * kp * 2);
         for (size_t c = 0; c < PANEL && p * PANEL + c < n; c++) {
-            size_t row = (p * PANEL + c) * ldw;
-            for (size_t kk = 0; kk < k; kk++) panel[(kk / 2) * 2 * PANEL + c * 2 + (kk & 1)] = rounded_bf16(weight_type, w, row + kk);
+            rounded_row(weight_type, w, (p * PANEL + c) * ldw, k, widened, rounded);
+            for (size_t kk = 0; kk < k; kk++) panel[(kk / 2) * 2 * PANEL + c * 2 + (kk & 1)] = rounded[kk];
         }
     }
+    free(widened);
+    free(rounded);
 }
 
 #ifdef DL_AMX
