@@ -1,4 +1,5 @@
 import Foundation
+import CKernels
 
 // Element-wise and row-wise kernels on `Matrix`. Each has a plain double-precision twin in
 // `ReferenceKernels` that the tests compare against.
@@ -84,24 +85,12 @@ public func siluGate(_ gate: Matrix, _ up: Matrix) -> Matrix {
     return output
 }
 
-/// Numerically stable softmax over `count` floats in place; `-infinity` entries get weight 0.
+/// Numerically stable softmax over `count` floats in place (`dl_softmax`: the same bits on every
+/// path); `-infinity` entries get weight 0.
 /// A row that is all `-infinity` becomes all zeros.
 @inline(__always)
-public func softmaxInPlace(_ row: UnsafeMutablePointer<Float>, count: Int) {
-    var maximum = -Float.infinity
-    for i in 0..<count where row[i] > maximum { maximum = row[i] }
-    guard maximum > -Float.infinity else {
-        for i in 0..<count { row[i] = 0 }
-        return
-    }
-    var sum: Float = 0
-    for i in 0..<count {
-        let e = expf(row[i] - maximum)
-        row[i] = e
-        sum += e
-    }
-    let inverse = 1 / sum
-    for i in 0..<count { row[i] *= inverse }
+public func softmaxInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, path: KernelPath = Kernels.path) {
+    dl_softmax(path.cValue, row, count)
 }
 
 /// Natural-log softmax of `logits`.

@@ -81,17 +81,30 @@ func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
         }
     }
 
-    @Test("softmax matches, masks -infinity, and zeroes a fully masked row")
-    func softmax() {
-        var row = randomValues(50, seed: 11, scale: 10)
-        row[3] = -.infinity
+    @Test("softmax: every path gives the same bits, within 1e-6 of the exact one; -infinity masks, a fully masked row is zeros, NaN spreads",
+          arguments: [1, 15, 16, 17, 50, 577, 1000])
+    func softmax(count: Int) {
+        var row = randomValues(count, seed: 11 + UInt64(count), scale: 40)
+        if count > 3 { row[3] = -.infinity }
+        if count > 40 { row[40] = row.max()! - 90 }  // below the exp cut-off: exactly 0
         let expected = ReferenceKernels.softmax(row)
-        row.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, count: $0.count) }
-        #expect(maxRelativeDifference(row, expected) < 1e-6)
-        #expect(row[3] == 0)
-        var masked: [Float] = [-.infinity, -.infinity]
-        masked.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, count: 2) }
-        #expect(masked == [0, 0])
+        var first: [Float]?
+        for path in KernelPath.allCases where path.isAvailable {
+            var result = row
+            result.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, count: $0.count, path: path) }
+            #expect(maxRelativeDifference(result, expected) < 1e-6, "\(path)")
+            #expect(abs(result.reduce(0, +) - 1) < 1e-5, "\(path)")
+            if count > 3 { #expect(result[3] == 0, "\(path)") }
+            if count > 40 { #expect(result[40] == 0, "\(path)") }
+            if let first { #expect(result.map(\.bitPattern) == first.map(\.bitPattern), "\(path)") } else { first = result }
+            var masked = [Float](repeating: -.infinity, count: count)
+            masked.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, count: count, path: path) }
+            #expect(masked.allSatisfy { $0 == 0 }, "\(path)")
+            var poisoned = row
+            poisoned[count / 2] = .nan
+            poisoned.withUnsafeMutableBufferPointer { softmaxInPlace($0.baseAddress!, count: count, path: path) }
+            #expect(poisoned.allSatisfy { $0.isNaN }, "\(path)")
+        }
         let logProbabilities = logSoftmax([1, 2, 3])
         #expect(abs(logProbabilities.map { expf($0) }.reduce(0, +) - 1) < 1e-6)
     }

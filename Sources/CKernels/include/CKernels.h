@@ -58,6 +58,10 @@ void dl_gemm_panels(int path, int weight_type, const float *x, size_t ldx, size_
 /// `j` with fused multiply-adds from +0, the same bits on every path.
 void dl_weighted_sum(int path, const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out);
 
+/// Softmax of `count` values in place (attention's rows): one exp polynomial and one order of
+/// additions on every path (see softmax.c); a row of -infinity becomes zeros, a NaN spreads.
+void dl_softmax(int path, float *x, size_t count);
+
 /// Whether this CPU has AVX512-BF16 (`vdpbf16ps`), which `dl_gemm_bf16` uses on the AVX-512 path.
 int dl_kernel_bf16_available(void);
 
