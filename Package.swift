@@ -28,7 +28,7 @@ let package = Package(
         // (scalar, AVX2+FMA+F16C, AVX-512); the only C the project holds.
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3"])]),
 
-        .target(name: "Numerics", dependencies: ["CBLAS", "CKernels"]),
+        .target(name: "Numerics", dependencies: ["CKernels"]),
         .target(name: "SafeTensors", dependencies: ["Numerics"]),
         // LLaMA's sentencepiece tokenizer and the LLaVA prompt (Foundation only).
         .target(name: "Tokenizer"),

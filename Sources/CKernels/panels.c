@@ -53,6 +53,17 @@ void dl_pack_panels(int weight_type, const void *w, size_t ldw, size_t n, size_t
     }
 }
 
+void dl_pack_panels_from_columns(const float *v, size_t ldv, size_t n, size_t k, float *panels) {
+    for (size_t p = 0; p * PANEL < n; p++) {
+        size_t width = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
+        float *panel = panels + p * PANEL * k;
+        for (size_t kk = 0; kk < k; kk++) {
+            memcpy(panel + kk * PANEL, v + kk * ldv + p * PANEL, width * sizeof(float));
+            if (width < PANEL) memset(panel + kk * PANEL + width, 0, (PANEL - width) * sizeof(float));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scalar: the chain written out, one element at a time.
 

@@ -1,9 +1,9 @@
 import CKernels
 
-/// Scaled dot-product attention for ONE sequence, all heads. Several queries (a prompt): products
-/// through OpenBLAS sgemm. One query (a decode step): the native kernels, which read each key and
-/// value once and whose bits do not depend on the CPU path (`dl_gemm` for the scores,
-/// `dl_weighted_sum` for the values).
+/// Scaled dot-product attention for ONE sequence, all heads, on the native kernels, whose bits do
+/// not depend on the CPU path. Several queries (a prompt): the packed-panel products
+/// (`dl_gemm_panels`), keys and values packed per head. One query (a decode step): kernels that
+/// read each key and value once in place (`dl_gemm` for the scores, `dl_weighted_sum` for the values).
 ///
 /// - `queries`: `[queryCount, heads * headDimension]` with row stride `queryStride`.
 /// - `keys`, `values`: `[keyCount, keyValueHeads * headDimension]` with row strides
@@ -31,16 +31,27 @@ public func multiHeadAttention(
         return
     }
     let pointers = UncheckedSendable((queries, keys, values, output, probabilities))
-    // Heads are independent: spread over the workers (each writes its own output columns).
+    let path = Kernels.path.cValue, panelWidth = 16
+    // Heads are independent: spread over the workers (each writes its own output columns). Both
+    // products run on the packed-panel kernel (`dl_gemm_panels`): the keys packed as the weight
+    // of the scores, the values (read by columns) as the weight of the output.
     Parallelism.forEach(heads) { h in
         let (queries, keys, values, output, probabilities) = pointers.value
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: max(queryCount * keyCount, 1))
-        defer { scores.deallocate() }
+        let paddedKeys = (keyCount + panelWidth - 1) / panelWidth * panelWidth
+        let paddedWidth = (headDimension + panelWidth - 1) / panelWidth * panelWidth
+        let keyPanels = UnsafeMutablePointer<Float>.allocate(capacity: max(paddedKeys * headDimension, 1))
+        let valuePanels = UnsafeMutablePointer<Float>.allocate(capacity: max(paddedWidth * keyCount, 1))
+        defer {
+            scores.deallocate()
+            keyPanels.deallocate()
+            valuePanels.deallocate()
+        }
         let kv = (h / group) * headDimension
-        BLAS.sgemm(m: queryCount, n: keyCount, k: headDimension,
-                   a: queries + h * headDimension, lda: queryStride,
-                   b: keys + kv, ldb: keyStride, transposeB: true,
-                   c: scores, ldc: keyCount, alpha: scale)
+        dl_pack_panels(Int32(DL_WEIGHT_F32), keys + kv, keyStride, keyCount, headDimension, keyPanels, 0, paddedKeys / panelWidth)
+        dl_gemm_panels(path, Int32(DL_WEIGHT_F32), queries + h * headDimension, queryStride, queryCount, keyPanels, headDimension,
+                       0, keyCount, scores, keyCount)
+        for i in 0..<queryCount * keyCount { scores[i] *= scale }
         if let mask {
             mask.withUnsafeBufferPointer { m in
                 for i in 0..<queryCount * keyCount { scores[i] += m[i] }
@@ -50,10 +61,9 @@ public func multiHeadAttention(
         if let probabilities {
             (probabilities + h * queryCount * keyCount).update(from: scores, count: queryCount * keyCount)
         }
-        BLAS.sgemm(m: queryCount, n: headDimension, k: keyCount,
-                   a: scores, lda: keyCount,
-                   b: values + kv, ldb: valueStride, transposeB: false,
-                   c: output + h * headDimension, ldc: outputStride)
+        dl_pack_panels_from_columns(values + kv, valueStride, headDimension, keyCount, valuePanels)
+        dl_gemm_panels(path, Int32(DL_WEIGHT_F32), scores, keyCount, queryCount, valuePanels, keyCount,
+                       0, headDimension, output + h * headDimension, outputStride)
     }
 }
 

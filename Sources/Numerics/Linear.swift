@@ -1,32 +1,6 @@
-import CBLAS
 import CKernels
 import Dispatch
 import Foundation
-
-/// OpenBLAS, for attention's per-sequence products and as the benchmarks' baseline, always
-/// single-threaded: the engine runs its own workers, so no result depends on how many threads run.
-public enum BLAS {
-    /// Set once, before the first product: OpenBLAS's own threading off (it would split a product
-    /// differently for each thread count, and calls from several workers must not nest threads).
-    static let singleThreaded: Void = openblas_set_num_threads(1)
-
-    /// `C[M, N] = alpha * A[M, K] · op(B) + beta * C`, row-major, where `op(B)` is `B` `[K, N]`
-    /// or, with `transposeB`, `Bᵀ` for `B` `[N, K]`. Leading dimensions are element strides.
-    @inline(__always)
-    public static func sgemm(
-        m: Int, n: Int, k: Int,
-        a: UnsafePointer<Float>, lda: Int,
-        b: UnsafePointer<Float>, ldb: Int, transposeB: Bool,
-        c: UnsafeMutablePointer<Float>, ldc: Int,
-        alpha: Float = 1, beta: Float = 0
-    ) {
-        guard m > 0, n > 0 else { return }
-        _ = singleThreaded
-        cblas_sgemm(
-            CblasRowMajor, CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
-            blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc))
-    }
-}
 
 /// Worker threads for the products. Results never depend on it: work is split into blocks of
 /// output elements, each computed the same way whichever worker takes it and however large.

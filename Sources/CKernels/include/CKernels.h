@@ -46,6 +46,11 @@ size_t dl_panel_bytes(int weight_type, size_t n, size_t k);
 void dl_pack_panels(int weight_type, const void *w, size_t ldw, size_t n, size_t k, void *panels, size_t panel_begin,
                     size_t panel_end);
 
+/// Packs the f32 weight whose element (n, k) is `v[k · ldv + n]` (a `[k, n]` matrix read by columns,
+/// such as attention's values) into panels, as `dl_pack_panels` packs `[n, k]`: a copy of
+/// 16-column strips.
+void dl_pack_panels_from_columns(const float *v, size_t ldv, size_t n, size_t k, float *panels);
+
 /// `y[r, n] = Σ_k x[r, k] · w[n, k]` for rows `0..<m` and columns `n_begin..<n_end` (`n_begin` a
 /// multiple of 16) from the packed `panels` of `w`. Each element is one chain of fused
 /// multiply-adds in increasing k from +0 on every path, so a row's result is the same whatever
