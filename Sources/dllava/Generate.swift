@@ -7,7 +7,7 @@ import SafeTensors
 
 /// Options every model-running command shares.
 struct ModelOptions: ParsableArguments {
-    @Option(help: "Model directory (either checkpoint layout). Defaults to $DLLAVA_MODEL.")
+    @Option(help: "Model directory (either checkpoint layout). Defaults to $DLLAVA_MODEL, else the model Scripts/install installed.")
     var model: String?
 
     @Option(help: "Worker threads for matrix products (default: all cores). Results do not depend on it.")
@@ -26,13 +26,13 @@ struct ModelOptions: ParsableArguments {
         guard precision.isNative || Kernels.path == .reference || Kernels.path == .scalar else {
             throw ValidationError("--precision bf16 needs a CPU with AVX512-BF16 (this one has none); use --precision f32")
         }
-        guard model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] != nil else {
+        guard BuildInfo.modelDirectory(model) != nil else {
             throw ValidationError("no model: pass --model DIR or set DLLAVA_MODEL")
         }
     }
 
     var modelDirectory: URL {
-        URL(fileURLWithPath: model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] ?? ".")
+        URL(fileURLWithPath: BuildInfo.modelDirectory(model) ?? ".")
     }
 
     /// Sets threads, precision and the kernel path (`DLLAVA_KERNEL`, checked here), then loads.

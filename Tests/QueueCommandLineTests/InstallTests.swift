@@ -1,0 +1,58 @@
+// `dllava --version` and the source commit Scripts/stamp-source-commit records for it, from a checkout and from a
+// tarball made by `git archive`.
+import CommandLineSupport
+import Foundation
+import Testing
+
+@Suite("dllava --version and the recorded source commit")
+struct InstallTests {
+    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// Runs `executable arguments` in `directory`; standard output and the exit status.
+    func shell(_ executable: String, _ arguments: [String], in directory: URL) throws -> (status: Int32, output: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.currentDirectoryURL = directory
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    @Test func versionPrintsTheReleaseAndTheSourceCommit() throws {
+        let result = try runDLLaVA(["--version"])
+        #expect(result.status == 0)
+        let pattern = #/^\d+\.\d+\.\d+ \(commit ([0-9a-f]{40}(\+changes)?|unknown)\)\n$/#
+        #expect(result.standardOutput.wholeMatch(of: pattern) != nil, "\(result.standardOutput)")
+    }
+
+    /// A copy of the repository's tracked files as `git archive` makes it (the commit filled into
+    /// Scripts/source-commit.txt), and the same files with that line as committed, as a plain copy has it.
+    @Test func aTarballKnowsItsCommitAndAPlainCopySaysUnknown() throws {
+        guard try shell("/usr/bin/env", ["git", "rev-parse", "--is-inside-work-tree"], in: Self.repository).status == 0 else {
+            return  // a tarball itself: nothing to archive from
+        }
+        let head = try shell("/usr/bin/env", ["git", "rev-parse", "HEAD"], in: Self.repository).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-archive-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: scratch) }
+        let tarball = scratch.appendingPathComponent("source.tar").path
+        #expect(try shell("/usr/bin/env", ["git", "archive", "--format=tar", "-o", tarball, "HEAD", "Scripts", "Sources/CBuildInfo"], in: Self.repository).status == 0)
+        #expect(try shell("/usr/bin/env", ["tar", "-xf", tarball], in: scratch).status == 0)
+
+        let archived = try shell(scratch.appendingPathComponent("Scripts/stamp-source-commit").path, [], in: scratch)
+        #expect(archived.status == 0 && archived.output == "\(head)\n")
+        let header = try String(contentsOf: scratch.appendingPathComponent("Sources/CBuildInfo/source_commit.h"), encoding: .utf8)
+        #expect(header == "#define DL_SOURCE_COMMIT \"\(head)\"\n")
+
+        try Data("$Format:%H$\n".utf8).write(to: scratch.appendingPathComponent("Scripts/source-commit.txt"))
+        let plain = try shell(scratch.appendingPathComponent("Scripts/stamp-source-commit").path, [], in: scratch)
+        #expect(plain.status == 0 && plain.output == "unknown\n")
+        let unknownHeader = try String(contentsOf: scratch.appendingPathComponent("Sources/CBuildInfo/source_commit.h"), encoding: .utf8)
+        #expect(unknownHeader == "#define DL_SOURCE_COMMIT \"unknown\"\n")
+    }
+}
