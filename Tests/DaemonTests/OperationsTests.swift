@@ -74,6 +74,7 @@ struct OperationsTests {
                                              ("b", sample("test_000003.png"), "Describe the image."),
                                              ("broken", badImage, "Describe the image.")])
         defer { try? FileManager.default.removeItem(at: directory) }
+        try FileManager.default.createDirectory(at: directory.appendingPathComponent("metrics"), withIntermediateDirectories: true)
         let daemon = try run(["run", "--db", "q.sqlite", "--model", model, "--out", "out", "--until-empty", "--batch-size", "2",
                               "--metrics-file", "metrics/dllava.prom"], in: directory)
         #expect(daemon.status == 0, "\(daemon.standardError)")
