@@ -55,6 +55,8 @@ let package = Package(
         ]),
         // zstd compression, atomic file writes, checksums, the result file; never imports the model.
         .target(name: "Artifacts", dependencies: ["CZstd", .product(name: "Crypto", package: "swift-crypto")]),
+        // `dllava report`: the HTML page of a queue's run (thumbnails with the kept image patches); never imports the model.
+        .target(name: "RunReport", dependencies: ["JobQueue", "Artifacts", "Imaging"]),
         // The daemon loop: claim, heartbeat, run through a BatchRunner, write results, complete or fail.
         .target(name: "BatchDaemon", dependencies: [
             "JobQueue", "Artifacts", .product(name: "Logging", package: "swift-log"), .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -67,7 +69,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         .executableTarget(name: "dllava", dependencies: [
-            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "PostgresQueue", "Artifacts", "BatchDaemon", "Telemetry", "CBuildInfo",
+            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "PostgresQueue", "Artifacts", "BatchDaemon", "Telemetry", "CBuildInfo", "RunReport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
