@@ -48,11 +48,4 @@ extension RGBImage {
         guard status == 0, let buffer else { throw ImageEncodingError(format: "JPEG", reason: String(cString: tjGetErrorStr2(handle))) }
         return Data(bytes: buffer, count: Int(length))
     }
-
-    /// The image scaled (Pillow's bicubic) so that its longer side is `side`; unchanged when already no longer.
-    public func scaled(toLongSide side: Int) -> RGBImage {
-        guard max(width, height) > side else { return self }
-        let scale = Double(side) / Double(max(width, height))
-        return PillowResample.resize(self, width: max(1, Int((Double(width) * scale).rounded())), height: max(1, Int((Double(height) * scale).rounded())))
-    }
 }
