@@ -9,6 +9,7 @@ let package = Package(
         .executable(name: "dllava", targets: ["dllava"]),
         .executable(name: "dllava-bench", targets: ["dllava-bench"]),
         .executable(name: "dllava-queue-bench", targets: ["dllava-queue-bench"]),
+        .executable(name: "dllava-report-bench", targets: ["dllava-report-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -80,6 +81,10 @@ let package = Package(
         .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),
         .executableTarget(name: "dllava-queue-bench", dependencies: [
             "JobQueue", "PostgresQueue", "Artifacts", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .executableTarget(name: "dllava-report-bench", dependencies: [
+            "JobQueue", "Artifacts", "RunReport", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         .testTarget(name: "NumericsTests", dependencies: ["Numerics", "CKernels"]),

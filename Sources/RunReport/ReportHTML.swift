@@ -79,7 +79,7 @@ extension RunReport {
         svg += String(format: "<text x=\"%.0f\" y=\"%.0f\" class=\"axis\">%d</text>", left - 4, top + 8, most)
         svg += String(format: "<text x=\"%.0f\" y=\"%.0f\" class=\"axis\">0</text>", left - 4, height - bottom)
         svg += "<text x=\"\(Int(left))\" y=\"\(Int(height - 6))\" class=\"axis start\">0</text>"
-        svg += "<text x=\"\(Int(width))\" y=\"\(Int(height - 6))\" class=\"axis end\">\(Self.describe(seconds: spanSeconds)), jobs per \(Self.describe(seconds: bucket))</text>"
+        svg += "<text x=\"\(Int(width))\" y=\"\(Int(height - 6))\" class=\"axis end\">\(Self.describe(seconds: spanSeconds)) from the first to the last; one bar per \(Self.describe(seconds: bucket))</text>"
         return svg + "</svg>"
     }
 
@@ -106,9 +106,10 @@ extension RunReport {
     #jobs{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
     .job{display:flex;gap:12px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px}
     .job.state-failed{border-color:#d33}.thumb{width:128px;height:128px;flex:none;border-radius:3px;background:#eee}
-    .thumb.missing{display:flex;align-items:center;justify-content:center;font-size:11px;color:#777;text-align:center;padding:4px;box-sizing:border-box}
+    .thumb.missing{display:flex;align-items:center;justify-content:center;font-size:11px;color:#777;text-align:center;padding:4px;box-sizing:border-box;overflow:hidden;word-break:break-all}
+    .body{min-width:0;overflow-wrap:anywhere}
     .job h3{font-size:13px;margin:0 0 4px;color:#444}.caption{margin:0 0 6px}.error{margin:0 0 6px;color:#b00}
-    .meta{font-size:12px;color:#666;margin:0}.meta span{margin-right:10px;white-space:nowrap}
+    .meta{font-size:12px;color:#666;margin:0;display:flex;flex-wrap:wrap;column-gap:10px}.meta span{white-space:nowrap}
     .failures table{border-collapse:collapse;font-size:12px}.failures td,.failures th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
     """
 
