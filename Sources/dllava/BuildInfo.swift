@@ -12,7 +12,8 @@ enum BuildInfo {
     /// `<prefix>/share/dllava/models/dllava-scenes` beside `<prefix>/bin/dllava`, where Scripts/install puts the
     /// default model, when it is there.
     static var installedModel: String? {
-        let executable = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+        // The executable's own path (argv[0] is only "dllava" when it was found on PATH).
+        let executable = (Bundle.main.executableURL ?? URL(fileURLWithPath: CommandLine.arguments[0])).resolvingSymlinksInPath()
         let model = executable.deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("share/dllava/models/dllava-scenes")
         return FileManager.default.fileExists(atPath: model.appendingPathComponent("config.json").path) ? model.path : nil

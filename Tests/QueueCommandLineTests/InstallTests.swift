@@ -55,4 +55,38 @@ struct InstallTests {
         let unknownHeader = try String(contentsOf: scratch.appendingPathComponent("Sources/CBuildInfo/source_commit.h"), encoding: .utf8)
         #expect(unknownHeader == "#define DL_SOURCE_COMMIT \"unknown\"\n")
     }
+
+    /// The layout Scripts/install makes, `<prefix>/bin/dllava` and `<prefix>/share/dllava/models/dllava-scenes`:
+    /// run by name from PATH, with neither --model nor $DLLAVA_MODEL, dllava finds the installed model.
+    @Test func anInstalledDllavaFindsItsDefaultModel() throws {
+        let prefix = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-prefix-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: prefix) }
+        let bin = prefix.appendingPathComponent("bin"), models = prefix.appendingPathComponent("share/dllava/models")
+        try FileManager.default.createDirectory(at: bin, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: models, withIntermediateDirectories: true)
+        let installed = bin.appendingPathComponent("dllava")
+        if link(dllavaExecutable.path, installed.path) != 0 { try FileManager.default.copyItem(at: dllavaExecutable, to: installed) }
+        try FileManager.default.copyItem(at: Self.repository.appendingPathComponent("Jobs/models/dllava-scenes"),
+                                         to: models.appendingPathComponent("dllava-scenes"))
+        var environment = ProcessInfo.processInfo.environment
+        environment["DLLAVA_MODEL"] = nil
+        environment["PATH"] = bin.path + ":/usr/bin:/bin"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["dllava", "tokenize", "--text", "a red circle", "--json"]
+        process.environment = environment
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        #expect(String(decoding: data, as: UTF8.self).hasPrefix("{\"ids\":[1,"), "\(String(decoding: data, as: UTF8.self))")
+        // Not installed (the build folder has no share/ beside it): no model, a usage error.
+        var bare = environment
+        bare["PATH"] = "/usr/bin:/bin"
+        let result = try runDLLaVA(["tokenize", "--text", "a red circle"], environment: bare)
+        #expect(result.status == 64 && result.standardError.contains("no model"))
+    }
 }
