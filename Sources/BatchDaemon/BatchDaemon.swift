@@ -169,7 +169,6 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     public func run(stop: StopFlag, logger: Logger, progress: @escaping @Sendable (DaemonProgress) -> Void = { _ in }) throws -> DaemonReport {
         var logger = logger
         logger[metadataKey: "worker"] = .string(options.owner)
-        let log: @Sendable (String) -> Void = { [logger] in logger.info("\($0)") }
         var loop = Loop(daemon: self, batch: runner.makeBatch(), stop: stop, logger: logger, progress: progress)
         do {
             try FileManager.default.createDirectory(at: snapshotDirectory, withIntermediateDirectories: true)
@@ -177,7 +176,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             throw ArtifactError.io(path: snapshotDirectory.path, operation: "create directory", reason: error.localizedDescription)
         }
         do {
-            try sweep(log: log)
+            try sweep(log: { [logger] in logger.notice("\($0)") })
             try queue.register(WorkerRecord.current(owner: options.owner, leaseMilliseconds: options.leaseMilliseconds, now: queue.clock.now()))
         } catch {
             throw DaemonStopped(report: loop.report, underlying: error, released: 0, unreleased: 0)
