@@ -9,6 +9,7 @@ let package = Package(
         .executable(name: "dllava", targets: ["dllava"]),
         .executable(name: "dllava-bench", targets: ["dllava-bench"]),
         .executable(name: "dllava-queue-bench", targets: ["dllava-queue-bench"]),
+        .executable(name: "dllava-report-bench", targets: ["dllava-report-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -16,7 +17,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.0.0"),
         .package(url: "https://github.com/vapor/postgres-nio", from: "1.21.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.65.0"),
-        .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // System libraries (Debian -dev packages, installed by Scripts/setup).
@@ -27,6 +30,8 @@ let package = Package(
         // Matrix kernels on weights as stored and dtype conversion, with run-time CPU dispatch
         // (scalar, AVX2+FMA+F16C, AVX-512); the only C the project holds.
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3"])]),
+        // The source commit `dllava --version` prints, recorded by Scripts/stamp-source-commit.
+        .target(name: "CBuildInfo"),
 
         .target(name: "Numerics", dependencies: ["CKernels"]),
         .target(name: "SafeTensors", dependencies: ["Numerics"]),
@@ -51,10 +56,21 @@ let package = Package(
         ]),
         // zstd compression, atomic file writes, checksums, the result file; never imports the model.
         .target(name: "Artifacts", dependencies: ["CZstd", .product(name: "Crypto", package: "swift-crypto")]),
+        // `dllava report`: the HTML page of a queue's run (thumbnails with the kept image patches); never imports the model.
+        .target(name: "RunReport", dependencies: ["JobQueue", "Artifacts", "Imaging"]),
         // The daemon loop: claim, heartbeat, run through a BatchRunner, write results, complete or fail.
-        .target(name: "BatchDaemon", dependencies: ["JobQueue", "Artifacts"]),
+        .target(name: "BatchDaemon", dependencies: [
+            "JobQueue", "Artifacts", .product(name: "Logging", package: "swift-log"), .product(name: "CoreMetrics", package: "swift-metrics"),
+        ]),
+        // What a run reports to operators: Prometheus metrics (a node_exporter textfile, or /metrics over HTTP on
+        // loopback) and log lines (plain or JSON); never imports the model.
+        .target(name: "Telemetry", dependencies: [
+            "Artifacts", .product(name: "Logging", package: "swift-log"), .product(name: "CoreMetrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"), .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
         .executableTarget(name: "dllava", dependencies: [
-            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "PostgresQueue", "Artifacts", "BatchDaemon",
+            "DynamicLLaVA", "Numerics", "SafeTensors", "Llama", "Tokenizer", "Imaging", "Sparsification", "JobQueue", "PostgresQueue", "Artifacts", "BatchDaemon", "Telemetry", "CBuildInfo", "RunReport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
@@ -65,6 +81,10 @@ let package = Package(
         .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),
         .executableTarget(name: "dllava-queue-bench", dependencies: [
             "JobQueue", "PostgresQueue", "Artifacts", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .executableTarget(name: "dllava-report-bench", dependencies: [
+            "JobQueue", "Artifacts", "RunReport", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         .testTarget(name: "NumericsTests", dependencies: ["Numerics", "CKernels"]),
@@ -82,7 +102,10 @@ let package = Package(
                     exclude: ["Fixtures"]),
         .testTarget(name: "JobQueueTests", dependencies: ["JobQueue", "PostgresQueue", "CommandLineSupport"]),
         // The daemon loop in process, with a fake engine and a manual clock.
-        .testTarget(name: "BatchDaemonTests", dependencies: ["BatchDaemon", "JobQueue", "Artifacts"]),
+        .testTarget(name: "BatchDaemonTests", dependencies: [
+            "BatchDaemon", "JobQueue", "Artifacts", .product(name: "MetricsTestKit", package: "swift-metrics"),
+        ]),
+        .testTarget(name: "TelemetryTests", dependencies: ["Telemetry", "BatchDaemon", .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts"]),
         // Runs the built `dllava` executable (found beside the test bundle) on queue databases.
         .testTarget(name: "QueueCommandLineTests", dependencies: [

@@ -35,8 +35,10 @@ public struct ResultTimings: Codable, Sendable, Hashable {
 ///
 /// Format version 1 (never edited): `format_version`, `job_id`, `attempt`, `custom_id` (absent when none), `text`,
 /// `token_ids`, `finish_reason`, `parameters`, `stats`, `model` (`fingerprint`, `name`), `timings` (`enqueued_at`,
-/// `started_at`, `finished_at`). Version 2 (written now) adds `queue_id`, the identity of the queue whose job this
-/// is, so a file names its job even outside its queue's folder. Readers take both.
+/// `started_at`, `finished_at`). Version 2 adds `queue_id`, the identity of the queue whose job this
+/// is, so a file names its job even outside its queue's folder. Version 3 (written now) may carry
+/// `stats.kept_image_indices`, the image tokens a Dynamic-LLaVA job kept (for `dllava report`); the envelope is
+/// version 2's. Readers take all three.
 public struct ResultRecord<Parameters: Codable & Sendable, Stats: Codable & Sendable>: Codable, Sendable {
     public var formatVersion: Int
     /// The queue's identity (absent in version 1 files).
@@ -94,7 +96,7 @@ public struct ResultSummary: Decodable, Sendable, Hashable {
 /// accepted attempt recorded.
 public struct ResultFile: Sendable {
     /// The version written; every version from 1 up to it is read.
-    public static let formatVersion = 2
+    public static let formatVersion = 3
     /// Results larger than this are refused on reading (a guard against a corrupt or hostile size).
     public static let maxDecompressedSize = 256 << 20
 

@@ -7,6 +7,7 @@
 import Artifacts
 import Foundation
 import JobQueue
+import Logging
 
 public struct DaemonOptions: Sendable {
     /// Heartbeats in one lease: more than three, so a lease survives a missed heartbeat or two.
@@ -125,15 +126,17 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     public let runner: Runner
     public let results: ResultFile
     public let options: DaemonOptions
+    public let metrics: DaemonMetrics
 
     /// Files go under `<out>/<queue identity>/`: results `<job id>-<attempt>.json.zst`, snapshots
     /// `snapshots/job-<job id>.kv.zst`. Job ids are never reused within a queue and the identity is a UUID, so
     /// neither a later job nor another queue sharing `out` can write or read these names.
-    public init(queue: JobQueue, runner: Runner, out: URL, options: DaemonOptions) throws {
+    public init(queue: JobQueue, runner: Runner, out: URL, options: DaemonOptions, metrics: DaemonMetrics = DaemonMetrics()) throws {
         self.queue = queue
         self.runner = runner
         self.results = try ResultFile(directory: Self.queueDirectory(out: out, queue: queue.identity))
         self.options = options
+        self.metrics = metrics
     }
 
     /// `<out>/<queue identity>`: where one queue's result and snapshot files live.
@@ -160,25 +163,30 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     /// fails) stops the run: the unsettled jobs are released to the queue without counting their
     /// attempt (as far as the database still takes writes) and `DaemonStopped` is thrown with the
     /// report so far and the cause.
-    public func run(stop: StopFlag, log: @escaping @Sendable (String) -> Void,
-                    progress: @escaping @Sendable (DaemonProgress) -> Void = { _ in }) throws -> DaemonReport {
-        var loop = Loop(daemon: self, batch: runner.makeBatch(), stop: stop, log: log, progress: progress)
+    ///
+    /// Log events carry `worker` (the owner name) and, for a job's events, `job_id` and `custom_id` as metadata; the
+    /// messages read on their own ("job 7: cancelled at a decode step").
+    public func run(stop: StopFlag, logger: Logger, progress: @escaping @Sendable (DaemonProgress) -> Void = { _ in }) throws -> DaemonReport {
+        var logger = logger
+        logger[metadataKey: "worker"] = .string(options.owner)
+        var loop = Loop(daemon: self, batch: runner.makeBatch(), stop: stop, logger: logger, progress: progress)
         do {
             try FileManager.default.createDirectory(at: snapshotDirectory, withIntermediateDirectories: true)
         } catch {
             throw ArtifactError.io(path: snapshotDirectory.path, operation: "create directory", reason: error.localizedDescription)
         }
         do {
-            try sweep(log: log)
+            try sweep(log: { [logger] in logger.notice("\($0)") })
             try queue.register(WorkerRecord.current(owner: options.owner, leaseMilliseconds: options.leaseMilliseconds, now: queue.clock.now()))
         } catch {
             throw DaemonStopped(report: loop.report, underlying: error, released: 0, unreleased: 0)
         }
         defer {
-            do { try queue.unregister(owner: options.owner) } catch { log("cannot remove this worker's record: \(error)") }
+            do { try queue.unregister(owner: options.owner) } catch { logger.warning("cannot remove this worker's record: \(error)") }
         }
         let heartbeat = Heartbeat(queue: queue, owner: options.owner, leaseMilliseconds: options.leaseMilliseconds)
         defer { heartbeat.stop() }
+        defer { loop.countMetrics() }
         do {
             try loop.run(heartbeat: heartbeat)
         } catch {
@@ -189,7 +197,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     released = try queue.release(jobs: unsettled, owner: options.owner)
                     loop.report.released += released
                 } catch {
-                    log("cannot release jobs \(unsettled.map(String.init).joined(separator: ", ")): \(error); they are rescued when their lease expires")
+                    logger.error("cannot release jobs \(unsettled.map(String.init).joined(separator: ", ")): \(error); they are rescued when their lease expires")
                 }
             }
             throw DaemonStopped(report: loop.report, underlying: error, released: released, unreleased: unsettled.count - released)
@@ -197,14 +205,22 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         return loop.report
     }
 
+    /// `run(stop:logger:progress:)` with each log message's text handed to `log`.
+    public func run(stop: StopFlag, log: @escaping @Sendable (String) -> Void,
+                    progress: @escaping @Sendable (DaemonProgress) -> Void = { _ in }) throws -> DaemonReport {
+        try run(stop: stop, logger: Logger(label: "dllava") { _ in MessageLogHandler(emit: log) }, progress: progress)
+    }
+
     /// One run's loop state: the batch, its jobs, and the counts.
     struct Loop {
         let daemon: BatchDaemon
         let batch: Runner.Batch
         let stop: StopFlag
-        let log: @Sendable (String) -> Void
+        let logger: Logger
         let progress: @Sendable (DaemonProgress) -> Void
         var report = DaemonReport()
+        /// The report as the metrics last counted it.
+        var counted = DaemonReport()
         /// Claimed jobs the queue has not yet been told the fate of: what a fault hands back.
         var unsettled: Set<Int64> = []
         /// The jobs in the batch.
@@ -225,17 +241,40 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         var doneAtAdmission = 0
         let start: Int64
 
-        init(daemon: BatchDaemon, batch: Runner.Batch, stop: StopFlag, log: @escaping @Sendable (String) -> Void,
-             progress: @escaping @Sendable (DaemonProgress) -> Void) {
+        init(daemon: BatchDaemon, batch: Runner.Batch, stop: StopFlag, logger: Logger, progress: @escaping @Sendable (DaemonProgress) -> Void) {
             self.daemon = daemon
             self.batch = batch
             self.stop = stop
-            self.log = log
+            self.logger = logger
             self.progress = progress
             start = daemon.queue.clock.now()
         }
 
         var options: DaemonOptions { daemon.options }
+
+        /// Counts in the metrics what the report gained since the last call.
+        mutating func countMetrics() {
+            daemon.metrics.count(from: counted, to: report)
+            counted = report
+            daemon.metrics.jobsRunning.record(running.count)
+        }
+
+        /// A log line of the run as a whole.
+        func log(_ message: String, level: Logger.Level = .info) {
+            logger.log(level: level, "\(message)")
+        }
+
+        /// Logs a line about `job`, with its id and custom id as metadata.
+        func log(_ message: String, job: Job, level: Logger.Level = .info) {
+            var metadata: Logger.Metadata = ["job_id": "\(job.id)"]
+            if let customID = job.customID { metadata["custom_id"] = .string(customID) }
+            logger.log(level: level, "\(message)", metadata: metadata)
+        }
+
+        /// `log(_:job:level:)` as a closure, for the daemon's functions that take one.
+        func logger(for job: Job, level: Logger.Level = .info) -> (String) -> Void {
+            { log($0, job: job, level: level) }
+        }
         /// Jobs this run finished: succeeded, failed, cancelled or released.
         var done: Int { report.succeeded + report.failed + report.cancelled + report.released }
         var queue: JobQueue { daemon.queue }
@@ -265,6 +304,9 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     if claimed.isEmpty {
                         lastEmptyClaim = queue.clock.now()
                         if running.isEmpty {
+                            countMetrics()
+                            let counts = try queue.counts()
+                            daemon.metrics.queueDepth.record((counts[.available] ?? 0) + (counts[.retryable] ?? 0))
                             if try waitForWork() { continue }
                             return
                         }
@@ -281,7 +323,9 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 if claimDue { continue }
                 let generating = batch.generating
                 guard !generating.isEmpty else { continue }
+                let stepStart = DispatchTime.now()
                 batch.step()
+                daemon.metrics.decodeStep.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - stepStart.uptimeNanoseconds))
                 for id in generating { steps[id, default: 0] += 1 }
                 tokensGenerated += generating.count
             }
@@ -290,7 +334,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         /// Reclaims dead workers' jobs on this host, then claims up to `limit` jobs.
         mutating func claim(limit: Int) throws -> [Job] {
             let reclaimed = try queue.reclaimJobsOfDeadWorkers()
-            if reclaimed > 0 { log("reclaimed \(reclaimed) job\(reclaimed == 1 ? "" : "s") of dead workers on this host") }
+            if reclaimed > 0 { log("reclaimed \(reclaimed) job\(reclaimed == 1 ? "" : "s") of dead workers on this host", level: .notice) }
             let claimed = try queue.claim(owner: options.owner, limit: limit, leaseDuration: options.leaseMilliseconds)
             report.claimed += claimed.count
             unsettled.formUnion(claimed.map(\.id))
@@ -324,20 +368,22 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             for job in claimed {
                 do {
                     let image = try daemon.checkedImage(job)
-                    entries.append(BatchEntry(job: job, image: image, snapshot: daemon.readSnapshot(job, log: log), snapshotURL: daemon.snapshotURL(job: job.id)))
+                    entries.append(BatchEntry(job: job, image: image, snapshot: daemon.readSnapshot(job, log: logger(for: job, level: .warning)), snapshotURL: daemon.snapshotURL(job: job.id)))
                 } catch {
-                    log("job \(job.id): \(error.reason)")
                     try settle(job, .failed(reason: error.reason, permanent: true), heartbeat: heartbeat)
                 }
             }
             for entry in entries { running[entry.job.id] = entry.job }
-            let refused = batch.add(entries, log: log)
+            let refused = batch.add(entries, log: { log($0) })
+            if let timings = batch.lastAdmissionTimings { daemon.metrics.record(timings) }
             for entry in entries {
                 if let outcome = refused[entry.job.id] {
                     try settle(entry.job, outcome, heartbeat: heartbeat)
                 }
             }
             let counts = try queue.counts()
+            daemon.metrics.queueDepth.record((counts[.available] ?? 0) + (counts[.retryable] ?? 0))
+            countMetrics()
             remainingAtAdmission = (counts[.available] ?? 0) + (counts[.retryable] ?? 0) + (counts[.running] ?? 0)
             doneAtAdmission = done
             let admitted = entries.count - refused.count
@@ -355,14 +401,16 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 if options.keepKV { takeSnapshot(of: job) }
                 guard let outcome = batch.remove(job: id) else { preconditionFailure("a finished job has an outcome") }
                 try settle(job, outcome, heartbeat: heartbeat)
-                if options.keepKV, case .succeeded = outcome { log("job \(id): final KV snapshot kept at \(daemon.snapshotURL(job: id).path)") }
+                if options.keepKV, case .succeeded = outcome { log("job \(id): final KV snapshot kept at \(daemon.snapshotURL(job: id).path)", job: job) }
             }
             let lost = heartbeat.lost
             for id in batch.generating where lost.contains(id) {
                 _ = batch.remove(job: id)
+                if let job = running[id] {
+                    log("job \(id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step", job: job, level: .warning)
+                }
                 forget(id, heartbeat: heartbeat)
                 report.discarded += 1
-                log("job \(id): its lease was lost (rescued by another worker, or finalised); dropped at a decode step")
             }
             let generating = batch.generating
             if !generating.isEmpty {
@@ -370,7 +418,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 do {
                     requested = try queue.cancelRequested(among: generating)
                 } catch {
-                    log("cannot read cancel requests at a decode step: \(error)")
+                    log("cannot read cancel requests at a decode step: \(error)", level: .warning)
                     requested = []
                 }
                 for id in generating where requested.contains(id) {
@@ -378,8 +426,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     _ = batch.remove(job: id)
                     if try queue.acknowledgeCancel(job: id, attempt: job.attempt, owner: options.owner) {
                         report.cancelled += 1
-                        daemon.removeSnapshot(job: id, log: log)
-                        log("job \(id): cancelled at a decode step")
+                        daemon.removeSnapshot(job: id, log: logger(for: job, level: .warning))
+                        log("job \(id): cancelled at a decode step", job: job, level: .notice)
                     } else {
                         report.discarded += 1
                     }
@@ -394,7 +442,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 }
                 report.released += try queue.release(jobs: going, owner: options.owner)
                 for id in going { forget(id, heartbeat: heartbeat) }
-                log("released jobs \(going.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(daemon.snapshotDirectory.path)")
+                log("released jobs \(going.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(daemon.snapshotDirectory.path)", level: .notice)
             } else if options.snapshotEvery > 0 {
                 // A boundary can come twice without a step between (after an admission): one snapshot per step count.
                 for id in going {
@@ -403,13 +451,22 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     periodicSnapshotAt[id] = count
                 }
             }
+            countMetrics()
             progress(DaemonProgress(done: done, remaining: max(0, remainingAtAdmission - (done - doneAtAdmission)),
                                     generatedTokens: tokensGenerated, elapsedSeconds: Double(queue.clock.now() - start) / 1000))
         }
 
         /// Records what became of a job in the queue (result file and completion, or failure).
         mutating func settle(_ job: Job, _ outcome: JobOutcome<Runner.Batch.Stats>, heartbeat: Heartbeat) throws {
-            try daemon.finish(job, outcome, report: &report, log: log)
+            let succeededBefore = report.succeeded
+            try daemon.finish(job, outcome, report: &report, log: logger(for: job, level: .warning))
+            switch outcome {
+            case .succeeded(_, let tokenIDs, let finishReason, let stats, _):
+                if report.succeeded > succeededBefore, let measurements = batch.measurements(of: stats) { daemon.metrics.record(measurements) }
+                log("job \(job.id): succeeded (\(tokenIDs.count) tokens, \(finishReason))", job: job, level: .debug)
+            case .failed(let reason, _):
+                log("job \(job.id): \(reason)", job: job, level: .warning)
+            }
             forget(job.id, heartbeat: heartbeat)
         }
 
@@ -436,7 +493,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 }
                 try SnapshotFile.write(payload, identity: daemon.snapshotIdentity(job), to: url)
             } catch {
-                log("job \(job.id): \(error)")
+                log("job \(job.id): \(error)", job: job, level: .warning)
             }
         }
     }
@@ -557,6 +614,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             let record = ResultRecord(queueID: queue.identity, jobID: job.id, attempt: job.attempt, customID: job.customID, text: text, tokenIDs: tokenIDs,
                                       finishReason: finishReason, parameters: job.parameters, stats: stats, model: runner.fingerprint,
                                       timings: ResultTimings(enqueuedAt: job.createdAt, startedAt: job.startedAt ?? now, finishedAt: now))
+            let writeStart = DispatchTime.now()
+            defer { metrics.resultWrite.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - writeStart.uptimeNanoseconds)) }
             let written: AtomicFile.Written
             do {
                 written = try results.write(record)
@@ -590,4 +649,19 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             }
         }
     }
+}
+
+/// Hands each log message's text to a closure, whatever its level.
+struct MessageLogHandler: LogHandler {
+    let emit: @Sendable (String) -> Void
+    var logLevel: Logger.Level = .info
+    var metadata: Logger.Metadata = [:]
+    var metadataProvider: Logger.MetadataProvider?
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) { emit("\(event.message)") }
 }

@@ -54,6 +54,15 @@ public protocol RunningBatch: AnyObject {
     func snapshot(job: Int64) -> Data?
     /// Takes the job out of the batch: its outcome when it had finished, nil when it had not.
     func remove(job: Int64) -> JobOutcome<Stats>?
+    /// How long the stages of the last `add` took, for metrics; nil when the engine does not measure them.
+    var lastAdmissionTimings: AdmissionTimings? { get }
+    /// A finished job's figures for metrics (image tokens, KV cells); nil when the engine has none.
+    func measurements(of stats: Stats) -> JobMeasurements?
+}
+
+extension RunningBatch {
+    public var lastAdmissionTimings: AdmissionTimings? { nil }
+    public func measurements(of stats: Stats) -> JobMeasurements? { nil }
 }
 
 /// Makes the batches the daemon drives.

@@ -31,6 +31,9 @@ public struct GenerationBatch {
     /// Cache sequences whose rows were removed, reused by the next rows added.
     var freeSequences: [Int] = []
     var nextRow = 0
+    /// Time the vision tower and projector took in the last `add` (over all its fresh rows' images), a part of
+    /// those rows' `prefillMilliseconds`; for metrics.
+    public private(set) var lastVisionMilliseconds = 0.0
 
     public init(generator: Generator) {
         self.generator = generator
@@ -69,6 +72,7 @@ public struct GenerationBatch {
             if let snapshot { try generator.checkSnapshot(snapshot, fits: requests[r], request: r) }
         }
         let start = DispatchTime.now()
+        lastVisionMilliseconds = 0
         var added: [Row] = []
         var fresh: [(row: Row, request: GenerationRequest)] = []
         for (request, snapshot) in zip(requests, snapshots) {
@@ -89,12 +93,16 @@ public struct GenerationBatch {
     }
 
     /// Embeds, prefills and takes the first token of new rows.
+    /// Sets `lastVisionMilliseconds` (0 when no row was fresh).
     mutating func prefill(_ fresh: [(row: Row, request: GenerationRequest)], start: DispatchTime) {
         guard !fresh.isEmpty else { return }
         let c = generator.model.language.configuration
         var prefilled: [Generator.RequestState] = []
         var flops: [Int] = []
-        for ((_, request), prompt) in zip(fresh, generator.promptEmbeddings(fresh.map(\.request))) {
+        let visionStart = DispatchTime.now()
+        let prompts = generator.promptEmbeddings(fresh.map(\.request))
+        lastVisionMilliseconds = milliseconds(since: visionStart)
+        for ((_, request), prompt) in zip(fresh, prompts) {
             var state = Generator.RequestState(request: request, sequence: -1, sampler: Sampler(request.parameters.sampling),
                                                promptEmbeddings: prompt.embeddings, promptLength: prompt.embeddings.rows,
                                                imageSpan: prompt.imageSpan)

@@ -127,12 +127,16 @@ public struct GenerationStats: Sendable, Codable, Equatable {
     /// The matrix products' arithmetic (`Kernels.precision`); absent in files written before it
     /// was recorded.
     public var precision: Precision?
+    /// The image tokens kept at prefill (indices into the image's tokens, row-major over the patch grid, ascending),
+    /// as `GenerationResult.keptImageIndices`; absent when none were dropped, and in files written before it was
+    /// recorded. `dllava report` draws them over the image.
+    public var keptImageIndices: [Int]?
 
     enum CodingKeys: String, CodingKey {
         case promptTokens = "prompt_tokens", imageTokensTotal = "image_tokens_total", imageTokensKept = "image_tokens_kept"
         case kvCellsPerLayer = "kv_cells_per_layer", prefillMilliseconds = "prefill_ms", decodeMilliseconds = "decode_ms"
         case prefillFlops = "prefill_flops", decodeFlops = "decode_flops", kvBytesPeak = "kv_bytes_peak"
-        case precision
+        case precision, keptImageIndices = "kept_image_indices"
     }
 }
 

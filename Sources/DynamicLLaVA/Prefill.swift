@@ -80,6 +80,7 @@ extension Generator {
                                    observation: observation, flops: &flops)
         state.result.stats.imageTokensKept = kept.count
         state.result.keptImageIndices = kept
+        state.result.stats.keptImageIndices = kept
         return Array(0..<imageSpan.lowerBound) + kept.map { imageSpan.lowerBound + $0 } + Array(imageSpan.upperBound..<tokens)
     }
 

@@ -6,6 +6,7 @@ struct DLLaVA: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dllava",
         abstract: "Batch captioning with Dynamic-LLaVA on CPU.",
+        version: BuildInfo.versionLine,
         subcommands: [Generate.self, Tokenize.self, Flops.self, Quantize.self, Run.self, Snapshot.self] + queueSubcommands)
 }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Artifacts
 import DynamicLLaVA
 import Foundation
 import Imaging
@@ -7,7 +8,7 @@ import SafeTensors
 
 /// Options every model-running command shares.
 struct ModelOptions: ParsableArguments {
-    @Option(help: "Model directory (either checkpoint layout). Defaults to $DLLAVA_MODEL.")
+    @Option(help: "Model directory (either checkpoint layout). Defaults to $DLLAVA_MODEL, else the model Scripts/install installed.")
     var model: String?
 
     @Option(help: "Worker threads for matrix products (default: all cores). Results do not depend on it.")
@@ -28,13 +29,13 @@ struct ModelOptions: ParsableArguments {
         guard chosenPrecision.isNative || Kernels.path == .reference || Kernels.path == .scalar else {
             throw ValidationError("--precision bf16 needs a CPU with AVX512-BF16 or AMX-BF16 (this one has neither); use --precision f32")
         }
-        guard model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] != nil else {
+        guard BuildInfo.modelDirectory(model) != nil else {
             throw ValidationError("no model: pass --model DIR or set DLLAVA_MODEL")
         }
     }
 
     var modelDirectory: URL {
-        URL(fileURLWithPath: model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] ?? ".")
+        URL(fileURLWithPath: BuildInfo.modelDirectory(model) ?? ".")
     }
 
     /// Sets threads, precision and the kernel path (`DLLAVA_KERNEL`, checked here), then loads.
@@ -127,6 +128,12 @@ struct Generate: ParsableCommand {
     @Flag(help: "Print one JSON object: text, token_ids, finish_reason, logprobs, stats.")
     var json = false
 
+    @Option(name: .customLong("kept-patches"), help: ArgumentHelp("""
+        Also write a PNG of the image as the vision tower saw it (padded, resized, cropped) with the image patches \
+        that were dropped darkened and the kept ones outlined (every patch kept without pruning).
+        """, valueName: "png"))
+    var keptPatches: String?
+
     func validate() throws {
         guard maxTokens >= 1 else { throw ValidationError("--max-tokens must be at least 1") }
         guard temperature >= 0 else { throw ValidationError("--temperature must not be negative") }
@@ -141,6 +148,7 @@ struct Generate: ParsableCommand {
         } else {
             guard prompt == nil, image == nil else { throw ValidationError("use either --prompt/--image or --token-ids-before/--pixel-values") }
         }
+        if keptPatches != nil, image == nil { throw ValidationError("--kept-patches needs --image") }
     }
 
     func run() throws {
@@ -154,24 +162,34 @@ struct Generate: ParsableCommand {
                                              outputTokens: outputTokens, outputKeepRate: outputKeepRate))
             let request: GenerationRequest
             let generator: Generator
+            var pipeline: LLaVAPipeline?
             if let tokenIDsBefore {
                 request = GenerationRequest(
                     idsBeforeImage: try parseIDs(tokenIDsBefore, option: "--token-ids-before"), pixelValues: try pixelValues.map(readPixels),
                     idsAfterImage: try parseIDs(tokenIDsAfter, option: "--token-ids-after"), parameters: parameters)
                 generator = Generator(model: model)
             } else {
-                let pipeline = try LLaVAPipeline(model: model, decoderOptions: ImageDecoder.Options(applyExifOrientation: applyExifOrientation))
-                parameters.endOfSequence = pipeline.endOfSequenceTokenID
+                let loaded = try LLaVAPipeline(model: model, decoderOptions: ImageDecoder.Options(applyExifOrientation: applyExifOrientation))
+                pipeline = loaded
+                parameters.endOfSequence = loaded.endOfSequenceTokenID
                 if let image {
-                    request = try pipeline.request(imageAt: URL(fileURLWithPath: image), question: prompt ?? "", parameters: parameters)
+                    request = try loaded.request(imageAt: URL(fileURLWithPath: image), question: prompt ?? "", parameters: parameters)
                 } else {
-                    let tokens = pipeline.template.tokens(question: prompt ?? "", tokenizer: pipeline.tokenizer)
+                    let tokens = loaded.template.tokens(question: prompt ?? "", tokenizer: loaded.tokenizer)
                     request = GenerationRequest(idsBeforeImage: tokens.idsBeforeImage + tokens.idsAfterImage, pixelValues: nil,
                                                 idsAfterImage: [], parameters: parameters)
                 }
-                generator = pipeline.generator
+                generator = loaded.generator
             }
             let result = try generator.generate([request])[0]
+            if let keptPatches, let image, let pipeline {
+                let drawn = try pipeline.keptPatchesImage(imageAt: URL(fileURLWithPath: image), keptImageIndices: result.keptImageIndices)
+                do {
+                    try AtomicFile.write(try drawn.pngData(), to: URL(fileURLWithPath: keptPatches))
+                } catch {
+                    throw CommandFailure(message: "--kept-patches: cannot write \(keptPatches): \(error)", code: 74)
+                }
+            }
             if json {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.sortedKeys]

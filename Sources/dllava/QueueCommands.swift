@@ -8,7 +8,7 @@ import PostgresQueue
 /// The queue commands, registered beside `generate` in `DLLaVA`.
 let queueSubcommands: [ParsableCommand.Type] = [
     InitCommand.self, EnqueueCommand.self, StatusCommand.self, ListCommand.self, ShowCommand.self,
-    RetryCommand.self, CancelCommand.self, ExportCommand.self, PruneCommand.self, CopyCommand.self,
+    RetryCommand.self, CancelCommand.self, ExportCommand.self, PruneCommand.self, CopyCommand.self, ReportCommand.self,
 ]
 
 extension JobState: ExpressibleByArgument {}

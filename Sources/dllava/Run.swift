@@ -4,6 +4,8 @@ import BatchDaemon
 import DynamicLLaVA
 import Foundation
 import JobQueue
+import Logging
+import Telemetry
 
 /// The engine as the daemon sees it: one LLaVA pipeline, loaded once.
 struct EngineRunner: BatchRunner {
@@ -46,6 +48,7 @@ final class EngineBatch: RunningBatch {
     var generation: GenerationBatch
     var rowOfJob: [Int64: GenerationBatch.Row] = [:]
     var jobOfRow: [GenerationBatch.Row: Int64] = [:]
+    private(set) var lastAdmissionTimings: AdmissionTimings?
 
     init(pipeline: LLaVAPipeline) {
         self.pipeline = pipeline
@@ -70,6 +73,7 @@ final class EngineBatch: RunningBatch {
         var refused: [Int64: JobOutcome<GenerationStats>] = [:]
         var requests: [GenerationRequest] = [], snapshots: [GenerationSnapshot?] = [], jobs: [Int64] = []
         let generator = pipeline.generator
+        let decodeStart = DispatchTime.now()
         for entry in entries {
             do {
                 let request = try pipeline.request(imageData: entry.image, name: entry.job.imagePath, question: entry.job.prompt,
@@ -82,6 +86,14 @@ final class EngineBatch: RunningBatch {
                 // A bad image, a prompt longer than the context, a mode the model cannot run: never retried.
                 refused[entry.job.id] = .failed(reason: "\(error)", permanent: true)
             }
+        }
+        let addStart = DispatchTime.now()
+        defer {
+            let end = DispatchTime.now().uptimeNanoseconds
+            let vision = generation.lastVisionMilliseconds / 1000
+            lastAdmissionTimings = AdmissionTimings(imageDecodeSeconds: Double(addStart.uptimeNanoseconds - decodeStart.uptimeNanoseconds) / 1e9,
+                                                    visionSeconds: vision,
+                                                    prefillSeconds: max(0, Double(end - addStart.uptimeNanoseconds) / 1e9 - vision))
         }
         do {
             for (job, row) in zip(jobs, try generation.add(requests, resuming: snapshots)) {
@@ -96,6 +108,11 @@ final class EngineBatch: RunningBatch {
     }
 
     func step() { generation.step() }
+
+    func measurements(of stats: GenerationStats) -> JobMeasurements? {
+        JobMeasurements(imageTokensTotal: stats.imageTokensTotal, imageTokensKept: stats.imageTokensKept,
+                        keyValueCellsKept: stats.kvCellsPerLayer.reduce(0, +))
+    }
 
     func snapshot(job: Int64) -> Data? {
         rowOfJob[job].flatMap { generation.snapshot($0)?.encoded() }
@@ -166,6 +183,17 @@ struct Run: ParsableCommand {
         cancelled while running (`dllava cancel`) leaves its batch at the next decode step; its \
         batch-mates go on. On a terminal, progress is one updating line on stderr (done/total, \
         tokens/s, ETA); otherwise one log line each time jobs enter the batch.
+
+        Log lines go to stderr through swift-log: --log-level chooses the least severe level shown (debug adds \
+        a line per finished job), and --log-format json writes one JSON object per line with time, level, \
+        message, and job_id, custom_id and worker where they apply, for log shippers. The progress line on a \
+        terminal is drawn below them either way.
+
+        Metrics (Prometheus; the names are in the README): --metrics-file PATH rewrites a node_exporter \
+        textfile atomically whenever jobs finish (at most every 10 s otherwise) and at exit, for cron runs; \
+        --metrics-port N serves GET /metrics over HTTP on --metrics-host (127.0.0.1 unless given), for a daemon \
+        under systemd. A metrics file that cannot be written at start, or a port that cannot be bound, exits 78 \
+        before any job is claimed; a later failed write is logged and the run goes on.
         """)
 
     @OptionGroup var database: DatabaseOptions
@@ -198,10 +226,26 @@ struct Run: ParsableCommand {
     @Flag(name: .customLong("keep-kv"), help: "Keep each finished job's final KV snapshot in OUT/snapshots instead of deleting it.")
     var keepKV = false
 
+    @Option(name: .customLong("log-level"), help: "The least severe log level shown: trace, debug, info, notice, warning, error or critical.")
+    var logLevel: Logger.Level = .info
+
+    @Option(name: .customLong("log-format"), help: "plain (one sentence a line) or json (one object a line).")
+    var logFormat: LogFormat = .plain
+
+    @Option(name: .customLong("metrics-file"), help: ArgumentHelp("Write Prometheus metrics to this node_exporter textfile (name it *.prom).", valueName: "path"))
+    var metricsFile: String?
+
+    @Option(name: .customLong("metrics-port"), help: "Serve Prometheus metrics at http://HOST:PORT/metrics while running.")
+    var metricsPort: Int?
+
+    @Option(name: .customLong("metrics-host"), help: "The address --metrics-port listens on.")
+    var metricsHost = "127.0.0.1"
+
     func validate() throws {
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
         guard snapshotEvery >= 0 else { throw ValidationError("--snapshot-every must not be negative") }
         if let maxJobs, maxJobs < 1 { throw ValidationError("--max-jobs must be at least 1") }
+        if let metricsPort, !(0...65535).contains(metricsPort) { throw ValidationError("--metrics-port must be a port number, 0 to 65535") }
         guard let leaseMilliseconds = DurationText.milliseconds(lease) else {
             throw ValidationError("--lease: '\(lease)' is not a duration like 30s, 5m or 2h")
         }
@@ -223,39 +267,72 @@ struct Run: ParsableCommand {
             options.snapshotEvery = snapshotEvery
             options.keepKV = keepKV
             let queue = try database.open()
-            let pipeline = try LLaVAPipeline(model: try modelOptions.load())
             let display = ProgressDisplay()
+            let logger = Logger(label: "dllava") { [logFormat, logLevel] _ in RunLogHandler(format: logFormat, level: logLevel, write: { display.write($0) }) }
+            // Metrics first: a bad --metrics-file or a taken port is reported before a large model is loaded.
+            let registry = metricsFile != nil || metricsPort != nil ? MetricsRegistry() : nil
+            let metrics = registry.map { DaemonMetrics(factory: $0.factory) } ?? DaemonMetrics()
+            let metricsWriter = try registry.flatMap { registry in try metricsFile.map { try startMetricsFile($0, registry: registry, logger: logger) } }
+            let server = try registry.flatMap { registry in try metricsPort.map { try startMetricsServer($0, registry: registry, logger: logger) } }
+            defer { server?.close() }
+            let pipeline = try LLaVAPipeline(model: try modelOptions.load())
             let digests = FileDigestCache(location: FileDigestCache.defaultLocation())
             let runner = try EngineRunner(pipeline: pipeline, cache: digests)
             do {
                 try digests.save()
             } catch {
-                display.log("cannot save the model file digests (the next start reads the model again): \(error)")
+                logger.warning("cannot save the model file digests (the next start reads the model again): \(error)")
             }
-            let daemon = try BatchDaemon(queue: queue, runner: runner, out: URL(fileURLWithPath: out), options: options)
+            let daemon = try BatchDaemon(queue: queue, runner: runner, out: URL(fileURLWithPath: out), options: options, metrics: metrics)
             let stop = StopFlag()
             let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
                 signal(number, SIG_IGN)
                 let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
                 source.setEventHandler {
-                    display.log("signal \(number): snapshotting the running jobs at the next decode step, then stopping")
+                    logger.notice("signal \(number): snapshotting the running jobs at the next decode step, then stopping")
                     stop.stop()
                 }
                 source.resume()
                 return source
             }
             do {
-                let report = try daemon.run(stop: stop, log: { display.log($0) }, progress: { display.show($0) })
+                let report = try daemon.run(stop: stop, logger: logger, progress: {
+                    display.show($0)
+                    metricsWriter?.update(done: $0.done)
+                })
+                metricsWriter?.finish()
                 display.finish()
                 signals.forEach { $0.cancel() }
                 printSummary(report)
             } catch let stopped as DaemonStopped {
+                metricsWriter?.finish()
                 display.finish()
                 signals.forEach { $0.cancel() }
                 printSummary(stopped.report)
                 let cause = queueCommandFailure(stopped.underlying, database: database.path)
                 throw CommandFailure(message: "\(cause.message); stopped, and \(stopped.batchNote)", code: cause.code)
             }
+        }
+    }
+
+    /// The metrics file's writer, after a first write that shows it can be written.
+    func startMetricsFile(_ path: String, registry: MetricsRegistry, logger: Logger) throws -> MetricsFileWriter {
+        let writer = MetricsFileWriter(registry: registry, url: URL(fileURLWithPath: path), failed: { logger.warning("\($0)") })
+        do {
+            try writer.write()
+        } catch {
+            throw CommandFailure(message: "--metrics-file: cannot write \(path): \(error)", code: 78)
+        }
+        return writer
+    }
+
+    func startMetricsServer(_ port: Int, registry: MetricsRegistry, logger: Logger) throws -> MetricsServer {
+        do {
+            let server = try MetricsServer(registry: registry, host: metricsHost, port: port)
+            logger.notice("serving metrics at http://\(metricsHost):\(server.port)/metrics")
+            return server
+        } catch {
+            throw CommandFailure(message: "--metrics-port: \(error)", code: 78)
         }
     }
 
@@ -282,6 +359,9 @@ struct Run: ParsableCommand {
     }
 }
 
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+extension LogFormat: ExpressibleByArgument {}
+
 /// Progress on stderr: on a terminal one line rewritten in place (done/total, tokens/s, ETA), with
 /// log lines printed above it; otherwise the log lines alone.
 final class ProgressDisplay: @unchecked Sendable {
@@ -291,12 +371,13 @@ final class ProgressDisplay: @unchecked Sendable {
     private var lastDone = -1
     private var line = ""
 
-    func log(_ text: String) {
+    /// Writes one log line (formatted, without its newline) above the progress line.
+    func write(_ text: String) {
         lock.withLock {
             if isTerminal && !line.isEmpty {
-                writeRaw("\r\u{1B}[Kdllava: \(text)\n\(line)")
+                writeRaw("\r\u{1B}[K\(text)\n\(line)")
             } else {
-                writeRaw("dllava: \(text)\n")
+                writeRaw("\(text)\n")
             }
         }
     }

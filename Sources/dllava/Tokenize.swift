@@ -13,7 +13,7 @@ struct Tokenize: ParsableCommand {
         vicuna_v1 prompt is shown, split at the image slot.
         """)
 
-    @Option(help: "Model directory (tokenizer.model or tokenizer.json inside). Defaults to $DLLAVA_MODEL.")
+    @Option(help: "Model directory (tokenizer.model or tokenizer.json inside). Defaults to $DLLAVA_MODEL, else the model Scripts/install installed.")
     var model: String?
 
     @Option(help: "The text to tokenize.")
@@ -30,7 +30,7 @@ struct Tokenize: ParsableCommand {
 
     func run() throws {
         try reportingFailures {
-            guard let directory = model ?? ProcessInfo.processInfo.environment["DLLAVA_MODEL"] else {
+            guard let directory = BuildInfo.modelDirectory(model) else {
                 throw CommandFailure(message: "no model: pass --model DIR or set DLLAVA_MODEL", code: 64)
             }
             let tokenizer = try SentencePieceTokenizer.load(directory: URL(fileURLWithPath: directory))

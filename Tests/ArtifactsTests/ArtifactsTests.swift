@@ -149,7 +149,7 @@ struct ArtifactsTests {
         #expect(back.text == "A cat on a mat." && back.tokenIDs == [319, 6635, 373] && back.stats.image_tokens_kept == 144)
         #expect(back.parameters == TestParameters(max_tokens: 32) && back.model.name == "tiny" && back.timings.finishedAt == 3)
         let summary = try ResultFile.read(ResultSummary.self, from: written.url)
-        #expect(summary == ResultSummary(formatVersion: 2, queueID: "0b5c6e0a-9d57-4f3e-8a36-2f1f3f5e1c11", jobID: 42, customID: "photo-7",
+        #expect(summary == ResultSummary(formatVersion: 3, queueID: "0b5c6e0a-9d57-4f3e-8a36-2f1f3f5e1c11", jobID: 42, customID: "photo-7",
                                          text: "A cat on a mat.", finishReason: "stop"))
         #expect(throws: ArtifactError.checksumMismatch(path: written.url.path, expected: "0000", actual: written.sha256)) {
             try ResultFile.read(ResultSummary.self, from: written.url, expectedSHA256: "0000")
@@ -160,8 +160,8 @@ struct ArtifactsTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
         let future = directory.appendingPathComponent("future.json.zst")
-        try AtomicFile.write(try Zstd.compress(Data(#"{"format_version": 3, "text": "x"}"#.utf8)), to: future)
-        #expect(throws: ArtifactError.unsupportedFormatVersion(path: future.path, version: 3, supported: 2)) {
+        try AtomicFile.write(try Zstd.compress(Data(#"{"format_version": 4, "text": "x"}"#.utf8)), to: future)
+        #expect(throws: ArtifactError.unsupportedFormatVersion(path: future.path, version: 4, supported: 3)) {
             try ResultFile.read(ResultSummary.self, from: future)
         }
         // Version 1, written before files carried their queue, is still read.
@@ -169,6 +169,11 @@ struct ArtifactsTests {
         try AtomicFile.write(try Zstd.compress(Data(#"{"format_version": 1, "job_id": 3, "text": "x", "finish_reason": "stop"}"#.utf8)), to: older)
         #expect(try ResultFile.read(ResultSummary.self, from: older) == ResultSummary(formatVersion: 1, queueID: nil, jobID: 3, customID: nil,
                                                                                      text: "x", finishReason: "stop"))
+        // So is version 2, written before stats could carry kept_image_indices.
+        let version2 = directory.appendingPathComponent("version2.json.zst")
+        try AtomicFile.write(try Zstd.compress(Data(#"{"format_version": 2, "queue_id": "q", "job_id": 4, "text": "y", "finish_reason": "length"}"#.utf8)), to: version2)
+        #expect(try ResultFile.read(ResultSummary.self, from: version2) == ResultSummary(formatVersion: 2, queueID: "q", jobID: 4, customID: nil,
+                                                                                        text: "y", finishReason: "length"))
         let corrupt = directory.appendingPathComponent("corrupt.json.zst")
         try AtomicFile.write(Data("plain text".utf8), to: corrupt)
         #expect(throws: ArtifactError.inFile(path: corrupt.path, .zstd(operation: "decompression", reason: "Unknown frame descriptor"))) {
@@ -198,7 +203,7 @@ struct ArtifactsTests {
         #expect(process.terminationStatus == 0)
         let object = try #require(try JSONSerialization.jsonObject(with: json) as? [String: Any])
         #expect(object["text"] as? String == "A cat on a mat.")
-        #expect(object["format_version"] as? Int == 2 && object["custom_id"] as? String == "photo-7")
+        #expect(object["format_version"] as? Int == 3 && object["custom_id"] as? String == "photo-7")
         #expect(Set(object.keys) == ["format_version", "queue_id", "job_id", "attempt", "custom_id", "text", "token_ids", "finish_reason",
                                      "parameters", "stats", "model", "timings"])
     }
