@@ -10,13 +10,13 @@ struct PostgresQueueTests {
     @Test func migrationsCreateTheQueueSchemaOnceAndKeepTheIdentity() throws {
         let fixture = try Fixture(.postgres)
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-queue"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts"])
         let again = try PostgresJobQueue(url: fixture.location)
-        #expect(try again.appliedMigrations() == ["v1-queue"])
+        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts"])
         #expect(again.identity == fixture.queue.identity && UUID(uuidString: again.identity) != nil)
         let tables = try TestPostgres.shared().psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'dllava'",
                                                    database: String(fixture.location.split(separator: "/").last!))
-        #expect(tables.trimmingCharacters(in: .whitespacesAndNewlines) == "job,migration,queue,worker")
+        #expect(tables.trimmingCharacters(in: .whitespacesAndNewlines) == "job,migration,queue,result,snapshot,snapshot_chunk,worker")
     }
 
     @Test func aDatabaseWithoutAQueueIsRefusedAndLeftUnchangedUnlessCreated() throws {

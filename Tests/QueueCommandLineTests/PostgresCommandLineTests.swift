@@ -14,7 +14,7 @@ struct PostgresCommandLineTests {
         func queue(_ command: String, _ arguments: String...) throws -> ProcessResult { try workspace.run([command, "--db", url] + arguments) }
 
         let created = try queue("init")
-        #expect(created.status == 0 && created.standardOutput == "\(location) is ready (schema v1-queue)\n", "\(created.standardError)")
+        #expect(created.status == 0 && created.standardOutput == "\(location) is ready (schema v2-stored-artifacts)\n", "\(created.standardError)")
         let manifest = try workspace.standardManifest()
         let enqueue = try queue("enqueue", "--jsonl", manifest.path)
         #expect(enqueue.status == 65 && enqueue.standardOutput == "enqueued 3 jobs from \(manifest.path)\n")
@@ -64,7 +64,7 @@ struct PostgresCommandLineTests {
         let identity = try SQLiteJobQueue(path: workspace.database).identity
         let url = try TestPostgres.shared().createDatabase()
         let there = try workspace.run(["copy", "--from", workspace.database, "--to", url])
-        #expect(there.status == 0 && there.standardOutput == "copied 3 jobs of queue \(identity) from \(workspace.database) to \(url)\n",
+        #expect(there.status == 0 && there.standardOutput == "copied 3 jobs of queue \(identity) from \(workspace.database) to \(url), with 0 results and 0 snapshots\n",
                 "\(there.standardError)")
         #expect(try workspace.run(["list", "--db", url, "--json"]).standardOutput == before)
         let back = workspace.directory.appendingPathComponent("back.sqlite").path
