@@ -54,6 +54,30 @@ struct PostgresCommandLineTests {
         #expect(refused.status == 78 && refused.standardError.contains("dllava init --db"), "\(refused.standardError)")
     }
 
+    @Test func exportReadsResultsFromTheDatabaseAndNamesTheJobOfADamagedOne() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        let url = try TestPostgres.shared().createDatabase()
+        #expect(try workspace.run(["init", "--db", url]).status == 0)
+        _ = try workspace.run(["enqueue", "--db", url, "--jsonl", try workspace.standardManifest().path])
+        // Job a "succeeded" with stored bytes whose sha256 is not the one its row records (no file anywhere).
+        try TestPostgres.shared().psql("""
+            UPDATE dllava.job SET state = 'succeeded', attempt = 1, finalized_at = 1, output_sha256 = repeat('0', 64) WHERE custom_id = 'a';
+            INSERT INTO dllava.result SELECT id, 1, repeat('0', 64), '\\x0102'::bytea, 1 FROM dllava.job WHERE custom_id = 'a'
+            """, database: String(url.split(separator: "/").last!))
+        let exported = try workspace.run(["export", "--db", url, "--output", "-"])
+        #expect(exported.status == 65, "\(exported.standardError)")
+        #expect(exported.errorLines.first?.hasPrefix("dllava: job 1: the stored result of attempt 1 in \(url) has sha256 ") == true, "\(exported.standardError)")
+        #expect(exported.standardOutput.split(separator: "\n").count == 3)
+    }
+
+    @Test func runOnAnSQLiteQueueNeedsAnOutputFolder() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        let refused = try workspace.run(["run", "--db", workspace.database, "--model", "none", "--until-empty"])
+        #expect(refused.status == 64 && refused.standardError.contains("--out is required on an SQLite queue"), "\(refused.standardError)")
+    }
+
     @Test func copyMovesAQueueToPostgresAndBackWithoutRunningAnything() throws {
         let workspace = try Workspace()
         defer { workspace.remove() }
