@@ -558,6 +558,9 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             let stored: StoredResult
             do {
                 stored = try artifacts.putResult(try ResultFile.encode(record), job: job.id, attempt: job.attempt)
+            } catch let error as JobQueueError {
+                // The queue's database failed (unreachable, full): reported as the queue's failure, not a file's.
+                throw error
             } catch {
                 let place = files?.results.url(job: job.id, attempt: job.attempt).path ?? artifacts.location
                 throw DaemonFault.resultUnwritable(job: job.id, path: place, reason: "\(error)")
