@@ -160,7 +160,7 @@ struct Run: ParsableCommand {
         snapshot is deleted when it finishes; with --keep-kv its final snapshot stays there. \
         `dllava snapshot inspect FILE` prints a snapshot's header.
 
-        On a PostgreSQL queue results and snapshots are stored in the database (docs/FORMATS.md), so \
+        On a PostgreSQL queue results and snapshots are stored in the database, so \
         workers on any machine need only the connection string, and a job interrupted on one \
         machine resumes on another from its snapshot; --out is then optional and, when given, \
         each result is also written as OUT/<queue id>/<job id>-<attempt>.json.zst.
@@ -199,7 +199,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("snapshot-every"), help: "Snapshot running jobs every N decode steps (0: only on SIGTERM/SIGINT).")
     var snapshotEvery = 32
 
-    @Flag(name: .customLong("keep-kv"), help: "Keep each finished job's final KV snapshot in OUT/snapshots instead of deleting it.")
+    @Flag(name: .customLong("keep-kv"), help: "Keep each finished job's final KV snapshot (in OUT/<queue id>/snapshots, or a PostgreSQL queue's database) instead of deleting it.")
     var keepKV = false
 
     func validate() throws {
