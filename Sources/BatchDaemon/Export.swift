@@ -70,12 +70,15 @@ public struct ExportRecord: Encodable, Sendable, Equatable {
     }
 
     /// The result a succeeded job recorded, checked against its sha256: from the queue's database when it stores
-    /// results (PostgreSQL), else from the file its row records.
+    /// results (PostgreSQL), else (or for a job that finished before results were stored there) from the file its row
+    /// records.
     static func storedResult(of job: Job, in queue: JobQueue) throws -> ResultSummary {
         if let stored = queue.storedArtifacts {
             let place = "the stored result of attempt \(job.attempt) in \(stored.location)"
-            guard let bytes = try stored.result(of: job) else { throw ArtifactError.malformedResult(path: place, reason: "it is missing") }
-            return try ResultFile.decode(ResultSummary.self, from: bytes, path: place, expectedSHA256: job.outputSHA256)
+            if let bytes = try stored.result(of: job) {
+                return try ResultFile.decode(ResultSummary.self, from: bytes, path: place, expectedSHA256: job.outputSHA256)
+            }
+            if job.outputPath == nil { throw ArtifactError.malformedResult(path: place, reason: "it is missing") }
         }
         guard let path = job.outputPath else { throw ArtifactError.malformedResult(path: "-", reason: "no result file recorded") }
         return try ResultFile.read(ResultSummary.self, from: URL(fileURLWithPath: path), expectedSHA256: job.outputSHA256)

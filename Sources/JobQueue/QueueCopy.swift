@@ -64,7 +64,7 @@ public enum QueueCopy {
             }
             if let into = target.storedArtifacts ?? intoFiles {
                 for job in pending {
-                    guard let snapshot = try fromDatabase.map({ try $0.snapshot(job: job.id) }) ?? recordedSnapshot(of: job) else { continue }
+                    guard let snapshot = try fromDatabase?.snapshot(job: job.id) ?? recordedSnapshot(of: job) else { continue }
                     try into.putSnapshot(snapshot, job: job.id)
                     report.snapshots += 1
                 }
@@ -90,17 +90,19 @@ public enum QueueCopy {
         var reason: String
     }
 
-    /// A succeeded job's result record: from `queue`'s database when it stores results, else from the file its row
-    /// records; either way checked against the recorded sha256.
+    /// A succeeded job's result record: from `queue`'s database when it stores it, else from the file its row records;
+    /// either way checked against the recorded sha256.
     static func result(of job: Job, in queue: JobQueue) throws -> Data {
         let record: Data
         let place: String
-        if let stored = queue.storedArtifacts {
+        if let stored = queue.storedArtifacts, let bytes = try stored.result(of: job) {
             place = "its stored result in \(stored.location)"
-            guard let bytes = try stored.result(of: job) else { throw UnreadableResult(reason: "job \(job.id): \(place) is missing") }
             record = bytes
         } else {
-            guard let path = job.outputPath else { throw UnreadableResult(reason: "job \(job.id) succeeded but records no result file") }
+            // A job that finished before results were stored in the database has its file.
+            guard let path = job.outputPath else {
+                throw UnreadableResult(reason: "job \(job.id) succeeded but has no stored result and records no result file")
+            }
             place = path
             do { record = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
                 throw UnreadableResult(reason: "job \(job.id): cannot read its result file \(path): \(error.localizedDescription)")
