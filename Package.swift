@@ -49,10 +49,12 @@ let package = Package(
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
-        // The same queue contract on PostgreSQL, for many machines sharing one queue (SKIP LOCKED claims, LISTEN/NOTIFY).
+        // The same queue contract on PostgreSQL, for many machines sharing one queue (SKIP LOCKED claims, LISTEN/NOTIFY),
+        // with result records and KV snapshots stored in the database.
         .target(name: "PostgresQueue", dependencies: [
             "JobQueue", .product(name: "PostgresNIO", package: "postgres-nio"), .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"), .product(name: "Logging", package: "swift-log"),
+            .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // zstd compression, atomic file writes, checksums, the result file; never imports the model.
         .target(name: "Artifacts", dependencies: ["CZstd", .product(name: "Crypto", package: "swift-crypto")]),
@@ -100,7 +102,7 @@ let package = Package(
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
         .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama", "Sparsification"],
                     exclude: ["Fixtures"]),
-        .testTarget(name: "JobQueueTests", dependencies: ["JobQueue", "PostgresQueue", "CommandLineSupport"]),
+        .testTarget(name: "JobQueueTests", dependencies: ["JobQueue", "PostgresQueue", "BatchDaemon", "Artifacts", "CommandLineSupport"]),
         // The daemon loop in process, with a fake engine and a manual clock.
         .testTarget(name: "BatchDaemonTests", dependencies: [
             "BatchDaemon", "JobQueue", "Artifacts", .product(name: "MetricsTestKit", package: "swift-metrics"),

@@ -124,14 +124,20 @@ public struct ResultFile: Sendable {
         return (job, attempt)
     }
 
-    /// Encodes (sorted keys), compresses and writes `record` atomically; returns the path and the sha256 of the
-    /// compressed bytes on disk, which is what the job row records.
-    public func write<P, S>(_ record: ResultRecord<P, S>, level: Int32 = 3) throws -> AtomicFile.Written {
+    /// `record` as stored: JSON with sorted keys, zstd-compressed (the bytes of a result file, and of a result stored in
+    /// the queue's database).
+    public static func encode<P, S>(_ record: ResultRecord<P, S>, level: Int32 = 3) throws -> Data {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return try Zstd.compress(try encoder.encode(record), level: level)
+    }
+
+    /// Encodes, compresses and writes `record` atomically; returns the path and the sha256 of the compressed bytes on
+    /// disk, which is what the job row records.
+    public func write<P, S>(_ record: ResultRecord<P, S>, level: Int32 = 3) throws -> AtomicFile.Written {
         let url = url(job: record.jobID, attempt: record.attempt)
         do {
-            return try AtomicFile.write(try Zstd.compress(try encoder.encode(record), level: level), to: url)
+            return try AtomicFile.write(try Self.encode(record, level: level), to: url)
         } catch let error as ArtifactError {
             throw ArtifactError.inFile(path: url.path, error)
         }
@@ -143,25 +149,31 @@ public struct ResultFile: Sendable {
         do { compressed = try Data(contentsOf: url) } catch {
             throw ArtifactError.io(path: url.path, operation: "read", reason: (error as NSError).localizedFailureReason ?? "\(error.localizedDescription)")
         }
+        return try decode(type, from: compressed, path: url.path, expectedSHA256: expectedSHA256)
+    }
+
+    /// Decodes stored result bytes (`path` names where they came from in errors), checking their sha256 against
+    /// `expectedSHA256` when given, and their format version.
+    public static func decode<R: Decodable>(_ type: R.Type, from compressed: Data, path: String, expectedSHA256: String? = nil) throws -> R {
         if let expectedSHA256 {
             let actual = Checksum.sha256Hex(compressed)
             guard actual == expectedSHA256 else {
-                throw ArtifactError.checksumMismatch(path: url.path, expected: expectedSHA256, actual: actual)
+                throw ArtifactError.checksumMismatch(path: path, expected: expectedSHA256, actual: actual)
             }
         }
         let json: Data
         do { json = try Zstd.decompress(compressed, maxSize: maxDecompressedSize) } catch let error as ArtifactError {
-            throw ArtifactError.inFile(path: url.path, error)
+            throw ArtifactError.inFile(path: path, error)
         }
         let version: Int
         do { version = try JSONDecoder().decode(FormatVersion.self, from: json).format_version } catch {
-            throw ArtifactError.malformedResult(path: url.path, reason: "no format_version")
+            throw ArtifactError.malformedResult(path: path, reason: "no format_version")
         }
         guard (1...formatVersion).contains(version) else {
-            throw ArtifactError.unsupportedFormatVersion(path: url.path, version: version, supported: formatVersion)
+            throw ArtifactError.unsupportedFormatVersion(path: path, version: version, supported: formatVersion)
         }
         do { return try JSONDecoder().decode(R.self, from: json) } catch {
-            throw ArtifactError.malformedResult(path: url.path, reason: describe(error))
+            throw ArtifactError.malformedResult(path: path, reason: describe(error))
         }
     }
 

@@ -40,12 +40,16 @@ public struct DaemonOptions: Sendable {
 
 /// Faults the daemon names itself (the others are the queue's or the file system's errors).
 public enum DaemonFault: Error, Sendable, CustomStringConvertible {
-    /// A job's result file could not be written (a full disk, a read-only or vanished `--out`).
+    /// A job's result could not be stored (a full disk, a read-only or vanished `--out`).
     case resultUnwritable(job: Int64, path: String, reason: String)
+    /// The queue keeps no results itself (SQLite) and no output folder was given.
+    case noOutputFolder(queue: String)
 
     public var description: String {
         switch self {
         case let .resultUnwritable(job, path, reason): "cannot write the result of job \(job) to \(path): \(reason)"
+        case let .noOutputFolder(queue):
+            "the queue \(queue) keeps its results and snapshots as files: give the folder for them with --out"
         }
     }
 }
@@ -124,27 +128,31 @@ public final class StopFlag: @unchecked Sendable {
 public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     public let queue: JobQueue
     public let runner: Runner
-    public let results: ResultFile
+    /// Where results and snapshots go: the queue's database when it stores them (PostgreSQL), with each result also
+    /// written as a file under `out` when one is given; else files under `out` (SQLite).
+    public let artifacts: ArtifactStore
+    /// The files under `<out>/<queue identity>/`, when `out` was given.
+    public let files: DirectoryArtifactStore?
     public let options: DaemonOptions
     public let metrics: DaemonMetrics
 
     /// Files go under `<out>/<queue identity>/`: results `<job id>-<attempt>.json.zst`, snapshots
     /// `snapshots/job-<job id>.kv.zst`. Job ids are never reused within a queue and the identity is a UUID, so
-    /// neither a later job nor another queue sharing `out` can write or read these names.
-    public init(queue: JobQueue, runner: Runner, out: URL, options: DaemonOptions, metrics: DaemonMetrics = DaemonMetrics()) throws {
+    /// neither a later job nor another queue sharing `out` can write or read these names. `out` may be nil only for
+    /// a queue that stores results and snapshots itself (`DaemonFault.noOutputFolder`).
+    public init(queue: JobQueue, runner: Runner, out: URL?, options: DaemonOptions, metrics: DaemonMetrics = DaemonMetrics()) throws {
         self.queue = queue
         self.runner = runner
-        self.results = try ResultFile(directory: Self.queueDirectory(out: out, queue: queue.identity))
         self.options = options
         self.metrics = metrics
+        files = try out.map { try DirectoryArtifactStore(queue: queue, out: $0) }
+        if let stored = queue.storedArtifacts {
+            artifacts = files.map { ResultFileMirror(stored: stored, files: $0) } ?? stored
+        } else {
+            guard let files else { throw DaemonFault.noOutputFolder(queue: queue.location) }
+            artifacts = files
+        }
     }
-
-    /// `<out>/<queue identity>`: where one queue's result and snapshot files live.
-    public static func queueDirectory(out: URL, queue identity: String) -> URL { out.appendingPathComponent(identity) }
-
-    public var snapshotDirectory: URL { results.directory.appendingPathComponent("snapshots") }
-
-    public func snapshotURL(job: Int64) -> URL { snapshotDirectory.appendingPathComponent("job-\(job).kv.zst") }
 
     /// What a snapshot of `job` must carry to be resumed by it.
     func snapshotIdentity(_ job: Job) -> SnapshotIdentity {
@@ -170,11 +178,6 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         var logger = logger
         logger[metadataKey: "worker"] = .string(options.owner)
         var loop = Loop(daemon: self, batch: runner.makeBatch(), stop: stop, logger: logger, progress: progress)
-        do {
-            try FileManager.default.createDirectory(at: snapshotDirectory, withIntermediateDirectories: true)
-        } catch {
-            throw ArtifactError.io(path: snapshotDirectory.path, operation: "create directory", reason: error.localizedDescription)
-        }
         do {
             try sweep(log: { [logger] in logger.notice("\($0)") })
             try queue.register(WorkerRecord.current(owner: options.owner, leaseMilliseconds: options.leaseMilliseconds, now: queue.clock.now()))
@@ -229,8 +232,6 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         var steps: [Int64: Int] = [:]
         /// The step count at each job's last periodic snapshot.
         var periodicSnapshotAt: [Int64: Int] = [:]
-        /// Jobs whose snapshot path this run has recorded in the queue.
-        var recordedSnapshotPaths: Set<Int64> = []
         /// Tokens generated so far, counted at every step (for the progress display).
         var tokensGenerated = 0
         /// When a claim last found nothing: while jobs run, the next is tried `pollSeconds` later.
@@ -368,7 +369,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             for job in claimed {
                 do {
                     let image = try daemon.checkedImage(job)
-                    entries.append(BatchEntry(job: job, image: image, snapshot: daemon.readSnapshot(job, log: logger(for: job, level: .warning)), snapshotURL: daemon.snapshotURL(job: job.id)))
+                    entries.append(BatchEntry(job: job, image: image, snapshot: daemon.readSnapshot(job, log: logger(for: job, level: .warning)),
+                                              snapshotLocation: daemon.artifacts.snapshotLocation(job: job.id)))
                 } catch {
                     try settle(job, .failed(reason: error.reason, permanent: true), heartbeat: heartbeat)
                 }
@@ -401,7 +403,9 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 if options.keepKV { takeSnapshot(of: job) }
                 guard let outcome = batch.remove(job: id) else { preconditionFailure("a finished job has an outcome") }
                 try settle(job, outcome, heartbeat: heartbeat)
-                if options.keepKV, case .succeeded = outcome { log("job \(id): final KV snapshot kept at \(daemon.snapshotURL(job: id).path)", job: job) }
+                if options.keepKV, case .succeeded = outcome {
+                    log("job \(id): final KV snapshot kept at \(daemon.artifacts.snapshotLocation(job: id))", job: job)
+                }
             }
             let lost = heartbeat.lost
             for id in batch.generating where lost.contains(id) {
@@ -442,7 +446,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 }
                 report.released += try queue.release(jobs: going, owner: options.owner)
                 for id in going { forget(id, heartbeat: heartbeat) }
-                log("released jobs \(going.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(daemon.snapshotDirectory.path)", level: .notice)
+                log("released jobs \(going.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(daemon.snapshotStorage)", level: .notice)
             } else if options.snapshotEvery > 0 {
                 // A boundary can come twice without a step between (after an admission): one snapshot per step count.
                 for id in going {
@@ -475,25 +479,18 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             running[id] = nil
             steps[id] = nil
             periodicSnapshotAt[id] = nil
-            recordedSnapshotPaths.remove(id)
             unsettled.remove(id)
             heartbeat.untrack(id)
         }
 
-        /// Writes the job's snapshot atomically, stamped with its identity; a failure is logged and
-        /// the batch goes on. The path is recorded in the queue first (once per job and run), so
-        /// `prune` finds the file even if this process dies right after writing it.
+        /// Stores the job's snapshot (replacing its last one atomically), stamped with its identity; a
+        /// failure is logged and the batch goes on.
         mutating func takeSnapshot(of job: Job) {
             guard let payload = batch.snapshot(job: job.id) else { return }
-            let url = daemon.snapshotURL(job: job.id)
             do {
-                if !recordedSnapshotPaths.contains(job.id) {
-                    try queue.recordSnapshotPath(job: job.id, path: url.path)
-                    recordedSnapshotPaths.insert(job.id)
-                }
-                try SnapshotFile.write(payload, identity: daemon.snapshotIdentity(job), to: url)
+                try daemon.artifacts.putSnapshot(try SnapshotFile.encode(payload, identity: daemon.snapshotIdentity(job)), job: job.id)
             } catch {
-                log("job \(job.id): \(error)", job: job, level: .warning)
+                log("job \(job.id): cannot store its snapshot in \(daemon.artifacts.snapshotLocation(job: job.id)): \(error)", job: job, level: .warning)
             }
         }
     }
@@ -509,8 +506,10 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     /// `--delete-outputs`) is the operator's and stays; one whose attempt may still complete is
     /// left to its worker.
     public func sweep(log: (String) -> Void) throws {
+        guard let files else { return }
+        let results = files.results
         let now = Date()
-        for directory in [results.directory, snapshotDirectory] {
+        for directory in [results.directory, files.snapshotDirectory] {
             for name in (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? [] where name.hasPrefix(".") && name.contains(".tmp-") {
                 let url = directory.appendingPathComponent(name)
                 guard let modified = (try? url.resourceValues(forKeys: [.contentModificationDateKey]))?.contentModificationDate,
@@ -587,10 +586,10 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     /// wrote it, with the same model contents, image, prompt and parameters. Reading changes
     /// nothing on disk.
     func readSnapshot(_ job: Job, log: (String) -> Void) -> Data? {
-        let url = snapshotURL(job: job.id)
-        guard FileManager.default.fileExists(atPath: url.path) else { return nil }
+        let location = artifacts.snapshotLocation(job: job.id)
         do {
-            return try SnapshotFile.read(from: url, expected: snapshotIdentity(job)).payload
+            guard let stored = try artifacts.snapshot(job: job.id) else { return nil }
+            return try SnapshotFile.decode(stored, path: location, expected: snapshotIdentity(job)).payload
         } catch {
             log("job \(job.id): \(error); starting it from scratch")
             return nil
@@ -598,11 +597,15 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     }
 
     func removeSnapshot(job: Int64, log: (String) -> Void) {
-        let url = snapshotURL(job: job)
-        if unlink(url.path) != 0 && errno != ENOENT {
-            log("job \(job): cannot delete its snapshot \(url.path): \(String(cString: strerror(errno)))")
+        do {
+            try artifacts.removeSnapshot(job: job)
+        } catch {
+            log("job \(job): cannot delete its snapshot \(artifacts.snapshotLocation(job: job)): \(error)")
         }
     }
+
+    /// Where this daemon's snapshots are, for messages: the snapshot folder, or the database.
+    var snapshotStorage: String { queue.storedArtifacts == nil ? files?.snapshotDirectory.path ?? artifacts.location : artifacts.location }
 
     /// Writes the result and completes the job, or records its failure.
     /// A finished job's snapshot is deleted (kept with `keepKV` on success); a job that will be
@@ -616,22 +619,26 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                                       timings: ResultTimings(enqueuedAt: job.createdAt, startedAt: job.startedAt ?? now, finishedAt: now))
             let writeStart = DispatchTime.now()
             defer { metrics.resultWrite.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - writeStart.uptimeNanoseconds)) }
-            let written: AtomicFile.Written
+            let stored: StoredResult
             do {
-                written = try results.write(record)
+                stored = try artifacts.putResult(try ResultFile.encode(record), job: job.id, attempt: job.attempt)
+            } catch let error as JobQueueError {
+                // The queue's database failed (unreachable, full): reported as the queue's failure, not a file's.
+                throw error
             } catch {
-                throw DaemonFault.resultUnwritable(job: job.id, path: results.url(job: job.id, attempt: job.attempt).path, reason: "\(error)")
+                let place = files?.results.url(job: job.id, attempt: job.attempt).path ?? artifacts.location
+                throw DaemonFault.resultUnwritable(job: job.id, path: place, reason: "\(error)")
             }
             let completed: Bool
             do {
                 completed = try queue.complete(job: job.id, attempt: job.attempt, owner: options.owner,
-                                               output: JobOutput(path: written.url.path, sha256: written.sha256, timings: timings))
+                                               output: JobOutput(path: stored.path, sha256: stored.sha256, timings: timings))
             } catch {
-                // No row records the file: remove it rather than leave an orphan.
-                unlink(written.url.path)
+                // No row records the result: remove it rather than leave an orphan.
+                try? artifacts.removeResult(job: job.id, attempt: job.attempt)
                 throw error
             }
-            if !completed { unlink(written.url.path) }
+            if !completed { try? artifacts.removeResult(job: job.id, attempt: job.attempt) }
             if completed {
                 report.succeeded += 1
                 report.generatedTokens += tokenIDs.count

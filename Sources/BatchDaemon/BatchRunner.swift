@@ -21,14 +21,14 @@ public struct BatchEntry: Sendable {
     public var image: Data
     /// The job's latest snapshot payload (checked against the job's identity and its checksum), or nil.
     public var snapshot: Data?
-    /// Where that snapshot was read from, for messages.
-    public var snapshotURL: URL
+    /// Where that snapshot was read from (a file path, or the queue's database), for messages.
+    public var snapshotLocation: String
 
-    public init(job: Job, image: Data, snapshot: Data?, snapshotURL: URL) {
+    public init(job: Job, image: Data, snapshot: Data?, snapshotLocation: String) {
         self.job = job
         self.image = image
         self.snapshot = snapshot
-        self.snapshotURL = snapshotURL
+        self.snapshotLocation = snapshotLocation
     }
 }
 

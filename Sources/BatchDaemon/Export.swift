@@ -1,4 +1,4 @@
-// `export`'s join of job rows and the result files the daemon wrote for them, as a library
+// `export`'s join of job rows and the results the daemon stored for them (files, or the queue's database), as a library
 // function: the CLI only chooses the format and where the lines go. It lives here because
 // BatchDaemon is the target that knows both the queue and the files.
 import Artifacts
@@ -6,7 +6,8 @@ import Foundation
 import JobQueue
 
 /// One job as `dllava export` writes it: its row, and for a succeeded job the text and finish reason of its result
-/// file (checked against the recorded sha256), or the error that kept the file from being read.
+/// (checked against the recorded sha256; from the queue's database when it stores results, else from the recorded
+/// file), or the error that kept the result from being read.
 public struct ExportRecord: Encodable, Sendable, Equatable {
     public var jobID: Int64
     public var customID: String?
@@ -53,16 +54,33 @@ public struct ExportRecord: Encodable, Sendable, Equatable {
                                       error: job.state == .succeeded ? nil : job.error)
             if job.state == .succeeded {
                 do {
-                    guard let path = job.outputPath else { throw ArtifactError.malformedResult(path: "-", reason: "no result file recorded") }
-                    let summary = try ResultFile.read(ResultSummary.self, from: URL(fileURLWithPath: path), expectedSHA256: job.outputSHA256)
+                    let summary = try storedResult(of: job, in: queue)
                     record.text = summary.text
                     record.finishReason = summary.finishReason
                 } catch let error as ArtifactError {
+                    record.error = "job \(job.id): \(error)"
+                    record.resultUnreadable = true
+                } catch let error as JobQueueError {
                     record.error = "job \(job.id): \(error)"
                     record.resultUnreadable = true
                 }
             }
             try body(record)
         }
+    }
+
+    /// The result a succeeded job recorded, checked against its sha256: from the queue's database when it stores
+    /// results (PostgreSQL), else (or for a job that finished before results were stored there) from the file its row
+    /// records.
+    static func storedResult(of job: Job, in queue: JobQueue) throws -> ResultSummary {
+        if let stored = queue.storedArtifacts {
+            let place = "the stored result of attempt \(job.attempt) in \(stored.location)"
+            if let bytes = try stored.result(of: job) {
+                return try ResultFile.decode(ResultSummary.self, from: bytes, path: place, expectedSHA256: job.outputSHA256)
+            }
+            if job.outputPath == nil { throw ArtifactError.malformedResult(path: place, reason: "it is missing") }
+        }
+        guard let path = job.outputPath else { throw ArtifactError.malformedResult(path: "-", reason: "no result file recorded") }
+        return try ResultFile.read(ResultSummary.self, from: URL(fileURLWithPath: path), expectedSHA256: job.outputSHA256)
     }
 }

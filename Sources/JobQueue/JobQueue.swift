@@ -16,6 +16,10 @@ public protocol JobQueue: AnyObject, Sendable {
     /// write or read this queue's files by job id alone.
     var identity: String { get }
     var clock: QueueClock { get }
+    /// The queue's own storage of result records and KV snapshots when it keeps them in its database (PostgreSQL), so
+    /// that workers need only its location; nil when they are files under the worker's `--out` (SQLite:
+    /// `DirectoryArtifactStore`).
+    var storedArtifacts: ArtifactStore? { get }
 
     /// Migration identifiers applied to this queue, in order.
     func appliedMigrations() throws -> [String]
@@ -236,13 +240,14 @@ public struct EnqueueResult: Sendable, Hashable {
     }
 }
 
-/// What a worker hands to `complete`: the result file it wrote and what it measured.
+/// What a worker hands to `complete`: the result it stored (its file, nil when it lives only in the queue's database;
+/// and its sha256) and what it measured.
 public struct JobOutput: Sendable, Hashable {
-    public var path: String
+    public var path: String?
     public var sha256: String
     public var timings: JobTimings?
 
-    public init(path: String, sha256: String, timings: JobTimings? = nil) {
+    public init(path: String?, sha256: String, timings: JobTimings? = nil) {
         self.path = path
         self.sha256 = sha256
         self.timings = timings

@@ -21,6 +21,8 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
     case corruptQueue(path: String, reason: String)
     /// A queue location that cannot be used at all (a malformed `postgres://` URL).
     case badLocation(location: String, reason: String)
+    /// A stored result or snapshot that does not read back as it was stored (`location` names it).
+    case corruptArtifact(location: String, reason: String)
     /// The database failed (`message` is its text).
     case database(path: String, failure: DatabaseFailure, message: String)
 
@@ -73,6 +75,7 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
             }
         case let .corruptQueue(path, reason): "\(path) is not a usable queue database: \(reason)"
         case let .badLocation(location, reason): "\(location) is not a usable queue location: \(reason)"
+        case let .corruptArtifact(location, reason): "\(location) is damaged: \(reason)"
         }
     }
 }

@@ -42,6 +42,9 @@ public final class SQLiteJobQueue: JobQueue {
     /// snapshot files are named under it, so neither a second queue sharing an output folder nor a restored copy of
     /// another queue's database can write or read this queue's files by job id alone.
     public let identity: String
+    /// None: an SQLite queue's results and snapshots are files under the worker's `--out` (`DirectoryArtifactStore`),
+    /// whose paths its rows record.
+    public var storedArtifacts: ArtifactStore? { nil }
     let pool: DatabasePool
 
     /// Rows a bulk operation changes per write transaction.
@@ -320,7 +323,7 @@ public final class SQLiteJobQueue: JobQueue {
             if db.changesCount == 1 { return true }
             // The same result again (a retried completion) counts as done, as on PostgreSQL.
             return try Bool.fetchOne(db.cachedStatement(sql: """
-                SELECT EXISTS (SELECT 1 FROM job WHERE id = ? AND state = 'succeeded' AND attempt = ? AND output_path = ? AND output_sha256 = ?)
+                SELECT EXISTS (SELECT 1 FROM job WHERE id = ? AND state = 'succeeded' AND attempt = ? AND output_path IS ? AND output_sha256 = ?)
                 """), arguments: [id, attempt, output.path, output.sha256]) ?? false
         }
     }

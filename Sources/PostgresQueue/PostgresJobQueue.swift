@@ -19,6 +19,9 @@ public final class PostgresJobQueue: JobQueue {
     public let identity: String
     let session: PostgresSession
     let work: WorkListener
+    /// Result records and snapshots live in this database, reached on a second connection (opened at first use): a
+    /// large snapshot never holds up a heartbeat, and a store read may run inside `forEach`'s body.
+    public let storedArtifacts: ArtifactStore?
 
     public var location: String { address.description }
 
@@ -35,6 +38,8 @@ public final class PostgresJobQueue: JobQueue {
         self.retryPolicy = retryPolicy
         session = PostgresSession(address: address, reconnectWindow: reconnectWindow, report: report)
         work = WorkListener(address: address)
+        storedArtifacts = PostgresArtifactStore(session: PostgresSession(address: address, reconnectWindow: reconnectWindow, report: report),
+                                                clock: clock)
         let location = address.description
         identity = try session.transaction { statements in
             let applied = try PostgresSchema.applied(statements)
@@ -198,6 +203,7 @@ public final class PostgresJobQueue: JobQueue {
         let timings = try output.timings.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
         // A completion repeated with the same result counts as done: after a connection lost with the reply, the
         // retry finds the commit that went through (and the worker must not delete the file that row records).
+        // Stored results of the job's other attempts (late or abandoned ones) go with the accepted completion.
         return try session.statement { statements in
             try statements.rows("""
                 WITH done AS (
@@ -205,10 +211,11 @@ public final class PostgresJobQueue: JobQueue {
                     SET state = 'succeeded', output_path = \(output.path), output_sha256 = \(output.sha256), timings = \(timings), error = NULL,
                         lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false, finalized_at = \(now), updated_at = \(now)
                     WHERE id = \(id) AND state = 'running' AND attempt = \(attempt) AND lease_owner = \(owner)
-                    RETURNING id)
+                    RETURNING id),
+                others AS (DELETE FROM dllava.result WHERE job_id IN (SELECT id FROM done) AND attempt <> \(attempt))
                 SELECT EXISTS (SELECT 1 FROM done) OR EXISTS (
                     SELECT 1 FROM dllava.job WHERE id = \(id) AND state = 'succeeded' AND attempt = \(attempt)
-                                               AND output_path = \(output.path) AND output_sha256 = \(output.sha256))
+                                               AND output_path IS NOT DISTINCT FROM \(output.path) AND output_sha256 = \(output.sha256))
                 """)[0].decode(Bool.self)
         }
     }

@@ -135,6 +135,42 @@ enum PostgresSchema {
             FOR EACH STATEMENT EXECUTE FUNCTION dllava.notify_work()
             """,
         ]),
+        // Result records and KV snapshots in the database, so workers on many machines need only the connection string
+        // and a job interrupted on one machine resumes on another. One result row per attempt (a late attempt never
+        // replaces the accepted one; `complete` deletes the other attempts' rows); a snapshot is a header row and its
+        // bytes in chunks of `PostgresArtifactStore.chunkSize`, replaced in one transaction. Both go with their job
+        // (`prune`). The bytes are zstd-compressed already: stored out of line without another compression.
+        Migration(identifier: "v2-stored-artifacts", statements: [
+            """
+            CREATE TABLE dllava.result (
+                job_id    bigint NOT NULL REFERENCES dllava.job (id) ON DELETE CASCADE,
+                attempt   integer NOT NULL CHECK (attempt >= 1),
+                sha256    text NOT NULL CHECK (length(sha256) = 64),
+                record    bytea NOT NULL,
+                stored_at bigint NOT NULL,
+                PRIMARY KEY (job_id, attempt)
+            )
+            """,
+            "ALTER TABLE dllava.result ALTER COLUMN record SET STORAGE EXTERNAL",
+            """
+            CREATE TABLE dllava.snapshot (
+                job_id    bigint PRIMARY KEY REFERENCES dllava.job (id) ON DELETE CASCADE,
+                bytes     bigint NOT NULL CHECK (bytes >= 0),
+                chunks    integer NOT NULL CHECK (chunks >= 0),
+                sha256    text NOT NULL CHECK (length(sha256) = 64),
+                stored_at bigint NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE dllava.snapshot_chunk (
+                job_id      bigint NOT NULL REFERENCES dllava.snapshot (job_id) ON DELETE CASCADE,
+                chunk_index integer NOT NULL CHECK (chunk_index >= 0),
+                bytes       bytea NOT NULL,
+                PRIMARY KEY (job_id, chunk_index)
+            )
+            """,
+            "ALTER TABLE dllava.snapshot_chunk ALTER COLUMN bytes SET STORAGE EXTERNAL",
+        ]),
     ]
 
     static var identifiers: [String] { migrations.map(\.identifier) }

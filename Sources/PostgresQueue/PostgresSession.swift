@@ -110,20 +110,33 @@ final class PostgresSession: @unchecked Sendable {
                                   database: address.database, tls: .disable)
         }
         configuration.options.connectTimeout = .seconds(10)
+        configuration.options.additionalStartupParameters = serverSettings
         return try PostgresConnection.connect(on: MultiThreadedEventLoopGroup.singleton.next(), configuration: configuration,
                                               id: id, logger: logger).wait()
     }
 
+    /// Settings of every connection, for a client that vanishes without closing it (killed, its machine or network gone):
+    /// the server would otherwise keep its backend, and the row locks of a transaction it left open, until TCP gives up
+    /// (hours), and the other workers' writes to those rows would wait as long. The server probes a silent client after
+    /// 10 s (and drops it after 3 more probes 5 s apart), and ends a transaction left idle for 15 s: this client's
+    /// transactions send their statements back to back, and one cut short is run again like any after a lost
+    /// connection.
+    static let serverSettings: [(String, String)] = [
+        ("idle_in_transaction_session_timeout", "15s"), ("tcp_keepalives_idle", "10"), ("tcp_keepalives_interval", "5"),
+        ("tcp_keepalives_count", "3"),
+    ]
+
     /// Errors worth running the transaction again for: no connection, a connection closed under us, the server
-    /// shutting down or refusing connections for now (SQLSTATE classes 08 and 57, 53300 too many connections), and
-    /// a deadlock or serialization failure the server resolved by rolling this transaction back (40P01, 40001).
+    /// shutting down or refusing connections for now (SQLSTATE classes 08 and 57, 53300 too many connections), a
+    /// transaction the server ended for idling (25P03, `serverSettings`), and a deadlock or serialization failure the
+    /// server resolved by rolling this transaction back (40P01, 40001).
     static func isTransient(_ error: Error) -> Bool {
         guard let error = error as? PSQLError else { return error is ChannelError || error is IOError || "\(type(of: error))".contains("Connect") }
         switch error.code {
         case .connectionError, .serverClosedConnection, .clientClosedConnection, .uncleanShutdown: return true
         case .server:
             let state = error.serverInfo?[.sqlState] ?? ""
-            return state.hasPrefix("08") || state.hasPrefix("57") || ["53300", "40P01", "40001"].contains(state)
+            return state.hasPrefix("08") || state.hasPrefix("57") || ["53300", "25P03", "40P01", "40001"].contains(state)
         default: return false
         }
     }

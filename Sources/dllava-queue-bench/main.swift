@@ -4,7 +4,9 @@
 //   swift build -c release --product dllava-queue-bench
 //   .build/release/dllava-queue-bench --jobs 100000 --batch 1 --batch 8 --workers 1 --workers 4
 //   .build/release/dllava-queue-bench --postgres postgres://user@127.0.0.1:5432/bench --workers 1 --workers 4 --workers 16
+//   .build/release/dllava-queue-bench --postgres postgres://... --result-bytes 2048 --snapshot-bytes 65536
 import ArgumentParser
+import Artifacts
 import Foundation
 import JobQueue
 import PostgresQueue
@@ -35,6 +37,15 @@ struct QueueBenchmark: ParsableCommand {
         own jobs, so earlier runs' rows stay). Every worker thread has its own connection, as separate processes would.
         """)
     var postgres: String?
+
+    @Option(name: .customLong("result-bytes"), help: """
+        Store a result of this many bytes with each completion, as `dllava run` does: a file written atomically in the \
+        folder (SQLite), or a row in the database (PostgreSQL). 0: none (the queue's work alone).
+        """)
+    var resultBytes = 0
+
+    @Option(name: .customLong("snapshot-bytes"), help: "Also store one snapshot of this many bytes per job before its completion, and delete it after (0: none).")
+    var snapshotBytes = 0
 
     @Flag(help: "Also time enqueueing the same number of jobs from a JSONL manifest (parse, hash, insert).")
     var manifest = false
@@ -79,6 +90,10 @@ struct QueueBenchmark: ParsableCommand {
                     let workerQueues: [JobQueue] = try (0..<workerCount).map { _ in
                         if let postgres { try PostgresJobQueue(url: postgres) } else { queue }
                     }
+                    let results = folder.appendingPathComponent("results-\(run)")
+                    try FileManager.default.createDirectory(at: results, withIntermediateDirectories: true)
+                    let record = Data((0..<resultBytes).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+                    let snapshot = Data((0..<snapshotBytes).map { UInt8(truncatingIfNeeded: $0 &* 13) })
                     start = Date()
                     // A thread per worker (concurrentPerform would run only as many at once as there are cores).
                     let finished = DispatchGroup()
@@ -93,9 +108,11 @@ struct QueueBenchmark: ParsableCommand {
                                     let claimed = try queue.claim(owner: owner, limit: batchSize, leaseDuration: 600_000)
                                     if claimed.isEmpty { break }
                                     for job in claimed {
-                                        guard try queue.complete(job: job.id, attempt: job.attempt, owner: owner,
-                                                                 output: JobOutput(path: "/out/\(job.id)-\(job.attempt).json.zst",
-                                                                                   sha256: String(repeating: "1", count: 64))) else {
+                                        var output = JobOutput(path: "/out/\(job.id)-\(job.attempt).json.zst", sha256: String(repeating: "1", count: 64))
+                                        if snapshotBytes > 0 { try store(snapshot: snapshot, of: job, queue: queue, in: results) }
+                                        if resultBytes > 0 { output = try store(result: record, of: job, queue: queue, in: results) }
+                                        defer { if snapshotBytes > 0 { try? removeSnapshot(of: job, queue: queue, in: results) } }
+                                        guard try queue.complete(job: job.id, attempt: job.attempt, owner: owner, output: output) else {
                                             failures.add("job \(job.id): completion refused")
                                             continue
                                         }
@@ -110,8 +127,8 @@ struct QueueBenchmark: ParsableCommand {
                     finished.wait()
                     let claimSeconds = Date().timeIntervalSince(start)
                     let succeeded = failures.completed
-                    say(String(format: "durability %@  jobs %d  batch %d  workers %d  enqueue %.0f jobs/s (%.2f s)  claim+complete %.0f jobs/s (%.2f s)  succeeded %d%@",
-                                 durabilityName, jobs, batchSize, workerCount, Double(jobs) / enqueueSeconds, enqueueSeconds,
+                    say(String(format: "durability %@  jobs %d  batch %d  workers %d  result %d B  snapshot %d B  enqueue %.0f jobs/s (%.2f s)  claim+complete %.0f jobs/s (%.2f s)  succeeded %d%@",
+                                 durabilityName, jobs, batchSize, workerCount, resultBytes, snapshotBytes, Double(jobs) / enqueueSeconds, enqueueSeconds,
                                  Double(jobs) / claimSeconds, claimSeconds, succeeded,
                                  failures.all.isEmpty ? "" : "  FAILURES: \(failures.all.prefix(3))"))
                 }
@@ -136,6 +153,28 @@ struct QueueBenchmark: ParsableCommand {
                          jobs, Double(jobs) / seconds, seconds, report.inserted, report.problems.count))
         }
     }
+}
+
+/// Stores `record` as `job`'s result the way `dllava run` does: in the queue's database when it stores results, else as
+/// a file written atomically in `folder`; what `complete` then records.
+func store(result record: Data, of job: Job, queue: JobQueue, in folder: URL) throws -> JobOutput {
+    if let stored = queue.storedArtifacts {
+        let result = try stored.putResult(record, job: job.id, attempt: job.attempt)
+        return JobOutput(path: result.path, sha256: result.sha256)
+    }
+    let written = try AtomicFile.write(record, to: folder.appendingPathComponent("\(job.id)-\(job.attempt).json.zst"))
+    return JobOutput(path: written.url.path, sha256: written.sha256)
+}
+
+/// Stores `snapshot` as `job`'s snapshot: in the queue's database, or as a file in `folder`.
+func store(snapshot: Data, of job: Job, queue: JobQueue, in folder: URL) throws {
+    if let stored = queue.storedArtifacts { return try stored.putSnapshot(snapshot, job: job.id) }
+    _ = try AtomicFile.write(snapshot, to: folder.appendingPathComponent("job-\(job.id).kv.zst"))
+}
+
+func removeSnapshot(of job: Job, queue: JobQueue, in folder: URL) throws {
+    if let stored = queue.storedArtifacts { return try stored.removeSnapshot(job: job.id) }
+    unlink(folder.appendingPathComponent("job-\(job.id).kv.zst").path)
 }
 
 /// What the worker threads of one run report: accepted completions, and failures.

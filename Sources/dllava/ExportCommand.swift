@@ -9,7 +9,7 @@ struct ExportCommand: ParsableCommand {
         commandName: "export", abstract: "Write one record per job: custom_id, state, attempts, and text or error.",
         discussion: """
         Records carry job_id, custom_id, image, state, attempts, finish_reason, text (read from the job's result \
-        file, checked against its recorded sha256) and error. JSONL leaves out absent fields; CSV has a header row and \
+        file, or from a PostgreSQL queue's database, checked against its recorded sha256) and error. JSONL leaves out absent fields; CSV has a header row and \
         empty cells for them. The output file is written atomically. A result file that cannot be read is reported on \
         stderr, its record carries the error, and the exit status is 65. An --output that is the queue database or its \
         -wal or -shm file (by device and inode, so links count), or an existing file that is not a regular file (a \

@@ -11,7 +11,7 @@ struct PruneCommand: ParsableCommand {
     @Option(name: .customLong("older-than"), help: "Age since the job finished, e.g. 7d, 12h, 30m.")
     var olderThan: String
 
-    @Flag(name: .customLong("delete-outputs"), help: "Also delete the result files and KV snapshots of the pruned jobs.")
+    @Flag(name: .customLong("delete-outputs"), help: "Also delete the result and KV snapshot files of the pruned jobs (results and snapshots stored in a PostgreSQL queue's database always go with their jobs).")
     var deleteOutputs = false
 
     func validate() throws {

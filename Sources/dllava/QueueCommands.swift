@@ -100,7 +100,7 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
     case let error as JobQueueError:
         switch error {
         case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue: return CommandFailure(message: error.description, code: 78)
-        case .corruptRow, .invalidJob: return CommandFailure(message: "\(database): \(error)", code: 65)
+        case .corruptRow, .invalidJob, .corruptArtifact: return CommandFailure(message: "\(database): \(error)", code: 65)
         case .badLocation: return CommandFailure(message: error.description, code: 64)
         case .database(_, let failure, _):
             let code: Int32 = switch failure {
@@ -114,6 +114,7 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
     case let error as ManifestError:
         return CommandFailure(message: error.description, code: 65)
     case let error as QueueCopyError:
+        if case .needsOutputFolder = error { return CommandFailure(message: error.description, code: 64) }
         return CommandFailure(message: error.description, code: 65)
     case let error as ManifestInterrupted:
         let cause = queueCommandFailure(error.underlying, database: database)

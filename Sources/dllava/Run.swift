@@ -80,7 +80,7 @@ final class EngineBatch: RunningBatch {
                                                    parameters: parameters(entry.job))
                 try generator.validate([request])
                 requests.append(request)
-                snapshots.append(entry.snapshot.flatMap { resumableSnapshot($0, for: request, from: entry.snapshotURL, log: log) })
+                snapshots.append(entry.snapshot.flatMap { resumableSnapshot($0, for: request, from: entry.snapshotLocation, log: log) })
                 jobs.append(entry.job.id)
             } catch {
                 // A bad image, a prompt longer than the context, a mode the model cannot run: never retried.
@@ -133,8 +133,7 @@ final class EngineBatch: RunningBatch {
 
     /// The snapshot a job resumes from, or nil (logged) when its payload cannot be decoded or is
     /// not this request's state: the job then starts from scratch.
-    func resumableSnapshot(_ payload: Data, for request: GenerationRequest, from url: URL, log: (String) -> Void) -> GenerationSnapshot? {
-        let path = url.path
+    func resumableSnapshot(_ payload: Data, for request: GenerationRequest, from path: String, log: (String) -> Void) -> GenerationSnapshot? {
         do {
             let snapshot = try GenerationSnapshot(decoding: payload)
             try pipeline.generator.checkSnapshot(snapshot, fits: request, request: 0)
@@ -178,6 +177,11 @@ struct Run: ParsableCommand {
         snapshot is deleted when it finishes; with --keep-kv its final snapshot stays there. \
         `dllava snapshot inspect FILE` prints a snapshot's header.
 
+        On a PostgreSQL queue results and snapshots are stored in the database, so \
+        workers on any machine need only the connection string, and a job interrupted on one \
+        machine resumes on another from its snapshot; --out is then optional and, when given, \
+        each result is also written as OUT/<queue id>/<job id>-<attempt>.json.zst.
+
         SIGTERM or SIGINT: no new claims; at the next decode step every running job is \
         snapshotted, leaves its batch and is released to the queue; then exit 0. A job \
         cancelled while running (`dllava cancel`) leaves its batch at the next decode step; its \
@@ -199,8 +203,8 @@ struct Run: ParsableCommand {
     @OptionGroup var database: DatabaseOptions
     @OptionGroup var modelOptions: ModelOptions
 
-    @Option(help: "Directory for result files.")
-    var out: String
+    @Option(help: "Directory for result files (and, on an SQLite queue, snapshots); optional on a PostgreSQL queue, which stores both.")
+    var out: String?
 
     @Flag(name: .customLong("until-empty"), help: "Exit when nothing is left to claim instead of polling.")
     var untilEmpty = false
@@ -223,7 +227,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("snapshot-every"), help: "Snapshot running jobs every N decode steps (0: only on SIGTERM/SIGINT).")
     var snapshotEvery = 32
 
-    @Flag(name: .customLong("keep-kv"), help: "Keep each finished job's final KV snapshot in OUT/snapshots instead of deleting it.")
+    @Flag(name: .customLong("keep-kv"), help: "Keep each finished job's final KV snapshot (in OUT/<queue id>/snapshots, or a PostgreSQL queue's database) instead of deleting it.")
     var keepKV = false
 
     @Option(name: .customLong("log-level"), help: "The least severe log level shown: trace, debug, info, notice, warning, error or critical.")
@@ -242,6 +246,9 @@ struct Run: ParsableCommand {
     var metricsHost = "127.0.0.1"
 
     func validate() throws {
+        guard out != nil || database.isPostgres else {
+            throw ValidationError("--out is required on an SQLite queue (its results and snapshots are files there)")
+        }
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
         guard snapshotEvery >= 0 else { throw ValidationError("--snapshot-every must not be negative") }
         if let maxJobs, maxJobs < 1 { throw ValidationError("--max-jobs must be at least 1") }
@@ -283,7 +290,7 @@ struct Run: ParsableCommand {
             } catch {
                 logger.warning("cannot save the model file digests (the next start reads the model again): \(error)")
             }
-            let daemon = try BatchDaemon(queue: queue, runner: runner, out: URL(fileURLWithPath: out), options: options, metrics: metrics)
+            let daemon = try BatchDaemon(queue: queue, runner: runner, out: out.map { URL(fileURLWithPath: $0) }, options: options, metrics: metrics)
             let stop = StopFlag()
             let signals = [SIGTERM, SIGINT].map { number -> DispatchSourceSignal in
                 signal(number, SIG_IGN)

@@ -64,7 +64,7 @@ final class FakeBatch: RunningBatch {
             var sofar: [Int32] = []
             if let snapshot = entry.snapshot {
                 sofar = try! JSONDecoder().decode([Int32].self, from: snapshot)
-                log("resuming from \(entry.snapshotURL.path) with \(sofar.count) tokens")
+                log("resuming from \(entry.snapshotLocation) with \(sofar.count) tokens")
             }
             resumedWith[id] = sofar.count
             tokens[id] = sofar.isEmpty ? [1] : sofar
@@ -222,7 +222,7 @@ struct ContinuousBatchingTests {
         #expect(world.snapshots == [1: [3], 2: [3]])
         for job: Int64 in [1, 2] {
             #expect(try workspace.state(job) == .available)
-            #expect(FileManager.default.fileExists(atPath: daemon.snapshotURL(job: job).path), "job \(job)")
+            #expect(FileManager.default.fileExists(atPath: daemon.artifacts.snapshotLocation(job: job)), "job \(job)")
         }
         #expect(try workspace.state(3) == .available)
 
@@ -230,11 +230,11 @@ struct ContinuousBatchingTests {
         let lines = LogLines()
         let second = try workspace.daemon(again, batchSize: 2).run(stop: StopFlag(), log: lines.append)
         #expect(second.succeeded == 3)
-        #expect(lines.text.contains("resuming from \(daemon.snapshotURL(job: 1).path) with 3 tokens"), "\(lines.text)")
+        #expect(lines.text.contains("resuming from \(daemon.artifacts.snapshotLocation(job: 1)) with 3 tokens"), "\(lines.text)")
         let results = try workspace.results()
         #expect(results[1] == [1, 2, 3, 4, 5] && results[2] == [1, 2, 3, 4, 5, 6] && results[3] == [1, 2, 3, 4])
         // Finished jobs' snapshots are removed.
-        #expect(!FileManager.default.fileExists(atPath: daemon.snapshotURL(job: 1).path))
+        #expect(!FileManager.default.fileExists(atPath: daemon.artifacts.snapshotLocation(job: 1)))
     }
 
     @Test("snapshots follow each job's own decode steps; --max-time stops claiming and lets the running jobs finish")

@@ -10,6 +10,8 @@ import Foundation
 public final class TestPostgres: @unchecked Sendable {
     public let folder: URL
     public let port: Int
+    /// `listen_addresses`: loopback, or every address when other networks are trusted.
+    let listenAddresses: String
     public static let user = "dllava"
 
     /// The binaries of the installed major version (`/usr/lib/postgresql/<version>/bin`, the newest).
@@ -44,15 +46,17 @@ public final class TestPostgres: @unchecked Sendable {
     private static let lock = NSLock()
     nonisolated(unsafe) private static var cluster: Result<TestPostgres, Error>?
 
-    /// A cluster of its own, for a test that stops and starts its server; the caller `stop()`s it.
-    public static func startDedicated() throws -> TestPostgres { try TestPostgres() }
+    /// A cluster of its own, for a test that stops and starts its server; the caller `stop()`s it. `trustedNetworks`
+    /// (CIDR) may also connect, over TCP on every address of this host, without a password (the network-namespace
+    /// test's hosts); by default only loopback and the socket.
+    public static func startDedicated(trustedNetworks: [String] = []) throws -> TestPostgres { try TestPostgres(trustedNetworks: trustedNetworks) }
 
     /// At exit, without the lock (a test thread may still hold it).
     private static func stopShared() {
         if case .success(let started) = cluster { started.stop() }
     }
 
-    private init() throws {
+    private init(trustedNetworks: [String] = []) throws {
         let bin = try Self.binaries()
         folder = URL(fileURLWithPath: "/tmp").appendingPathComponent("dllava-pg-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
@@ -63,12 +67,20 @@ public final class TestPostgres: @unchecked Sendable {
         let data = folder.appendingPathComponent("data").path
         try Self.run(bin.appendingPathComponent("initdb").path,
                      ["-D", data, "-U", Self.user, "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync"])
+        if !trustedNetworks.isEmpty {
+            let hba = URL(fileURLWithPath: data).appendingPathComponent("pg_hba.conf")
+            let handle = try FileHandle(forWritingTo: hba)
+            try handle.seekToEnd()
+            try handle.write(contentsOf: Data(trustedNetworks.map { "host all all \($0) trust\n" }.joined().utf8))
+            try handle.close()
+        }
+        listenAddresses = trustedNetworks.isEmpty ? "127.0.0.1" : "*"
         var chosen: Int?
         for _ in 0..<5 {
             let candidate = Int.random(in: 20_000..<60_000)
             let started = try? Self.run(bin.appendingPathComponent("pg_ctl").path, [
                 "-D", data, "-l", folder.appendingPathComponent("server.log").path, "-w", "-t", "60", "start", "-o",
-                "-c listen_addresses=127.0.0.1 -c port=\(candidate) -c unix_socket_directories=\(folder.path) -c fsync=off -c max_connections=200",
+                "-c listen_addresses='\(listenAddresses)' -c port=\(candidate) -c unix_socket_directories=\(folder.path) -c fsync=off -c max_connections=200",
             ])
             if started != nil { chosen = candidate; break }
         }
@@ -109,7 +121,7 @@ public final class TestPostgres: @unchecked Sendable {
     public func startServer() throws {
         try Self.run(try Self.binaries().appendingPathComponent("pg_ctl").path, [
             "-D", folder.appendingPathComponent("data").path, "-l", folder.appendingPathComponent("server.log").path, "-w", "-t", "60",
-            "start", "-o", "-c listen_addresses=127.0.0.1 -c port=\(port) -c unix_socket_directories=\(folder.path) -c fsync=off -c max_connections=200",
+            "start", "-o", "-c listen_addresses='\(listenAddresses)' -c port=\(port) -c unix_socket_directories=\(folder.path) -c fsync=off -c max_connections=200",
         ])
     }
 
@@ -137,6 +149,14 @@ public final class TestPostgres: @unchecked Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         posix_spawn_file_actions_addopen(&actions, 2, errorPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        // Nothing else of this process goes with it: the server outlives the call, and a pipe of a `dllava` another test
+        // runs at that moment, inherited by the server, would never reach end of file and hang that test.
+        // (glibc 2.34's `posix_spawn_file_actions_addclosefrom_np`, which the Glibc module does not declare.)
+        typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
+        guard let closeFrom = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") else {
+            throw Failure(message: "this C library lacks posix_spawn_file_actions_addclosefrom_np (glibc 2.34 or later is needed)")
+        }
+        _ = unsafeBitCast(closeFrom, to: CloseFrom.self)(&actions, 3)
         let argv = command.map { strdup($0) } + [nil]
         defer { for pointer in argv { free(pointer) } }
         var pid: pid_t = 0

@@ -1,3 +1,5 @@
+import Artifacts
+import BatchDaemon
 import CommandLineSupport
 import Foundation
 import Testing
@@ -10,13 +12,36 @@ struct PostgresQueueTests {
     @Test func migrationsCreateTheQueueSchemaOnceAndKeepTheIdentity() throws {
         let fixture = try Fixture(.postgres)
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-queue"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts"])
         let again = try PostgresJobQueue(url: fixture.location)
-        #expect(try again.appliedMigrations() == ["v1-queue"])
+        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts"])
         #expect(again.identity == fixture.queue.identity && UUID(uuidString: again.identity) != nil)
         let tables = try TestPostgres.shared().psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'dllava'",
                                                    database: String(fixture.location.split(separator: "/").last!))
-        #expect(tables.trimmingCharacters(in: .whitespacesAndNewlines) == "job,migration,queue,worker")
+        #expect(tables.trimmingCharacters(in: .whitespacesAndNewlines) == "job,migration,queue,result,snapshot,snapshot_chunk,worker")
+    }
+
+    @Test func aVersion1QueueGainsStoredArtifactsAndStillExportsItsResultFiles() throws {
+        let fixture = try Fixture(.postgres)
+        defer { fixture.remove() }
+        let id = try fixture.queue.enqueue(fixture.jobs(1)).inserted[0]
+        let job = try fixture.queue.claim(owner: "w", limit: 1, leaseDuration: 60_000)[0]
+        let record = ResultRecord(queueID: fixture.queue.identity, jobID: id, attempt: job.attempt, customID: job.customID, text: "three shapes",
+                                  tokenIDs: [1, 2], finishReason: "stop", parameters: job.parameters, stats: ["tokens": 2],
+                                  model: ModelFingerprint(fingerprint: "m"), timings: ResultTimings(startedAt: 0, finishedAt: 1))
+        let written = try ResultFile(directory: fixture.directory).write(record)
+        #expect(try fixture.queue.complete(job: id, attempt: job.attempt, owner: "w", output: JobOutput(path: written.url.path, sha256: written.sha256)))
+        // As a queue made before results were stored in the database: v1 alone, its result a file.
+        try TestPostgres.shared().psql("""
+            DROP TABLE dllava.snapshot_chunk, dllava.snapshot, dllava.result; DELETE FROM dllava.migration WHERE identifier = 'v2-stored-artifacts'
+            """, database: String(fixture.location.split(separator: "/").last!))
+        let location = try PostgresAddress(fixture.location).description
+        #expect(throws: JobQueueError.olderSchema(path: location)) { try PostgresJobQueue(url: fixture.location, access: .readOnly) }
+        let upgraded = try PostgresJobQueue(url: fixture.location)
+        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts"])
+        var exported: [ExportRecord] = []
+        try ExportRecord.forEach(in: upgraded, .all) { exported.append($0) }
+        #expect(exported.map(\.text) == ["three shapes"] && !exported[0].resultUnreadable, "\(exported)")
     }
 
     @Test func aDatabaseWithoutAQueueIsRefusedAndLeftUnchangedUnlessCreated() throws {

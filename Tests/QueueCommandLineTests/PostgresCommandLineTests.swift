@@ -14,7 +14,7 @@ struct PostgresCommandLineTests {
         func queue(_ command: String, _ arguments: String...) throws -> ProcessResult { try workspace.run([command, "--db", url] + arguments) }
 
         let created = try queue("init")
-        #expect(created.status == 0 && created.standardOutput == "\(location) is ready (schema v1-queue)\n", "\(created.standardError)")
+        #expect(created.status == 0 && created.standardOutput == "\(location) is ready (schema v2-stored-artifacts)\n", "\(created.standardError)")
         let manifest = try workspace.standardManifest()
         let enqueue = try queue("enqueue", "--jsonl", manifest.path)
         #expect(enqueue.status == 65 && enqueue.standardOutput == "enqueued 3 jobs from \(manifest.path)\n")
@@ -54,6 +54,30 @@ struct PostgresCommandLineTests {
         #expect(refused.status == 78 && refused.standardError.contains("dllava init --db"), "\(refused.standardError)")
     }
 
+    @Test func exportReadsResultsFromTheDatabaseAndNamesTheJobOfADamagedOne() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        let url = try TestPostgres.shared().createDatabase()
+        #expect(try workspace.run(["init", "--db", url]).status == 0)
+        _ = try workspace.run(["enqueue", "--db", url, "--jsonl", try workspace.standardManifest().path])
+        // Job a "succeeded" with stored bytes whose sha256 is not the one its row records (no file anywhere).
+        try TestPostgres.shared().psql("""
+            UPDATE dllava.job SET state = 'succeeded', attempt = 1, finalized_at = 1, output_sha256 = repeat('0', 64) WHERE custom_id = 'a';
+            INSERT INTO dllava.result SELECT id, 1, repeat('0', 64), '\\x0102'::bytea, 1 FROM dllava.job WHERE custom_id = 'a'
+            """, database: String(url.split(separator: "/").last!))
+        let exported = try workspace.run(["export", "--db", url, "--output", "-"])
+        #expect(exported.status == 65, "\(exported.standardError)")
+        #expect(exported.errorLines.first?.hasPrefix("dllava: job 1: the stored result of attempt 1 in \(url) has sha256 ") == true, "\(exported.standardError)")
+        #expect(exported.standardOutput.split(separator: "\n").count == 3)
+    }
+
+    @Test func runOnAnSQLiteQueueNeedsAnOutputFolder() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        let refused = try workspace.run(["run", "--db", workspace.database, "--model", "none", "--until-empty"])
+        #expect(refused.status == 64 && refused.standardError.contains("--out is required on an SQLite queue"), "\(refused.standardError)")
+    }
+
     @Test func copyMovesAQueueToPostgresAndBackWithoutRunningAnything() throws {
         let workspace = try Workspace()
         defer { workspace.remove() }
@@ -64,7 +88,7 @@ struct PostgresCommandLineTests {
         let identity = try SQLiteJobQueue(path: workspace.database).identity
         let url = try TestPostgres.shared().createDatabase()
         let there = try workspace.run(["copy", "--from", workspace.database, "--to", url])
-        #expect(there.status == 0 && there.standardOutput == "copied 3 jobs of queue \(identity) from \(workspace.database) to \(url)\n",
+        #expect(there.status == 0 && there.standardOutput == "copied 3 jobs of queue \(identity) from \(workspace.database) to \(url), with 0 results and 0 snapshots\n",
                 "\(there.standardError)")
         #expect(try workspace.run(["list", "--db", url, "--json"]).standardOutput == before)
         let back = workspace.directory.appendingPathComponent("back.sqlite").path
