@@ -135,6 +135,15 @@ struct EngineBenchmark: ParsableCommand {
         for (count, precision) in threadCounts.flatMap({ count in precisionList.map { (count, $0) } }) {
             Parallelism.setThreads(count)
             Kernels.use(precision)
+            // A weight is packed for this precision's kernels on its first product: once, untimed
+            // (one image through the tower, one token through the language model).
+            _ = vision.features(pixels)
+            var warmCache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
+            var warmHidden = language.embed([3])
+            var warmObservation = ForwardObservation()
+            language.forward(&warmHidden, batch: TokenBatch(positions: [0], sequences: [0]), layers: 0..<c.hiddenLayers, cache: &warmCache,
+                             observation: &warmObservation)
+            _ = language.logits(warmHidden)
             // Vision tower (one image).
             let visionStart = DispatchTime.now()
             _ = vision.features(pixels)
@@ -250,6 +259,7 @@ func linearRate(_ c: LlamaConfiguration, tokens m: Int, storageType: StorageType
     for (index, (n, k)) in decoderProductShapes(c).enumerated() {
         let weight = WeightMatrix(randomRows: n, columns: k, storageType: storageType, seed: UInt64(100 + index))
         let x = Matrix(rows: m, columns: k, values: (0..<m * k).map { Float(($0 * 7919) % 255) / 255 - 0.5 })
+        _ = linear(x.rows(0..<1), weight)  // packs the weight, untimed
         let start = DispatchTime.now()
         _ = linear(x, weight)
         elapsed += seconds(since: start)
