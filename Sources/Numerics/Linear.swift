@@ -147,7 +147,7 @@ public enum Precision: String, Sendable, Codable, CaseIterable {
     /// "Performance"), else f32 (`vdpbf16ps` alone was measured slower than f32 on the AVX512-BF16
     /// Xeon this was built on).
     public static var preferred: Precision {
-        KernelPath.amx.isAvailable && Kernels.path == .amx ? .bf16 : .f32
+        Kernels.path == .amx ? .bf16 : .f32
     }
 
     /// Whether this CPU runs the precision at full speed (bf16 needs AVX512-BF16 or AMX-BF16;

@@ -184,33 +184,29 @@ public struct WeightMatrix: @unchecked Sendable {
     /// to their owner (a mapped checkpoint drops them from memory; they are read back only if a
     /// row is widened again).
     func panels() -> UnsafeRawPointer {
-        precondition(storageType != .q8, "panels: q8 weights go through dl_gemm_q8")
-        return panelCache.panels {
-            let type = storageType.kernelType, rows = rows, columns = columns
-            let storage = OwnedStorage(byteCount: dl_panel_bytes(type, rows, columns))
-            let panelCount = (rows + 15) / 16, chunk = 64
-            let pointers = UncheckedSendable((base, storage.pointer))
-            Parallelism.forEach((panelCount + chunk - 1) / chunk) { c in
-                let (source, destination) = pointers.value
-                dl_pack_panels(type, source, columns, rows, columns, destination, c * chunk, min(panelCount, (c + 1) * chunk))
-            }
-            owner.releasePages(from: base, byteCount: byteCount)
-            return storage
-        }
+        packed(into: panelCache, byteCount: dl_panel_bytes(storageType.kernelType, rows, columns), with: dl_pack_panels)
     }
 
     /// The weight rounded to bf16 and packed into AMX B tiles for `dl_gemm_amx`: made once, on
     /// first use; the stored rows' pages are then released as for `panels()`.
     func panelsBF16() -> UnsafeRawPointer {
-        precondition(storageType != .q8, "panelsBF16: q8 weights go through dl_gemm_q8")
-        return panelCacheBF16.panels {
+        packed(into: panelCacheBF16, byteCount: dl_panel_bytes_bf16(rows, columns), with: dl_pack_panels_bf16)
+    }
+
+    /// Packs the weight once into `cache` (`byteCount` bytes) with a packer of panels.c or amx.c,
+    /// groups of 64 panels spread over the workers, then releases the stored rows' pages.
+    private func packed(into cache: PanelCache, byteCount packedBytes: Int,
+                        with pack: @escaping @Sendable (Int32, UnsafeRawPointer?, Int, Int, Int, UnsafeMutableRawPointer?, Int, Int) -> Void)
+        -> UnsafeRawPointer {
+        precondition(storageType != .q8, "panels: q8 weights go through dl_gemm_q8")
+        return cache.panels {
             let type = storageType.kernelType, rows = rows, columns = columns
-            let storage = OwnedStorage(byteCount: dl_panel_bytes_bf16(rows, columns))
+            let storage = OwnedStorage(byteCount: packedBytes)
             let panelCount = (rows + 15) / 16, chunk = 64
             let pointers = UncheckedSendable((base, storage.pointer))
             Parallelism.forEach((panelCount + chunk - 1) / chunk) { c in
                 let (source, destination) = pointers.value
-                dl_pack_panels_bf16(type, source, columns, rows, columns, destination, c * chunk, min(panelCount, (c + 1) * chunk))
+                pack(type, source, columns, rows, columns, destination, c * chunk, min(panelCount, (c + 1) * chunk))
             }
             owner.releasePages(from: base, byteCount: byteCount)
             return storage
