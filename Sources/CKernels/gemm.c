@@ -13,6 +13,7 @@
 // AVX-512 holds the 16 lanes in one register, AVX2 in two (lanes 0-7 and 8-15), the scalar path
 // in an array. Missing lanes of the last chunk are loaded as zeros, which adds +0 exactly.
 #include "CKernels.h"
+#include "scalar.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,37 +22,6 @@
 #include <immintrin.h>
 #define DL_X86 1
 #endif
-
-// ---------------------------------------------------------------------------------------------
-// Element loads shared by the scalar path.
-
-static inline float bf16_to_float(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline float f16_to_float(uint16_t h) {
-    float f;
-    dl_widen_f16(&h, &f, 1);
-    return f;
-}
-
-static inline float weight_at(int type, const void *w, size_t i) {
-    switch (type) {
-    case DL_WEIGHT_F32: return ((const float *)w)[i];
-    case DL_WEIGHT_F16: return f16_to_float(((const uint16_t *)w)[i]);
-    default: return bf16_to_float(((const uint16_t *)w)[i]);
-    }
-}
-
-static inline float reduce_lanes_scalar(const float lanes[16]) {
-    float s8[8], s4[4];
-    for (int i = 0; i < 8; i++) s8[i] = lanes[i] + lanes[i + 8];
-    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
 
 static void gemm_scalar(int type, const float *x, size_t ldx, const void *w, size_t k, size_t ldw,
                         size_t n_begin, size_t n_end, size_t m, float *y, size_t ldy) {
@@ -62,7 +32,7 @@ static void gemm_scalar(int type, const float *x, size_t ldx, const void *w, siz
             float lanes[16] = {0};
             const float *xr = x + r * ldx;
             for (size_t kk = 0; kk < k; kk++) lanes[kk & 15] = fmaf(xr[kk], row[kk], lanes[kk & 15]);
-            y[r * ldy + n] = reduce_lanes_scalar(lanes);
+            y[r * ldy + n] = reduce_lanes16(lanes);
         }
     }
     free(row);
@@ -109,7 +79,7 @@ static void gemm_bf16_scalar(int type, const uint16_t *x, size_t ldx, const void
                 lanes[lane] = flush_subnormal(fmaf(bf16_input(x1), bf16_input(row[kk + 1]), lanes[lane]));
                 lanes[lane] = flush_subnormal(fmaf(bf16_input(xr[kk]), bf16_input(row[kk]), lanes[lane]));
             }
-            y[r * ldy + n] = reduce_lanes_scalar(lanes);
+            y[r * ldy + n] = reduce_lanes16(lanes);
         }
     }
     free(row);
@@ -646,7 +616,7 @@ static void gemm_q8_scalar(const uint8_t *records, size_t m, const dl_q8_weight 
                     *lane = fmaf((float)sum, s, *lane);
                 }
             }
-            y[r * ldy + n] = reduce_lanes_scalar(lanes);
+            y[r * ldy + n] = reduce_lanes16(lanes);
         }
     }
 }

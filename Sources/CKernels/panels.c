@@ -12,6 +12,7 @@
 // only decide which chains run side by side, never the order inside a chain, so a row's bits are
 // the same alone or in any batch, for any thread count and on any path.
 #include "CKernels.h"
+#include "scalar.h"
 #include <math.h>
 #include <string.h>
 
@@ -67,23 +68,6 @@ void dl_pack_panels_from_columns(const float *v, size_t ldv, size_t n, size_t k,
 // ---------------------------------------------------------------------------------------------
 // Scalar: the chain written out, one element at a time.
 
-static inline float panel_element(int type, const void *panel, size_t i) {
-    switch (type) {
-    case DL_WEIGHT_F32: return ((const float *)panel)[i];
-    case DL_WEIGHT_F16: {
-        float f;
-        dl_widen_f16((const uint16_t *)panel + i, &f, 1);
-        return f;
-    }
-    default: {
-        uint32_t bits = (uint32_t)((const uint16_t *)panel)[i] << 16;
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        return f;
-    }
-    }
-}
-
 static void panels_scalar(int type, const float *x, size_t ldx, size_t m, const void *panels, size_t k, size_t n_begin,
                           size_t n_end, float *y, size_t ldy) {
     size_t size = element_bytes(type);
@@ -91,7 +75,7 @@ static void panels_scalar(int type, const float *x, size_t ldx, size_t m, const 
         const char *panel = (const char *)panels + (n / PANEL) * PANEL * k * size;
         for (size_t r = 0; r < m; r++) {
             float acc = 0;
-            for (size_t kk = 0; kk < k; kk++) acc = fmaf(x[r * ldx + kk], panel_element(type, panel, kk * PANEL + n % PANEL), acc);
+            for (size_t kk = 0; kk < k; kk++) acc = fmaf(x[r * ldx + kk], weight_at(type, panel, kk * PANEL + n % PANEL), acc);
             y[r * ldy + n] = acc;
         }
     }

@@ -9,6 +9,7 @@
 // - each term is multiplied by 1 / sum.
 // A row whose values are all -infinity (fully masked) becomes zeros; a row holding a NaN, NaNs.
 #include "CKernels.h"
+#include "scalar.h"
 #include <math.h>
 #include <string.h>
 
@@ -40,20 +41,13 @@ static inline float exp_scalar(float t) {
     return p;
 }
 
-static inline float reduce_lanes(const float lanes[16]) {
-    float s8[8], s4[4];
-    for (int i = 0; i < 8; i++) s8[i] = lanes[i] + lanes[i + 8];
-    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
 static void softmax_scalar(float *x, size_t count, float maximum) {
     float lanes[16] = {0};
     for (size_t i = 0; i < count; i++) {
         x[i] = exp_scalar(x[i] - maximum);
         lanes[i & 15] += x[i];
     }
-    float inverse = 1 / reduce_lanes(lanes);
+    float inverse = 1 / reduce_lanes16(lanes);
     for (size_t i = 0; i < count; i++) x[i] *= inverse;
 }
 
@@ -92,7 +86,7 @@ DL_AVX512_FN void softmax512(float *x, size_t count, float maximum) {
     }
     float spilled[16];
     _mm512_storeu_ps(spilled, lanes);
-    __m512 inverse = _mm512_set1_ps(1 / reduce_lanes(spilled));
+    __m512 inverse = _mm512_set1_ps(1 / reduce_lanes16(spilled));
     for (i = 0; i + 16 <= count; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inverse));
     if (i < count) {
         __mmask16 mask = (__mmask16)((1u << (count - i)) - 1);
