@@ -40,7 +40,7 @@ let package = Package(
         // Image files -> RGB pixels -> CLIP pixel values, as LLaVA-1.5's Python pipeline computes them.
         .target(name: "Imaging", dependencies: ["CJPEG", "CPNG"]),
         .target(name: "Vision", dependencies: ["Numerics", "SafeTensors"]),
-        .target(name: "Llama", dependencies: ["Numerics", "SafeTensors"]),
+        .target(name: "Llama", dependencies: ["CKernels", "Numerics", "SafeTensors"]),
         .target(name: "Sparsification", dependencies: ["Numerics", "SafeTensors"]),
         .target(name: "DynamicLLaVA", dependencies: ["Numerics", "SafeTensors", "Tokenizer", "Imaging", "Vision", "Llama", "Sparsification"]),
         // Durable job state in SQLite and the manifest readers; never imports the model. Crypto hashes images and

@@ -461,44 +461,53 @@ void dl_gemm_bf16(int path, int weight_type, const uint16_t *x, size_t ldx, size
 // over j in increasing order with fused multiply-adds from +0, on every path.
 
 #ifdef DL_X86
-DL_AVX512_FN void weighted_sum512(const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out) {
-    size_t d = 0;
-    for (; d + 16 <= width; d += 16) {
+/// 16 values of row `j` from column `d` (f32, or bf16 widened by a 16-bit shift), masked.
+DL_AVX512_FN inline __m512 values512(int type, const void *v, size_t i, __mmask16 mask) {
+    if (type == DL_WEIGHT_F32) return _mm512_maskz_loadu_ps(mask, (const float *)v + i);
+    __m256i halves = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)v + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+DL_AVX512_FN void weighted_sum512(const float *p, size_t count, int type, const void *v, size_t ldv, size_t width, float *out) {
+    for (size_t d = 0; d < width; d += 16) {
+        __mmask16 mask = width - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (width - d)) - 1);
         __m512 acc = _mm512_setzero_ps();
-        for (size_t j = 0; j < count; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(v + j * ldv + d), acc);
-        _mm512_storeu_ps(out + d, acc);
-    }
-    if (d < width) {
-        __mmask16 mask = (__mmask16)((1u << (width - d)) - 1);
-        __m512 acc = _mm512_setzero_ps();
-        for (size_t j = 0; j < count; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(mask, v + j * ldv + d), acc);
+        for (size_t j = 0; j < count; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), values512(type, v, j * ldv + d, mask), acc);
         _mm512_mask_storeu_ps(out + d, mask, acc);
     }
 }
 
-DL_AVX2_FN void weighted_sum256(const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out) {
+/// 8 values of row `j` from column `d` (f32, or bf16 widened by a 16-bit shift).
+DL_AVX2_FN inline __m256 values256(int type, const void *v, size_t i) {
+    if (type == DL_WEIGHT_F32) return _mm256_loadu_ps((const float *)v + i);
+    __m128i halves = _mm_loadu_si128((const __m128i *)((const uint16_t *)v + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+
+DL_AVX2_FN void weighted_sum256(const float *p, size_t count, int type, const void *v, size_t ldv, size_t width, float *out) {
     size_t d = 0;
     for (; d + 8 <= width; d += 8) {
         __m256 acc = _mm256_setzero_ps();
-        for (size_t j = 0; j < count; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * ldv + d), acc);
+        for (size_t j = 0; j < count; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), values256(type, v, j * ldv + d), acc);
         _mm256_storeu_ps(out + d, acc);
     }
     for (; d < width; d++) {
         float acc = 0;
-        for (size_t j = 0; j < count; j++) acc = fmaf(p[j], v[j * ldv + d], acc);
+        for (size_t j = 0; j < count; j++) acc = fmaf(p[j], weight_at(type, v, j * ldv + d), acc);
         out[d] = acc;
     }
 }
 #endif
 
-void dl_weighted_sum(int path, const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out) {
+void dl_weighted_sum(int path, const float *p, size_t count, int value_type, const void *v, size_t ldv, size_t width,
+                     float *out) {
 #ifdef DL_X86
-    if (path == DL_PATH_AVX512) { weighted_sum512(p, count, v, ldv, width, out); return; }
-    if (path == DL_PATH_AVX2) { weighted_sum256(p, count, v, ldv, width, out); return; }
+    if (path == DL_PATH_AVX512) { weighted_sum512(p, count, value_type, v, ldv, width, out); return; }
+    if (path == DL_PATH_AVX2) { weighted_sum256(p, count, value_type, v, ldv, width, out); return; }
 #endif
     for (size_t d = 0; d < width; d++) {
         float acc = 0;
-        for (size_t j = 0; j < count; j++) acc = fmaf(p[j], v[j * ldv + d], acc);
+        for (size_t j = 0; j < count; j++) acc = fmaf(p[j], weight_at(value_type, v, j * ldv + d), acc);
         out[d] = acc;
     }
 }

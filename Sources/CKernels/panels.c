@@ -54,13 +54,14 @@ void dl_pack_panels(int weight_type, const void *w, size_t ldw, size_t n, size_t
     }
 }
 
-void dl_pack_panels_from_columns(const float *v, size_t ldv, size_t n, size_t k, float *panels) {
+void dl_pack_panels_from_columns(int weight_type, const void *v, size_t ldv, size_t n, size_t k, void *panels) {
+    size_t size = element_bytes(weight_type);
     for (size_t p = 0; p * PANEL < n; p++) {
         size_t width = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
-        float *panel = panels + p * PANEL * k;
+        char *panel = (char *)panels + p * PANEL * k * size;
         for (size_t kk = 0; kk < k; kk++) {
-            memcpy(panel + kk * PANEL, v + kk * ldv + p * PANEL, width * sizeof(float));
-            if (width < PANEL) memset(panel + kk * PANEL + width, 0, (PANEL - width) * sizeof(float));
+            memcpy(panel + kk * PANEL * size, (const char *)v + (kk * ldv + p * PANEL) * size, width * size);
+            if (width < PANEL) memset(panel + (kk * PANEL + width) * size, 0, (PANEL - width) * size);
         }
     }
 }

@@ -38,7 +38,8 @@ public struct GenerationBatch {
     public init(generator: Generator) {
         self.generator = generator
         let c = generator.model.language.configuration
-        cache = KeyValueCache(layers: c.hiddenLayers, sequences: 0, keyValueWidth: c.keyValueWidth)
+        cache = KeyValueCache(layers: c.hiddenLayers, sequences: 0, keyValueWidth: c.keyValueWidth,
+                               storage: KeyValueCache.storage(for: Kernels.precision))
     }
 
     /// Rows still generating, in the order they entered.

@@ -19,10 +19,17 @@ public struct GenerationSnapshot: Sendable, Equatable {
     /// Version of the payload layout below; a change of layout is a new version, never an edit.
     public static let formatVersion: UInt32 = 1
 
-    /// How K and V are stored. Only f32: resuming must reproduce the uninterrupted run bit for bit,
-    /// and rounding the cache to f16 would change the following logits.
+    /// How K and V are stored: as the live cache holds them (f32, or bf16 at `--precision bf16`),
+    /// never rounded further, so that resuming reproduces the uninterrupted run bit for bit.
     public enum StorageType: UInt32, Sendable {
         case float32 = 1
+        case bfloat16 = 2
+
+        init(_ type: Numerics.StorageType) {
+            self = type == .bfloat16 ? .bfloat16 : .float32
+        }
+
+        var cacheType: Numerics.StorageType { self == .bfloat16 ? .bfloat16 : .float32 }
     }
 
     public var idsBeforeImage: [Int32]
@@ -71,7 +78,7 @@ public struct GenerationSnapshot: Sendable, Equatable {
     /// The payload, little-endian throughout:
     ///
     /// ```
-    /// u32 format version (1)            u32 storage type (1 = f32)
+    /// u32 format version (1)            u32 storage type (1 = f32, 2 = bf16)
     /// u32 layers                        u32 keyValueWidth
     /// u64 decode steps                  u8  finished (0 or 1)
     /// u64 x4 sampler xoshiro256** state
@@ -79,12 +86,12 @@ public struct GenerationSnapshot: Sendable, Equatable {
     /// u32 image tokens
     /// u32 n, i32 x n ids after the image
     /// u32 n, n bytes of JSON {"parameters", "result"} (sorted keys)
-    /// per layer: u32 cells, i32 x cells positions, f32 x cells*width keys, f32 x cells*width values
+    /// per layer: u32 cells, i32 x cells positions, cells*width keys, cells*width values (f32 or bf16)
     /// ```
     public func encoded() -> Data {
         var writer = ByteWriter()
         writer.append(Self.formatVersion)
-        writer.append(StorageType.float32.rawValue)
+        writer.append(StorageType(cells.first?.storage ?? .float32).rawValue)
         writer.append(UInt32(cells.count))
         writer.append(UInt32(keyValueWidth))
         writer.append(UInt64(decodeSteps))
@@ -101,8 +108,8 @@ public struct GenerationSnapshot: Sendable, Equatable {
         writer.data.append(description)
         for layer in cells {
             writer.append(layer.positions)
-            writer.appendFloats(layer.keys)
-            writer.appendFloats(layer.values)
+            writer.data.append(contentsOf: layer.keys)
+            writer.data.append(contentsOf: layer.values)
         }
         return writer.data
     }
@@ -112,8 +119,8 @@ public struct GenerationSnapshot: Sendable, Equatable {
         var reader = ByteReader(data: data)
         let version: UInt32 = try reader.read()
         guard version == Self.formatVersion else { throw .unsupportedVersion(found: version, supported: Self.formatVersion) }
-        let storage: UInt32 = try reader.read()
-        guard StorageType(rawValue: storage) != nil else { throw .unsupportedStorageType(storage) }
+        let storageValue: UInt32 = try reader.read()
+        guard let storage = StorageType(rawValue: storageValue)?.cacheType else { throw .unsupportedStorageType(storageValue) }
         let layers = Int(try reader.read() as UInt32)
         keyValueWidth = Int(try reader.read() as UInt32)
         // Bounds that keep the counts below from overflowing on a damaged payload.
@@ -146,8 +153,10 @@ public struct GenerationSnapshot: Sendable, Equatable {
         cells = []
         for _ in 0..<layers {
             let positions = try reader.readInt32Array()
-            let floats = positions.count * keyValueWidth
-            cells.append(SequenceCells(positions: positions, keys: try reader.readFloats(floats), values: try reader.readFloats(floats)))
+            let (bytes, overflow) = positions.count.multipliedReportingOverflow(by: keyValueWidth * storage.byteCount)
+            guard !overflow else { throw .malformed("\(positions.count) cells of width \(keyValueWidth) cannot fit in \(data.count) bytes") }
+            cells.append(SequenceCells(storage: storage, positions: positions, keys: [UInt8](try reader.readBytes(bytes)),
+                                       values: [UInt8](try reader.readBytes(bytes))))
         }
         guard reader.offset == data.count else { throw .malformed("\(data.count - reader.offset) bytes follow the last layer") }
     }
@@ -165,7 +174,7 @@ public enum SnapshotFormatError: Error, Equatable, CustomStringConvertible {
         switch self {
         case let .unsupportedVersion(found, supported):
             return "the generation state is format version \(found); this build reads version \(supported)"
-        case let .unsupportedStorageType(type): return "the K/V storage type \(type) is unknown (1 = f32)"
+        case let .unsupportedStorageType(type): return "the K/V storage type \(type) is unknown (1 = f32, 2 = bf16)"
         case let .truncated(offset, needed): return "the generation state ends at byte \(offset), \(needed) bytes short"
         case let .malformed(reason): return "the generation state is malformed: \(reason)"
         }
@@ -187,9 +196,6 @@ struct ByteWriter {
         values.withUnsafeBytes { data.append(contentsOf: $0) }
     }
 
-    mutating func appendFloats(_ values: [Float]) {
-        values.withUnsafeBytes { data.append(contentsOf: $0) }
-    }
 }
 
 /// Reads little-endian values, throwing `truncated` instead of reading past the end.
@@ -223,10 +229,6 @@ struct ByteReader {
         try readArray(count: Int(try read() as UInt32), of: Int32.self)
     }
 
-    mutating func readFloats(_ count: Int) throws(SnapshotFormatError) -> [Float] {
-        try readArray(count: count, of: Float.self)
-    }
-
     /// `count` 4-byte values as they lie in the payload (little-endian, like memory; see `ByteWriter`).
     mutating func readArray<T: BitwiseCopyable>(count: Int, of _: T.Type) throws(SnapshotFormatError) -> [T] {
         let stride = MemoryLayout<T>.stride
@@ -254,6 +256,8 @@ extension Generator {
             (snapshot.idsBeforeImage == request.idsBeforeImage && snapshot.idsAfterImage == request.idsAfterImage
                 && snapshot.imageTokens == imageTokens, "its prompt differs"),
             (snapshot.parameters == request.parameters, "its generation parameters differ"),
+            (snapshot.cells.allSatisfy { $0.storage == KeyValueCache.storage(for: Kernels.precision) },
+             "its K/V are stored as \(snapshot.cells.first?.storage.rawValue ?? "-"), this run keeps \(KeyValueCache.storage(for: Kernels.precision).rawValue)"),
             (snapshot.result.stats.precision == Kernels.precision,
              "it was computed at \(snapshot.result.stats.precision?.rawValue ?? "an unrecorded") precision, this run uses \(Kernels.precision.rawValue)"),
             (request.parameters.sparsity.usesKeyValueCache, "the request runs without a KV cache"),

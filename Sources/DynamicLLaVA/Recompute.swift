@@ -20,7 +20,8 @@ extension Generator {
         var hidden = Matrix.concatenateRows([embeddings, language.embed(state.result.tokenIDs)])
         let total = n + generated
         var batch = TokenBatch(positions: (0..<Int32(total)).map { $0 }, sequences: Array(repeating: 0, count: total))
-        var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
+        var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth,
+                                  storage: KeyValueCache.storage(for: Kernels.precision))
         let (split, observed) = pruningLayer(state.sparsity)
         var observation = ForwardObservation(attentionLayers: observed)
         // The newest token's hidden state is what predicts the next one.

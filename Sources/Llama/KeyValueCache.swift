@@ -1,16 +1,30 @@
+import CKernels
+import Numerics
+
 /// The K/V cells of one sequence in one layer, with per-cell metadata kept apart from the storage.
 ///
 /// Cells are in the order they were written; `positions[i]` is cell `i`'s ORIGINAL RoPE position
 /// (never re-indexed when earlier tokens are dropped). `keys` and `values` are
-/// `[cellCount, keyValueWidth]`, row-major.
+/// `[cellCount, keyValueWidth]`, row-major, as the bytes of `storage`'s elements (f32, or bf16:
+/// what `--precision bf16` keeps, as PyTorch's bf16 and llama.cpp's f16 caches do, for half the
+/// memory and half the bytes each decode step reads). Cells are rounded once, when appended.
 public struct SequenceCells: Sendable, Equatable {
-    public var positions: [Int32] = []
-    public var keys: [Float] = []
-    public var values: [Float] = []
+    /// `.float32` or `.bfloat16`.
+    public private(set) var storage: StorageType
+    public private(set) var positions: [Int32] = []
+    public private(set) var keys: [UInt8] = []
+    public private(set) var values: [UInt8] = []
 
-    public init() {}
+    public init(storage: StorageType = .float32) {
+        precondition(storage == .float32 || storage == .bfloat16, "SequenceCells: K/V are stored as f32 or bf16, not \(storage)")
+        self.storage = storage
+    }
 
-    public init(positions: [Int32], keys: [Float], values: [Float]) {
+    /// Cells as stored: `keys` and `values` hold `positions.count * width` elements of `storage` each.
+    public init(storage: StorageType, positions: [Int32], keys: [UInt8], values: [UInt8]) {
+        self.init(storage: storage)
+        precondition(keys.count == values.count && keys.count % max(positions.count * storage.byteCount, 1) == 0,
+                     "SequenceCells: \(keys.count) key and \(values.count) value bytes for \(positions.count) cells")
         self.positions = positions
         self.keys = keys
         self.values = values
@@ -18,19 +32,45 @@ public struct SequenceCells: Sendable, Equatable {
 
     public var cellCount: Int { positions.count }
 
-    /// Makes room for `count` more cells of `width` floats, so that appending them never grows
+    /// Makes room for `count` more cells of `width` elements, so that appending them never grows
     /// the arrays (a decode step then appends without reallocating).
     public mutating func reserveCapacity(additionalCells count: Int, width: Int) {
         positions.reserveCapacity(cellCount + count)
-        keys.reserveCapacity((cellCount + count) * width)
-        values.reserveCapacity((cellCount + count) * width)
+        keys.reserveCapacity(keys.count + count * width * storage.byteCount)
+        values.reserveCapacity(values.count + count * width * storage.byteCount)
     }
 
-    /// Appends cells: `positions` `[n]`, `keys` and `values` `[n, width]`.
+    /// Appends cells: `positions` `[n]`, `keys` and `values` `[n, width]` f32, rounded to `storage`.
     mutating func append(positions newPositions: ArraySlice<Int32>, keys newKeys: ArraySlice<Float>, values newValues: ArraySlice<Float>) {
         positions.append(contentsOf: newPositions)
-        keys.append(contentsOf: newKeys)
-        values.append(contentsOf: newValues)
+        Self.append(newKeys, to: &keys, as: storage)
+        Self.append(newValues, to: &values, as: storage)
+    }
+
+    private static func append(_ elements: ArraySlice<Float>, to bytes: inout [UInt8], as storage: StorageType) {
+        elements.withUnsafeBufferPointer { source in
+            guard storage == .bfloat16 else { bytes.append(contentsOf: UnsafeRawBufferPointer(source)); return }
+            let start = bytes.count
+            bytes.append(contentsOf: repeatElement(0, count: source.count * 2))
+            bytes.withUnsafeMutableBytes { destination in
+                dl_narrow_bf16(source.baseAddress!, (destination.baseAddress! + start).assumingMemoryBound(to: UInt16.self), source.count)
+            }
+        }
+    }
+
+    /// The cells' keys and values widened to f32 (tests, tools): `[cellCount, width]` each.
+    public var floatKeysAndValues: (keys: [Float], values: [Float]) {
+        func widen(_ bytes: [UInt8]) -> [Float] {
+            bytes.withUnsafeBytes { raw in
+                guard storage == .bfloat16 else { return Array(raw.bindMemory(to: Float.self)) }
+                let halves = raw.bindMemory(to: UInt16.self)
+                return [Float](unsafeUninitializedCapacity: halves.count) { out, count in
+                    dl_widen_bf16(halves.baseAddress!, out.baseAddress!, halves.count)
+                    count = halves.count
+                }
+            }
+        }
+        return (widen(keys), widen(values))
     }
 
     /// The additive attention mask `[writes.count, cellCount]` for the last `writes.count` cells,
@@ -49,25 +89,29 @@ public struct SequenceCells: Sendable, Equatable {
         return mask
     }
 
+    private static func moveRow(in bytes: inout [UInt8], from source: Int, to destination: Int, rowBytes: Int) {
+        bytes.withUnsafeMutableBytes { b in
+            (b.baseAddress! + destination * rowBytes).copyMemory(from: b.baseAddress! + source * rowBytes, byteCount: rowBytes)
+        }
+    }
+
     /// Drops, among the last `writes.count` cells, those whose token does not write K/V (order kept).
     mutating func compactNewest(writes: ArraySlice<Bool>, width: Int) {
-        let previous = cellCount - writes.count
+        let previous = cellCount - writes.count, rowBytes = width * storage.byteCount
         var kept = previous
         for (j, writesKeyValue) in writes.enumerated() where writesKeyValue {
             let source = previous + j
             if source != kept {
                 positions[kept] = positions[source]
-                for i in 0..<width {
-                    keys[kept * width + i] = keys[source * width + i]
-                    values[kept * width + i] = values[source * width + i]
-                }
+                Self.moveRow(in: &keys, from: source, to: kept, rowBytes: rowBytes)
+                Self.moveRow(in: &values, from: source, to: kept, rowBytes: rowBytes)
             }
             kept += 1
         }
         let dropped = cellCount - kept
         positions.removeLast(dropped)
-        keys.removeLast(dropped * width)
-        values.removeLast(dropped * width)
+        keys.removeLast(dropped * rowBytes)
+        values.removeLast(dropped * rowBytes)
     }
 }
 
@@ -78,11 +122,19 @@ public struct SequenceCells: Sendable, Equatable {
 /// from the cells' positions, so nothing is ever padded.
 public struct KeyValueCache: Sendable, Equatable {
     public let keyValueWidth: Int
+    /// How every sequence's K/V are stored (`.float32` or `.bfloat16`).
+    public let storage: StorageType
     public var layers: [[SequenceCells]]
 
-    public init(layers: Int, sequences: Int, keyValueWidth: Int) {
+    public init(layers: Int, sequences: Int, keyValueWidth: Int, storage: StorageType = .float32) {
         self.keyValueWidth = keyValueWidth
-        self.layers = Array(repeating: Array(repeating: SequenceCells(), count: sequences), count: layers)
+        self.storage = storage
+        self.layers = Array(repeating: Array(repeating: SequenceCells(storage: storage), count: sequences), count: layers)
+    }
+
+    /// The storage a cache computed at `precision` keeps: bf16 K/V at bf16, f32 at f32.
+    public static func storage(for precision: Precision) -> StorageType {
+        precision == .bf16 ? .bfloat16 : .float32
     }
 
     public var sequenceCount: Int { layers.first?.count ?? 0 }
@@ -92,20 +144,20 @@ public struct KeyValueCache: Sendable, Equatable {
         layers.map { $0[s].cellCount }
     }
 
-    /// Bytes of K and V held (f32), all layers and sequences.
+    /// Bytes of K and V held, all layers and sequences.
     public var byteCount: Int {
-        layers.reduce(0) { total, layer in total + layer.reduce(0) { $0 + $1.cellCount * keyValueWidth * 2 * 4 } }
+        layers.reduce(0) { total, layer in total + layer.reduce(0) { $0 + $1.keys.count + $1.values.count } }
     }
 
     /// Adds an empty sequence to every layer and returns its index.
     public mutating func appendSequence() -> Int {
-        for l in layers.indices { layers[l].append(SequenceCells()) }
+        for l in layers.indices { layers[l].append(SequenceCells(storage: storage)) }
         return sequenceCount - 1
     }
 
     /// Empties sequence `s` in every layer (its storage is released; the index stays valid).
     public mutating func clear(sequence s: Int) {
-        for l in layers.indices { layers[l][s] = SequenceCells() }
+        for l in layers.indices { layers[l][s] = SequenceCells(storage: storage) }
     }
 
     /// Reserves room for `count` more cells of sequence `s` in every layer.

@@ -184,13 +184,14 @@ public struct LlamaModel: Sendable {
             let recordWeights = observation.attentionLayers.contains(l)
             var weightsOut = recordWeights ? [Float](repeating: 0, count: c.attentionHeads * queryCount * keyCount) : []
             queries.values.withUnsafeBufferPointer { qp in
-                cells.keys.withUnsafeBufferPointer { kp in
-                    cells.values.withUnsafeBufferPointer { vp in
+                cells.keys.withUnsafeBytes { kp in
+                    cells.values.withUnsafeBytes { vp in
                         attended.values.withUnsafeMutableBufferPointer { op in
                             weightsOut.withUnsafeMutableBufferPointer { wp in
                                 multiHeadAttention(
                                     queries: qp.baseAddress! + tokens.lowerBound * queryWidth, queryStride: queryWidth, queryCount: queryCount,
                                     keys: kp.baseAddress!, keyStride: width, values: vp.baseAddress!, valueStride: width, keyCount: keyCount,
+                                    keyValueType: cells.storage,
                                     heads: c.attentionHeads, keyValueHeads: c.keyValueHeads, headDimension: c.headDimension,
                                     scale: 1 / Float(c.headDimension).squareRoot(), mask: mask,
                                     output: op.baseAddress! + tokens.lowerBound * queryWidth, outputStride: queryWidth,

@@ -7,14 +7,16 @@ import CKernels
 ///
 /// - `queries`: `[queryCount, heads * headDimension]` with row stride `queryStride`.
 /// - `keys`, `values`: `[keyCount, keyValueHeads * headDimension]` with row strides
-///   `keyStride`, `valueStride`. Query head `h` reads key/value head `h / (heads / keyValueHeads)`.
+///   `keyStride`, `valueStride` (in elements), stored as `keyValueType` (`.float32` or `.bfloat16`,
+///   widened exactly; the arithmetic is f32 either way). Query head `h` reads key/value head
+///   `h / (heads / keyValueHeads)`.
 /// - `mask`: `[queryCount, keyCount]` additive (`0` visible, `-infinity` hidden), or nil for none.
 /// - `output`: `[queryCount, heads * headDimension]` with row stride `outputStride`.
 /// - `probabilities`: when given, receives the softmax weights `[heads, queryCount, keyCount]`.
 public func multiHeadAttention(
     queries: UnsafePointer<Float>, queryStride: Int, queryCount: Int,
-    keys: UnsafePointer<Float>, keyStride: Int,
-    values: UnsafePointer<Float>, valueStride: Int, keyCount: Int,
+    keys: UnsafeRawPointer, keyStride: Int,
+    values: UnsafeRawPointer, valueStride: Int, keyCount: Int, keyValueType: StorageType = .float32,
     heads: Int, keyValueHeads: Int, headDimension: Int, scale: Float,
     mask: [Float]?,
     output: UnsafeMutablePointer<Float>, outputStride: Int,
@@ -23,15 +25,16 @@ public func multiHeadAttention(
     guard queryCount > 0 else { return }
     precondition(heads % keyValueHeads == 0, "attention: \(heads) heads do not group into \(keyValueHeads) key/value heads")
     precondition(mask == nil || mask!.count == queryCount * keyCount, "attention: mask is not [\(queryCount), \(keyCount)]")
+    precondition(keyValueType == .float32 || keyValueType == .bfloat16, "attention: K/V are f32 or bf16, not \(keyValueType)")
     let group = heads / keyValueHeads
     if queryCount == 1 {
         singleQueryAttention(query: queries, keys: keys, keyStride: keyStride, values: values, valueStride: valueStride,
-                             keyCount: keyCount, heads: heads, group: group, headDimension: headDimension, scale: scale,
-                             mask: mask, output: output, probabilities: probabilities)
+                             keyCount: keyCount, keyValueType: keyValueType, heads: heads, group: group, headDimension: headDimension,
+                             scale: scale, mask: mask, output: output, probabilities: probabilities)
         return
     }
     let pointers = UncheckedSendable((queries, keys, values, output, probabilities))
-    let path = Kernels.path.cValue, panelWidth = 16
+    let path = Kernels.path.cValue, panelWidth = 16, type = keyValueType.kernelType, size = keyValueType.byteCount
     // Heads are independent: spread over the workers (each writes its own output columns). Both
     // products run on the packed-panel kernel (`dl_gemm_panels`): the keys packed as the weight
     // of the scores, the values (read by columns) as the weight of the output.
@@ -40,16 +43,16 @@ public func multiHeadAttention(
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: max(queryCount * keyCount, 1))
         let paddedKeys = (keyCount + panelWidth - 1) / panelWidth * panelWidth
         let paddedWidth = (headDimension + panelWidth - 1) / panelWidth * panelWidth
-        let keyPanels = UnsafeMutablePointer<Float>.allocate(capacity: max(paddedKeys * headDimension, 1))
-        let valuePanels = UnsafeMutablePointer<Float>.allocate(capacity: max(paddedWidth * keyCount, 1))
+        let keyPanels = UnsafeMutableRawPointer.allocate(byteCount: max(paddedKeys * headDimension * size, 1), alignment: 64)
+        let valuePanels = UnsafeMutableRawPointer.allocate(byteCount: max(paddedWidth * keyCount * size, 1), alignment: 64)
         defer {
             scores.deallocate()
             keyPanels.deallocate()
             valuePanels.deallocate()
         }
         let kv = (h / group) * headDimension
-        dl_pack_panels(Int32(DL_WEIGHT_F32), keys + kv, keyStride, keyCount, headDimension, keyPanels, 0, paddedKeys / panelWidth)
-        dl_gemm_panels(path, Int32(DL_WEIGHT_F32), queries + h * headDimension, queryStride, queryCount, keyPanels, headDimension,
+        dl_pack_panels(type, keys + kv * size, keyStride, keyCount, headDimension, keyPanels, 0, paddedKeys / panelWidth)
+        dl_gemm_panels(path, type, queries + h * headDimension, queryStride, queryCount, keyPanels, headDimension,
                        0, keyCount, scores, keyCount)
         for i in 0..<queryCount * keyCount { scores[i] *= scale }
         if let mask {
@@ -61,26 +64,26 @@ public func multiHeadAttention(
         if let probabilities {
             (probabilities + h * queryCount * keyCount).update(from: scores, count: queryCount * keyCount)
         }
-        dl_pack_panels_from_columns(values + kv, valueStride, headDimension, keyCount, valuePanels)
-        dl_gemm_panels(path, Int32(DL_WEIGHT_F32), scores, keyCount, queryCount, valuePanels, keyCount,
+        dl_pack_panels_from_columns(type, values + kv * size, valueStride, headDimension, keyCount, valuePanels)
+        dl_gemm_panels(path, type, scores, keyCount, queryCount, valuePanels, keyCount,
                        0, headDimension, output + h * headDimension, outputStride)
     }
 }
 
 /// `multiHeadAttention` for one query (`[heads * headDimension]`), on the native kernels.
 func singleQueryAttention(
-    query: UnsafePointer<Float>, keys: UnsafePointer<Float>, keyStride: Int, values: UnsafePointer<Float>, valueStride: Int,
-    keyCount: Int, heads: Int, group: Int, headDimension: Int, scale: Float, mask: [Float]?,
+    query: UnsafePointer<Float>, keys: UnsafeRawPointer, keyStride: Int, values: UnsafeRawPointer, valueStride: Int,
+    keyCount: Int, keyValueType: StorageType, heads: Int, group: Int, headDimension: Int, scale: Float, mask: [Float]?,
     output: UnsafeMutablePointer<Float>, probabilities: UnsafeMutablePointer<Float>?, path kernelPath: KernelPath = Kernels.path
 ) {
-    let path = kernelPath.cValue
+    let path = kernelPath.cValue, type = keyValueType.kernelType, size = keyValueType.byteCount
     let pointers = UncheckedSendable((query, keys, values, output, probabilities))
     Parallelism.forEach(heads) { h in
         let (query, keys, values, output, probabilities) = pointers.value
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: max(keyCount, 1))
         defer { scores.deallocate() }
         let kv = (h / group) * headDimension
-        dl_gemm(path, Int32(DL_WEIGHT_F32), query + h * headDimension, headDimension, 1, keys + kv, headDimension, keyStride,
+        dl_gemm(path, type, query + h * headDimension, headDimension, 1, keys + kv * size, headDimension, keyStride,
                 0, keyCount, scores, keyCount, 6)
         for j in 0..<keyCount { scores[j] *= scale }
         if let mask {
@@ -90,7 +93,7 @@ func singleQueryAttention(
         }
         softmaxInPlace(scores, count: keyCount)
         probabilities?.advanced(by: h * keyCount).update(from: scores, count: keyCount)
-        dl_weighted_sum(path, scores, keyCount, values + kv, valueStride, headDimension, output + h * headDimension)
+        dl_weighted_sum(path, scores, keyCount, type, values + kv * size, valueStride, headDimension, output + h * headDimension)
     }
 }
 

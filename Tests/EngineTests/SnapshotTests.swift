@@ -5,7 +5,7 @@
 import Foundation
 import Testing
 @testable import DynamicLLaVA
-import Llama
+@testable import Llama
 
 /// A model and a sparsity mode to resume in.
 struct ResumeCase: Sendable, CustomTestStringConvertible {
@@ -70,6 +70,27 @@ func runToEnd(_ generator: Generator, _ requests: [GenerationRequest], resuming 
     let rows = try batch.add(requests, resuming: snapshots)
     while !batch.generating.isEmpty { batch.step() }
     return rows.map { batch.remove($0) }
+}
+
+/// `layer`'s cells as a bf16 cache holds them.
+func bf16(_ layer: SequenceCells, width: Int) -> SequenceCells {
+    var cells = SequenceCells(storage: .bfloat16)
+    let (keys, values) = layer.floatKeysAndValues
+    cells.append(positions: layer.positions[...], keys: keys[...], values: values[...])
+    return cells
+}
+
+/// `snapshot` with `cells` in its place.
+func f32Snapshot(_ snapshot: GenerationSnapshot, _ cells: [SequenceCells]) -> GenerationSnapshot {
+    var copy = snapshot
+    copy.cells = cells
+    return copy
+}
+
+/// `value` rounded to bf16 (to nearest even) and widened back.
+func bf16Rounded(_ value: Float) -> Float {
+    let bits = value.bitPattern
+    return Float(bitPattern: (bits &+ 0x7FFF &+ ((bits >> 16) & 1)) & 0xFFFF_0000)
 }
 
 @Suite("KV snapshots")
@@ -155,6 +176,34 @@ struct SnapshotTests {
         #expect(batch.count == 0)
     }
 
+    @Test("bf16 K/V: cells are rounded once when appended, hold half the bytes, compact as f32 cells do, and a snapshot keeps them bit for bit")
+    func bf16Cells() throws {
+        let resume = ResumeCase.all[2]
+        let (snapshots, _) = try interrupt(try resume.generator(), try resume.requests(), resuming: [nil, nil, nil], atStep: 2)
+        var snapshot = try #require(snapshots[0])
+        let width = snapshot.keyValueWidth
+        let f32Cells = snapshot.cells
+        snapshot.cells = f32Cells.map { bf16($0, width: width) }
+        for (layer, rounded) in zip(f32Cells, snapshot.cells) {
+            #expect(rounded.storage == .bfloat16 && rounded.positions == layer.positions && rounded.keys.count * 2 == layer.keys.count)
+            let exact = layer.floatKeysAndValues, stored = rounded.floatKeysAndValues
+            // Round to nearest: within half a unit in the last of bf16's 8 significant bits.
+            for (a, b) in zip(stored.keys + stored.values, exact.keys + exact.values) { #expect(abs(a - b) <= abs(b) * 0x1p-8) }
+        }
+        let decoded = try GenerationSnapshot(decoding: snapshot.encoded())
+        #expect(decoded == snapshot)
+        #expect(decoded.encoded().count < f32Snapshot(snapshot, f32Cells).encoded().count)
+
+        // Compaction drops the cells of tokens that write no K/V and keeps the others' bytes.
+        var cells = SequenceCells(storage: .bfloat16)
+        let keys = (0..<3 * width).map { Float($0) }, values = keys.map { -$0 }
+        cells.append(positions: [4, 5, 6], keys: keys[...], values: values[...])
+        cells.compactNewest(writes: [true, false, true], width: width)
+        #expect(cells.positions == [4, 6])
+        #expect(cells.floatKeysAndValues.keys == Array(keys[0..<width]) + Array(keys[2 * width ..< 3 * width]).map { bf16Rounded($0) })
+        #expect(cells.floatKeysAndValues.values == (Array(values[0..<width]) + Array(values[2 * width ..< 3 * width])).map { bf16Rounded($0) })
+    }
+
     @Test("a payload of an unknown version or storage type, or cut short, is refused")
     func badPayloadsAreRefused() throws {
         let resume = ResumeCase.all[0]
@@ -163,9 +212,9 @@ struct SnapshotTests {
         var newer = payload
         newer[0] = 2
         #expect(throws: SnapshotFormatError.unsupportedVersion(found: 2, supported: 1)) { try GenerationSnapshot(decoding: newer) }
-        var halfPrecision = payload
-        halfPrecision[4] = 2
-        #expect(throws: SnapshotFormatError.unsupportedStorageType(2)) { try GenerationSnapshot(decoding: halfPrecision) }
+        var unknownStorage = payload
+        unknownStorage[4] = 3
+        #expect(throws: SnapshotFormatError.unsupportedStorageType(3)) { try GenerationSnapshot(decoding: unknownStorage) }
         for length in [0, 3, 40, payload.count / 2, payload.count - 1] {
             #expect(throws: SnapshotFormatError.self) { try GenerationSnapshot(decoding: payload.prefix(length)) }
         }
@@ -193,6 +242,11 @@ struct SnapshotTests {
         otherPrecision.result.stats.precision = .bf16
         #expect(throws: GenerationError.snapshotMismatch(request: 0, reason: "it was computed at bf16 precision, this run uses f32")) {
             try generator.checkSnapshot(otherPrecision, fits: requests[0], request: 0)
+        }
+        var bf16Cells = snapshot
+        bf16Cells.cells = snapshot.cells.map { layer in bf16(layer, width: snapshot.keyValueWidth) }
+        #expect(throws: GenerationError.snapshotMismatch(request: 0, reason: "its K/V are stored as BF16, this run keeps F32")) {
+            try generator.checkSnapshot(bf16Cells, fits: requests[0], request: 0)
         }
         let otherModel = Generator(model: try DynamicFixture.model())
         #expect(throws: GenerationError.self) { try otherModel.checkSnapshot(snapshot, fits: requests[0], request: 0) }

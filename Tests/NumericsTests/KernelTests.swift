@@ -122,31 +122,32 @@ func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
         #expect(maxRelativeDifference(x.rows(0..<3).values, expected.rows(0..<3).values) < 1e-6)
     }
 
-    @Test("multi-head attention with GQA and a mask matches the loop version, for a prompt and for one query",
-          arguments: [5, 1])
-    func attention(queries: Int) {
+    @Test("multi-head attention with GQA and a mask matches the loop version, for a prompt and for one query, K/V in f32 or bf16",
+          arguments: [5, 1], [StorageType.float32, .bfloat16])
+    func attention(queries: Int, storage: StorageType) {
         let heads = 4, kvHeads = 2, d = 8, keys = 9
         let q = Matrix(rows: queries, columns: heads * d, values: randomValues(queries * heads * d, seed: 13))
-        let k = Matrix(rows: keys, columns: kvHeads * d, values: randomValues(keys * kvHeads * d, seed: 14))
-        let v = Matrix(rows: keys, columns: kvHeads * d, values: randomValues(keys * kvHeads * d, seed: 15))
+        let k = storedValues(randomValues(keys * kvHeads * d, seed: 14), as: storage)
+        let v = storedValues(randomValues(keys * kvHeads * d, seed: 15), as: storage)
         let visible: (Int, Int) -> Bool = { query, key in key <= query + 4 && key != 2 }
         var mask = [Float](repeating: 0, count: queries * keys)
         for i in 0..<queries { for j in 0..<keys where !visible(i, j) { mask[i * keys + j] = -.infinity } }
         var out = [Float](repeating: 0, count: queries * heads * d)
         q.values.withUnsafeBufferPointer { qp in
-            k.values.withUnsafeBufferPointer { kp in
-                v.values.withUnsafeBufferPointer { vp in
+            k.bytes.withUnsafeBytes { kp in
+                v.bytes.withUnsafeBytes { vp in
                     out.withUnsafeMutableBufferPointer { op in
                         multiHeadAttention(queries: qp.baseAddress!, queryStride: heads * d, queryCount: queries,
                                            keys: kp.baseAddress!, keyStride: kvHeads * d, values: vp.baseAddress!,
-                                           valueStride: kvHeads * d, keyCount: keys, heads: heads, keyValueHeads: kvHeads,
+                                           valueStride: kvHeads * d, keyCount: keys, keyValueType: storage, heads: heads, keyValueHeads: kvHeads,
                                            headDimension: d, scale: 0.3, mask: mask, output: op.baseAddress!, outputStride: heads * d)
                     }
                 }
             }
         }
-        let expected = ReferenceKernels.attention(queries: q, keys: k, values: v, heads: heads, keyValueHeads: kvHeads,
-                                                  headDimension: d, scale: 0.3, visible: visible)
+        let expected = ReferenceKernels.attention(queries: q, keys: Matrix(rows: keys, columns: kvHeads * d, values: k.widened),
+                                                  values: Matrix(rows: keys, columns: kvHeads * d, values: v.widened), heads: heads,
+                                                  keyValueHeads: kvHeads, headDimension: d, scale: 0.3, visible: visible)
         #expect(maxRelativeDifference(out, expected.values) < 1e-5)
     }
 }

@@ -183,20 +183,24 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
         }
     }
 
-    @Test("one query's attention has the same bits on every path and matches the loop version")
-    func singleQueryAttentionIsPathInvariant() {
+    @Test("one query's attention has the same bits on every path and matches the loop version, K/V in f32 or bf16",
+          arguments: [StorageType.float32, .bfloat16])
+    func singleQueryAttentionIsPathInvariant(storage: StorageType) {
         let heads = 6, kvHeads = 3, d = 20, keys = 37, keyStride = kvHeads * d + 5
         let q = randomValues(heads * d, seed: 81)
-        let k = randomValues(keys * keyStride, seed: 82), v = randomValues(keys * keyStride, seed: 83)
+        // K/V as the cache stores them, and the same values widened back for the loop version.
+        let k = storedValues(randomValues(keys * keyStride, seed: 82), as: storage)
+        let v = storedValues(randomValues(keys * keyStride, seed: 83), as: storage)
         func run(_ path: KernelPath) -> [Float] {
             var out = [Float](repeating: 0, count: heads * d)
             q.withUnsafeBufferPointer { qp in
-                k.withUnsafeBufferPointer { kp in
-                    v.withUnsafeBufferPointer { vp in
+                k.bytes.withUnsafeBytes { kp in
+                    v.bytes.withUnsafeBytes { vp in
                         out.withUnsafeMutableBufferPointer { op in
                             singleQueryAttention(query: qp.baseAddress!, keys: kp.baseAddress!, keyStride: keyStride, values: vp.baseAddress!,
-                                                 valueStride: keyStride, keyCount: keys, heads: heads, group: heads / kvHeads, headDimension: d,
-                                                 scale: 0.2, mask: nil, output: op.baseAddress!, probabilities: nil, path: path)
+                                                 valueStride: keyStride, keyCount: keys, keyValueType: storage, heads: heads,
+                                                 group: heads / kvHeads, headDimension: d, scale: 0.2, mask: nil, output: op.baseAddress!,
+                                                 probabilities: nil, path: path)
                         }
                     }
                 }
@@ -206,8 +210,9 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
         let dense = { (values: [Float]) in
             Matrix(rows: keys, columns: kvHeads * d, values: (0..<keys).flatMap { j in values[j * keyStride ..< j * keyStride + kvHeads * d] })
         }
-        let expected = ReferenceKernels.attention(queries: Matrix(rows: 1, columns: heads * d, values: q), keys: dense(k), values: dense(v),
-                                                  heads: heads, keyValueHeads: kvHeads, headDimension: d, scale: 0.2) { _, _ in true }
+        let expected = ReferenceKernels.attention(queries: Matrix(rows: 1, columns: heads * d, values: q), keys: dense(k.widened),
+                                                  values: dense(v.widened), heads: heads, keyValueHeads: kvHeads, headDimension: d,
+                                                  scale: 0.2) { _, _ in true }
         let scalar = run(.scalar)
         #expect(maxRelativeDifference(scalar, expected.values) < 1e-5)
         for path in kernelPaths where path != .reference {
@@ -221,6 +226,17 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
         #expect(KernelPath.reference.isAvailable && KernelPath.scalar.isAvailable)
         #expect(Kernels.best.isAvailable)
     }
+}
+
+/// `values` as a K/V cache of `storage` holds them (the bytes of f32, or of bf16 rounded to nearest
+/// even), and those stored values widened back to f32.
+func storedValues(_ values: [Float], as storage: StorageType) -> (bytes: [UInt8], widened: [Float]) {
+    guard storage == .bfloat16 else { return (values.withUnsafeBytes { Array($0) }, values) }
+    var halves = [UInt16](repeating: 0, count: values.count)
+    dl_narrow_bf16(values, &halves, values.count)
+    var widened = [Float](repeating: 0, count: values.count)
+    dl_widen_bf16(halves, &widened, values.count)
+    return (halves.withUnsafeBytes { Array($0) }, widened)
 }
 
 /// Checks a product written into a guarded buffer `y` (row stride `stride`): rows `2..<rows + 2`

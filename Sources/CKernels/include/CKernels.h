@@ -46,10 +46,10 @@ size_t dl_panel_bytes(int weight_type, size_t n, size_t k);
 void dl_pack_panels(int weight_type, const void *w, size_t ldw, size_t n, size_t k, void *panels, size_t panel_begin,
                     size_t panel_end);
 
-/// Packs the f32 weight whose element (n, k) is `v[k · ldv + n]` (a `[k, n]` matrix read by columns,
-/// such as attention's values) into panels, as `dl_pack_panels` packs `[n, k]`: a copy of
-/// 16-column strips.
-void dl_pack_panels_from_columns(const float *v, size_t ldv, size_t n, size_t k, float *panels);
+/// Packs the weight whose element (n, k) is `v[k · ldv + n]` (a `[k, n]` matrix read by columns,
+/// such as attention's values, in `weight_type`, kept as stored) into panels, as `dl_pack_panels`
+/// packs `[n, k]`: a copy of 16-column strips.
+void dl_pack_panels_from_columns(int weight_type, const void *v, size_t ldv, size_t n, size_t k, void *panels);
 
 /// `y[r, n] = Σ_k x[r, k] · w[n, k]` for rows `0..<m` and columns `n_begin..<n_end` (`n_begin` a
 /// multiple of 16) from the packed `panels` of `w`. Each element is one chain of fused
@@ -58,10 +58,12 @@ void dl_pack_panels_from_columns(const float *v, size_t ldv, size_t n, size_t k,
 void dl_gemm_panels(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *panels, size_t k,
                     size_t n_begin, size_t n_end, float *y, size_t ldy);
 
-/// `out[d] = Σ_j p[j] · v[j, d]` for `d` in `0..<width`, `j` in `0..<count` (`v` rows `ldv` apart):
-/// attention's weighted sum of values for one query. Each element adds its terms in increasing
-/// `j` with fused multiply-adds from +0, the same bits on every path.
-void dl_weighted_sum(int path, const float *p, size_t count, const float *v, size_t ldv, size_t width, float *out);
+/// `out[d] = Σ_j p[j] · v[j, d]` for `d` in `0..<width`, `j` in `0..<count` (`v` rows `ldv` apart,
+/// f32 or bf16 as `value_type` says, widened exactly): attention's weighted sum of values for one
+/// query. Each element adds its terms in increasing `j` with fused multiply-adds from +0, the
+/// same bits on every path.
+void dl_weighted_sum(int path, const float *p, size_t count, int value_type, const void *v, size_t ldv, size_t width,
+                     float *out);
 
 /// Softmax of `count` values in place (attention's rows): one exp polynomial and one order of
 /// additions on every path (see softmax.c); a row of -infinity becomes zeros, a NaN spreads.
