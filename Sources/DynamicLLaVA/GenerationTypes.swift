@@ -122,7 +122,7 @@ public struct GenerationStats: Sendable, Codable, Equatable {
     public var decodeMilliseconds = 0.0
     public var prefillFlops = 0
     public var decodeFlops = 0
-    /// Largest K/V footprint (f32 bytes) the request's cache reached.
+    /// Largest K/V footprint (bytes, as the cache stores them: f32, or bf16 at bf16 precision) the request's cache reached.
     public var kvBytesPeak = 0
     /// The matrix products' arithmetic (`Kernels.precision`); absent in files written before it
     /// was recorded.

@@ -1,12 +1,14 @@
 // Stop rules: what a row does with one step's logits (logprobs, sampling or a replayed prefix
 // token), and when it ends (end of sequence, a stop string, max tokens, the context).
 import Foundation
+import Llama
+import Numerics
 
 extension Generator {
     /// Takes one step's logits for a row: logprobs, sampling, stop rules, accounting.
     func accept(_ logits: [Float], into state: inout RequestState, cellsNow: [Int]) {
         let parameters = state.parameters
-        let bytes = cellsNow.reduce(0, +) * model.language.configuration.keyValueWidth * 2 * 4
+        let bytes = cellsNow.reduce(0, +) * model.language.configuration.keyValueWidth * 2 * KeyValueCache.storage(for: Kernels.precision).byteCount
         state.result.stats.kvBytesPeak = max(state.result.stats.kvBytesPeak, bytes)
         if !state.forced.isEmpty {
             state.result.tokenIDs.append(state.forced.removeFirst())

@@ -127,8 +127,15 @@ struct EngineBenchmark: ParsableCommand {
         let pixels = (0..<3 * preset.vision.imageSize * preset.vision.imageSize).map { Float(($0 * 7919) % 255) / 127.5 - 1 }
         print("prompt: \(before) + \(preset.vision.patchCount) image + \(after) = \(promptLength) tokens; decode \(decodeTokens) steps")
         print("")
-        print("| threads | precision | vision ms/image | vision GFLOP/s | prefill tok/s | prefill GFLOP/s | GEMM GFLOP/s (prefill shapes) | sgemm GFLOP/s (same shapes) | GEMM / sgemm | prefill / sgemm | vision / sgemm | decode tok/s b=1 | decode tok/s b=8 | b=8 / b=1 | weight-stream ms | decode b=1 ms/tok / stream |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        // Dynamic-LLaVA's cache: every prompt cell below the sparse layer, above it the text and a fifth
+        // of the image (115 of 576 kept, as the trained predictor keeps), so decode reads what it reads there.
+        let sparseLayer = 2
+        let imageRange = before ..< before + preset.vision.patchCount
+        let keptPrompt = (0..<promptLength).filter { !imageRange.contains($0) || ($0 - before) % 5 == 0 }
+        print("decode on two caches: full (\(promptLength) cells per layer) and dynamic (\(promptLength) cells in layers 0..<\(sparseLayer), \(keptPrompt.count) above)")
+        print("")
+        print("| threads | precision | vision ms/image | vision GFLOP/s | prefill tok/s | prefill GFLOP/s | GEMM GFLOP/s (prefill shapes) | sgemm GFLOP/s (same shapes) | GEMM / sgemm | prefill / sgemm | vision / sgemm | decode tok/s b=1 | decode tok/s b=8 | b=8 / b=1 | dynamic cache: decode tok/s b=1 | b=8 | b=8 / b=1 | weight-stream ms | decode b=1 ms/tok / stream |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         // The tower runs the encoder layers up to the hidden state it selects (-2: all but the last).
         let selected = vision.selectLayer < 0 ? preset.vision.hiddenLayers + 1 + vision.selectLayer : vision.selectLayer
         let visionFlops = Double(visionFlopCount(preset.vision, layers: selected))
@@ -138,7 +145,8 @@ struct EngineBenchmark: ParsableCommand {
             // A weight is packed for this precision's kernels on its first product: once, untimed
             // (one image through the tower, one token through the language model).
             _ = vision.features(pixels)
-            var warmCache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
+            let storage = KeyValueCache.storage(for: precision)
+            var warmCache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth, storage: storage)
             var warmHidden = language.embed([3])
             var warmObservation = ForwardObservation()
             language.forward(&warmHidden, batch: TokenBatch(positions: [0], sequences: [0]), layers: 0..<c.hiddenLayers, cache: &warmCache,
@@ -150,8 +158,9 @@ struct EngineBenchmark: ParsableCommand {
             let visionSeconds = seconds(since: visionStart)
 
             // Prefill over the whole prompt (embeddings of random ids stand in for the image rows).
-            var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
-            var hidden = language.embed((0..<promptLength).map { Int32(3 + $0 % (c.vocabularySize - 3)) })
+            var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth, storage: storage)
+            let promptIDs = (0..<promptLength).map { Int32(3 + $0 % (c.vocabularySize - 3)) }
+            var hidden = language.embed(promptIDs)
             var observation = ForwardObservation()
             let prefillStart = DispatchTime.now()
             language.forward(&hidden, batch: TokenBatch(positions: (0..<Int32(promptLength)).map { $0 }, sequences: Array(repeating: 0, count: promptLength)),
@@ -162,38 +171,52 @@ struct EngineBenchmark: ParsableCommand {
             let gemmRate = sgemmRate(c, tokens: promptLength, threads: count)
             let kernelRate = linearRate(c, tokens: promptLength, storageType: preset.storageType)
 
-            // Decode at batch 1 and 8 (the batch-8 caches are copies of the prefilled one).
+            // The dynamic cache (untimed): layers below the sparse layer over the whole prompt, the
+            // layers above over the kept tokens only.
+            var dynamicCache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth, storage: storage)
+            var dynamicHidden = language.embed(promptIDs)
+            var dynamicObservation = ForwardObservation()
+            let promptBatch = TokenBatch(positions: (0..<Int32(promptLength)).map { $0 }, sequences: Array(repeating: 0, count: promptLength))
+            language.forward(&dynamicHidden, batch: promptBatch, layers: 0..<sparseLayer, cache: &dynamicCache, observation: &dynamicObservation)
+            var keptHidden = Matrix(rows: keptPrompt.count, columns: c.hiddenSize,
+                                    values: keptPrompt.flatMap { dynamicHidden.rows($0 ..< $0 + 1).values })
+            language.forward(&keptHidden, batch: promptBatch.selecting(keptPrompt), layers: sparseLayer..<c.hiddenLayers, cache: &dynamicCache,
+                             observation: &dynamicObservation)
+
+            // Decode at batch 1 and 8 on each cache (the batch-8 caches are copies of the prefilled one).
             var rates: [Double] = []
             var batchOneStep = 0.0
-            for batch in [1, 8] {
-                var decodeCache = KeyValueCache(layers: c.hiddenLayers, sequences: batch, keyValueWidth: c.keyValueWidth)
-                // Each row its own copy of the prefilled cells, with room for the steps to come (as a
-                // request's cache has), so that timing does not include copy-on-write of shared cells.
-                for l in 0..<c.hiddenLayers {
-                    decodeCache.layers[l] = (0..<batch).map { _ in
-                        var cells = cache.layers[l][0]
-                        cells.reserveCapacity(additionalCells: decodeTokens, width: c.keyValueWidth)
-                        return cells
+            for prefilled in [cache, dynamicCache] {
+                for batch in [1, 8] {
+                    var decodeCache = KeyValueCache(layers: c.hiddenLayers, sequences: batch, keyValueWidth: c.keyValueWidth, storage: storage)
+                    // Each row its own copy of the prefilled cells, with room for the steps to come (as a
+                    // request's cache has), so that timing does not include copy-on-write of shared cells.
+                    for l in 0..<c.hiddenLayers {
+                        decodeCache.layers[l] = (0..<batch).map { _ in
+                            var cells = prefilled.layers[l][0]
+                            cells.reserveCapacity(additionalCells: decodeTokens, width: c.keyValueWidth)
+                            return cells
+                        }
                     }
+                    let decodeStart = DispatchTime.now()
+                    for step in 0..<decodeTokens {
+                        var stepHidden = language.embed((0..<batch).map { Int32(5 + ($0 + step) % 900) })
+                        var stepObservation = ForwardObservation()
+                        language.forward(&stepHidden, batch: TokenBatch(positions: Array(repeating: Int32(promptLength + step), count: batch), sequences: Array(0..<batch)),
+                                         layers: 0..<c.hiddenLayers, cache: &decodeCache, observation: &stepObservation)
+                        _ = language.logits(stepHidden)
+                    }
+                    let elapsed = seconds(since: decodeStart)
+                    rates.append(Double(batch * decodeTokens) / elapsed)
+                    if batch == 1 && rates.count == 1 { batchOneStep = elapsed / Double(decodeTokens) }
                 }
-                let decodeStart = DispatchTime.now()
-                for step in 0..<decodeTokens {
-                    var stepHidden = language.embed((0..<batch).map { Int32(5 + ($0 + step) % 900) })
-                    var stepObservation = ForwardObservation()
-                    language.forward(&stepHidden, batch: TokenBatch(positions: Array(repeating: Int32(promptLength + step), count: batch), sequences: Array(0..<batch)),
-                                     layers: 0..<c.hiddenLayers, cache: &decodeCache, observation: &stepObservation)
-                    _ = language.logits(stepHidden)
-                }
-                let elapsed = seconds(since: decodeStart)
-                rates.append(Double(batch * decodeTokens) / elapsed)
-                if batch == 1 { batchOneStep = elapsed / Double(decodeTokens) }
             }
             let streamSeconds = Double(language.weightByteCount) / memoryReadRate(threads: count)
-            print(String(format: "| %d | %@ | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f | %.2f |",
+            print(String(format: "| %d | %@ | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f | %.2f |",
                          count, precision.rawValue, visionSeconds * 1000, visionFlops / visionSeconds / 1e9,
                          Double(promptLength) / prefillSeconds, prefillFlops / prefillSeconds / 1e9,
                          kernelRate / 1e9, gemmRate / 1e9, kernelRate / gemmRate, prefillFlops / prefillSeconds / gemmRate,
-                         visionFlops / visionSeconds / gemmRate, rates[0], rates[1], rates[1] / rates[0],
+                         visionFlops / visionSeconds / gemmRate, rates[0], rates[1], rates[1] / rates[0], rates[2], rates[3], rates[3] / rates[2],
                          streamSeconds * 1000, batchOneStep / streamSeconds))
         }
         var usage = rusage()

@@ -139,7 +139,8 @@ struct SparsityBenchmark: ParsableCommand {
         let predictor = OutputTextPredictor(randomWeights: c.hiddenSize, seed: 6)
         var hidden = Matrix.concatenateRows([language.embed(before), model.imageEmbeddings([pixels])[0], language.embed(after), language.embed(gated)])
         let total = hidden.rows
-        var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth)
+        var cache = KeyValueCache(layers: c.hiddenLayers, sequences: 1, keyValueWidth: c.keyValueWidth,
+                                  storage: KeyValueCache.storage(for: precision))
         var observation = ForwardObservation()
         language.forward(&hidden, batch: TokenBatch(positions: (0..<Int32(total)).map { $0 }, sequences: Array(repeating: 0, count: total)),
                          layers: 0..<2, cache: &cache, observation: &observation)

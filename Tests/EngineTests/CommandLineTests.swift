@@ -63,7 +63,7 @@ struct CommandLineTests {
     /// The bf16 precision against the same transformers goldens (computed in f32): the recorded
     /// precision, and how far it strays. Measured on these fixtures: greedy ids identical, chosen
     /// tokens' log-probabilities within 0.03 (tiny random models: flat distributions).
-    @Test("--precision bf16 is recorded in stats, keeps transformers' greedy ids and log-probabilities within 0.1",
+    @Test("--precision bf16 is recorded in stats, keeps its K/V in bf16, keeps transformers' greedy ids and log-probabilities within 0.1",
           arguments: Fixture.modelNames)
     func bf16StaysNearTransformers(model name: String) throws {
         for k in 0..<2 {
@@ -76,13 +76,17 @@ struct CommandLineTests {
             #expect(run.status == 0, "\(run.standardError)")
             struct Output: Decodable {
                 struct Entry: Decodable { let id: Int32; let logprob: Float }
-                struct Stats: Decodable { let precision: String }
+                struct Stats: Decodable { let precision: String; let kv_bytes_peak: Int; let kv_cells_per_layer: [Int] }
                 let token_ids: [Int32]
                 let logprobs: [[Entry]]
                 let stats: Stats
             }
             let output = try JSONDecoder().decode(Output.self, from: Data(run.standardOutput.utf8))
             #expect(output.stats.precision == "bf16")
+            // Two bytes per K and V element: half the f32 footprint.
+            let model = try Fixture.model(name).language.configuration
+            let cells = output.stats.kv_cells_per_layer.reduce(0, +)
+            #expect(cells > 0 && output.stats.kv_bytes_peak == cells * model.keyValueWidth * 2 * 2)
             let golden = try Fixture.goldens(name, case: k)
             let expectedIDs = try golden["greedy_ids"]!.integers().map(Int32.init)
             #expect(output.token_ids == expectedIDs)
