@@ -68,6 +68,9 @@ struct EngineBenchmark: ParsableCommand {
     @Option(name: .customLong("decode-tokens"), help: "Decode steps timed per batch size.")
     var decodeTokens = 8
 
+    @Option(name: .customLong("context-tokens"), help: "Generated tokens already in every decode row's cache when timing starts (copies of prompt cells at the following positions), to time decode and measure memory late in a long caption.")
+    var contextTokens = 0
+
     @Option(help: "Comma-separated weight formats of a preset's random weights, measured one after the other in this run (f32, f16, bf16, q8; default: the preset's). q8 stores every weight matrix of the preset in q8, the embeddings and the LM head included.")
     var weights: String?
 
@@ -132,7 +135,8 @@ struct EngineBenchmark: ParsableCommand {
         let sparseLayer = 2
         let imageRange = before ..< before + preset.vision.patchCount
         let keptPrompt = (0..<promptLength).filter { !imageRange.contains($0) || ($0 - before) % 5 == 0 }
-        print("decode on two caches: full (\(promptLength) cells per layer) and dynamic (\(promptLength) cells in layers 0..<\(sparseLayer), \(keptPrompt.count) above)")
+        print("decode on two caches: full (\(promptLength) cells per layer) and dynamic (\(promptLength) cells in layers 0..<\(sparseLayer), \(keptPrompt.count) above)"
+              + (contextTokens > 0 ? ", each with \(contextTokens) generated tokens' cells more" : ""))
         print("")
         print("| threads | precision | vision ms/image | vision GFLOP/s | prefill tok/s | prefill GFLOP/s | GEMM GFLOP/s (prefill shapes) | sgemm GFLOP/s (same shapes) | GEMM / sgemm | prefill / sgemm | vision / sgemm | decode tok/s b=1 | decode tok/s b=8 | b=8 / b=1 | dynamic cache: decode tok/s b=1 | b=8 | b=8 / b=1 | weight-stream ms | decode b=1 ms/tok / stream |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -193,7 +197,7 @@ struct EngineBenchmark: ParsableCommand {
                     // request's cache has), so that timing does not include copy-on-write of shared cells.
                     for l in 0..<c.hiddenLayers {
                         decodeCache.layers[l] = (0..<batch).map { _ in
-                            var cells = prefilled.layers[l][0]
+                            var cells = withGeneratedContext(prefilled.layers[l][0], count: contextTokens, after: promptLength)
                             cells.reserveCapacity(additionalCells: decodeTokens, width: c.keyValueWidth)
                             return cells
                         }
@@ -202,7 +206,8 @@ struct EngineBenchmark: ParsableCommand {
                     for step in 0..<decodeTokens {
                         var stepHidden = language.embed((0..<batch).map { Int32(5 + ($0 + step) % 900) })
                         var stepObservation = ForwardObservation()
-                        language.forward(&stepHidden, batch: TokenBatch(positions: Array(repeating: Int32(promptLength + step), count: batch), sequences: Array(0..<batch)),
+                        language.forward(&stepHidden, batch: TokenBatch(positions: Array(repeating: Int32(promptLength + contextTokens + step), count: batch),
+                                                                        sequences: Array(0..<batch)),
                                          layers: 0..<c.hiddenLayers, cache: &decodeCache, observation: &stepObservation)
                         _ = language.logits(stepHidden)
                     }
@@ -225,6 +230,23 @@ struct EngineBenchmark: ParsableCommand {
         print(String(format: "peak RSS: %.2f GiB", Double(usage.ru_maxrss) / Double(1 << 20)))
         print("")
     }
+}
+
+/// `cells` followed by `count` more at positions `after..<after + count`, their keys and values
+/// those of the existing cells, cycled (the values a decode step reads do not change its speed).
+func withGeneratedContext(_ cells: SequenceCells, count: Int, after: Int) -> SequenceCells {
+    guard count > 0 else { return cells }
+    let rowBytes = cells.keys.count / cells.cellCount
+    var keys = cells.keys, values = cells.values
+    keys.reserveCapacity(keys.count + count * rowBytes)
+    values.reserveCapacity(values.count + count * rowBytes)
+    for i in 0..<count {
+        let source = (i % cells.cellCount) * rowBytes
+        keys.append(contentsOf: cells.keys[source ..< source + rowBytes])
+        values.append(contentsOf: cells.values[source ..< source + rowBytes])
+    }
+    return SequenceCells(storage: cells.storage, positions: cells.positions + (0..<Int32(count)).map { Int32(after) + $0 },
+                         keys: keys, values: values)
 }
 
 /// Prints and flushes at once, so rows appear as they are measured, also in a log file.
