@@ -8,6 +8,10 @@
 //   lanes are added in the fixed tree of gemm.c (s8, s4, then (s4[0] + s4[2]) + (s4[1] + s4[3]));
 // - each term is multiplied by 1 / sum.
 // A row whose values are all -infinity (fully masked) becomes zeros; a row holding a NaN, NaNs.
+//
+// The same exp serves the sigmoid-weighted activations (`dl_sigmoid_weighted`): with
+// e = exp(-a·|x|) (an argument <= 0), sigmoid(a·x) = 1 / (1 + e) for x >= 0 and e / (1 + e)
+// below, so nothing overflows; y = x · sigmoid(a·x), times `up` when given, in that order.
 #include "CKernels.h"
 #include "scalar.h"
 #include <math.h>
@@ -49,6 +53,13 @@ static void softmax_scalar(float *x, size_t count, float maximum) {
     }
     float inverse = 1 / reduce_lanes16(lanes);
     for (size_t i = 0; i < count; i++) x[i] *= inverse;
+}
+
+static inline float sigmoid_weighted_scalar(float x, float a) {
+    if (isnan(x)) return x;
+    float e = exp_scalar(-a * fabsf(x));
+    float sigmoid = x >= 0 ? 1 / (1 + e) : e / (1 + e);
+    return x * sigmoid;
 }
 
 #ifdef DL_X86
@@ -93,7 +104,35 @@ DL_AVX512_FN void softmax512(float *x, size_t count, float maximum) {
         _mm512_mask_storeu_ps(x + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + i), inverse));
     }
 }
+
+DL_AVX512_FN void sigmoid_weighted512(float *x, const float *up, size_t count, float a) {
+    __m512 minus_a = _mm512_set1_ps(-a), one = _mm512_set1_ps(1), zero = _mm512_setzero_ps();
+    for (size_t i = 0; i < count; i += 16) {
+        __mmask16 mask = count - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - i)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+        __m512 e = exp512(_mm512_mul_ps(minus_a, _mm512_abs_ps(v)));
+        __m512 denominator = _mm512_add_ps(one, e);
+        __mmask16 negative = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
+        __m512 sigmoid = _mm512_div_ps(_mm512_mask_mov_ps(one, negative, e), denominator);
+        __m512 y = _mm512_mul_ps(v, sigmoid);
+        if (up) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mask, up + i));
+        _mm512_mask_storeu_ps(x + i, mask, y);
+    }
+}
 #endif
+
+void dl_sigmoid_weighted(int path, float *x, const float *up, size_t count, float a) {
+#ifdef DL_X86
+    if (path == DL_PATH_AVX512) {
+        sigmoid_weighted512(x, up, count, a);
+        return;
+    }
+#endif
+    for (size_t i = 0; i < count; i++) {
+        float y = sigmoid_weighted_scalar(x[i], a);
+        x[i] = up ? y * up[i] : y;
+    }
+}
 
 void dl_softmax(int path, float *x, size_t count) {
     if (count == 0) return;

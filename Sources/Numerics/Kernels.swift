@@ -66,23 +66,48 @@ public enum Activation: String, Sendable, Codable {
     }
 }
 
-/// Applies `activation` to every element in place.
-public func activate(_ x: inout Matrix, _ activation: Activation) {
+/// Applies `activation` to every element in place, in blocks spread over the workers. quick_gelu
+/// and SiLU run `dl_sigmoid_weighted` (the same bits on every path, within 2e-7 relative of the
+/// formulas); the exact GELU, which only the projector and predictors use, runs `apply`.
+public func activate(_ x: inout Matrix, _ activation: Activation, path: KernelPath = Kernels.path) {
+    let count = x.values.count
     x.values.withUnsafeMutableBufferPointer { v in
-        for i in 0..<v.count { v[i] = activation.apply(v[i]) }
+        let values = UncheckedSendable(v.baseAddress!)
+        forEachBlock(count) { range in
+            let block = values.value + range.lowerBound
+            switch activation {
+            case .gelu: for i in 0..<range.count { block[i] = activation.apply(block[i]) }
+            case .quickGELU: dl_sigmoid_weighted(path.cValue, block, nil, range.count, 1.702)
+            case .silu: dl_sigmoid_weighted(path.cValue, block, nil, range.count, 1)
+            }
+        }
     }
 }
 
 /// LLaMA's gated FFN inner product: `silu(gate) * up`, element-wise; shapes equal.
-public func siluGate(_ gate: Matrix, _ up: Matrix) -> Matrix {
+public func siluGate(_ gate: Matrix, _ up: Matrix, path: KernelPath = Kernels.path) -> Matrix {
     precondition(gate.values.count == up.values.count, "siluGate: shapes differ")
     var output = gate
     output.values.withUnsafeMutableBufferPointer { g in
         up.values.withUnsafeBufferPointer { u in
-            for i in 0..<g.count { g[i] = Activation.silu.apply(g[i]) * u[i] }
+            let pointers = UncheckedSendable((g.baseAddress!, u.baseAddress!))
+            forEachBlock(g.count) { range in
+                dl_sigmoid_weighted(path.cValue, pointers.value.0 + range.lowerBound, pointers.value.1 + range.lowerBound, range.count, 1)
+            }
         }
     }
     return output
+}
+
+/// Runs `body` over `0..<count` in blocks of 16384 elements spread over the workers (one block
+/// runs inline).
+private func forEachBlock(_ count: Int, _ body: @Sendable (Range<Int>) -> Void) {
+    let block = 16384, blocks = (count + block - 1) / block
+    guard blocks > 1 else {
+        if count > 0 { body(0..<count) }
+        return
+    }
+    Parallelism.forEach(blocks) { b in body(b * block ..< min(count, (b + 1) * block)) }
 }
 
 /// Numerically stable softmax over `count` floats in place (`dl_softmax`: the same bits on every

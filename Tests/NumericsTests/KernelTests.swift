@@ -73,11 +73,35 @@ func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
                                       ReferenceKernels.layerNorm(x, weight: weight, bias: bias, epsilon: 1e-5).values) < 1e-5)
     }
 
-    @Test("exact GELU, quick_gelu and SiLU match their formulas", arguments: [Activation.gelu, .quickGELU, .silu])
+    @Test("exact GELU, quick_gelu and SiLU match their formulas on every path, with the same bits on every path; NaN spreads",
+          arguments: [Activation.gelu, .quickGELU, .silu])
     func activations(_ kind: Activation) {
-        for x in randomValues(1000, seed: 10, scale: 8) + [0, -20, 20] {
-            let expected = ReferenceKernels.activation(x, kind)
-            #expect(abs(kind.apply(x) - expected) <= 1e-6 * max(1, abs(expected)), "\(kind)(\(x))")
+        // 16387 values: more than one block of the workers, and a tail past the vector width.
+        let inputs = randomValues(16387, seed: 10, scale: 8) + [0, -0.0, -20, 20, -100, 100, .infinity, .nan]
+        var first: [Float]?
+        for path in KernelPath.allCases where path.isAvailable {
+            var x = Matrix(rows: 1, columns: inputs.count, values: inputs)
+            activate(&x, kind, path: path)
+            for (input, y) in zip(inputs, x.values) where !input.isNaN {
+                let expected = ReferenceKernels.activation(input, kind)
+                #expect(abs(y - expected) <= 1e-6 * max(1, abs(expected)) || y == expected, "\(kind)(\(input)) on \(path): \(y)")
+            }
+            #expect(x.values.last!.isNaN)
+            if let first { #expect(x.values.map(\.bitPattern) == first.map(\.bitPattern), "\(path)") } else { first = x.values }
+        }
+    }
+
+    @Test("the SwiGLU product silu(gate) · up is the activation times up, with the same bits on every path")
+    func siluGateIsTheActivationTimesUp() {
+        let gate = Matrix(rows: 3, columns: 6001, values: randomValues(18003, seed: 16, scale: 6))
+        let up = Matrix(rows: 3, columns: 6001, values: randomValues(18003, seed: 17, scale: 2))
+        var first: [Float]?
+        for path in KernelPath.allCases where path.isAvailable {
+            var silu = gate
+            activate(&silu, .silu, path: path)
+            let product = siluGate(gate, up, path: path)
+            #expect(product.values.map(\.bitPattern) == zip(silu.values, up.values).map { ($0 * $1).bitPattern }, "\(path)")
+            if let first { #expect(product.values.map(\.bitPattern) == first.map(\.bitPattern), "\(path)") } else { first = product.values }
         }
     }
 

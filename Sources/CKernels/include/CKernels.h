@@ -69,6 +69,11 @@ void dl_weighted_sum(int path, const float *p, size_t count, int value_type, con
 /// additions on every path (see softmax.c); a row of -infinity becomes zeros, a NaN spreads.
 void dl_softmax(int path, float *x, size_t count);
 
+/// In place, `x[i] = x[i] · sigmoid(a · x[i])`, then times `up[i]` when `up` is not NULL: SiLU
+/// (a = 1, LLaMA's gate with `up`) and CLIP's quick GELU (a = 1.702). The exp of `dl_softmax` and
+/// one order of operations on every path, so the bits never depend on the path (see softmax.c).
+void dl_sigmoid_weighted(int path, float *x, const float *up, size_t count, float a);
+
 /// Whether this CPU has AVX512-BF16 (`vdpbf16ps`), which `dl_gemm_bf16` uses on the AVX-512 path.
 int dl_kernel_bf16_available(void);
 
