@@ -67,6 +67,22 @@ void dl_pack_panels_bf16(int weight_type, const void *w, size_t ldw, size_t n, s
     free(rounded);
 }
 
+void dl_pack_panels_bf16_from_columns(int weight_type, const void *v, size_t ldv, size_t n, size_t k, void *panels) {
+    size_t kp = padded_k(k), panel_count = (n + PANEL - 1) / PANEL;
+    memset(panels, 0, panel_count * PANEL * kp * 2);
+    float *widened = malloc((n ? n : 1) * sizeof(float));
+    uint16_t *rounded = malloc((n ? n : 1) * sizeof(uint16_t));
+    for (size_t kk = 0; kk < k; kk++) {
+        rounded_row(weight_type, v, kk * ldv, n, widened, rounded);
+        for (size_t column = 0; column < n; column++) {
+            uint16_t *panel = (uint16_t *)panels + (column / PANEL) * PANEL * kp;
+            panel[(kk / 2) * 2 * PANEL + (column % PANEL) * 2 + (kk & 1)] = rounded[column];
+        }
+    }
+    free(widened);
+    free(rounded);
+}
+
 #ifdef DL_AMX
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18

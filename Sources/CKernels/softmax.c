@@ -134,14 +134,38 @@ void dl_sigmoid_weighted(int path, float *x, const float *up, size_t count, floa
     }
 }
 
+/// The largest of `count` values, or NaN when one is NaN (the maximum is exact in any order).
+static float maximum_scalar(const float *x, size_t count) {
+    float maximum = -INFINITY;
+    for (size_t i = 0; i < count; i++) {
+        if (isnan(x[i])) return NAN;
+        if (x[i] > maximum) maximum = x[i];
+    }
+    return maximum;
+}
+
+#ifdef DL_X86
+DL_AVX512_FN float maximum512(const float *x, size_t count) {
+    __m512 maximum = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (size_t i = 0; i < count; i += 16) {
+        __mmask16 mask = count - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - i)) - 1);
+        __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        maximum = _mm512_max_ps(maximum, v);
+    }
+    return nan ? NAN : _mm512_reduce_max_ps(maximum);
+}
+#endif
+
 void dl_softmax(int path, float *x, size_t count) {
     if (count == 0) return;
-    float maximum = -INFINITY;
-    int nan = 0;
-    for (size_t i = 0; i < count; i++) {
-        if (x[i] > maximum) maximum = x[i];
-        nan |= isnan(x[i]);
-    }
+#ifdef DL_X86
+    float maximum = path == DL_PATH_AVX512 ? maximum512(x, count) : maximum_scalar(x, count);
+#else
+    float maximum = maximum_scalar(x, count);
+#endif
+    int nan = isnan(maximum);
     if (nan) {
         for (size_t i = 0; i < count; i++) x[i] = NAN;
         return;

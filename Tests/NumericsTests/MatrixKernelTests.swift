@@ -220,6 +220,47 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
         }
     }
 
+    @Test("a prompt's attention at bf16 on AMX: within bf16 rounding of the loop version, each query row's bits independent of the other rows and of the thread count",
+          .enabled(if: KernelPath.amx.isAvailable, "this CPU or OS has no AMX-BF16"), arguments: [StorageType.float32, .bfloat16])
+    func promptAttentionOnAMX(storage: StorageType) {
+        // K = 40 keys: past one 32-wide tile for the values' product; head dimension 20: a short tile for the scores'.
+        let heads = 6, kvHeads = 3, d = 20, keys = 40, keyStride = kvHeads * d + 3, queries = 37
+        let q = randomValues(queries * heads * d, seed: 91)
+        let k = storedValues(randomValues(keys * keyStride, seed: 92), as: storage)
+        let v = storedValues(randomValues(keys * keyStride, seed: 93), as: storage)
+        func run(_ count: Int, threads: Int) -> [Float] {
+            let previous = Parallelism.threads
+            Parallelism.setThreads(threads)
+            defer { Parallelism.setThreads(previous) }
+            var out = [Float](repeating: 0, count: count * heads * d)
+            q.withUnsafeBufferPointer { qp in
+                k.bytes.withUnsafeBytes { kp in
+                    v.bytes.withUnsafeBytes { vp in
+                        out.withUnsafeMutableBufferPointer { op in
+                            multiHeadAttention(queries: qp.baseAddress!, queryStride: heads * d, queryCount: count, keys: kp.baseAddress!,
+                                               keyStride: keyStride, values: vp.baseAddress!, valueStride: keyStride, keyCount: keys,
+                                               keyValueType: storage, heads: heads, keyValueHeads: kvHeads, headDimension: d, scale: 0.2,
+                                               mask: nil, output: op.baseAddress!, outputStride: heads * d, path: .amx, precision: .bf16)
+                        }
+                    }
+                }
+            }
+            return out
+        }
+        let dense = { (values: [Float]) in
+            Matrix(rows: keys, columns: kvHeads * d, values: (0..<keys).flatMap { j in values[j * keyStride ..< j * keyStride + kvHeads * d] })
+        }
+        let expected = ReferenceKernels.attention(queries: Matrix(rows: queries, columns: heads * d, values: q), keys: dense(k.widened),
+                                                  values: dense(v.widened), heads: heads, keyValueHeads: kvHeads, headDimension: d,
+                                                  scale: 0.2) { _, _ in true }
+        let all = run(queries, threads: 2)
+        // Queries, probabilities and values rounded to bf16: within a few bf16 units of the exact result.
+        #expect(maxRelativeDifference(all, expected.values) < 3e-2)
+        #expect(zip(all, expected.values).map { abs($0 - $1) }.max()! < 2e-2)
+        #expect(firstBitDifference(run(queries, threads: 1), all) == nil)
+        #expect(firstBitDifference(run(3, threads: 2), Array(all[0 ..< 3 * heads * d])) == nil)
+    }
+
     @Test("DLLAVA_KERNEL names a path; an unknown name is an error")
     func pathNames() {
         #expect(KernelPath(rawValue: "avx512") == .avx512 && KernelPath(rawValue: "reference") == .reference)

@@ -133,6 +133,10 @@ size_t dl_panel_bytes_bf16(size_t n, size_t k);
 void dl_pack_panels_bf16(int weight_type, const void *w, size_t ldw, size_t n, size_t k, void *panels, size_t panel_begin,
                          size_t panel_end);
 
+/// Packs the weight whose element (n, k) is `v[k · ldv + n]` (a `[k, n]` matrix read by columns,
+/// such as attention's values, in `weight_type`) as `dl_pack_panels_bf16` packs `[n, k]`.
+void dl_pack_panels_bf16_from_columns(int weight_type, const void *v, size_t ldv, size_t n, size_t k, void *panels);
+
 /// bf16 product on AMX: `y[r, n]` for rows `0..<m` of `x` (bf16, `[m, k]`, row stride `ldx`) and
 /// columns `n_begin..<n_end` (`n_begin` a multiple of 16) from `dl_pack_panels_bf16` panels.
 /// Each element accumulates K-tiles of 32 in increasing order with `tdpbf16ps`, so a row's result
