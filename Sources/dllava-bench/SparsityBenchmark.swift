@@ -57,9 +57,9 @@ struct SparsityBenchmark: ParsableCommand {
         let pixels = (0..<3 * preset.vision.imageSize * preset.vision.imageSize).map { Float(($0 * 7919) % 255) / 127.5 - 1 }
         let counts = decodeTokens.split(separator: ",").compactMap { Int($0) }.filter { $0 > 0 }
         let prefix = (0..<noCacheTokens).map { Int32(3 + ($0 * 97) % (c.vocabularySize - 3)) }
-        // Calibrate on the tokens the gate will see: greedy output when decoding is measured,
-        // else the no-cache measurement's generated prefix.
-        let calibrationTokens = counts.isEmpty ? prefix : try Generator(model: plain).generate([GenerationRequest(
+        // Calibrate on the tokens the gate will see: the no-cache measurement's generated prefix
+        // when only that is measured, else greedy output.
+        let calibrationTokens = counts.isEmpty && !prefix.isEmpty ? prefix : try Generator(model: plain).generate([GenerationRequest(
             idsBeforeImage: before, pixelValues: pixels, idsAfterImage: after, parameters: GenerationParameters(maxTokens: 64))])[0].tokenIDs
         let outputPredictor = calibratedOutputPredictor(model: plain, before: before, pixels: pixels, after: after, gated: calibrationTokens)
         let model = LLaVAModel(vision: vision, projector: projector, language: language, directory: plain.directory, layout: .original,
