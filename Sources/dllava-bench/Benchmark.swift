@@ -78,6 +78,7 @@ struct EngineBenchmark: ParsableCommand {
     var precisions = Precision.bf16.isNative ? "f32,bf16" : "f32"
 
     func run() throws {
+        AllocatorTuning.reuseFreedMemory()  // as `dllava run` and `generate` allocate
         guard let preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
         let threadCounts = threads.split(separator: ",").compactMap { Int($0) }
         let precisionList = try precisions.split(separator: ",").map { name in

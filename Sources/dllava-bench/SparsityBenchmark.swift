@@ -35,6 +35,7 @@ struct SparsityBenchmark: ParsableCommand {
     var noCacheTokens = 256
 
     func run() throws {
+        AllocatorTuning.reuseFreedMemory()  // as `dllava run` and `generate` allocate
         guard let preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
         Parallelism.setThreads(threads)
         guard precision.isNative else { throw ValidationError("precision \(precision.rawValue) is not native on this CPU") }

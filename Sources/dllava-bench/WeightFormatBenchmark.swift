@@ -29,6 +29,7 @@ struct WeightFormatBenchmark: ParsableCommand {
     var repeats = 5
 
     func run() throws {
+        AllocatorTuning.reuseFreedMemory()  // as `dllava run` and `generate` allocate
         guard let preset = Preset.all[preset] else { throw ValidationError("unknown preset \(preset)") }
         let c = preset.language
         let shapes = decoderProductShapes(c)

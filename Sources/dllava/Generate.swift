@@ -38,8 +38,10 @@ struct ModelOptions: ParsableArguments {
         URL(fileURLWithPath: BuildInfo.modelDirectory(model) ?? ".")
     }
 
-    /// Sets threads, precision and the kernel path (`DLLAVA_KERNEL`, checked here), then loads.
+    /// Sets threads, precision, the kernel path (`DLLAVA_KERNEL`, checked here) and the allocator's
+    /// reuse of freed buffers, then loads.
     func load() throws -> LLaVAModel {
+        AllocatorTuning.reuseFreedMemory()
         Parallelism.setThreads(threads)
         if let path = try Kernels.pathFromEnvironment() { Kernels.use(path) }
         Kernels.use(chosenPrecision)

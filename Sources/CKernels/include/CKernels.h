@@ -145,4 +145,8 @@ void dl_pack_panels_bf16_from_columns(int weight_type, const void *v, size_t ldv
 void dl_gemm_amx(const uint16_t *x, size_t ldx, size_t m, const void *panels, size_t k, size_t n_begin, size_t n_end, float *y,
                  size_t ldy);
 
+/// Makes glibc keep freed memory for reuse: no `mmap` for large allocations and no trimming below
+/// 2 GB of free heap (see `AllocatorTuning`); nothing elsewhere.
+void dl_reuse_freed_memory(void);
+
 #endif
