@@ -67,6 +67,14 @@ public struct PostgresArtifactStore: ArtifactStore {
         }
     }
 
+    /// Not yet appended in place: the stored snapshot is read and stored again, with the frame, in one `putSnapshot`.
+    public func appendSnapshot(_ frame: Data, job: Int64, after offset: Int) throws {
+        guard let stored = try snapshot(job: job), stored.count >= offset else {
+            throw JobQueueError.corruptArtifact(location: snapshotLocation(job: job), reason: "it is missing or shorter than the \(offset) bytes written before")
+        }
+        try putSnapshot(stored.prefix(offset) + frame, job: job)
+    }
+
     public func snapshot(job: Int64) throws -> Data? {
         let location = snapshotLocation(job: job)
         return try session.transaction(readOnly: true) { statements -> Data? in
