@@ -145,8 +145,8 @@ public struct GenerationSnapshot: Sendable, Equatable {
         for (index, payload) in payloads.enumerated() {
             var reader = ByteReader(data: payload)
             var state = try Self(readingStateFrom: &reader)
-            if let newest, newest.cells.count != state.cells.count || newest.keyValueWidth != state.keyValueWidth {
-                throw .malformed("frame \(index + 1) has \(state.cells.count) layers of width \(state.keyValueWidth), the first \(newest.cells.count) of width \(newest.keyValueWidth)")
+            if let newest, cells.count != state.cells.count || newest.keyValueWidth != state.keyValueWidth {
+                throw .malformed("frame \(index + 1) has \(state.cells.count) layers of width \(state.keyValueWidth), the first \(cells.count) of width \(newest.keyValueWidth)")
             }
             if index == 0 { cells = Array(repeating: SequenceCells(), count: state.cells.count) }
             for l in cells.indices {
