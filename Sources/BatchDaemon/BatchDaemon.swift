@@ -77,7 +77,6 @@ public enum SnapshotInterval: Sendable, Equatable, CustomStringConvertible {
         case let .milliseconds(milliseconds): milliseconds < 1_000 ? "\(milliseconds) ms" : DurationText.describe(milliseconds: milliseconds)
         }
     }
-
 }
 
 /// Faults the daemon names itself (the others are the queue's or the file system's errors).
@@ -232,6 +231,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         let heartbeat = Heartbeat(queue: queue, owner: options.owner, leaseMilliseconds: options.leaseMilliseconds)
         defer { heartbeat.stop() }
         defer { loop.countMetrics() }
+        defer { loop.logSnapshotCost() }
         do {
             try loop.run(heartbeat: heartbeat)
         } catch {
@@ -283,6 +283,9 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         var snapshotNanoseconds: UInt64 = 0
         var decodeNanoseconds: UInt64 = 0
         var lastFrameNanoseconds: UInt64 = 0
+        /// Snapshot frames stored in this run, and their bytes (compactions included).
+        var snapshotFrames = 0
+        var snapshotBytes = 0
         /// The share of decode time snapshots had taken when a frame was last held back (logged); nil before.
         var loggedShare: Double?
         /// Tokens generated so far, counted at every step (for the progress display).
@@ -571,6 +574,22 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             return false
         }
 
+        /// One line on what snapshots cost this run, when it stored any.
+        func logSnapshotCost() {
+            guard snapshotFrames > 0 else { return }
+            let share = decodeNanoseconds > 0 ? String(format: " (%.1f%% of the %.1f s of decode steps)", 100 * Double(snapshotNanoseconds) / Double(decodeNanoseconds),
+                                                       Double(decodeNanoseconds) / 1e9) : ""
+            log("snapshots: \(snapshotFrames) frame\(snapshotFrames == 1 ? "" : "s"), \(snapshotBytes) bytes stored in "
+                + String(format: "%.2f s", Double(snapshotNanoseconds) / 1e9) + share)
+        }
+
+        /// Counts a stored frame of `bytes` bytes.
+        mutating func stored(_ bytes: Int) {
+            snapshotFrames += 1
+            snapshotBytes += bytes
+            daemon.metrics.snapshotBytesWritten.increment(by: bytes)
+        }
+
         /// Adds a frame of the job's state to its snapshot, stamped with its identity: appended after the frames the
         /// store holds, or, when none are known, as a whole new snapshot replacing the last one atomically. A
         /// snapshot that appending would make larger than `compactionFactor` times the job's live state is rewritten
@@ -581,6 +600,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             defer {
                 lastFrameNanoseconds = elapsed(since: start)
                 snapshotNanoseconds += lastFrameNanoseconds
+                daemon.metrics.snapshotWrite.recordNanoseconds(Int64(lastFrameNanoseconds))
                 lastFrame[job.id] = (steps[job.id] ?? 0, options.stopwatch())
             }
             let stored = storedSnapshotBytes.removeValue(forKey: job.id)
@@ -592,6 +612,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                     if Double(stored + bytes.count) <= compactionFactor * Double(frame.stateBytes) {
                         try daemon.artifacts.appendSnapshot(bytes, job: job.id, after: stored)
                         storedSnapshotBytes[job.id] = stored + bytes.count
+                        self.stored(bytes.count)
                         return
                     }
                     guard let full = batch.snapshot(job: job.id, incremental: false) else { return }
@@ -602,6 +623,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 let file = try SnapshotFile.encode([frame], identity: daemon.snapshotIdentity(job))
                 try daemon.artifacts.putSnapshot(file, job: job.id)
                 storedSnapshotBytes[job.id] = file.count
+                self.stored(file.count)
             } catch {
                 log("job \(job.id): cannot store its snapshot in \(location): \(error)", job: job, level: .warning)
             }

@@ -276,6 +276,14 @@ struct ContinuousBatchingTests {
         #expect(try workspace.state(4) == .available)
     }
 
+    @Test("--snapshot-every reads a step count or a duration; 0 is never; anything else is refused")
+    func snapshotIntervals() {
+        #expect(SnapshotInterval("32") == .steps(32) && SnapshotInterval("30s") == .milliseconds(30_000) && SnapshotInterval("2m") == .milliseconds(120_000))
+        #expect(SnapshotInterval("0") == .never && SnapshotInterval("0s") == .never && SnapshotInterval("1m30s") == .milliseconds(90_000))
+        for bad in ["", "-1", "30 s", "s", "1.5s", "ten"] { #expect(SnapshotInterval(bad) == nil, "\(bad)") }
+        #expect(SnapshotInterval.steps(1).description == "1 step" && SnapshotInterval.milliseconds(90_000).description == "1m 30s")
+    }
+
     @Test("frames are appended after the good ones: a stop appends, a torn tail is cut off before the next run appends, and the kept snapshot holds every frame")
     func framesAreAppendedAfterATornTail() throws {
         let workspace = try Workspace(prompts: ["tokens 8"])
