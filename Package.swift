@@ -77,7 +77,7 @@ let package = Package(
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
         .executableTarget(name: "dllava-bench", dependencies: [
-            "CBLAS", "DynamicLLaVA", "Numerics", "Llama", "Vision", "Sparsification",
+            "CBLAS", "DynamicLLaVA", "Numerics", "Llama", "Vision", "Sparsification", "Artifacts",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),
@@ -97,10 +97,11 @@ let package = Package(
         .target(name: "CommandLineSupport", path: "Tests/CommandLineSupport"),
         // Real `dllava run` processes on a real queue with the shipped model.
         .testTarget(name: "DaemonTests", dependencies: [
-            "dllava", "CommandLineSupport", "Artifacts", .product(name: "GRDB", package: "GRDB.swift"),
+            "dllava", "CommandLineSupport", "Artifacts", "Numerics", .product(name: "GRDB", package: "GRDB.swift"),
         ]),
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
-        .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama", "Sparsification"],
+        .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama", "Sparsification",
+                                                        "Artifacts"],
                     exclude: ["Fixtures"]),
         .testTarget(name: "JobQueueTests", dependencies: ["JobQueue", "PostgresQueue", "BatchDaemon", "Artifacts", "CommandLineSupport"]),
         // The daemon loop in process, with a fake engine and a manual clock.

@@ -41,48 +41,157 @@ public struct SnapshotIdentity: Sendable, Hashable {
     }
 }
 
-/// KV-cache snapshot files: an engine's payload (opaque here) in a versioned, checksummed,
-/// zstd-compressed envelope that names the model and the job it belongs to. Little-endian:
+/// One frame of a snapshot: a piece of an engine's state (opaque here) with what `snapshot inspect` and the
+/// writer need to know of it.
+public struct SnapshotFrame: Sendable, Equatable {
+    /// `full` frames hold the whole state and replace everything before them; `append` frames hold the K/V cells
+    /// added since the frame before and the rest of the state (tokens, sampler) whole.
+    public enum Kind: UInt8, Sendable, CustomStringConvertible {
+        case full = 1
+        case append = 2
+
+        public var description: String { self == .full ? "full" : "append" }
+    }
+
+    public var kind: Kind
+    /// Decode steps the state had run when the frame was taken.
+    public var decodeSteps: Int
+    /// K/V cells the frame carries, all layers together.
+    public var cells: Int
+    /// The engine's bytes, uncompressed.
+    public var payload: Data
+    /// Bytes of a full frame's payload for the same state (the live size), for the writer's compaction rule.
+    public var stateBytes: Int
+
+    public init(kind: Kind, decodeSteps: Int, cells: Int, payload: Data, stateBytes: Int) {
+        self.kind = kind
+        self.decodeSteps = decodeSteps
+        self.cells = cells
+        self.payload = payload
+        self.stateBytes = stateBytes
+    }
+}
+
+/// How a frame's payload is stored.
+public enum SnapshotEncoding: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    /// The payload as it is.
+    case none = 0
+    /// One zstd frame (level 1).
+    case zstd = 1
+    /// `ByteShuffle` over 4-byte elements (f32 K/V; bf16 K/V pair up two elements), then one zstd frame (level 1).
+    case shuffledZstd = 2
+
+    public var description: String {
+        switch self {
+        case .none: "none"
+        case .zstd: "zstd"
+        case .shuffledZstd: "shuffled zstd"
+        }
+    }
+
+    /// The element width the shuffle uses: that of f32 K/V.
+    public static let shuffleWidth = 4
+    static let zstdLevel: Int32 = 1
+
+    public func encode(_ payload: Data) throws -> Data {
+        switch self {
+        case .none: payload
+        case .zstd: try Zstd.compress(payload, level: Self.zstdLevel)
+        case .shuffledZstd: try Zstd.compress(ByteShuffle.shuffle(payload, width: Self.shuffleWidth), level: Self.zstdLevel)
+        }
+    }
+
+    /// The payload back from `stored`, refusing more than `maxSize` bytes.
+    public func decode(_ stored: Data, maxSize: Int) throws -> Data {
+        switch self {
+        case .none: stored
+        case .zstd: try Zstd.decompress(stored, maxSize: maxSize)
+        case .shuffledZstd: ByteShuffle.unshuffle(try Zstd.decompress(stored, maxSize: maxSize), width: Self.shuffleWidth)
+        }
+    }
+}
+
+/// KV-cache snapshot files: an identity header, then frames appended one after another, like a write-ahead log.
+/// The first frame (written after prefill) holds the whole state; each later one appends the K/V cells added since
+/// (`SnapshotFrame`). Each frame carries its length and a sha256 over its header and its stored bytes, so a reader
+/// takes the frames in order and stops at the first one that is cut short (a crash mid-append) or damaged, using
+/// the state up to the frame before. Little-endian:
 ///
 /// ```
-/// offset  size  field (file format version 2)
+/// offset  size  field (file format version 3)
 /// 0       8     magic "DLLAVAKV"
-/// 8       4     u32 file format version (2)
+/// 8       4     u32 file format version (3)
 /// 12      4     u32 F, then F bytes: the model's content fingerprint, UTF-8
 ///         4     u32 Q, then Q bytes: the queue's identity (UUID), UTF-8
 ///         8     i64 job id
 ///         4     u32 S, then S bytes: the image's sha256 (hex), UTF-8
 ///         4     u32 P, then P bytes: the prompt, UTF-8
 ///         4     u32 J, then J bytes: the generation parameters (canonical JSON), UTF-8
-///         8     u64 payload bytes (uncompressed)
-///         32    sha256 of the uncompressed payload
-///         8     u64 C = compressed bytes
-///         C     one zstd frame holding the payload; nothing follows it
+///               frames, each (`frameHeaderSize` bytes, then the stored bytes):
+///         4       magic "KVFR"
+///         1       u8 kind (1 = full: replaces everything before; 2 = append)
+///         1       u8 encoding (`SnapshotEncoding`: 0 none, 1 zstd, 2 byte-shuffled zstd)
+///         2       zero
+///         8       u64 decode steps of the state after this frame
+///         8       u64 K/V cells in this frame (all layers)
+///         8       u64 payload bytes (decoded)
+///         8       u64 N = stored bytes
+///         32      sha256 of the 40 bytes above and the N stored bytes
+///         N       the stored (encoded) payload
 /// ```
 ///
-/// Version 1 (no job identity) is no longer read: a version-1 file is refused like any unknown version and its
-/// job restarts. A reader checks everything before it returns anything and never changes the file.
+/// Versions 1 and 2 are no longer read: such a file is refused like any unknown version and its job restarts. A
+/// reader checks everything before it returns anything, never changes the file, and never allocates what a
+/// header declares before the bytes are there.
 public enum SnapshotFile {
     public static let magic = Data("DLLAVAKV".utf8)
-    public static let formatVersion: UInt32 = 2
-    /// Payloads larger than this are refused on reading.
+    public static let frameMagic = Data("KVFR".utf8)
+    public static let formatVersion: UInt32 = 3
+    public static let frameHeaderSize = 72
+    /// Frame payloads larger than this are refused on reading.
     public static let maxPayloadSize = 4 << 30
+    /// What frames are stored as: measured in the README ("Incremental snapshots").
+    public static let defaultEncoding = SnapshotEncoding.none
 
-    /// A snapshot's header and its payload, checked.
+    /// A frame as the file holds it.
+    public struct FrameRecord: Sendable, Equatable {
+        public var kind: SnapshotFrame.Kind
+        public var encoding: SnapshotEncoding
+        public var decodeSteps: Int
+        public var cells: Int
+        public var payloadBytes: Int
+        public var storedBytes: Int
+        /// Where the frame's header starts in the file.
+        public var offset: Int
+        /// Bytes of the frame in the file, its header included.
+        public var fileBytes: Int { SnapshotFile.frameHeaderSize + storedBytes }
+    }
+
+    /// Where and why the frames stop before the end of the file.
+    public struct Damage: Sendable, Equatable, CustomStringConvertible {
+        public var offset: Int
+        public var reason: String
+        public var description: String { "from byte \(offset) on, \(reason)" }
+    }
+
+    /// A snapshot's header and its good frames, checked.
     public struct Contents: Sendable, Equatable {
         public var formatVersion: UInt32
         public var identity: SnapshotIdentity
         public var modelFingerprint: String { identity.model }
-        public var payloadSHA256: String
-        /// Bytes of the whole file, and of the payload once decompressed.
+        /// Every good frame, in file order.
+        public var frames: [FrameRecord]
+        /// The payloads of the last full frame and of the append frames after it: what the state is made of.
+        public var payloads: [Data]
+        /// Bytes of the file, and of its good part (the header and the good frames): where the next frame goes.
         public var fileBytes: Int
-        public var payloadBytes: Int
-        public var payload: Data
+        public var goodBytes: Int
+        /// Why the bytes after `goodBytes` were not used (a torn or corrupt tail); nil when there are none.
+        public var damage: Damage?
     }
 
-    /// The file's bytes for `payload`.
-    public static func encode(_ payload: Data, identity: SnapshotIdentity, level: Int32 = 3) throws -> Data {
-        let compressed = try Zstd.compress(payload, level: level)
+    /// The identity header every snapshot file starts with.
+    public static func header(_ identity: SnapshotIdentity) -> Data {
         var data = magic
         append(formatVersion, to: &data)
         appendString(identity.model, to: &data)
@@ -91,25 +200,36 @@ public enum SnapshotFile {
         appendString(identity.imageSHA256, to: &data)
         appendString(identity.prompt, to: &data)
         appendString(identity.parameters, to: &data)
-        append(UInt64(payload.count), to: &data)
-        data.append(contentsOf: SHA256.hash(data: payload))
-        append(UInt64(compressed.count), to: &data)
-        data.append(compressed)
         return data
     }
 
-    /// Writes a snapshot atomically (a reader sees the previous snapshot or this one, never a part).
-    @discardableResult
-    public static func write(_ payload: Data, identity: SnapshotIdentity, to url: URL) throws -> AtomicFile.Written {
-        do {
-            return try AtomicFile.write(try encode(payload, identity: identity), to: url)
-        } catch let error as ArtifactError {
-            throw SnapshotFileError.unwritable(path: url.path, reason: error.description)
-        }
+    /// One frame's bytes, to follow a header or the frames before it.
+    public static func frame(_ frame: SnapshotFrame, encoding: SnapshotEncoding = defaultEncoding) throws -> Data {
+        let stored = try encoding.encode(frame.payload)
+        var data = frameMagic
+        data.append(contentsOf: [frame.kind.rawValue, encoding.rawValue, 0, 0])
+        append(UInt64(frame.decodeSteps), to: &data)
+        append(UInt64(frame.cells), to: &data)
+        append(UInt64(frame.payload.count), to: &data)
+        append(UInt64(stored.count), to: &data)
+        var hasher = SHA256()
+        hasher.update(data: data)
+        hasher.update(data: stored)
+        data.append(contentsOf: hasher.finalize())
+        data.append(stored)
+        return data
+    }
+
+    /// A whole file: the header and `frames` (the first of them full).
+    public static func encode(_ frames: [SnapshotFrame], identity: SnapshotIdentity, encoding: SnapshotEncoding = defaultEncoding) throws -> Data {
+        precondition(frames.first?.kind == .full, "a snapshot file starts with a full frame")
+        var data = header(identity)
+        for frame in frames { data.append(try Self.frame(frame, encoding: encoding)) }
+        return data
     }
 
     /// Reads and checks a snapshot: magic, version, identity (when `expected` is given: the model first, then
-    /// queue and job, image, prompt and parameters), length, decompression and checksum.
+    /// queue and job, image, prompt and parameters), then the frames up to the first torn or damaged one.
     public static func read(from url: URL, expected: SnapshotIdentity? = nil) throws(SnapshotFileError) -> Contents {
         let data: Data
         do { data = try Data(contentsOf: url) } catch {
@@ -118,7 +238,8 @@ public enum SnapshotFile {
         return try decode(data, path: url.path, expected: expected)
     }
 
-    /// Checks and unpacks a snapshot file's bytes; `path` names it in errors.
+    /// Checks and unpacks a snapshot file's bytes; `path` names it in errors. A file whose first frame is not
+    /// whole and intact is refused (`noCompleteFrame`): there is no state to go on from.
     public static func decode(_ data: Data, path: String, expected: SnapshotIdentity? = nil) throws(SnapshotFileError) -> Contents {
         let data = Data(data)
         guard data.count >= magic.count, data.prefix(magic.count) == magic else { throw .notASnapshot(path: path) }
@@ -151,31 +272,82 @@ public enum SnapshotFile {
         if let expected, let reason = identity.mismatch(expected: expected) {
             throw .differentJob(path: path, reason: reason)
         }
-        let payloadBytes = try integer(UInt64.self)
-        let checksum = Checksum.hex(try take(32))
-        let compressedBytes = try integer(UInt64.self)
-        guard payloadBytes <= UInt64(maxPayloadSize) else {
-            throw .corrupt(path: path, reason: "it declares a payload of \(payloadBytes) bytes, more than \(maxPayloadSize)")
+        var (frames, damage) = scanFrames(data, from: offset)
+        // Decoding can still fail on a frame whose checksum holds (a writer's bug): the frames stop there too.
+        while true {
+            guard let first = frames.first else {
+                throw .noCompleteFrame(path: path, reason: damage?.reason ?? "it holds no frame")
+            }
+            guard first.kind == .full else {
+                throw .noCompleteFrame(path: path, reason: "its first frame is an append frame, not a full one")
+            }
+            let base = frames.lastIndex { $0.kind == .full }!
+            var payloads: [Data] = []
+            var failed: (index: Int, reason: String)?
+            for index in base ..< frames.count {
+                let record = frames[index]
+                let start = record.offset + frameHeaderSize
+                do {
+                    let payload = try record.encoding.decode(data.subdata(in: start ..< start + record.storedBytes), maxSize: record.payloadBytes)
+                    guard payload.count == record.payloadBytes else {
+                        throw SnapshotFileError.corrupt(path: path, reason: "\(payload.count) bytes, the header says \(record.payloadBytes)")
+                    }
+                    payloads.append(payload)
+                } catch {
+                    failed = (index, "frame \(index + 1) does not decode: \(error)")
+                    break
+                }
+            }
+            if let failed {
+                damage = Damage(offset: frames[failed.index].offset, reason: failed.reason)
+                frames.removeSubrange(failed.index...)
+                continue
+            }
+            let goodBytes = frames.last.map { $0.offset + $0.fileBytes } ?? offset
+            return Contents(formatVersion: version, identity: identity, frames: frames, payloads: payloads, fileBytes: data.count,
+                            goodBytes: goodBytes, damage: damage)
         }
-        guard compressedBytes <= UInt64(data.count - offset) else { throw .truncated(path: path) }
-        guard compressedBytes == UInt64(data.count - offset) else {
-            throw .corrupt(path: path, reason: "\(UInt64(data.count - offset) - compressedBytes) bytes follow the compressed payload")
+    }
+
+    /// The frames from `start` on whose header and checksum hold, up to the first that does not (and why).
+    static func scanFrames(_ data: Data, from start: Int) -> (frames: [FrameRecord], damage: Damage?) {
+        var frames: [FrameRecord] = []
+        var offset = start
+        func integer<T: FixedWidthInteger>(_: T.Type, at position: Int) -> T {
+            data.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: position, as: T.self)) }
         }
-        let payload: Data
-        do {
-            payload = try Zstd.decompress(data.subdata(in: offset ..< data.count), maxSize: Int(payloadBytes))
-        } catch ArtifactError.truncatedZstd {
-            throw .truncated(path: path)
-        } catch {
-            throw .corrupt(path: path, reason: "\(error)")
+        while offset < data.count {
+            let number = frames.count + 1
+            func damaged(_ reason: String) -> (frames: [FrameRecord], damage: Damage?) {
+                (frames, Damage(offset: offset, reason: "frame \(number) \(reason)"))
+            }
+            let remaining = data.count - offset
+            guard remaining >= frameHeaderSize else { return damaged("is cut short in its header (\(remaining) of \(frameHeaderSize) bytes)") }
+            guard data.subdata(in: offset ..< offset + 4) == frameMagic else { return damaged("does not start with the frame magic") }
+            let stored = integer(UInt64.self, at: offset + 32)
+            guard stored <= UInt64(remaining - frameHeaderSize) else {
+                return damaged("is cut short: it declares \(stored) bytes, \(remaining - frameHeaderSize) follow its header")
+            }
+            let storedBytes = Int(stored)
+            var hasher = SHA256()
+            hasher.update(data: data.subdata(in: offset ..< offset + 40))
+            hasher.update(data: data.subdata(in: offset + frameHeaderSize ..< offset + frameHeaderSize + storedBytes))
+            guard Data(hasher.finalize()) == data.subdata(in: offset + 40 ..< offset + frameHeaderSize) else {
+                return damaged("fails its sha256 check")
+            }
+            let kindByte = data[offset + 4], encodingByte = data[offset + 5]
+            guard let kind = SnapshotFrame.Kind(rawValue: kindByte) else { return damaged("is of an unknown kind \(kindByte)") }
+            guard let encoding = SnapshotEncoding(rawValue: encodingByte) else { return damaged("has an unknown encoding \(encodingByte)") }
+            let steps = integer(UInt64.self, at: offset + 8), cells = integer(UInt64.self, at: offset + 16)
+            let payloadBytes = integer(UInt64.self, at: offset + 24)
+            guard payloadBytes <= UInt64(maxPayloadSize), steps <= UInt64(Int.max), cells <= UInt64(Int.max) else {
+                return damaged("declares \(payloadBytes) payload bytes, \(steps) steps and \(cells) cells")
+            }
+            frames.append(FrameRecord(kind: kind, encoding: encoding, decodeSteps: Int(steps), cells: Int(cells), payloadBytes: Int(payloadBytes),
+                                      storedBytes: storedBytes, offset: offset))
+            offset += frameHeaderSize + storedBytes
         }
-        guard payload.count == Int(payloadBytes) else {
-            throw .corrupt(path: path, reason: "the payload has \(payload.count) bytes, the header says \(payloadBytes)")
-        }
-        let actual = Checksum.sha256Hex(payload)
-        guard actual == checksum else { throw .checksumMismatch(path: path, expected: checksum, actual: actual) }
-        return Contents(formatVersion: version, identity: identity, payloadSHA256: checksum, fileBytes: data.count,
-                        payloadBytes: payload.count, payload: payload)
+        return (frames, nil)
     }
 
     private static func appendString(_ text: String, to data: inout Data) {
@@ -200,15 +372,16 @@ public enum SnapshotFileError: Error, Sendable, Equatable, CustomStringConvertib
     case differentModel(path: String, found: String, expected: String)
     /// The snapshot belongs to another job (another id or queue), or its job's image, prompt or parameters differ.
     case differentJob(path: String, reason: String)
-    /// The file ends before its header or its compressed payload does.
+    /// The file ends inside its identity header.
     case truncated(path: String)
-    case checksumMismatch(path: String, expected: String, actual: String)
+    /// The file has no whole, intact first frame: there is no state in it.
+    case noCompleteFrame(path: String, reason: String)
     case corrupt(path: String, reason: String)
 
     public var path: String {
         switch self {
         case let .unreadable(path, _), let .unwritable(path, _), let .notASnapshot(path), let .unsupportedVersion(path, _, _),
-             let .differentModel(path, _, _), let .differentJob(path, _), let .truncated(path), let .checksumMismatch(path, _, _), let .corrupt(path, _):
+             let .differentModel(path, _, _), let .differentJob(path, _), let .truncated(path), let .noCompleteFrame(path, _), let .corrupt(path, _):
             path
         }
     }
@@ -224,8 +397,7 @@ public enum SnapshotFileError: Error, Sendable, Equatable, CustomStringConvertib
             "\(path) was taken with model \(found), not the loaded model \(expected)"
         case let .differentJob(path, reason): "\(path) does not belong to this job: \(reason)"
         case let .truncated(path): "\(path) is truncated"
-        case let .checksumMismatch(path, expected, actual):
-            "\(path): the payload's sha256 is \(actual), not the recorded \(expected)"
+        case let .noCompleteFrame(path, reason): "\(path) holds no complete snapshot frame: \(reason)"
         case let .corrupt(path, reason): "\(path) is a corrupt snapshot: \(reason)"
         }
     }

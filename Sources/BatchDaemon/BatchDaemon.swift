@@ -29,13 +29,54 @@ public struct DaemonOptions: Sendable {
     /// LISTEN/NOTIFY), and, while jobs run, the wait before claiming again after a claim that found nothing.
     public var pollSeconds: Double = 2
     public var owner = "\(ProcessInfo.processInfo.hostName)-\(getpid())-\(UUID().uuidString.prefix(8))"
-    /// A KV snapshot of every running job each this many of its decode steps (0: none; a
-    /// graceful shutdown writes them anyway).
-    public var snapshotEvery = 32
+    /// How often each running job's snapshot gains a frame. The first frame is written right after the job's
+    /// prefill (unless `never`); a graceful shutdown writes one anyway. The daemon holds frames back (stretching the
+    /// interval) while one more would make writing snapshots take more than `snapshotBudget` of the decode time.
+    public var snapshotInterval = SnapshotInterval.milliseconds(30_000)
     /// Keep each job's final snapshot (taken when it finishes) instead of deleting its snapshot.
     public var keepKV = false
+    /// The share of decode time that writing snapshots may take.
+    public static let snapshotBudget = 0.02
+    /// A running job's snapshot is rewritten as one full frame (compacted) when appending would make it larger
+    /// than this many times its live size, and a finished job's kept snapshot when larger than
+    /// `finalCompactionFactor` times it: a file within that holds little that is not live, and rewriting it would
+    /// double the bytes written.
+    public static let compactionFactor = 2.0
+    public static let finalCompactionFactor = 1.25
+    /// Nanoseconds on a monotonic clock: what decode steps and snapshot writes are timed with, and what a
+    /// snapshot interval in milliseconds is measured on. Tests inject a clock they move by hand.
+    public var stopwatch: @Sendable () -> UInt64 = { DispatchTime.now().uptimeNanoseconds }
 
     public init() {}
+}
+
+/// How often a running job's snapshot gains a frame (`--snapshot-every`).
+public enum SnapshotInterval: Sendable, Equatable, CustomStringConvertible {
+    /// Only on a graceful shutdown (and at the end with `keepKV`).
+    case never
+    /// Every this many of the job's decode steps.
+    case steps(Int)
+    /// Every this many milliseconds of the job's time in the batch.
+    case milliseconds(Int64)
+
+    /// `32` (steps), `30s` or `2m` (a duration, as `DurationText` reads it); `0` is `never`. Nil for anything else.
+    public init?(_ text: String) {
+        if let steps = Int(text), steps >= 0 {
+            self = steps == 0 ? .never : .steps(steps)
+        } else if let milliseconds = DurationText.milliseconds(text) {
+            self = milliseconds == 0 ? .never : .milliseconds(milliseconds)
+        } else {
+            return nil
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .never: "never"
+        case let .steps(steps): "\(steps) step\(steps == 1 ? "" : "s")"
+        case let .milliseconds(milliseconds): milliseconds < 1_000 ? "\(milliseconds) ms" : DurationText.describe(milliseconds: milliseconds)
+        }
+    }
 }
 
 /// Faults the daemon names itself (the others are the queue's or the file system's errors).
@@ -190,6 +231,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         let heartbeat = Heartbeat(queue: queue, owner: options.owner, leaseMilliseconds: options.leaseMilliseconds)
         defer { heartbeat.stop() }
         defer { loop.countMetrics() }
+        defer { loop.logSnapshotCost() }
         do {
             try loop.run(heartbeat: heartbeat)
         } catch {
@@ -230,8 +272,22 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         var running: [Int64: Job] = [:]
         /// Decode steps each job in the batch has run since it entered.
         var steps: [Int64: Int] = [:]
-        /// The step count at each job's last periodic snapshot.
-        var periodicSnapshotAt: [Int64: Int] = [:]
+        /// Bytes of each job's snapshot that the store holds and that end with a whole frame: where the next frame is
+        /// appended. No entry: none known, and the next frame is written as a whole new snapshot.
+        var storedSnapshotBytes: [Int64: Int] = [:]
+        /// Each job's step count and the stopwatch when its snapshot last gained a frame (or when it entered with
+        /// one); a job without an entry has none yet, and gets its first frame at the next step boundary.
+        var lastFrame: [Int64: (step: Int, nanoseconds: UInt64)] = [:]
+        /// Time spent taking and storing snapshot frames, and stepping the batch, in this run; and what the last
+        /// frame took (what the next is expected to take).
+        var snapshotNanoseconds: UInt64 = 0
+        var decodeNanoseconds: UInt64 = 0
+        var lastFrameNanoseconds: UInt64 = 0
+        /// Snapshot frames stored in this run, and their bytes (compactions included).
+        var snapshotFrames = 0
+        var snapshotBytes = 0
+        /// The share of decode time snapshots had taken when a frame was last held back (logged); nil before.
+        var loggedShare: Double?
         /// Tokens generated so far, counted at every step (for the progress display).
         var tokensGenerated = 0
         /// When a claim last found nothing: while jobs run, the next is tried `pollSeconds` later.
@@ -324,8 +380,9 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 if claimDue { continue }
                 let generating = batch.generating
                 guard !generating.isEmpty else { continue }
-                let stepStart = DispatchTime.now()
+                let stepStart = DispatchTime.now(), stepStopwatch = options.stopwatch()
                 batch.step()
+                decodeNanoseconds += elapsed(since: stepStopwatch)
                 daemon.metrics.decodeStep.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - stepStart.uptimeNanoseconds))
                 for id in generating { steps[id, default: 0] += 1 }
                 tokensGenerated += generating.count
@@ -369,7 +426,13 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             for job in claimed {
                 do {
                     let image = try daemon.checkedImage(job)
-                    entries.append(BatchEntry(job: job, image: image, snapshot: daemon.readSnapshot(job, log: logger(for: job, level: .warning)),
+                    let snapshot = daemon.readSnapshot(job, log: logger(for: job, level: .warning))
+                    if let snapshot {
+                        // The engine goes on from it (or starts afresh and then gives a full frame): no frame is due yet.
+                        storedSnapshotBytes[job.id] = snapshot.goodBytes
+                        lastFrame[job.id] = (0, options.stopwatch())
+                    }
+                    entries.append(BatchEntry(job: job, image: image, snapshot: snapshot?.payloads,
                                               snapshotLocation: daemon.artifacts.snapshotLocation(job: job.id)))
                 } catch {
                     try settle(job, .failed(reason: error.reason, permanent: true), heartbeat: heartbeat)
@@ -400,7 +463,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         mutating func atStepBoundary(heartbeat: Heartbeat) throws {
             for id in batch.finished {
                 guard let job = running[id] else { continue }
-                if options.keepKV { takeSnapshot(of: job) }
+                if options.keepKV { takeSnapshot(of: job, compactionFactor: DaemonOptions.finalCompactionFactor) }
                 guard let outcome = batch.remove(job: id) else { preconditionFailure("a finished job has an outcome") }
                 try settle(job, outcome, heartbeat: heartbeat)
                 if options.keepKV, case .succeeded = outcome {
@@ -441,18 +504,16 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             let going = batch.generating
             if stop.isStopped && !going.isEmpty {
                 for id in going {
-                    if let job = running[id] { takeSnapshot(of: job) }
+                    if let job = running[id] { takeSnapshot(of: job, compactionFactor: DaemonOptions.compactionFactor) }
                     _ = batch.remove(job: id)
                 }
                 report.released += try queue.release(jobs: going, owner: options.owner)
                 for id in going { forget(id, heartbeat: heartbeat) }
                 log("released jobs \(going.map(String.init).joined(separator: ", ")) to the queue; their snapshots are in \(daemon.snapshotStorage)", level: .notice)
-            } else if options.snapshotEvery > 0 {
-                // A boundary can come twice without a step between (after an admission): one snapshot per step count.
+            } else if options.snapshotInterval != .never {
                 for id in going {
-                    guard let job = running[id], let count = steps[id], count % options.snapshotEvery == 0, periodicSnapshotAt[id] != count else { continue }
-                    takeSnapshot(of: job)
-                    periodicSnapshotAt[id] = count
+                    guard let job = running[id], snapshotDue(id) else { continue }
+                    takeSnapshot(of: job, compactionFactor: DaemonOptions.compactionFactor)
                 }
             }
             countMetrics()
@@ -478,19 +539,93 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         mutating func forget(_ id: Int64, heartbeat: Heartbeat) {
             running[id] = nil
             steps[id] = nil
-            periodicSnapshotAt[id] = nil
+            storedSnapshotBytes[id] = nil
+            lastFrame[id] = nil
             unsettled.remove(id)
             heartbeat.untrack(id)
         }
 
-        /// Stores the job's snapshot (replacing its last one atomically), stamped with its identity; a
-        /// failure is logged and the batch goes on.
-        mutating func takeSnapshot(of job: Job) {
-            guard let payload = batch.snapshot(job: job.id) else { return }
+        /// Nanoseconds on the stopwatch since `start` (0 should it go backwards).
+        func elapsed(since start: UInt64) -> UInt64 {
+            let now = options.stopwatch()
+            return now > start ? now - start : 0
+        }
+
+        /// Whether the job's snapshot is due a frame: its first one (right after prefill), or the interval has passed
+        /// since its last and one more frame keeps the time spent writing snapshots within `snapshotBudget` of this
+        /// run's decode time. A frame held back by the budget stretches the interval; that is logged the first time,
+        /// and again whenever the share of decode time snapshots took has doubled since.
+        mutating func snapshotDue(_ id: Int64) -> Bool {
+            guard let last = lastFrame[id] else { return true }
+            switch options.snapshotInterval {
+            case .never: return false
+            case let .steps(count): guard (steps[id] ?? 0) - last.step >= count else { return false }
+            case let .milliseconds(milliseconds): guard elapsed(since: last.nanoseconds) >= UInt64(milliseconds) * 1_000_000 else { return false }
+            }
+            let budget = DaemonOptions.snapshotBudget * Double(decodeNanoseconds)
+            guard Double(snapshotNanoseconds + lastFrameNanoseconds) > budget else { return true }
+            let share = decodeNanoseconds == 0 ? Double.infinity : Double(snapshotNanoseconds) / Double(decodeNanoseconds)
+            if loggedShare.map({ share >= 2 * $0 }) ?? true {
+                let percent = share.isFinite ? String(format: "%.1f%%", 100 * share) : "all"
+                log("writing snapshots has taken \(percent) of the decode time so far, more than the \(Int(DaemonOptions.snapshotBudget * 100))% budget: "
+                    + "the snapshot interval (\(options.snapshotInterval)) is stretched until it is back within", level: .notice)
+                loggedShare = share
+            }
+            return false
+        }
+
+        /// One line on what snapshots cost this run, when it stored any.
+        func logSnapshotCost() {
+            guard snapshotFrames > 0 else { return }
+            let share = decodeNanoseconds > 0 ? String(format: " (%.1f%% of the %.1f s of decode steps)", 100 * Double(snapshotNanoseconds) / Double(decodeNanoseconds),
+                                                       Double(decodeNanoseconds) / 1e9) : ""
+            log("snapshots: \(snapshotFrames) frame\(snapshotFrames == 1 ? "" : "s"), \(snapshotBytes) bytes stored in "
+                + String(format: "%.2f s", Double(snapshotNanoseconds) / 1e9) + share)
+        }
+
+        /// Counts a stored frame of `bytes` bytes.
+        mutating func stored(_ bytes: Int) {
+            snapshotFrames += 1
+            snapshotBytes += bytes
+            daemon.metrics.snapshotBytesWritten.increment(by: bytes)
+        }
+
+        /// Adds a frame of the job's state to its snapshot, stamped with its identity: appended after the frames the
+        /// store holds, or, when none are known, as a whole new snapshot replacing the last one atomically. A
+        /// snapshot that appending would make larger than `compactionFactor` times the job's live state is rewritten
+        /// as one full frame instead (compaction). A failure is logged, the batch goes on, and the next frame is
+        /// written whole.
+        mutating func takeSnapshot(of job: Job, compactionFactor: Double) {
+            let start = options.stopwatch()
+            defer {
+                lastFrameNanoseconds = elapsed(since: start)
+                snapshotNanoseconds += lastFrameNanoseconds
+                daemon.metrics.snapshotWrite.recordNanoseconds(Int64(lastFrameNanoseconds))
+                lastFrame[job.id] = (steps[job.id] ?? 0, options.stopwatch())
+            }
+            let stored = storedSnapshotBytes.removeValue(forKey: job.id)
+            guard var frame = batch.snapshot(job: job.id, incremental: stored != nil) else { return }
+            let location = daemon.artifacts.snapshotLocation(job: job.id)
             do {
-                try daemon.artifacts.putSnapshot(try SnapshotFile.encode(payload, identity: daemon.snapshotIdentity(job)), job: job.id)
+                if let stored, frame.kind == .append {
+                    let bytes = try SnapshotFile.frame(frame)
+                    if Double(stored + bytes.count) <= compactionFactor * Double(frame.stateBytes) {
+                        try daemon.artifacts.appendSnapshot(bytes, job: job.id, after: stored)
+                        storedSnapshotBytes[job.id] = stored + bytes.count
+                        self.stored(bytes.count)
+                        return
+                    }
+                    guard let full = batch.snapshot(job: job.id, incremental: false) else { return }
+                    log("job \(job.id): compacting its snapshot \(location) (\(stored + bytes.count) bytes with the new frame, "
+                        + "\(frame.stateBytes) live)", job: job, level: .debug)
+                    frame = full
+                }
+                let file = try SnapshotFile.encode([frame], identity: daemon.snapshotIdentity(job))
+                try daemon.artifacts.putSnapshot(file, job: job.id)
+                storedSnapshotBytes[job.id] = file.count
+                self.stored(file.count)
             } catch {
-                log("job \(job.id): cannot store its snapshot in \(daemon.artifacts.snapshotLocation(job: job.id)): \(error)", job: job, level: .warning)
+                log("job \(job.id): cannot store its snapshot in \(location): \(error)", job: job, level: .warning)
             }
         }
     }
@@ -581,15 +716,19 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         }
     }
 
-    /// The payload of a job's latest snapshot, or nil when it has none or it is refused (logged;
-    /// the job then starts from scratch): a snapshot is used only by the job, of this queue, that
-    /// wrote it, with the same model contents, image, prompt and parameters. Reading changes
-    /// nothing on disk.
-    func readSnapshot(_ job: Job, log: (String) -> Void) -> Data? {
+    /// A job's latest snapshot, or nil when it has none or it is refused (logged; the job then starts from
+    /// scratch): a snapshot is used only by the job, of this queue, that wrote it, with the same model contents,
+    /// image, prompt and parameters. A torn or damaged tail is logged and the frames before it are used. Reading
+    /// changes nothing in the store.
+    func readSnapshot(_ job: Job, log: (String) -> Void) -> SnapshotFile.Contents? {
         let location = artifacts.snapshotLocation(job: job.id)
         do {
             guard let stored = try artifacts.snapshot(job: job.id) else { return nil }
-            return try SnapshotFile.decode(stored, path: location, expected: snapshotIdentity(job)).payload
+            let contents = try SnapshotFile.decode(stored, path: location, expected: snapshotIdentity(job))
+            if let damage = contents.damage {
+                log("job \(job.id): \(location) is damaged \(damage); going on from the \(contents.frames.count) good frame\(contents.frames.count == 1 ? "" : "s") before it")
+            }
+            return contents
         } catch {
             log("job \(job.id): \(error); starting it from scratch")
             return nil

@@ -19,12 +19,13 @@ public struct BatchEntry: Sendable {
     /// The job's image file, read once and checked against the sha256 recorded at enqueue: the
     /// engine decodes these bytes, never the path again (the file may change).
     public var image: Data
-    /// The job's latest snapshot payload (checked against the job's identity and its checksum), or nil.
-    public var snapshot: Data?
+    /// The payloads of the job's latest snapshot that make its state: its last full frame and the append frames
+    /// after it, in order (checked against the job's identity and their checksums); nil when it has none.
+    public var snapshot: [Data]?
     /// Where that snapshot was read from (a file path, or the queue's database), for messages.
     public var snapshotLocation: String
 
-    public init(job: Job, image: Data, snapshot: Data?, snapshotLocation: String) {
+    public init(job: Job, image: Data, snapshot: [Data]?, snapshotLocation: String) {
         self.job = job
         self.image = image
         self.snapshot = snapshot
@@ -49,9 +50,12 @@ public protocol RunningBatch: AnyObject {
     func add(_ entries: [BatchEntry], log: (String) -> Void) -> [Int64: JobOutcome<Stats>]
     /// One decode step: a token for every generating job.
     func step()
-    /// The job's state as a snapshot payload, generating or finished; nil when it has none (a job
-    /// decoding without a KV cache).
-    func snapshot(job: Int64) -> Data?
+    /// A snapshot frame of the job's state, generating or finished; nil when it has none (a job decoding without a
+    /// KV cache). `incremental`: the job's previous frame (the last one this call gave, or the snapshot the job
+    /// resumed from) is stored, so an append frame of what changed since will do. The engine gives a full frame
+    /// anyway when it has no previous frame of the job, or when the job's cells changed in a way an append frame
+    /// cannot say (cells lost or reordered).
+    func snapshot(job: Int64, incremental: Bool) -> SnapshotFrame?
     /// Takes the job out of the batch: its outcome when it had finished, nil when it had not.
     func remove(job: Int64) -> JobOutcome<Stats>?
     /// How long the stages of the last `add` took, for metrics; nil when the engine does not measure them.

@@ -46,16 +46,20 @@ public struct DaemonMetrics: Sendable {
     public let imageTokensTotal: Counter
     public let imageTokensKept: Counter
     public let keyValueCellsKept: Counter
+    /// Bytes of KV snapshot frames stored (appended, or written whole).
+    public let snapshotBytesWritten: Counter
     /// Jobs waiting to be claimed (available or retryable), read at each admission and when the batch empties.
     public let queueDepth: Gauge
     public let jobsRunning: Gauge
     /// Stage latencies, one histogram with a `stage` label: image_decode, vision, prefill (per admission),
-    /// decode_step (per step of the batch), result_write (per job: the result file and the completion).
+    /// decode_step (per step of the batch), result_write (per job: the result file and the completion),
+    /// snapshot_write (per snapshot frame: taken, encoded and stored).
     public let imageDecode: CoreMetrics.Timer
     public let vision: CoreMetrics.Timer
     public let prefill: CoreMetrics.Timer
     public let decodeStep: CoreMetrics.Timer
     public let resultWrite: CoreMetrics.Timer
+    public let snapshotWrite: CoreMetrics.Timer
 
     public static let stageHistogram = "dllava_stage_duration_seconds"
 
@@ -73,6 +77,7 @@ public struct DaemonMetrics: Sendable {
         imageTokensTotal = counter("dllava_image_tokens_total")
         imageTokensKept = counter("dllava_image_tokens_kept_total")
         keyValueCellsKept = counter("dllava_kv_cells_kept_total")
+        snapshotBytesWritten = counter("dllava_snapshot_bytes_written_total")
         queueDepth = Gauge(label: "dllava_queue_depth", factory: factory)
         jobsRunning = Gauge(label: "dllava_jobs_running", factory: factory)
         imageDecode = stage("image_decode")
@@ -80,6 +85,7 @@ public struct DaemonMetrics: Sendable {
         prefill = stage("prefill")
         decodeStep = stage("decode_step")
         resultWrite = stage("result_write")
+        snapshotWrite = stage("snapshot_write")
     }
 
     /// Counts what changed between two reports of the same run.

@@ -5,7 +5,8 @@ import Foundation
 import JobQueue
 
 /// Results and snapshots as files under `<out>/<queue id>/`: results `<job id>-<attempt>.json.zst`, snapshots
-/// `snapshots/job-<job id>.kv.zst`, each written atomically. The SQLite queue's storage (`ArtifactStore`), on one
+/// `snapshots/job-<job id>.kv.zst`, each written atomically; a snapshot's later frames are appended in place
+/// (`AppendFile`). The SQLite queue's storage (`ArtifactStore`), on one
 /// machine. Job ids are never reused within a queue and the identity is a UUID, so neither a later job nor another
 /// queue sharing `out` can write or read these names. A job's snapshot path is recorded in its row before the first
 /// write after each read of its snapshot (the daemon reads it when the job enters a batch), so `prune
@@ -59,11 +60,22 @@ public final class DirectoryArtifactStore: ArtifactStore, @unchecked Sendable {
 
     public func putSnapshot(_ snapshot: Data, job: Int64) throws {
         let url = snapshotURL(job: job)
+        try recordSnapshotPath(job: job, url: url)
+        _ = try AtomicFile.write(snapshot, to: url)
+    }
+
+    /// Records the snapshot's path in the job's row, once after each read of its snapshot.
+    private func recordSnapshotPath(job: Int64, url: URL) throws {
         if !lock.withLock({ recordedSnapshotPaths.contains(job) }) {
             try queue.recordSnapshotPath(job: job, path: url.path)
             lock.withLock { _ = recordedSnapshotPaths.insert(job) }
         }
-        _ = try AtomicFile.write(snapshot, to: url)
+    }
+
+    public func appendSnapshot(_ frame: Data, job: Int64, after offset: Int) throws {
+        let url = snapshotURL(job: job)
+        try recordSnapshotPath(job: job, url: url)
+        try AppendFile.append(frame, to: url, at: offset)
     }
 
     public func snapshot(job: Int64) throws -> Data? {
@@ -124,6 +136,7 @@ public struct ResultFileMirror: ArtifactStore {
     }
 
     public func putSnapshot(_ snapshot: Data, job: Int64) throws { try stored.putSnapshot(snapshot, job: job) }
+    public func appendSnapshot(_ frame: Data, job: Int64, after offset: Int) throws { try stored.appendSnapshot(frame, job: job, after: offset) }
     public func snapshot(job: Int64) throws -> Data? { try stored.snapshot(job: job) }
     public func removeSnapshot(job: Int64) throws { try stored.removeSnapshot(job: job) }
     public func snapshotLocation(job: Int64) -> String { stored.snapshotLocation(job: job) }

@@ -30,6 +30,9 @@ public struct GenerationBatch {
     var states: [Row: Generator.RequestState] = [:]
     /// Cache sequences whose rows were removed, reused by the next rows added.
     var freeSequences: [Int] = []
+    /// `[layers][cells]` positions of each row's cells at its last snapshot frame (or as it resumed): what its next
+    /// frame appends to. A row without an entry has had no frame.
+    var framedPositions: [Row: [[Int32]]] = [:]
     var nextRow = 0
     /// Time the vision tower and projector took in the last `add` (over all its fresh rows' images), a part of
     /// those rows' `prefillMilliseconds`; for metrics.
@@ -84,6 +87,7 @@ public struct GenerationBatch {
                 let state = generator.resumedState(request, from: snapshot, sequence: takeSequence(), cache: &cache)
                 cache.reserveCapacity(sequence: state.sequence, additionalCells: generator.cellsToCome(state))
                 states[row] = state
+                framedPositions[row] = snapshot.cells.map { Array($0.positions[...]) }
             } else {
                 fresh.append((row, request))
             }
@@ -194,12 +198,28 @@ public struct GenerationBatch {
         return generator.snapshot(of: state, cache: cache)
     }
 
+    /// A snapshot frame of the row's state, generating or finished; nil for a row without a KV cache. With
+    /// `incremental` (the row's previous frame is stored), the frame holds only the cells added since that frame;
+    /// it is full when the row has had no frame, or when a layer's cells no longer begin with those the previous
+    /// frame left (a row's cells only grow between steps, so this is a safeguard: a full frame is always right).
+    public mutating func snapshotFrame(_ row: Row, incremental: Bool) -> GenerationSnapshot.Frame? {
+        guard let snapshot = snapshot(row) else { return nil }
+        var base: [Int]?
+        if incremental, let framed = framedPositions[row], framed.count == snapshot.cells.count,
+           zip(framed, snapshot.cells).allSatisfy({ $1.cellCount >= $0.count && $1.positions[..<$0.count].elementsEqual($0) }) {
+            base = framed.map(\.count)
+        }
+        framedPositions[row] = snapshot.cells.map { Array($0.positions[...]) }
+        return snapshot.frame(after: base)
+    }
+
     /// Takes the row out of the batch, finished or not, and frees its cells; returns its result
     /// (partial for a row that had not finished). The other rows go on unchanged.
     @discardableResult
     public mutating func remove(_ row: Row) -> GenerationResult {
         guard let state = states.removeValue(forKey: row) else { preconditionFailure("\(row) is not in the batch") }
         rows.removeAll { $0 == row }
+        framedPositions[row] = nil
         if state.sparsity.usesKeyValueCache {
             cache.clear(sequence: state.sequence)
             freeSequences.append(state.sequence)

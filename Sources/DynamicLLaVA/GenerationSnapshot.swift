@@ -1,6 +1,6 @@
-// A request's generation state between two decode steps, and its binary encoding: what a KV
-// snapshot file holds (docs/FORMATS.md "KV snapshots"). Compression, the checksum
-// and the file itself are Artifacts' `SnapshotFile`; this is the payload inside it.
+// A request's generation state between two decode steps, and its binary encoding as snapshot
+// frames: what a KV snapshot file holds (docs/FORMATS.md "KV snapshots"). Framing, encoding,
+// checksums and the file itself are Artifacts' `SnapshotFile`; these are the payloads inside it.
 import Foundation
 import Llama
 import Numerics
@@ -16,8 +16,9 @@ import Numerics
 /// Only requests with a KV cache have one (without a cache the sequence is recomputed anyway).
 /// Parity-test records (`stepLogits`, `gateLogits`, `keptGeneratedIndices`) are not kept.
 public struct GenerationSnapshot: Sendable, Equatable {
-    /// Version of the payload layout below; a change of layout is a new version, never an edit.
-    public static let formatVersion: UInt32 = 1
+    /// Version of the payload layout below; a change of layout is a new version, never an edit. (Version 1, one
+    /// whole state per file, is no longer read: it only ever lay in snapshot files of format 2, which are refused.)
+    public static let formatVersion: UInt32 = 2
 
     /// How K and V are stored: as the live cache holds them (f32, or bf16 at `--precision bf16`),
     /// never rounded further, so that resuming reproduces the uninterrupted run bit for bit.
@@ -75,27 +76,49 @@ public struct GenerationSnapshot: Sendable, Equatable {
         var result: GenerationResult
     }
 
-    /// The payload, little-endian throughout:
+    /// A snapshot frame's payload and what the file records beside it.
+    public struct Frame: Sendable, Equatable {
+        /// Whether the frame holds every cell (and replaces everything before it) or only those added since the
+        /// previous frame.
+        public var isFull: Bool
+        public var payload: Data
+        /// Cells the frame carries, all layers together.
+        public var cells: Int
+        public var decodeSteps: Int
+        /// Bytes of a full frame's payload for the same state: the state's live size.
+        public var stateBytes: Int
+    }
+
+    /// A frame of this state whose cells are, in each layer `l`, those after the first `base[l]` (the cells the
+    /// previous frame's state held); all of them when `base` is nil (a full frame). The payload, little-endian
+    /// throughout, every field from the cells on 4-byte aligned (so a byte shuffle of 4-byte elements lines up
+    /// with f32 K/V):
     ///
     /// ```
-    /// u32 format version (1)            u32 storage type (1 = f32, 2 = bf16)
+    /// u32 format version (2)            u32 storage type (1 = f32, 2 = bf16)
     /// u32 layers                        u32 keyValueWidth
-    /// u64 decode steps                  u8  finished (0 or 1)
+    /// u64 decode steps                  u8  finished (0 or 1), 3 zero bytes
     /// u64 x4 sampler xoshiro256** state
     /// u32 n, i32 x n ids before the image
     /// u32 image tokens
     /// u32 n, i32 x n ids after the image
-    /// u32 n, n bytes of JSON {"parameters", "result"} (sorted keys)
-    /// per layer: u32 cells, i32 x cells positions, cells*width keys, cells*width values (f32 or bf16)
+    /// u32 n, n bytes of JSON {"parameters", "result"} (sorted keys), zero bytes up to a multiple of 4
+    /// per layer: u32 cells the layer held before this frame (0 in a full frame), u32 c cells in this frame,
+    ///            i32 x c positions, c*width keys, c*width values (f32 or bf16, as the cache holds them)
     /// ```
-    public func encoded() -> Data {
+    ///
+    /// Everything but the cells is whole in every frame: the newest frame's tokens, sampler and steps are the state's.
+    public func frame(after base: [Int]? = nil) -> Frame {
+        precondition(base.map { $0.count == cells.count && zip($0, cells).allSatisfy { $0 <= $1.cellCount } } ?? true,
+                     "a frame appends to fewer cells than the state holds")
         var writer = ByteWriter()
         writer.append(Self.formatVersion)
-        writer.append(StorageType(cells.first?.storage ?? .float32).rawValue)
+        let storage = cells.first?.storage ?? .float32
+        writer.append(StorageType(storage).rawValue)
         writer.append(UInt32(cells.count))
         writer.append(UInt32(keyValueWidth))
         writer.append(UInt64(decodeSteps))
-        writer.append(UInt8(finished ? 1 : 0))
+        writer.data.append(contentsOf: [finished ? 1 : 0, 0, 0, 0])
         for word in sampler.generator.state { writer.append(word) }
         writer.append(idsBeforeImage)
         writer.append(UInt32(imageTokens))
@@ -106,17 +129,57 @@ public struct GenerationSnapshot: Sendable, Equatable {
         let description = try! encoder.encode(Description(parameters: parameters, result: result))
         writer.append(UInt32(description.count))
         writer.data.append(description)
-        for layer in cells {
-            writer.append(layer.positions)
-            writer.data.append(contentsOf: layer.keys)
-            writer.data.append(contentsOf: layer.values)
+        writer.data.append(contentsOf: [UInt8](repeating: 0, count: (4 - description.count % 4) % 4))
+        let rowBytes = keyValueWidth * storage.byteCount
+        let stateBytes = writer.data.count + cells.reduce(0) { $0 + 8 + $1.cellCount * (4 + 2 * rowBytes) }
+        var count = 0
+        for (l, layer) in cells.enumerated() {
+            let first = base?[l] ?? 0
+            writer.append(UInt32(first))
+            writer.append(layer.positions[first...])
+            writer.data.append(contentsOf: layer.keys[(first * rowBytes)...])
+            writer.data.append(contentsOf: layer.values[(first * rowBytes)...])
+            count += layer.cellCount - first
         }
-        return writer.data
+        return Frame(isFull: base == nil, payload: writer.data, cells: count, decodeSteps: decodeSteps, stateBytes: stateBytes)
     }
 
-    /// Decodes a payload written by `encoded()`, checking its version, storage type and every length.
-    public init(decoding data: Data) throws(SnapshotFormatError) {
-        var reader = ByteReader(data: data)
+    /// The state a snapshot's frames make: `payloads[0]` a full frame's payload, each later one an append frame's,
+    /// each checked (version, storage type, every length, and that it appends to the cells the frames before it
+    /// left). Everything but the cells is the last frame's.
+    public init(frames payloads: [Data]) throws(SnapshotFormatError) {
+        guard !payloads.isEmpty else { throw .malformed("there is no frame") }
+        var cells: [SequenceCells] = []
+        var newest: GenerationSnapshot?
+        for (index, payload) in payloads.enumerated() {
+            var reader = ByteReader(data: payload)
+            var state = try Self(readingStateFrom: &reader)
+            if let newest, cells.count != state.cells.count || newest.keyValueWidth != state.keyValueWidth
+                || cells.first?.storage != state.cells.first?.storage {
+                throw .malformed("frame \(index + 1) has \(state.cells.count) layers of width \(state.keyValueWidth) (\(state.cells.first?.storage.rawValue ?? "-")), the first \(cells.count) of width \(newest.keyValueWidth) (\(cells.first?.storage.rawValue ?? "-"))")
+            }
+            if index == 0 { cells = state.cells }
+            for l in cells.indices {
+                let base = Int(try reader.read() as UInt32)
+                guard base == cells[l].cellCount else {
+                    throw .malformed("frame \(index + 1) appends to \(base) cells of layer \(l), the frames before it hold \(cells[l].cellCount)")
+                }
+                let positions = try reader.readInt32Array()
+                let (bytes, overflow) = positions.count.multipliedReportingOverflow(by: state.keyValueWidth * cells[l].storage.byteCount)
+                guard !overflow else { throw .malformed("\(positions.count) cells of width \(state.keyValueWidth) cannot fit in \(reader.data.count) bytes") }
+                cells[l].append(positions: positions, storedKeys: try reader.readBytes(bytes), storedValues: try reader.readBytes(bytes))
+            }
+            guard reader.offset == reader.data.count else { throw .malformed("\(reader.data.count - reader.offset) bytes follow the last layer of frame \(index + 1)") }
+            state.cells = []
+            newest = state
+        }
+        self = newest!
+        self.cells = cells
+    }
+
+    /// Reads the part of a frame before its cells; `cells` is `[layers]` empty layers.
+    private init(readingStateFrom reader: inout ByteReader) throws(SnapshotFormatError) {
+        let data = reader.data
         let version: UInt32 = try reader.read()
         guard version == Self.formatVersion else { throw .unsupportedVersion(found: version, supported: Self.formatVersion) }
         let storageValue: UInt32 = try reader.read()
@@ -130,35 +193,29 @@ public struct GenerationSnapshot: Sendable, Equatable {
         let steps: UInt64 = try reader.read()
         guard let decodeSteps = Int(exactly: steps) else { throw .malformed("\(steps) decode steps") }
         self.decodeSteps = decodeSteps
-        let finishedByte: UInt8 = try reader.read()
-        guard finishedByte <= 1 else { throw .malformed("the finished flag is \(finishedByte)") }
-        finished = finishedByte == 1
+        let flags = try reader.readBytes(4)
+        guard flags[0] <= 1, flags.dropFirst().allSatisfy({ $0 == 0 }) else { throw .malformed("the finished flag is \(Array(flags))") }
+        finished = flags[0] == 1
         var state: [UInt64] = []
         for _ in 0..<4 { state.append(try reader.read()) }
         idsBeforeImage = try reader.readInt32Array()
         imageTokens = Int(try reader.read() as UInt32)
         idsAfterImage = try reader.readInt32Array()
+        let length = Int(try reader.read() as UInt32)
         let description: Description
         do {
-            description = try JSONDecoder().decode(Description.self, from: try reader.readBytes(Int(try reader.read() as UInt32)))
+            description = try JSONDecoder().decode(Description.self, from: try reader.readBytes(length))
         } catch let error as SnapshotFormatError {
             throw error
         } catch {
             throw .malformed("the parameters and result are not valid JSON")
         }
+        guard try reader.readBytes((4 - length % 4) % 4).allSatisfy({ $0 == 0 }) else { throw .malformed("the padding after the JSON is not zero") }
         parameters = description.parameters
         result = description.result
         sampler = Sampler(parameters.sampling)
         sampler.generator.state = state
-        cells = []
-        for _ in 0..<layers {
-            let positions = try reader.readInt32Array()
-            let (bytes, overflow) = positions.count.multipliedReportingOverflow(by: keyValueWidth * storage.byteCount)
-            guard !overflow else { throw .malformed("\(positions.count) cells of width \(keyValueWidth) cannot fit in \(data.count) bytes") }
-            cells.append(SequenceCells(storage: storage, positions: positions, keys: [UInt8](try reader.readBytes(bytes)),
-                                       values: [UInt8](try reader.readBytes(bytes))))
-        }
-        guard reader.offset == data.count else { throw .malformed("\(data.count - reader.offset) bytes follow the last layer") }
+        cells = Array(repeating: SequenceCells(storage: storage), count: layers)
     }
 }
 
@@ -192,10 +249,14 @@ struct ByteWriter {
 
     /// A u32 count, then the values.
     mutating func append(_ values: [Int32]) {
+        append(values[...])
+    }
+
+    /// A u32 count, then the values.
+    mutating func append(_ values: ArraySlice<Int32>) {
         append(UInt32(values.count))
         values.withUnsafeBytes { data.append(contentsOf: $0) }
     }
-
 }
 
 /// Reads little-endian values, throwing `truncated` instead of reading past the end.

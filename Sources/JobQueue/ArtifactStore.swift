@@ -9,8 +9,9 @@ import Foundation
 ///   workers on one machine (its job rows record the paths).
 ///
 /// The bytes are opaque here: a result is the zstd-compressed result record (`ResultFile`), a snapshot the encoded
-/// snapshot file (`SnapshotFile`), which carries its own identity and checksum. Snapshots are whole: `putSnapshot`
-/// replaces the job's snapshot atomically (a reader sees the old one or the new one, never a mix).
+/// snapshot file (`SnapshotFile`), which carries its own identity and checksums. A snapshot grows by frames:
+/// `putSnapshot` replaces the job's snapshot atomically (a reader sees the old one or the new one, never a mix), and
+/// `appendSnapshot` adds a frame after the bytes its writer knows to be good, never rewriting them.
 public protocol ArtifactStore: Sendable {
     /// Where the store is, as messages name it.
     var location: String { get }
@@ -27,6 +28,10 @@ public protocol ArtifactStore: Sendable {
 
     /// Stores `snapshot` as `job`'s latest snapshot, replacing the earlier one atomically.
     func putSnapshot(_ snapshot: Data, job: Int64) throws
+    /// Adds `frame` to `job`'s snapshot after its first `offset` bytes (what its writer stored and knows to be good),
+    /// dropping whatever follows them first (a frame an interrupted append left half written). Throws, storing
+    /// nothing, when the stored snapshot is missing or shorter than `offset`; the writer then stores a whole one.
+    func appendSnapshot(_ frame: Data, job: Int64, after offset: Int) throws
     /// `job`'s latest snapshot, or nil when it has none.
     func snapshot(job: Int64) throws -> Data?
     /// Removes `job`'s snapshot; nothing happens when it has none.

@@ -47,6 +47,15 @@ public struct SequenceCells: Sendable, Equatable {
         Self.append(newValues, to: &values, as: storage)
     }
 
+    /// Appends cells as stored (a snapshot's): `positions` `[n]`, `keys` and `values` the bytes of
+    /// `[n, width]` elements of `storage`.
+    public mutating func append(positions newPositions: [Int32], storedKeys: some Collection<UInt8>, storedValues: some Collection<UInt8>) {
+        precondition(storedKeys.count == storedValues.count, "SequenceCells: \(storedKeys.count) key and \(storedValues.count) value bytes")
+        positions.append(contentsOf: newPositions)
+        keys.append(contentsOf: storedKeys)
+        values.append(contentsOf: storedValues)
+    }
+
     private static func append(_ elements: ArraySlice<Float>, to bytes: inout [UInt8], as storage: StorageType) {
         elements.withUnsafeBufferPointer { source in
             guard storage == .bfloat16 else { bytes.append(contentsOf: UnsafeRawBufferPointer(source)); return }

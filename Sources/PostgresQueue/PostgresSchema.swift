@@ -171,6 +171,13 @@ enum PostgresSchema {
             """,
             "ALTER TABLE dllava.snapshot_chunk ALTER COLUMN bytes SET STORAGE EXTERNAL",
         ]),
+        // Snapshots that grow by frames (snapshot file format 3): an append adds chunk rows for the new frame and never
+        // rewrites the chunks before it, so the whole snapshot's sha256 is no longer known after one (NULL); each chunk
+        // then carries its own. Chunks written before this migration have none, and their snapshot's whole sha256.
+        Migration(identifier: "v3-snapshot-frames", statements: [
+            "ALTER TABLE dllava.snapshot ALTER COLUMN sha256 DROP NOT NULL",
+            "ALTER TABLE dllava.snapshot_chunk ADD COLUMN sha256 text CHECK (length(sha256) = 64)",
+        ]),
     ]
 
     static var identifiers: [String] { migrations.map(\.identifier) }

@@ -43,7 +43,7 @@ struct BenchmarkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dllava-bench",
         abstract: "Benchmarks with random weights at a preset shape (tiny, mid, llava-1.5-7b); Markdown tables.",
-        subcommands: [EngineBenchmark.self, SparsityBenchmark.self, WeightFormatBenchmark.self],
+        subcommands: [EngineBenchmark.self, SparsityBenchmark.self, WeightFormatBenchmark.self, SnapshotEncodingBenchmark.self],
         defaultSubcommand: EngineBenchmark.self)
 }
 

@@ -114,8 +114,10 @@ final class EngineBatch: RunningBatch {
                         keyValueCellsKept: stats.kvCellsPerLayer.reduce(0, +))
     }
 
-    func snapshot(job: Int64) -> Data? {
-        rowOfJob[job].flatMap { generation.snapshot($0)?.encoded() }
+    func snapshot(job: Int64, incremental: Bool) -> SnapshotFrame? {
+        guard let row = rowOfJob[job], let frame = generation.snapshotFrame(row, incremental: incremental) else { return nil }
+        return SnapshotFrame(kind: frame.isFull ? .full : .append, decodeSteps: frame.decodeSteps, cells: frame.cells, payload: frame.payload,
+                             stateBytes: frame.stateBytes)
     }
 
     func remove(job: Int64) -> JobOutcome<GenerationStats>? {
@@ -133,9 +135,9 @@ final class EngineBatch: RunningBatch {
 
     /// The snapshot a job resumes from, or nil (logged) when its payload cannot be decoded or is
     /// not this request's state: the job then starts from scratch.
-    func resumableSnapshot(_ payload: Data, for request: GenerationRequest, from path: String, log: (String) -> Void) -> GenerationSnapshot? {
+    func resumableSnapshot(_ payloads: [Data], for request: GenerationRequest, from path: String, log: (String) -> Void) -> GenerationSnapshot? {
         do {
-            let snapshot = try GenerationSnapshot(decoding: payload)
+            let snapshot = try GenerationSnapshot(frames: payloads)
             try pipeline.generator.checkSnapshot(snapshot, fits: request, request: 0)
             log("resuming from \(path) at decode step \(snapshot.decodeSteps) (\(snapshot.result.tokenIDs.count) tokens so far)")
             return snapshot
@@ -168,14 +170,19 @@ struct Run: ParsableCommand {
         holding the same lock exits 75 at once (for cron). --max-time and --max-jobs stop \
         claiming; the jobs already running finish.
 
-        Every --snapshot-every of its decode steps each running job's KV cache and generation state go \
-        to OUT/<queue id>/snapshots/job-<id>.kv.zst (written atomically); an interrupted job \
-        resumes from its latest snapshot without redoing vision and prefill, with exactly the \
-        output of an uninterrupted run. A snapshot that is corrupt, truncated, of an unknown \
-        version, of another model (by the contents of its files), or of another job, queue, \
+        Each running job's KV cache and generation state go to OUT/<queue id>/snapshots/job-<id>.kv.zst, \
+        an append-only file of checksummed frames: right after prefill a full frame with the prompt's \
+        cells, then every --snapshot-every (a step count such as 32, or a duration such as 30s or \
+        2m; default 30s) a frame with only the cells added since and the tokens and sampler state, \
+        appended and fsynced. When writing snapshots takes more than 2% of the decode time the \
+        interval is stretched (logged). A file that grows past twice the live state is rewritten as \
+        one full frame (atomically). An interrupted job resumes from its latest good frame without \
+        redoing vision and prefill, with exactly the output of an uninterrupted run; a torn or \
+        damaged tail (a crash mid-append) is ignored. A snapshot with no intact first frame, of an \
+        unknown version, of another model (by the contents of its files), or of another job, queue, \
         image, prompt or parameters is refused (logged) and the job starts from scratch. A job's \
         snapshot is deleted when it finishes; with --keep-kv its final snapshot stays there. \
-        `dllava snapshot inspect FILE` prints a snapshot's header.
+        `dllava snapshot inspect FILE` lists a snapshot's frames.
 
         On a PostgreSQL queue results and snapshots are stored in the database, so \
         workers on any machine need only the connection string, and a job interrupted on one \
@@ -224,8 +231,10 @@ struct Run: ParsableCommand {
     @Option(help: "Lease length (e.g. 5m), at least 2s; the heartbeat renews it every quarter.")
     var lease = "5m"
 
-    @Option(name: .customLong("snapshot-every"), help: "Snapshot running jobs every N decode steps (0: only on SIGTERM/SIGINT).")
-    var snapshotEvery = 32
+    @Option(name: .customLong("snapshot-every"), help: ArgumentHelp(
+        "Add a frame to each running job's snapshot every N decode steps (32) or every duration (30s, 2m); 0: only on SIGTERM/SIGINT.",
+        valueName: "steps|duration"))
+    var snapshotEvery = "30s"
 
     @Flag(name: .customLong("keep-kv"), help: "Keep each finished job's final KV snapshot (in OUT/<queue id>/snapshots, or a PostgreSQL queue's database) instead of deleting it.")
     var keepKV = false
@@ -250,7 +259,9 @@ struct Run: ParsableCommand {
             throw ValidationError("--out is required on an SQLite queue (its results and snapshots are files there)")
         }
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
-        guard snapshotEvery >= 0 else { throw ValidationError("--snapshot-every must not be negative") }
+        guard SnapshotInterval(snapshotEvery) != nil else {
+            throw ValidationError("--snapshot-every: '\(snapshotEvery)' is neither a step count like 32 nor a duration like 30s or 2m")
+        }
         if let maxJobs, maxJobs < 1 { throw ValidationError("--max-jobs must be at least 1") }
         if let metricsPort, !(0...65535).contains(metricsPort) { throw ValidationError("--metrics-port must be a port number, 0 to 65535") }
         guard let leaseMilliseconds = DurationText.milliseconds(lease) else {
@@ -271,7 +282,7 @@ struct Run: ParsableCommand {
             options.maxJobs = maxJobs
             options.maxSeconds = try maxTime.map { Double(try milliseconds($0, option: "--max-time")) / 1000 }
             options.leaseMilliseconds = try milliseconds(lease, option: "--lease")
-            options.snapshotEvery = snapshotEvery
+            options.snapshotInterval = SnapshotInterval(snapshotEvery)!
             options.keepKV = keepKV
             let queue = try database.open()
             let display = ProgressDisplay()

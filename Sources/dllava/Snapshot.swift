@@ -10,13 +10,16 @@ struct Snapshot: ParsableCommand {
 
     struct Inspect: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Print a snapshot's header after checking the whole file.",
+            abstract: "List a snapshot's frames and print the state they make, after checking the whole file.",
             discussion: """
-            Checks the magic, format version, length, zstd frame and sha256 of the payload, then \
-            decodes the generation state. Prints the format versions, the queue and job the \
-            snapshot belongs to, its image sha256, prompt and parameters, the model fingerprint, K/V \
-            storage type, layers and cells per layer, prompt and generated tokens, decode step, \
-            sampler, sizes and the checksum. A bad file exits 65 with a sentence naming it.
+            Checks the magic, format version and identity header, then every frame's length and sha256, \
+            decodes the frames from the last full one on and the generation state they make. Prints the \
+            format versions, the queue and job the snapshot belongs to, its image sha256, prompt and \
+            parameters, the model fingerprint; each frame's kind (full or append), the decode steps it \
+            covers, its cells, bytes and encoding; where a torn or damaged tail starts (a reader ignores \
+            it and resumes from the frames before); then the K/V storage type, layers and cells per \
+            layer, prompt and generated tokens, decode step, sampler and sizes. A file with no intact \
+            first frame, or otherwise bad, exits 65 with a sentence naming it.
             """)
 
         @Argument(help: "A .kv.zst snapshot file.")
@@ -35,7 +38,7 @@ struct Snapshot: ParsableCommand {
                 }
                 let state: GenerationSnapshot
                 do {
-                    state = try GenerationSnapshot(decoding: contents.payload)
+                    state = try GenerationSnapshot(frames: contents.payloads)
                 } catch {
                     throw CommandFailure(message: "\(file): \(error)", code: 65)
                 }
@@ -63,7 +66,10 @@ struct SnapshotHeader: Encodable {
     var prompt: String
     /// Canonical JSON, as the job row stores it.
     var parameters: String
-    var dtype = "f32"
+    var frames: [Frame]
+    /// Where the frames stop before the end of the file, and why; nil when every byte is in a good frame.
+    var damage: Damage?
+    var dtype: String
     var layers: Int
     var keyValueWidth: Int
     var cellsPerLayer: [Int]
@@ -76,10 +82,32 @@ struct SnapshotHeader: Encodable {
     /// xoshiro256** state words, hex.
     var samplerState: [String]
     var fileBytes: Int
-    var payloadBytes: Int
     var keyValueBytes: Int
-    var payloadSHA256: String
-    var checksumOK = true
+    /// Every frame intact, to the end of the file.
+    var checksumOK: Bool
+
+    /// One frame as the file holds it.
+    struct Frame: Encodable {
+        var kind: String
+        /// The decode steps the frame brings the state through: after the previous frame's, up to its own.
+        var firstStep: Int
+        var lastStep: Int
+        var cells: Int
+        var offset: Int
+        var storedBytes: Int
+        var payloadBytes: Int
+        var encoding: String
+
+        enum CodingKeys: String, CodingKey {
+            case kind, firstStep = "first_step", lastStep = "last_step", cells, offset, storedBytes = "stored_bytes"
+            case payloadBytes = "payload_bytes", encoding
+        }
+    }
+
+    struct Damage: Encodable {
+        var offset: Int
+        var reason: String
+    }
 
     init(_ contents: SnapshotFile.Contents, _ state: GenerationSnapshot) {
         fileFormatVersion = contents.formatVersion
@@ -90,6 +118,15 @@ struct SnapshotHeader: Encodable {
         imageSHA256 = contents.identity.imageSHA256
         prompt = contents.identity.prompt
         parameters = contents.identity.parameters
+        var previousSteps: Int?
+        frames = contents.frames.map { record in
+            defer { previousSteps = record.decodeSteps }
+            let first = record.kind == .full ? 0 : (previousSteps.map { $0 + 1 } ?? 0)
+            return Frame(kind: record.kind.description, firstStep: min(first, record.decodeSteps), lastStep: record.decodeSteps, cells: record.cells,
+                         offset: record.offset, storedBytes: record.storedBytes, payloadBytes: record.payloadBytes,
+                         encoding: record.encoding.description)
+        }
+        damage = contents.damage.map { Damage(offset: $0.offset, reason: $0.reason) }
         layers = state.cells.count
         keyValueWidth = state.keyValueWidth
         cellsPerLayer = state.cells.map(\.cellCount)
@@ -102,9 +139,10 @@ struct SnapshotHeader: Encodable {
         sampler = Sampler(temperature: sampling.temperature, topK: sampling.topK, topP: sampling.topP, seed: sampling.seed)
         samplerState = state.sampler.generator.state.map { String($0, radix: 16) }
         fileBytes = contents.fileBytes
-        payloadBytes = contents.payloadBytes
-        keyValueBytes = cellsPerLayer.reduce(0, +) * keyValueWidth * 2 * 4
-        payloadSHA256 = contents.payloadSHA256
+        let storage = state.cells.first?.storage ?? .float32
+        dtype = storage == .bfloat16 ? "bf16" : "f32"
+        keyValueBytes = cellsPerLayer.reduce(0, +) * keyValueWidth * 2 * storage.byteCount
+        checksumOK = contents.damage == nil
     }
 
     /// The sampling parameters, spelled as manifests spell them.
@@ -124,6 +162,12 @@ struct SnapshotHeader: Encodable {
     func text(file: String) -> String {
         let sampling = sampler.isGreedy ? "greedy"
             : "temperature \(sampler.temperature), top-k \(sampler.topK), top-p \(sampler.topP), seed \(sampler.seed)"
+        let frameLines = frames.enumerated().map { index, frame in
+            let steps = frame.firstStep == frame.lastStep ? "step \(frame.lastStep)" : "steps \(frame.firstStep)-\(frame.lastStep)"
+            return "  frame \(index + 1):" + String(repeating: " ", count: max(1, 10 - String(index + 1).count))
+                + "\(frame.kind), \(steps), \(frame.cells) cells, \(frame.storedBytes) bytes stored (\(frame.encoding)) of \(frame.payloadBytes), at byte \(frame.offset)"
+        }
+        let tail = damage.map { "torn tail from byte \($0.offset) (ignored; a resume uses the frames above): \($0.reason)" } ?? "none: every frame is intact"
         return """
         \(file)
           format:          file version \(fileFormatVersion), state version \(stateFormatVersion)
@@ -132,22 +176,25 @@ struct SnapshotHeader: Encodable {
           prompt:          \(prompt.debugDescription)
           parameters:      \(parameters)
           model:           \(modelFingerprint)
+        \(frameLines.joined(separator: "\n"))
+          damage:          \(tail)
           K/V storage:     \(dtype), \(layers) layers of width \(keyValueWidth)
           cells per layer: \(cellsPerLayer.map(String.init).joined(separator: " "))
           tokens:          \(promptTokens) in the prompt (\(imageTokens) image), \(generatedTokens) generated
           decode step:     \(decodeSteps)\(finished ? " (finished)" : "")
           sampler:         \(sampling); state \(samplerState.joined(separator: " "))
-          sizes:           \(fileBytes) bytes on disk, \(payloadBytes) uncompressed, \(keyValueBytes) of K/V
-          checksum:        sha256 \(payloadSHA256) ok
+          sizes:           \(fileBytes) bytes on disk, \(keyValueBytes) of live K/V
+          checksums:       \(checksumOK ? "ok" : "a frame is torn or damaged (see damage)")
         """
     }
 
     enum CodingKeys: String, CodingKey {
         case fileFormatVersion = "file_format_version", stateFormatVersion = "state_format_version"
-        case modelFingerprint = "model_fingerprint", queue, job, imageSHA256 = "image_sha256", prompt, parameters, dtype, layers, keyValueWidth = "key_value_width"
+        case modelFingerprint = "model_fingerprint", queue, job, imageSHA256 = "image_sha256", prompt, parameters, frames, damage
+        case dtype, layers, keyValueWidth = "key_value_width"
         case cellsPerLayer = "cells_per_layer", promptTokens = "prompt_tokens", imageTokens = "image_tokens"
         case generatedTokens = "generated_tokens", decodeSteps = "decode_steps", finished, sampler
-        case samplerState = "sampler_state", fileBytes = "file_bytes", payloadBytes = "payload_bytes"
-        case keyValueBytes = "key_value_bytes", payloadSHA256 = "payload_sha256", checksumOK = "checksum_ok"
+        case samplerState = "sampler_state", fileBytes = "file_bytes"
+        case keyValueBytes = "key_value_bytes", checksumOK = "checksum_ok"
     }
 }

@@ -1,5 +1,7 @@
-// The KV snapshot envelope: written atomically, read back unchanged, and every kind of bad file
-// refused with an error naming it, the file left as it was.
+// The KV snapshot file: an identity header and checksummed frames, read back unchanged; a torn or damaged tail
+// ignored (the frames before it used), a file without an intact first frame and every other bad file refused with an
+// error naming it, the file left as it was; appending never touches the good frames; the byte shuffle and every
+// encoding round-trip.
 import Foundation
 import Testing
 @testable import Artifacts
@@ -11,45 +13,120 @@ struct SnapshotFileTests {
         SnapshotIdentity(model: fingerprint, queue: "0b5c6e0a-9d57-4f3e-8a36-2f1f3f5e1c11", job: 7, imageSHA256: String(repeating: "ab", count: 32),
                          prompt: "Describe the image.", parameters: #"{"max_tokens":8}"#)
     }
-    let payload = Data((0..<50_000).map { UInt8(truncatingIfNeeded: $0 * 7 / 3) })
 
-    @Test("a snapshot is read back with its payload, model and checksum")
-    func roundTrip() throws {
+    /// Floats with a slowly varying exponent, as K/V are, as bytes.
+    static func floats(_ count: Int, seed: Int) -> Data {
+        let values = (0..<count).map { Float(sin(Double($0 + seed) * 0.37)) * Float(1 + ($0 + seed) % 5) }
+        return values.withUnsafeBytes { Data($0) }
+    }
+
+    /// A full frame and two append frames.
+    var frames: [SnapshotFrame] {
+        [SnapshotFrame(kind: .full, decodeSteps: 0, cells: 40, payload: Self.floats(12_000, seed: 1), stateBytes: 48_000),
+         SnapshotFrame(kind: .append, decodeSteps: 5, cells: 5, payload: Self.floats(1_500, seed: 2), stateBytes: 54_000),
+         SnapshotFrame(kind: .append, decodeSteps: 9, cells: 4, payload: Self.floats(1_200, seed: 3), stateBytes: 58_800)]
+    }
+
+    @Test("frames are read back in order with their kinds, steps, cells and sizes, in every encoding", arguments: SnapshotEncoding.allCases)
+    func roundTrip(_ encoding: SnapshotEncoding) throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
         let url = directory.appendingPathComponent("job-1.kv.zst")
-        let written = try SnapshotFile.write(payload, identity: identity, to: url)
+        let file = try SnapshotFile.encode(frames, identity: identity, encoding: encoding)
+        try AtomicFile.write(file, to: url)
         let contents = try SnapshotFile.read(from: url, expected: identity)
-        #expect(contents.payload == payload && contents.identity == identity && contents.formatVersion == 2)
-        #expect(contents.payloadSHA256 == Checksum.sha256Hex(payload) && contents.fileBytes == written.bytes)
-        // No temporary file is left beside it.
-        #expect(try FileManager.default.contentsOfDirectory(atPath: directory.path) == ["job-1.kv.zst"])
+        #expect(contents.identity == identity && contents.formatVersion == 3 && contents.damage == nil)
+        #expect(contents.payloads == frames.map(\.payload))
+        #expect(contents.frames.map(\.kind) == [.full, .append, .append] && contents.frames.map(\.decodeSteps) == [0, 5, 9])
+        #expect(contents.frames.map(\.cells) == [40, 5, 4] && contents.frames.allSatisfy { $0.encoding == encoding })
+        #expect(contents.frames.map(\.payloadBytes) == frames.map(\.payload.count))
+        #expect(contents.fileBytes == file.count && contents.goodBytes == file.count)
+        if encoding == .shuffledZstd {
+            // The shuffle is what makes floats compress: fewer bytes than zstd alone.
+            let plain = try SnapshotFile.encode(frames, identity: identity, encoding: .zstd)
+            #expect(file.count < plain.count)
+        }
     }
 
-    @Test("bad magic, an unknown version, another model, truncation and a checksum mismatch are refused, naming the file")
+    @Test("only the frames from the last full frame on make the state")
+    func aLaterFullFrameReplacesEverythingBefore() throws {
+        var frames = frames
+        frames.append(SnapshotFrame(kind: .full, decodeSteps: 12, cells: 49, payload: Self.floats(14_000, seed: 4), stateBytes: 56_000))
+        frames.append(SnapshotFrame(kind: .append, decodeSteps: 14, cells: 2, payload: Self.floats(600, seed: 5), stateBytes: 58_400))
+        let contents = try SnapshotFile.decode(try SnapshotFile.encode(frames, identity: identity), path: "f")
+        #expect(contents.frames.count == 5 && contents.payloads == [frames[3].payload, frames[4].payload])
+    }
+
+    @Test("a file cut at any frame boundary or inside a frame, or with a byte flipped in a frame, yields the frames before the damage")
+    func tornAndDamagedTails() throws {
+        let file = try SnapshotFile.encode(frames, identity: identity, encoding: .shuffledZstd)
+        let good = try SnapshotFile.decode(file, path: "good")
+        let ends = good.frames.map { $0.offset + $0.fileBytes }
+        let headerEnd = good.frames[0].offset
+        func check(_ bytes: Data, intactFrames: Int, name: String) {
+            guard intactFrames > 0 else {
+                do {
+                    _ = try SnapshotFile.decode(bytes, path: "torn.kv.zst")
+                    Issue.record("\(name): accepted")
+                } catch {
+                    guard case .noCompleteFrame(let path, _) = error else { Issue.record("\(name): \(error)"); return }
+                    #expect(path == "torn.kv.zst" && error.description.hasPrefix("torn.kv.zst holds no complete snapshot frame: "), "\(name)")
+                }
+                return
+            }
+            do {
+                let contents = try SnapshotFile.decode(bytes, path: "torn.kv.zst")
+                #expect(contents.frames.count == intactFrames, "\(name)")
+                #expect(contents.payloads == frames.prefix(intactFrames).map(\.payload), "\(name)")
+                #expect(contents.goodBytes == ends[intactFrames - 1], "\(name)")
+                #expect((contents.damage == nil) == (bytes.count == contents.goodBytes), "\(name)")
+                #expect(contents.damage.map { $0.offset == ends[intactFrames - 1] } ?? true, "\(name)")
+            } catch {
+                Issue.record("\(name): \(error)")
+            }
+        }
+        for (index, frame) in good.frames.enumerated() {
+            let inside = [1, 4, SnapshotFile.frameHeaderSize - 1, SnapshotFile.frameHeaderSize, SnapshotFile.frameHeaderSize + frame.storedBytes / 2,
+                          frame.fileBytes - 1]
+            var cuts = inside.map { (frame.offset + $0, "cut at byte \($0) of frame \(index + 1)") }
+            cuts.append((ends[index], "cut after frame \(index + 1)"))
+            for (length, name) in cuts {
+                let expectedFrames = length == ends[index] ? index + 1 : index
+                check(file.prefix(length), intactFrames: expectedFrames, name: name)
+            }
+            for position in [0, 4, 5, 8, 20, 33, 40, 71, SnapshotFile.frameHeaderSize + frame.storedBytes / 3, frame.fileBytes - 1] {
+                var damaged = file
+                damaged[frame.offset + position] ^= 0x20
+                check(damaged, intactFrames: index, name: "byte \(position) of frame \(index + 1) flipped")
+            }
+        }
+        // Garbage after the last frame is a torn tail too.
+        check(file + Data(repeating: 7, count: 100), intactFrames: 3, name: "garbage after the last frame")
+        // A file that ends with its header has no state.
+        check(file.prefix(headerEnd), intactFrames: 0, name: "header alone")
+    }
+
+    @Test("bad magic, an unknown or old version, another model, a cut header and a first frame that is not full are refused, naming the file")
     func badFilesAreRefused() throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
-        let good = try SnapshotFile.encode(payload, identity: identity)
-        let headerEnd = 16 + fingerprint.utf8.count + 4 + identity.queue.utf8.count + 8 + 4 + identity.imageSHA256.utf8.count
-            + 4 + identity.prompt.utf8.count + 4 + identity.parameters.utf8.count
+        let good = try SnapshotFile.encode(frames, identity: identity)
+        let headerEnd = SnapshotFile.header(identity).count
         func damaged(_ change: (inout Data) -> Void) -> Data {
             var data = good
             change(&data)
             return data
         }
-        // The recorded sha256 is checked even when the zstd frame is intact.
-        let otherPayload = try SnapshotFile.encode(payload.dropLast() + Data([0xFF]), identity: identity)
+        let appendFirst = SnapshotFile.header(identity) + (try SnapshotFile.frame(frames[1]))
         let cases: [(String, Data, (String) -> SnapshotFileError?)] = [
             ("magic", damaged { $0[0] = UInt8(ascii: "X") }, { .notASnapshot(path: $0) }),
-            ("version", damaged { $0[8] = 9 }, { .unsupportedVersion(path: $0, version: 9, supported: 2) }),
-            ("version 1", damaged { $0[8] = 1 }, { .unsupportedVersion(path: $0, version: 1, supported: 2) }),
+            ("version", damaged { $0[8] = 9 }, { .unsupportedVersion(path: $0, version: 9, supported: 3) }),
+            ("version 2", damaged { $0[8] = 2 }, { .unsupportedVersion(path: $0, version: 2, supported: 3) }),
+            ("version 1", damaged { $0[8] = 1 }, { .unsupportedVersion(path: $0, version: 1, supported: 3) }),
             ("model", damaged { $0[16] = UInt8(ascii: "b") }, { .differentModel(path: $0, found: "bodel-a", expected: "model-a") }),
-            ("header cut", good.prefix(headerEnd + 20), { .truncated(path: $0) }),
-            ("payload cut", good.prefix(good.count - 10), { .truncated(path: $0) }),
-            ("checksum", damaged { $0[headerEnd + 8] ^= 1 }, { .checksumMismatch(path: $0, expected: "", actual: "") }),
-            ("swapped payload", otherPayload.prefix(headerEnd + 8) + good.dropFirst(headerEnd + 8).prefix(32) + otherPayload.dropFirst(headerEnd + 40),
-             { .checksumMismatch(path: $0, expected: "", actual: "") }),
+            ("header cut", good.prefix(headerEnd - 20), { .truncated(path: $0) }),
+            ("first frame cut", good.prefix(headerEnd + 100), { _ in nil }),
+            ("append frame first", appendFirst, { .noCompleteFrame(path: $0, reason: "its first frame is an append frame, not a full one") }),
             ("empty", Data(), { .notASnapshot(path: $0) }),
         ]
         for (name, bytes, expected) in cases {
@@ -61,9 +138,11 @@ struct SnapshotFileTests {
             } catch {
                 #expect(error.path == url.path, "\(name)")
                 #expect(error.description.contains(url.path), "\(name)")
-                if case .checksumMismatch = error, case .checksumMismatch? = expected(url.path) {
+                if let expected = expected(url.path) {
+                    #expect(error == expected, "\(name): \(error)")
+                } else if case .noCompleteFrame = error {
                 } else {
-                    #expect(error == expected(url.path), "\(name): \(error)")
+                    Issue.record("\(name): \(error)")
                 }
             }
             #expect(try Data(contentsOf: url) == bytes, "\(name): the file changed")
@@ -78,7 +157,7 @@ struct SnapshotFileTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
         let url = directory.appendingPathComponent("job-7.kv.zst")
-        try SnapshotFile.write(payload, identity: identity, to: url)
+        try AtomicFile.write(try SnapshotFile.encode(frames, identity: identity), to: url)
         let before = try Data(contentsOf: url)
         var otherJob = identity, otherQueue = identity, otherImage = identity, otherPrompt = identity, otherParameters = identity, otherModel = identity
         otherJob.job = 8
@@ -102,5 +181,44 @@ struct SnapshotFileTests {
         let error = #expect(throws: SnapshotFileError.self) { try SnapshotFile.read(from: url, expected: otherModel) }
         #expect(error == .differentModel(path: url.path, found: "model-a", expected: "model-b"))
         #expect(try Data(contentsOf: url) == before)
+    }
+
+    @Test("an append cuts a torn tail back to the good frames first, never rewrites them, and refuses a file shorter than what was written")
+    func appendingKeepsTheGoodPrefix() throws {
+        let directory = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let url = directory.appendingPathComponent("job-7.kv.zst")
+        let first = try SnapshotFile.encode([frames[0]], identity: identity)
+        try AtomicFile.write(first, to: url)
+        let second = try SnapshotFile.frame(frames[1]), third = try SnapshotFile.frame(frames[2])
+        try AppendFile.append(second, to: url, at: first.count)
+        // A crash in the middle of the next append leaves half a frame.
+        let handle = try FileHandle(forWritingTo: url)
+        try handle.seekToEnd()
+        try handle.write(contentsOf: third.prefix(third.count / 2))
+        try handle.close()
+        #expect(try SnapshotFile.read(from: url).frames.count == 2)
+        try AppendFile.append(third, to: url, at: first.count + second.count)
+        #expect(try Data(contentsOf: url) == first + second + third)
+        #expect(try SnapshotFile.read(from: url, expected: identity).payloads == frames.map(\.payload))
+
+        let error = #expect(throws: ArtifactError.self) { try AppendFile.append(third, to: url, at: first.count + second.count + third.count + 1) }
+        #expect(error?.description.contains(url.path) == true)
+        #expect(try Data(contentsOf: url) == first + second + third)
+        #expect(throws: ArtifactError.self) { try AppendFile.append(third, to: directory.appendingPathComponent("none"), at: 0) }
+    }
+
+    @Test("unshuffle undoes shuffle for every element width and length, and the shuffle groups the bytes of each place")
+    func byteShuffleRoundTrip() {
+        let bytes = Data((0..<1_003).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) })
+        for width in [1, 2, 3, 4, 8] {
+            for length in [0, 1, 3, 4, 5, 64, 1_003] {
+                let data = bytes.prefix(length)
+                let shuffled = ByteShuffle.shuffle(data, width: width)
+                #expect(shuffled.count == data.count)
+                #expect(ByteShuffle.unshuffle(shuffled, width: width) == data, "width \(width), length \(length)")
+            }
+        }
+        #expect(ByteShuffle.shuffle(Data([1, 2, 3, 4, 5, 6, 7, 8, 9]), width: 4) == Data([1, 5, 2, 6, 3, 7, 4, 8, 9]))
     }
 }

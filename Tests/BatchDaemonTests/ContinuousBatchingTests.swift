@@ -1,7 +1,9 @@
 // The daemon loop in process, on a real SQLite queue, with a fake engine and a manual clock (no
 // sleeps): freed places are refilled at step boundaries (continuous batching), a cancel frees its
 // place, a graceful stop snapshots and releases the running jobs and a new run resumes them,
-// snapshots follow each job's own steps, and --max-time stops claiming but lets running jobs end.
+// snapshots follow each job's own steps (a full frame after prefill, then appends; a torn tail cut
+// off before the next append; compaction), the interval stretches when writing snapshots costs
+// more than its budget, and --max-time stops claiming but lets running jobs end.
 import Artifacts
 import BatchDaemon
 import Foundation
@@ -21,11 +23,16 @@ final class ManualClock: @unchecked Sendable {
 }
 
 /// What the fake engine saw: the generating jobs of every decode step, the jobs of every
-/// admission, and each job's token count at every snapshot taken of it.
+/// admission, and each job's token count and frame kind at every snapshot taken of it.
 final class FakeWorld: @unchecked Sendable {
     var steps: [[Int64]] = []
     var admissions: [[Int64]] = []
     var snapshots: [Int64: [Int]] = [:]
+    var frameKinds: [Int64: [SnapshotFrame.Kind]] = [:]
+    /// Milliseconds the clock moves while a snapshot frame is taken (what writing it costs).
+    var snapshotMilliseconds: Int64 = 0
+    /// The live size each frame reports.
+    var stateBytes = 1 << 20
     /// Called after each decode step with the number of steps so far.
     var afterStep: (Int) -> Void = { _ in }
     let clock: ManualClock
@@ -35,7 +42,8 @@ final class FakeWorld: @unchecked Sendable {
 
 /// A fake engine. A job's prompt `tokens N` asks for N tokens; token k is k. Entering the batch
 /// gives a job its first token (as prefill does), each decode step one more. A snapshot is the
-/// tokens so far; a job resumed from one goes on after them. The prompt `bad` is refused.
+/// tokens so far (every frame holds them all); a job resumed from one goes on after them. The
+/// prompt `bad` is refused.
 final class FakeBatch: RunningBatch {
     struct Stats: Codable, Sendable {
         /// Tokens the job had when it entered this batch (from its snapshot).
@@ -47,6 +55,8 @@ final class FakeBatch: RunningBatch {
     var tokens: [Int64: [Int32]] = [:]
     var wanted: [Int64: Int] = [:]
     var resumedWith: [Int64: Int] = [:]
+    /// Jobs with a frame taken (or resumed from one): their next frame may be an append.
+    var framed: Set<Int64> = []
 
     init(world: FakeWorld) { self.world = world }
 
@@ -63,7 +73,8 @@ final class FakeBatch: RunningBatch {
             }
             var sofar: [Int32] = []
             if let snapshot = entry.snapshot {
-                sofar = try! JSONDecoder().decode([Int32].self, from: snapshot)
+                sofar = try! JSONDecoder().decode([Int32].self, from: snapshot.last!)
+                framed.insert(id)
                 log("resuming from \(entry.snapshotLocation) with \(sofar.count) tokens")
             }
             resumedWith[id] = sofar.count
@@ -83,15 +94,21 @@ final class FakeBatch: RunningBatch {
         world.afterStep(world.steps.count)
     }
 
-    func snapshot(job: Int64) -> Data? {
+    func snapshot(job: Int64, incremental: Bool) -> SnapshotFrame? {
+        let kind: SnapshotFrame.Kind = incremental && framed.contains(job) ? .append : .full
+        framed.insert(job)
         world.snapshots[job, default: []].append(tokens[job]!.count)
-        return try! JSONEncoder().encode(tokens[job]!)
+        world.frameKinds[job, default: []].append(kind)
+        world.clock.advance(world.snapshotMilliseconds)
+        return SnapshotFrame(kind: kind, decodeSteps: tokens[job]!.count - 1, cells: 1, payload: try! JSONEncoder().encode(tokens[job]!),
+                             stateBytes: world.stateBytes)
     }
 
     func remove(job: Int64) -> JobOutcome<Stats>? {
         let done = tokens[job]!.count >= wanted[job]!
         let ids = tokens.removeValue(forKey: job)!
         order.removeAll { $0 == job }
+        framed.remove(job)
         guard done else { return nil }
         return .succeeded(text: ids.map(String.init).joined(separator: " "), tokenIDs: ids, finishReason: "length",
                           stats: Stats(resumedWith: resumedWith[job]!), timings: JobTimings(generatedTokens: ids.count))
@@ -129,7 +146,9 @@ struct Workspace {
         var options = DaemonOptions()
         options.batchSize = batchSize
         options.untilEmpty = true
-        options.snapshotEvery = 0
+        options.snapshotInterval = .never
+        let clock = clock
+        options.stopwatch = { UInt64(clock.now) * 1_000_000 }
         configure(&options)
         return try BatchDaemon(queue: queue, runner: FakeRunner(world: world), out: directory.appendingPathComponent("out"), options: options)
     }
@@ -243,15 +262,114 @@ struct ContinuousBatchingTests {
         defer { try? FileManager.default.removeItem(at: workspace.directory) }
         let world = FakeWorld(clock: workspace.clock)
         let report = try workspace.daemon(world, batchSize: 2) {
-            $0.snapshotEvery = 2
+            $0.snapshotInterval = .steps(2)
             $0.maxSeconds = 2.5
         }.run(stop: StopFlag(), log: { _ in })
-        // Job 2 ends at step 2 (t = 2 s, no snapshot: it finished); job 3 takes its place. Each
-        // running job is snapshotted after every second step of its own. From t = 3 s the time is
-        // up: job 4 is never claimed, and jobs 1 and 3 run to their end.
+        // Job 2 ends at step 2 (t = 2 s, no snapshot then: it finished); job 3 takes its place. Each
+        // job's snapshot gets a full frame right after its prefill, then a frame after every second
+        // step of its own. From t = 3 s the time is up: job 4 is never claimed, and jobs 1 and 3 run
+        // to their end.
         #expect(world.steps == [[1, 2], [1, 2], [1, 3], [1, 3], [1, 3]])
-        #expect(world.snapshots == [1: [3, 5], 3: [3]])
+        #expect(world.snapshots == [1: [1, 3, 5], 2: [1], 3: [1, 3]])
+        #expect(world.frameKinds == [1: [.full, .append, .append], 2: [.full], 3: [.full, .append]])
         #expect(report.claimed == 3 && report.succeeded == 3)
         #expect(try workspace.state(4) == .available)
+    }
+
+    @Test("--snapshot-every reads a step count or a duration; 0 is never; anything else is refused")
+    func snapshotIntervals() {
+        #expect(SnapshotInterval("32") == .steps(32) && SnapshotInterval("30s") == .milliseconds(30_000) && SnapshotInterval("2m") == .milliseconds(120_000))
+        #expect(SnapshotInterval("0") == .never && SnapshotInterval("0s") == .never && SnapshotInterval("1m30s") == .milliseconds(90_000))
+        for bad in ["", "-1", "30 s", "s", "1.5s", "ten"] { #expect(SnapshotInterval(bad) == nil, "\(bad)") }
+        #expect(SnapshotInterval.steps(1).description == "1 step" && SnapshotInterval.milliseconds(90_000).description == "1m 30s")
+    }
+
+    @Test("frames are appended after the good ones: a stop appends, a torn tail is cut off before the next run appends, and the kept snapshot holds every frame")
+    func framesAreAppendedAfterATornTail() throws {
+        let workspace = try Workspace(prompts: ["tokens 8"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        let stop = StopFlag()
+        world.afterStep = { step in
+            if step == 3 { stop.stop() }
+        }
+        let daemon = try workspace.daemon(world, batchSize: 1) {
+            $0.snapshotInterval = .steps(2)
+            $0.keepKV = true
+        }
+        _ = try daemon.run(stop: stop, log: { _ in })
+        #expect(world.snapshots == [1: [1, 3, 4]] && world.frameKinds == [1: [.full, .append, .append]])
+        let url = URL(fileURLWithPath: daemon.artifacts.snapshotLocation(job: 1))
+        let first = try Data(contentsOf: url)
+        #expect(try SnapshotFile.read(from: url).frames.map(\.decodeSteps) == [0, 2, 3])
+        // A crash in the middle of an append left half a frame.
+        try (first + SnapshotFile.frame(SnapshotFrame(kind: .append, decodeSteps: 9, cells: 1, payload: Data(count: 100), stateBytes: 0)).prefix(90))
+            .write(to: url)
+
+        let again = FakeWorld(clock: workspace.clock)
+        let lines = LogLines()
+        let second = try workspace.daemon(again, batchSize: 1) {
+            $0.snapshotInterval = .steps(2)
+            $0.keepKV = true
+        }.run(stop: StopFlag(), log: lines.append)
+        let results = try workspace.results()
+        #expect(second.succeeded == 1 && results[1] == (1...8).map { Int32($0) })
+        #expect(lines.text.contains("job 1: \(url.path) is damaged from byte \(first.count) on, frame 4 "), "\(lines.text)")
+        #expect(lines.text.contains("resuming from \(url.path) with 4 tokens"), "\(lines.text)")
+        // Resumed from the stored frames: no new full frame; an append at step 2 of the second run, and the final one.
+        #expect(again.frameKinds == [1: [.append, .append]] && again.snapshots == [1: [6, 8]])
+        let kept = try Data(contentsOf: url)
+        #expect(kept.prefix(first.count) == first, "the frames written before were rewritten")
+        let contents = try SnapshotFile.read(from: url)
+        #expect(contents.damage == nil && contents.frames.map(\.kind) == [.full, .append, .append, .append, .append])
+        let finalTokens = try JSONEncoder().encode((1...8).map { Int32($0) })
+        #expect(contents.payloads.last == finalTokens)
+    }
+
+    @Test("a snapshot that would grow past twice its live size is rewritten as one full frame, and a kept one past 1.25 times")
+    func compaction() throws {
+        let workspace = try Workspace(prompts: ["tokens 9"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        // A file of the identity header and one frame is about 270 bytes; each frame of the tokens adds about 90.
+        world.stateBytes = 250
+        let daemon = try workspace.daemon(world, batchSize: 1) {
+            $0.snapshotInterval = .steps(1)
+            $0.keepKV = true
+        }
+        _ = try daemon.run(stop: StopFlag(), log: { _ in })
+        let kinds = try #require(world.frameKinds[1])
+        // A frame after prefill, one after each step, the final one; a compaction asks for a full frame after its append.
+        #expect(Set(try #require(world.snapshots[1])) == Set(1...9) && kinds[0] == .full)
+        // Compactions (full frames) come between appends: the file never holds more than twice the live size.
+        #expect(kinds.dropFirst().contains(.full) && kinds.dropFirst().contains(.append), "\(kinds)")
+        let contents = try SnapshotFile.read(from: URL(fileURLWithPath: daemon.artifacts.snapshotLocation(job: 1)))
+        #expect(contents.frames.count == 1 && contents.frames[0].kind == .full && contents.frames[0].decodeSteps == 8)
+    }
+
+    @Test("frames are held back (the interval stretches, logged) while one more would make writing snapshots take more than 2% of the decode time")
+    func theIntervalFollowsTheCost() throws {
+        let workspace = try Workspace(prompts: ["tokens 60"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        // A decode step takes 1 s; a frame 100 ms: every 2 s would be 5% of the decode time.
+        world.snapshotMilliseconds = 100
+        let lines = LogLines()
+        let report = try workspace.daemon(world, batchSize: 1) { $0.snapshotInterval = .milliseconds(2_000) }.run(stop: StopFlag(), log: lines.append)
+        #expect(report.succeeded == 1)
+        #expect(lines.text.contains("of the decode time so far, more than the 2% budget: the snapshot interval (2s) is stretched until it is back within"),
+                "\(lines.text)")
+        let frames = try #require(world.snapshots[1]).count
+        let decodeMilliseconds = 59 * 1_000
+        // Within the budget, give or take the one frame that crosses it; yet frames keep coming.
+        #expect(frames * 100 <= decodeMilliseconds * 2 / 100 + 100, "\(frames) frames")
+        #expect(frames >= 5, "\(frames) frames")
+        // Without the cost, the interval holds.
+        let cheap = try Workspace(prompts: ["tokens 60"])
+        defer { try? FileManager.default.removeItem(at: cheap.directory) }
+        let free = FakeWorld(clock: cheap.clock)
+        let quiet = LogLines()
+        _ = try cheap.daemon(free, batchSize: 1) { $0.snapshotInterval = .milliseconds(2_000) }.run(stop: StopFlag(), log: quiet.append)
+        #expect(try #require(free.snapshots[1]).count == 30 && !quiet.text.contains("stretched"))
     }
 }

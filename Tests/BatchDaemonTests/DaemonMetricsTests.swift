@@ -21,7 +21,7 @@ struct DaemonMetricsTests {
         var options = DaemonOptions()
         options.batchSize = 2
         options.untilEmpty = true
-        options.snapshotEvery = 0
+        options.snapshotInterval = .never
         let daemon = try BatchDaemon(queue: queue, runner: FakeRunner(world: world), out: workspace.directory.appendingPathComponent("out"),
                                      options: options, metrics: DaemonMetrics(factory: metrics))
         let report = try daemon.run(stop: StopFlag(), log: { _ in })

@@ -149,7 +149,7 @@ struct NetworkNamespaceTests {
         let attempts = try cluster.psql("SELECT string_agg(attempt::text, ',' ORDER BY id) FROM dllava.job WHERE id IN (\(taken.isEmpty ? "0" : taken))",
                                         database: database).trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(attempts.split(separator: ",").allSatisfy { $0 == "2" }, "attempts of \(taken): \(attempts)")
-        #expect(orphaned.contains { logs[1].contains("resuming from the snapshot of job \($0) in ") }, "\(logs[1])")
+        #expect(orphaned.contains { logs[1].contains("resuming from the snapshot of job \($0) in ") }, "host 1: \(logs[1])\nhost 0: \(logs[0])")
         let stored = try cluster.psql("SELECT count(*), count(DISTINCT job_id) FROM dllava.result", database: database)
         #expect(stored.trimmingCharacters(in: .whitespacesAndNewlines) == "\(count)|\(count)", "\(stored)")
         print("network-namespace test: \(orphaned.count) jobs of the unplugged host finished by the other, which exited \(secondsAfterPull) s after "

@@ -5,6 +5,7 @@ import Artifacts
 import CommandLineSupport
 import Foundation
 import GRDB
+import Numerics
 import Testing
 
 /// The tiny Dynamic-LLaVA test checkpoint: random weights that rarely emit end-of-sequence, so
@@ -97,21 +98,30 @@ struct SnapshotDaemonTests {
         try #require(released.count == 3, "the stop did not land in the middle of a batch: \(stopped)")
         for job in released { #expect(FileManager.default.fileExists(atPath: snapshotFile(directory, job: job).path), "job \(job)") }
 
-        // One snapshot cut short, one claiming another model, one intact.
+        // One snapshot cut inside its first frame, one claiming another model, one whose last frame is torn (a crash
+        // mid-append): that one resumes from the frame before.
         let truncated = snapshotFile(directory, job: released[0]), otherModel = snapshotFile(directory, job: released[1])
+        let torn = snapshotFile(directory, job: released[2])
         let bytes = try Data(contentsOf: truncated)
-        try bytes.prefix(bytes.count / 2).write(to: truncated)
+        let firstFrame = try SnapshotFile.decode(bytes, path: truncated.path).frames[0]
+        try bytes.prefix(firstFrame.offset + firstFrame.fileBytes / 2).write(to: truncated)
         var foreign = try Data(contentsOf: otherModel)
         foreign[16] = foreign[16] == UInt8(ascii: "0") ? UInt8(ascii: "1") : UInt8(ascii: "0")
         try foreign.write(to: otherModel)
+        let tornBytes = try Data(contentsOf: torn)
+        let tornFrames = try SnapshotFile.decode(tornBytes, path: torn.path).frames
+        try #require(tornFrames.count >= 2 && tornFrames[0].kind == .full && tornFrames.dropFirst().allSatisfy { $0.kind == .append }, "\(tornFrames)")
+        let lastFrame = tornFrames[tornFrames.count - 1]
+        try tornBytes.prefix(lastFrame.offset + lastFrame.fileBytes - 3).write(to: torn)
 
         let restart = try startRun(["--batch-size", "3"], in: directory)
         restart.waitUntilExit()
         #expect(restart.terminationStatus == 0)
         let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
-        #expect(log.contains("\(truncated.path) is truncated; starting it from scratch"), "\(log)")
+        #expect(log.contains("\(truncated.path) holds no complete snapshot frame: frame 1 is cut short"), "\(log)")
         #expect(log.contains("\(otherModel.path) was taken with model"), "\(log)")
-        #expect(log.contains("resuming from \(snapshotFile(directory, job: released[2]).path)"), "\(log)")
+        #expect(log.contains("job \(released[2]): \(torn.path) is damaged from byte \(lastFrame.offset) on, frame \(tornFrames.count) is cut short"), "\(log)")
+        #expect(log.contains("resuming from \(torn.path) at decode step \(tornFrames[tornFrames.count - 2].decodeSteps)"), "\(log)")
         let records = try export(directory)
         let resumed = try outputs(directory)
         for line in manifest {
@@ -219,7 +229,7 @@ struct SnapshotDaemonTests {
         #expect(second.terminationStatus == 0)
         let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
         let queue = try queueID(directory)
-        #expect(log.contains("\(snapshotFile(directory, job: 4).path) is snapshot format version 99; this build reads version 2; starting it from scratch"), "\(log)")
+        #expect(log.contains("\(snapshotFile(directory, job: 4).path) is snapshot format version 99; this build reads version 3; starting it from scratch"), "\(log)")
         #expect(log.contains("job 5: \(snapshotFile(directory, job: 5).path)"), "\(log)")
         for job in [6, 7] {
             #expect(log.contains("job \(job): \(snapshotFile(directory, job: job).path) does not belong to this job: it was written for job 1 of queue \(queue), "
@@ -260,7 +270,7 @@ struct SnapshotDaemonTests {
         #expect(results["job0"] == nil && results["job1"] != nil)
     }
 
-    @Test("snapshot inspect prints a kept snapshot's header; a bad file exits 65 naming it")
+    @Test("snapshot inspect lists a kept snapshot's frames and the state they make, and where a torn tail starts; a file without an intact first frame exits 65 naming it")
     func inspect() throws {
         var line = manifest[1]
         line["max_tokens"] = 5
@@ -272,19 +282,30 @@ struct SnapshotDaemonTests {
         let file = snapshotFile(directory, job: 1)
         let text = try run(["snapshot", "inspect", file.path], in: directory)
         #expect(text.status == 0, "\(text.standardError)")
-        #expect(text.standardOutput.contains("file version 2, state version 1") && text.standardOutput.contains("f32, 4 layers of width 32"))
-        #expect(text.standardOutput.contains("5 generated") && text.standardOutput.contains("ok"))
+        // The K/V are stored as the run's default precision keeps them: bf16 where AMX makes bf16 the default.
+        let dtype = Precision.preferred == .bf16 ? "bf16" : "f32"
+        #expect(text.standardOutput.contains("file version 3, state version 2") && text.standardOutput.contains("\(dtype), 4 layers of width 32"))
+        #expect(text.standardOutput.contains("5 generated") && text.standardOutput.contains("checksums:       ok"))
+        #expect(text.standardOutput.contains("  frame 1:         full, step 0, ") && text.standardOutput.contains("none: every frame is intact"), "\(text.standardOutput)")
         let json = try run(["snapshot", "inspect", file.path, "--json"], in: directory)
         let header = try JSONSerialization.jsonObject(with: Data(json.standardOutput.utf8)) as! [String: Any]
         #expect(header["layers"] as? Int == 4 && header["generated_tokens"] as? Int == 5 && header["decode_steps"] as? Int == 4)
-        #expect(header["finished"] as? Bool == true && header["checksum_ok"] as? Bool == true && header["dtype"] as? String == "f32")
+        #expect(header["finished"] as? Bool == true && header["checksum_ok"] as? Bool == true && header["dtype"] as? String == dtype)
         #expect((header["cells_per_layer"] as? [Int])?.count == 4)
+        let frames = try #require(header["frames"] as? [[String: Any]])
+        #expect(frames.first?["kind"] as? String == "full" && frames.last?["last_step"] as? Int == 4 && header["damage"] == nil)
+        #expect(frames.allSatisfy { $0["encoding"] as? String == "none" && ($0["stored_bytes"] as? Int ?? 0) > 0 }, "\(frames)")
 
         let bytes = try Data(contentsOf: file)
+        let tornTail = directory.appendingPathComponent("torn.kv.zst")
+        try (bytes + Data(repeating: 1, count: 50)).write(to: tornTail)
+        let listed = try run(["snapshot", "inspect", tornTail.path], in: directory)
+        #expect(listed.status == 0 && listed.standardOutput.contains("torn tail from byte \(bytes.count) (ignored"), "\(listed.standardOutput)")
         let cut = directory.appendingPathComponent("cut.kv.zst"), garbage = directory.appendingPathComponent("garbage.kv.zst")
-        try bytes.prefix(bytes.count - 100).write(to: cut)
+        let first = try SnapshotFile.decode(bytes, path: file.path).frames[0]
+        try bytes.prefix(first.offset + first.fileBytes - 1).write(to: cut)
         try Data("not a snapshot".utf8).write(to: garbage)
-        for (bad, sentence) in [(cut, "is truncated"), (garbage, "is not a dllava KV snapshot")] {
+        for (bad, sentence) in [(cut, "holds no complete snapshot frame"), (garbage, "is not a dllava KV snapshot")] {
             let result = try run(["snapshot", "inspect", bad.path], in: directory)
             #expect(result.status == 65)
             #expect(result.standardError.contains(bad.path) && result.standardError.contains(sentence), "\(result.standardError)")

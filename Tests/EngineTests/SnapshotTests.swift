@@ -1,7 +1,10 @@
 // KV snapshots and the step-driven batch in the engine: the payload round trip, resuming exactly
 // where a batch stopped (greedy and seeded sampling, full and dynamic modes, rows of different
-// lengths), rows leaving and entering a running batch while their batch-mates go on unchanged,
-// and payloads that must be refused.
+// lengths), incremental frames (a full frame after prefill, then appends) that make the same state
+// and resume to the uninterrupted run from every frame, a snapshot file torn or damaged anywhere,
+// rows leaving and entering a running batch while their batch-mates go on unchanged, and payloads
+// that must be refused.
+import Artifacts
 import Foundation
 import Testing
 @testable import DynamicLLaVA
@@ -57,7 +60,7 @@ func interrupt(_ generator: Generator, _ requests: [GenerationRequest], resuming
         takeFinished()
     }
     for row in batch.generating {
-        captured[rows.firstIndex(of: row)!] = try GenerationSnapshot(decoding: try #require(batch.snapshot(row)).encoded())
+        captured[rows.firstIndex(of: row)!] = try GenerationSnapshot(frames: [try #require(batch.snapshot(row)).frame().payload])
         batch.remove(row)
     }
     #expect(batch.count == 0)
@@ -80,13 +83,6 @@ func bf16(_ layer: SequenceCells, width: Int) -> SequenceCells {
     return cells
 }
 
-/// `snapshot` with `cells` in its place.
-func f32Snapshot(_ snapshot: GenerationSnapshot, _ cells: [SequenceCells]) -> GenerationSnapshot {
-    var copy = snapshot
-    copy.cells = cells
-    return copy
-}
-
 /// `value` rounded to bf16 (to nearest even) and widened back.
 func bf16Rounded(_ value: Float) -> Float {
     let bits = value.bitPattern
@@ -101,7 +97,7 @@ struct SnapshotTests {
         let (snapshots, _) = try interrupt(try resume.generator(), try resume.requests(), resuming: [nil, nil, nil], atStep: 4)
         for snapshot in snapshots {
             let snapshot = try #require(snapshot)
-            #expect(try GenerationSnapshot(decoding: snapshot.encoded()) == snapshot)
+            #expect(try GenerationSnapshot(frames: [snapshot.frame().payload]) == snapshot)
             #expect(snapshot.decodeSteps == 4 && snapshot.result.tokenIDs.count == 5 && !snapshot.finished)
             #expect(snapshot.sampler.generator != Sampler(snapshot.parameters.sampling).generator || snapshot.parameters.sampling.isGreedy)
         }
@@ -137,6 +133,103 @@ struct SnapshotTests {
             #expect(resumed.stats.kvCellsPerLayer == whole[r].stats.kvCellsPerLayer)
             #expect(resumed.stats.kvBytesPeak == whole[r].stats.kvBytesPeak)
             #expect(resumed.stats.prefillFlops == whole[r].stats.prefillFlops)
+        }
+    }
+
+    /// Runs `requests` in one batch to the end, taking an incremental frame of every generating row right after
+    /// prefill and after each step in `frameSteps`; returns each row's frames and its state at each frame.
+    func framesOfARun(_ generator: Generator, _ requests: [GenerationRequest], frameSteps: Set<Int>)
+        throws -> (frames: [[GenerationSnapshot.Frame]], states: [[GenerationSnapshot]]) {
+        var batch = GenerationBatch(generator: generator)
+        let rows = try batch.add(requests)
+        var frames = [[GenerationSnapshot.Frame]](repeating: [], count: rows.count)
+        var states = [[GenerationSnapshot]](repeating: [], count: rows.count)
+        func takeFrames() throws {
+            for row in batch.generating {
+                let r = rows.firstIndex(of: row)!
+                let frame = batch.snapshotFrame(row, incremental: true)
+                frames[r].append(try #require(frame))
+                states[r].append(try #require(batch.snapshot(row)))
+            }
+        }
+        try takeFrames()
+        var step = 0
+        while !batch.generating.isEmpty {
+            batch.step()
+            step += 1
+            if frameSteps.contains(step) { try takeFrames() }
+        }
+        return (frames, states)
+    }
+
+    @Test("incremental frames: a full frame after prefill, then only the new cells; every prefix of them makes the state it was taken at and resumes to the uninterrupted run",
+          arguments: [ResumeCase.all[1], ResumeCase.all[3]])
+    func incrementalFramesResumeExactly(_ resume: ResumeCase) throws {
+        let generator = try resume.generator()
+        let requests = try resume.requests()
+        let whole = try generator.generate(requests)
+        let (frames, states) = try framesOfARun(generator, requests, frameSteps: [2, 3, 7])
+        for r in requests.indices {
+            #expect(frames[r].first?.isFull == true && frames[r].dropFirst().allSatisfy { !$0.isFull }, "row \(r)")
+            #expect(frames[r].count >= 3, "row \(r)")
+            for k in frames[r].indices {
+                let state = try GenerationSnapshot(frames: frames[r][...k].map(\.payload))
+                #expect(state == states[r][k], "row \(r), frame \(k)")
+                let cells = states[r][k].cells.reduce(0) { $0 + $1.cellCount }
+                let before = k == 0 ? 0 : states[r][k - 1].cells.reduce(0) { $0 + $1.cellCount }
+                #expect(frames[r][k].cells == cells - before && frames[r][k].stateBytes == states[r][k].frame().payload.count, "row \(r), frame \(k)")
+                if k > 0 { #expect(frames[r][k].payload.count < frames[r][0].payload.count / 2, "an append frame holds the new cells only") }
+                // Vision is not run again: the resumed row is given other pixels and must not notice.
+                var blind = requests[r]
+                blind.pixelValues = Array(repeating: 0.5, count: requests[r].pixelValues!.count)
+                let resumed = try runToEnd(generator, [blind], resuming: [state])[0]
+                #expect(resumed.tokenIDs == whole[r].tokenIDs && resumed.logprobs == whole[r].logprobs, "row \(r), from frame \(k)")
+                #expect(resumed.stats.kvCellsPerLayer == whole[r].stats.kvCellsPerLayer, "row \(r), from frame \(k)")
+            }
+        }
+    }
+
+    @Test("a snapshot file of real frames cut at every frame boundary and inside every frame, or with a byte flipped in a frame, gives the state of the last intact frame, which resumes to the uninterrupted run")
+    func tornSnapshotFilesResumeFromTheLastIntactFrame() throws {
+        let resume = ResumeCase.all[3]
+        let generator = try resume.generator()
+        let requests = try resume.requests()
+        let whole = try generator.generate(requests)
+        let (frames, states) = try framesOfARun(generator, requests, frameSteps: [2, 5])
+        let identity = SnapshotIdentity(model: "m", queue: "q", job: 1, imageSHA256: "i", prompt: "p", parameters: "{}")
+        let r = 0
+        for encoding in SnapshotEncoding.allCases {
+            let file = try SnapshotFile.encode(frames[r].map {
+                SnapshotFrame(kind: $0.isFull ? .full : .append, decodeSteps: $0.decodeSteps, cells: $0.cells, payload: $0.payload, stateBytes: $0.stateBytes)
+            }, identity: identity, encoding: encoding)
+            let records = try SnapshotFile.decode(file, path: "f").frames
+            #expect(records.count == frames[r].count)
+            var cases: [(Data, Int, String)] = []
+            for (k, record) in records.enumerated() {
+                let end = record.offset + record.fileBytes
+                cases.append((file.prefix(end), k, "cut after frame \(k + 1)"))
+                for inside in [3, SnapshotFile.frameHeaderSize + 1, SnapshotFile.frameHeaderSize + record.storedBytes / 2, record.fileBytes - 1] {
+                    cases.append((file.prefix(record.offset + inside), k - 1, "cut at byte \(inside) of frame \(k + 1)"))
+                }
+                for position in [6, 30, SnapshotFile.frameHeaderSize + record.storedBytes / 4, record.fileBytes - 2] {
+                    var damaged = file
+                    damaged[record.offset + position] ^= 0x01
+                    cases.append((damaged, k - 1, "byte \(position) of frame \(k + 1) flipped"))
+                }
+            }
+            for (bytes, last, name) in cases {
+                guard last >= 0 else {
+                    #expect(throws: SnapshotFileError.self, "\(encoding), \(name)") { try SnapshotFile.decode(bytes, path: "f") }
+                    continue
+                }
+                let state = try GenerationSnapshot(frames: try SnapshotFile.decode(bytes, path: "f").payloads)
+                #expect(state == states[r][last], "\(encoding), \(name)")
+            }
+        }
+        // Each state a torn file can give resumes exactly.
+        for state in states[r] {
+            let resumed = try runToEnd(generator, [requests[r]], resuming: [state])[0]
+            #expect(resumed.tokenIDs == whole[r].tokenIDs && resumed.logprobs == whole[r].logprobs)
         }
     }
 
@@ -176,7 +269,7 @@ struct SnapshotTests {
         #expect(batch.count == 0)
     }
 
-    @Test("bf16 K/V: cells are rounded once when appended, hold half the bytes, compact as f32 cells do, and a snapshot keeps them bit for bit")
+    @Test("bf16 K/V: cells are rounded once when appended, hold half the bytes, compact as f32 cells do, and frames keep them bit for bit")
     func bf16Cells() throws {
         let resume = ResumeCase.all[2]
         let (snapshots, _) = try interrupt(try resume.generator(), try resume.requests(), resuming: [nil, nil, nil], atStep: 2)
@@ -190,9 +283,20 @@ struct SnapshotTests {
             // Round to nearest: within half a unit in the last of bf16's 8 significant bits.
             for (a, b) in zip(stored.keys + stored.values, exact.keys + exact.values) { #expect(abs(a - b) <= abs(b) * 0x1p-8) }
         }
-        let decoded = try GenerationSnapshot(decoding: snapshot.encoded())
-        #expect(decoded == snapshot)
-        #expect(decoded.encoded().count < f32Snapshot(snapshot, f32Cells).encoded().count)
+        #expect(try GenerationSnapshot(frames: [snapshot.frame().payload]) == snapshot)
+        var f32Snapshot = snapshot
+        f32Snapshot.cells = f32Cells
+        #expect(snapshot.frame().payload.count < f32Snapshot.frame().payload.count)
+        // An append frame carries bf16 cells too, and a frame of another storage type does not append.
+        var shorter = snapshot
+        shorter.cells = snapshot.cells.map { layer in
+            let keep = layer.cellCount - 1, rowBytes = layer.keys.count / max(layer.cellCount, 1)
+            return SequenceCells(storage: .bfloat16, positions: Array(layer.positions.prefix(keep)), keys: Array(layer.keys.prefix(keep * rowBytes)),
+                                 values: Array(layer.values.prefix(keep * rowBytes)))
+        }
+        let append = snapshot.frame(after: shorter.cells.map(\.cellCount)).payload
+        #expect(try GenerationSnapshot(frames: [shorter.frame().payload, append]) == snapshot)
+        #expect(throws: SnapshotFormatError.self) { try GenerationSnapshot(frames: [f32Snapshot.frame().payload, append]) }
 
         // Compaction drops the cells of tokens that write no K/V and keeps the others' bytes.
         var cells = SequenceCells(storage: .bfloat16)
@@ -200,7 +304,7 @@ struct SnapshotTests {
         cells.append(positions: [4, 5, 6], keys: keys[...], values: values[...])
         cells.compactNewest(writes: [true, false, true], width: width)
         #expect(cells.positions == [4, 6])
-        #expect(cells.floatKeysAndValues.keys == Array(keys[0..<width]) + Array(keys[2 * width ..< 3 * width]).map { bf16Rounded($0) })
+        #expect(cells.floatKeysAndValues.keys == (Array(keys[0..<width]) + Array(keys[2 * width ..< 3 * width])).map { bf16Rounded($0) })
         #expect(cells.floatKeysAndValues.values == (Array(values[0..<width]) + Array(values[2 * width ..< 3 * width])).map { bf16Rounded($0) })
     }
 
@@ -208,17 +312,26 @@ struct SnapshotTests {
     func badPayloadsAreRefused() throws {
         let resume = ResumeCase.all[0]
         let (snapshots, _) = try interrupt(try resume.generator(), try resume.requests(), resuming: [nil, nil, nil], atStep: 1)
-        let payload = try #require(snapshots[0]).encoded()
+        let snapshot = try #require(snapshots[0])
+        let payload = snapshot.frame().payload
         var newer = payload
-        newer[0] = 2
-        #expect(throws: SnapshotFormatError.unsupportedVersion(found: 2, supported: 1)) { try GenerationSnapshot(decoding: newer) }
+        newer[0] = 3
+        #expect(throws: SnapshotFormatError.unsupportedVersion(found: 3, supported: 2)) { try GenerationSnapshot(frames: [newer]) }
+        var older = payload
+        older[0] = 1
+        #expect(throws: SnapshotFormatError.unsupportedVersion(found: 1, supported: 2)) { try GenerationSnapshot(frames: [older]) }
         var unknownStorage = payload
         unknownStorage[4] = 3
-        #expect(throws: SnapshotFormatError.unsupportedStorageType(3)) { try GenerationSnapshot(decoding: unknownStorage) }
+        #expect(throws: SnapshotFormatError.unsupportedStorageType(3)) { try GenerationSnapshot(frames: [unknownStorage]) }
         for length in [0, 3, 40, payload.count / 2, payload.count - 1] {
-            #expect(throws: SnapshotFormatError.self) { try GenerationSnapshot(decoding: payload.prefix(length)) }
+            #expect(throws: SnapshotFormatError.self) { try GenerationSnapshot(frames: [payload.prefix(length)]) }
         }
-        #expect(throws: SnapshotFormatError.malformed("1 bytes follow the last layer")) { try GenerationSnapshot(decoding: payload + Data([0])) }
+        #expect(throws: SnapshotFormatError.malformed("1 bytes follow the last layer of frame 1")) { try GenerationSnapshot(frames: [payload + Data([0])]) }
+        #expect(throws: SnapshotFormatError.malformed("there is no frame")) { try GenerationSnapshot(frames: []) }
+        // An append frame must append to the cells the frames before it hold.
+        let append = snapshot.frame(after: snapshot.cells.map { $0.cellCount - 1 }).payload
+        #expect(throws: SnapshotFormatError.self) { try GenerationSnapshot(frames: [append]) }
+        #expect(throws: SnapshotFormatError.self) { try GenerationSnapshot(frames: [payload, append]) }
     }
 
     @Test("a snapshot of another prompt, other parameters, another precision or another model does not fit")
