@@ -114,11 +114,21 @@ struct NetworkNamespaceTests {
                             "--until-empty", "--batch-size", "4", "--threads", "1", "--lease", "4s", "--snapshot-every", "4"],
                            in: directory, log: "host\(index).log")
         }
-        // Mid-batch: once host 0 has a running job with a stored snapshot.
+        // Mid-batch: once host 0 has a running job with a stored snapshot. Host 0 is stopped (SIGSTOP) and the
+        // condition checked again while it cannot move, so that it still holds when the plug is pulled: a loaded
+        // machine could otherwise let host 0 finish those jobs (and drop their snapshots) between check and pull.
         let ofHost0 = "state = 'running' AND lease_owner LIKE '\(hosts[0].hostName)-%'"
+        func host0HoldsASnapshottedJob() throws -> Bool {
+            try cluster.psql("SELECT count(*) FROM dllava.snapshot WHERE job_id IN (SELECT id FROM dllava.job WHERE \(ofHost0))",
+                             database: database).trimmingCharacters(in: .whitespacesAndNewlines) != "0"
+        }
         let deadline = Date().addingTimeInterval(120)
-        while Date() < deadline, try cluster.psql("SELECT count(*) FROM dllava.snapshot WHERE job_id IN (SELECT id FROM dllava.job WHERE \(ofHost0))",
-                                                 database: database).trimmingCharacters(in: .whitespacesAndNewlines) == "0" {
+        while Date() < deadline {
+            if try host0HoldsASnapshottedJob() {
+                kill(workers[0].processIdentifier, SIGSTOP)
+                if try host0HoldsASnapshottedJob() { break }
+                kill(workers[0].processIdentifier, SIGCONT)
+            }
             Thread.sleep(forTimeInterval: 0.2)
         }
         try hosts[0].pullPlug()
