@@ -61,7 +61,7 @@ public enum OutputPath {
                 }
                 return
             }
-            if errno != ENOENT { throw .posix("stat", url.path) }
+            if errno != ENOENT && errno != ENOTDIR { throw .posix("stat", url.path) }
             let parent = url.deletingLastPathComponent()
             if parent.path == url.path { return }
             url = parent

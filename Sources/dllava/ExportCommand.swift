@@ -20,7 +20,9 @@ struct ExportCommand: ParsableCommand {
         --extension (cat.png -> cat.txt), the layout kohya-ss, taggui and OneTrainer read. The files go beside the \
         images, or with --into DIR into a tree under DIR that mirrors the images' folders below the deepest folder \
         holding them all. A file that exists is skipped and reported unless --overwrite; when two jobs caption the \
-        same image, the first by job id writes the file and the other is reported.
+        same image, the first by job id writes the file and the other is reported. An --into that is not a folder, a \
+        symbolic link among the folders below it, or (with --overwrite) a caption's place holding a device, FIFO, \
+        socket or folder, is refused with exit status 64 before any file is written.
         """)
 
     enum Format: String, ExpressibleByArgument, CaseIterable { case jsonl, csv, sidecar }
@@ -94,6 +96,7 @@ struct ExportCommand: ParsableCommand {
     /// `--format sidecar`: the caption files, then one line per skipped job on stderr and a summary on stdout.
     func writeSidecars() throws {
         try runQueueCommand(self, database: database.path) {
+            if let into { try checkOutputDirectory(into, option: "--into") }
             let queue = try database.open(readOnly: true)
             let options = SidecarOptions(fileExtension: sidecarExtension, into: into.map { URL(fileURLWithPath: $0) }, overwrite: overwrite)
             let report = try CaptionSidecars.export(from: queue, .all, options: options)
