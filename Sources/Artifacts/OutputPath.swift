@@ -15,7 +15,7 @@ public enum OutputPath {
     ///   device and inode, so a hard link or another spelling of the path counts);
     /// - the name is the -wal, -shm or -journal name of an SQLite database or of one of `databases`, whether that file
     ///   exists or not (SQLite would take a file written there for its own);
-    /// - the folder it goes into is missing or not a folder.
+    /// - the folder it goes into exists and is not a folder (a missing one is left to the write to report).
     /// `databases` are SQLite paths as the user gave them (a PostgreSQL URL is no file and is ignored).
     public static func checkFile(_ path: String, protecting databases: [String] = []) throws(ArtifactError) {
         var target = stat()

@@ -49,8 +49,8 @@ public enum CaptionSidecars {
     /// Writes one sidecar per succeeded job that `filter` selects (other states are passed over silently), by job
     /// id: the caption text as generated, UTF-8, nothing added. Each file is written atomically; without
     /// `overwrite` an existing file is never replaced, even one that appears while the export runs. Throws
-    /// `ArtifactError.refusedOutput`, before writing any file, when `into` is not a folder, a symbolic link to a
-    /// folder lies between it and a sidecar, or (with `overwrite`) a sidecar's place holds something `OutputPath` refuses.
+    /// `ArtifactError.refusedOutput`, before writing any file, when `into` is not a folder, a symbolic link lies
+    /// between it and a sidecar, or (with `overwrite`) a sidecar's place holds something `OutputPath` refuses.
     public static func export(from queue: JobQueue, _ filter: JobFilter, options: SidecarOptions) throws -> SidecarReport {
         var report = SidecarReport()
         var captions: [(jobID: Int64, image: String, text: String)] = []
