@@ -59,7 +59,7 @@ let package = Package(
         // zstd compression, atomic file writes, checksums, the result file; never imports the model.
         .target(name: "Artifacts", dependencies: ["CZstd", .product(name: "Crypto", package: "swift-crypto")]),
         // `dllava report`: the HTML page of a queue's run (thumbnails with the kept image patches); never imports the model.
-        .target(name: "RunReport", dependencies: ["JobQueue", "Artifacts", "Imaging"]),
+        .target(name: "RunReport", dependencies: ["JobQueue", "Artifacts", "BatchDaemon", "Imaging"]),
         // The daemon loop: claim, heartbeat, run through a BatchRunner, write results, complete or fail.
         .target(name: "BatchDaemon", dependencies: [
             "JobQueue", "Artifacts", .product(name: "Logging", package: "swift-log"), .product(name: "CoreMetrics", package: "swift-metrics"),

@@ -6,13 +6,17 @@ import Foundation
 public enum AppendFile {
     /// Cuts the existing file at `url` to `offset` bytes (dropping a tail an interrupted append left), writes
     /// `data` there and fsyncs the file. Throws, changing nothing, when the file is missing or shorter than
-    /// `offset` (it is not the file the caller wrote).
+    /// `offset` (it is not the file the caller wrote), or is not a regular file.
     public static func append(_ data: Data, to url: URL, at offset: Int) throws {
-        let descriptor = open(url.path, O_WRONLY | O_CLOEXEC)
+        // Without blocking: a FIFO put in the snapshot's place is refused below, not waited on.
+        let descriptor = open(url.path, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
         guard descriptor >= 0 else { throw ArtifactError.posix("open", url.path) }
         defer { close(descriptor) }
         var status = stat()
         guard fstat(descriptor, &status) == 0 else { throw ArtifactError.posix("stat", url.path) }
+        guard status.st_mode & S_IFMT == S_IFREG else {
+            throw ArtifactError.refusedOutput(path: url.path, reason: "is \(OutputPath.describe(mode: status.st_mode)), not a regular file")
+        }
         guard Int(status.st_size) >= offset else {
             throw ArtifactError.io(path: url.path, operation: "append to", reason: "it has \(status.st_size) bytes, fewer than the \(offset) written before")
         }

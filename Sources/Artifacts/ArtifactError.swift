@@ -13,6 +13,8 @@ public indirect enum ArtifactError: Error, Sendable, Equatable, CustomStringConv
     case checksumMismatch(path: String, expected: String, actual: String)
     case unsupportedFormatVersion(path: String, version: Int, supported: Int)
     case malformedResult(path: String, reason: String)
+    /// `OutputPath` refused to write at `path`; `reason` is a predicate ("is a FIFO, not a regular file").
+    case refusedOutput(path: String, reason: String)
     /// `underlying`, while working on the file at `path`.
     case inFile(path: String, ArtifactError)
 
@@ -26,6 +28,7 @@ public indirect enum ArtifactError: Error, Sendable, Equatable, CustomStringConv
         case let .unsupportedFormatVersion(path, version, supported):
             "\(path) is result format version \(version); this build reads versions 1 to \(supported)"
         case let .malformedResult(path, reason): "\(path) is not a valid result file: \(reason)"
+        case let .refusedOutput(path, reason): "\(path) \(reason); nothing was written there"
         case let .inFile(path, error): "\(path): \(error)"
         }
     }

@@ -13,9 +13,12 @@ public enum AtomicFile {
         public var sha256: String
     }
 
-    /// Streams the file's bytes through `body`; an error thrown by `body` abandons the write.
+    /// Streams the file's bytes through `body`; an error thrown by `body` abandons the write. A destination that
+    /// `OutputPath.checkFile` refuses (a device, FIFO, socket, folder, SQLite database or one of its companion names)
+    /// is never replaced: `ArtifactError.refusedOutput` is thrown before anything is written.
     @discardableResult
     public static func write(to url: URL, permissions: mode_t = 0o644, _ body: (inout Writer) throws -> Void) throws -> Written {
+        try OutputPath.checkFile(url.path)
         let directory = url.deletingLastPathComponent().path
         let temporary = url.deletingLastPathComponent()
             .appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: .min ... .max))").path

@@ -87,11 +87,7 @@ public final class FileDigestCache {
     public func save() throws {
         guard changed, let location else { return }
         let directory = location.deletingLastPathComponent()
-        do {
-            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        } catch {
-            throw ArtifactError.io(path: directory.path, operation: "create directory", reason: error.localizedDescription)
-        }
+        try OutputPath.makeDirectory(directory)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         // Encoding strings and integers cannot fail.

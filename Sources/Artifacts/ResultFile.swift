@@ -102,13 +102,9 @@ public struct ResultFile: Sendable {
 
     public let directory: URL
 
-    /// Creates `directory` (and its parents) when missing.
+    /// Creates `directory` (and its parents) when missing; refuses one that is not a folder (`OutputPath`).
     public init(directory: URL) throws {
-        do {
-            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        } catch {
-            throw ArtifactError.io(path: directory.path, operation: "create directory", reason: error.localizedDescription)
-        }
+        try OutputPath.makeDirectory(directory)
         self.directory = directory
     }
 

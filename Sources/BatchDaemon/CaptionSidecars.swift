@@ -48,7 +48,9 @@ public struct SidecarReport: Sendable, Equatable {
 public enum CaptionSidecars {
     /// Writes one sidecar per succeeded job that `filter` selects (other states are passed over silently), by job
     /// id: the caption text as generated, UTF-8, nothing added. Each file is written atomically; without
-    /// `overwrite` an existing file is never replaced, even one that appears while the export runs.
+    /// `overwrite` an existing file is never replaced, even one that appears while the export runs. Throws
+    /// `ArtifactError.refusedOutput`, before writing any file, when `into` is not a folder, a symbolic link lies
+    /// between it and a sidecar, or (with `overwrite`) a sidecar's place holds something `OutputPath` refuses.
     public static func export(from queue: JobQueue, _ filter: JobFilter, options: SidecarOptions) throws -> SidecarReport {
         var report = SidecarReport()
         var captions: [(jobID: Int64, image: String, text: String)] = []
@@ -63,9 +65,17 @@ public enum CaptionSidecars {
         }
         // Over every succeeded job, readable or not, so that a file unreadable today does not move the others' tree.
         let root = options.into.map { _ in commonFolder(of: captions.map(\.image) + report.unreadable.map(\.image)) }
+        let paths = captions.map { sidecarPath(of: $0.image, options: options, root: root) }
+        // Every path is checked before the first file is written, so a refusal leaves nothing half exported.
+        if let into = options.into {
+            try OutputPath.checkDirectory(into.path)
+            for path in paths { try checkNoLink(below: into, on: path) }
+        }
+        if options.overwrite {
+            for path in paths { try OutputPath.checkFile(path) }
+        }
         var claimed: [String: Int64] = [:]
-        for caption in captions {
-            let path = sidecarPath(of: caption.image, options: options, root: root)
+        for (caption, path) in zip(captions, paths) {
             if path == URL(fileURLWithPath: caption.image).standardizedFileURL.path {
                 report.skipped.append(.init(jobID: caption.jobID, path: path, reason: "it would replace the image itself"))
                 continue
@@ -76,11 +86,8 @@ public enum CaptionSidecars {
             }
             claimed[path] = caption.jobID
             let url = URL(fileURLWithPath: path)
-            do {
-                try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
-            } catch {
-                throw ArtifactError.io(path: url.deletingLastPathComponent().path, operation: "create directory", reason: error.localizedDescription)
-            }
+            if let into = options.into { try checkNoLink(below: into, on: path) }
+            try OutputPath.makeDirectory(url.deletingLastPathComponent())
             if options.overwrite {
                 try AtomicFile.write(Data(caption.text.utf8), to: url)
                 report.written.append(path)
@@ -91,6 +98,24 @@ public enum CaptionSidecars {
             }
         }
         return report
+    }
+
+    /// Refuses a symbolic link among the folders between `into` and the sidecar at `path` (which lies under it):
+    /// following one could write outside the tree `--into` names. `into` itself may be a link; a link in the sidecar's
+    /// own place is replaced as a name (with `overwrite`) or skipped, never followed.
+    static func checkNoLink(below into: URL, on path: String) throws {
+        let top = into.standardizedFileURL.pathComponents, components = URL(fileURLWithPath: path).pathComponents
+        guard components.count > top.count + 1 else { return }
+        var url = into.standardizedFileURL
+        for component in components[top.count ..< components.count - 1] {
+            url.appendPathComponent(component)
+            var status = stat()
+            guard lstat(url.path, &status) == 0 else { return }  // nothing further exists yet
+            if status.st_mode & S_IFMT == S_IFLNK {
+                throw ArtifactError.refusedOutput(path: url.path, reason: "is a symbolic link inside --into \(into.path); sidecars are not written "
+                                                  + "through links, which could lead out of that folder")
+            }
+        }
     }
 
     /// `image` with its extension replaced, beside it or mirrored under `options.into` relative to `root`.

@@ -18,17 +18,14 @@ public final class DirectoryArtifactStore: ArtifactStore, @unchecked Sendable {
     private let lock = NSLock()
     private var recordedSnapshotPaths: Set<Int64> = []
 
-    /// The store of `queue` under `out`; creates `<out>/<queue id>/snapshots` when missing. `identity` is the queue's
+    /// The store of `queue` under `out`; creates `<out>/<queue id>/snapshots` when missing, refusing
+    /// a path on the way that is not a folder (`OutputPath`). `identity` is the queue's
     /// own unless given (`dllava copy` writes under the identity the copy takes).
     public init(queue: JobQueue, out: URL, identity: String? = nil) throws {
         self.queue = queue
         results = try ResultFile(directory: Self.queueDirectory(out: out, queue: identity ?? queue.identity))
         snapshotDirectory = results.directory.appendingPathComponent("snapshots")
-        do {
-            try FileManager.default.createDirectory(at: snapshotDirectory, withIntermediateDirectories: true)
-        } catch {
-            throw ArtifactError.io(path: snapshotDirectory.path, operation: "create directory", reason: error.localizedDescription)
-        }
+        try OutputPath.makeDirectory(snapshotDirectory)
     }
 
     /// `<out>/<queue identity>`: where one queue's result and snapshot files live.

@@ -54,7 +54,7 @@ public struct ExportRecord: Encodable, Sendable, Equatable {
                                       error: job.state == .succeeded ? nil : job.error)
             if job.state == .succeeded {
                 do {
-                    let summary = try storedResult(of: job, in: queue)
+                    let summary = try RecordedResult.read(ResultSummary.self, of: job, in: queue)
                     record.text = summary.text
                     record.finishReason = summary.finishReason
                 } catch let error as ArtifactError {
@@ -67,20 +67,5 @@ public struct ExportRecord: Encodable, Sendable, Equatable {
             }
             try body(record)
         }
-    }
-
-    /// The result a succeeded job recorded, checked against its sha256: from the queue's database when it stores
-    /// results (PostgreSQL), else (or for a job that finished before results were stored there) from the file its row
-    /// records.
-    static func storedResult(of job: Job, in queue: JobQueue) throws -> ResultSummary {
-        if let stored = queue.storedArtifacts {
-            let place = "the stored result of attempt \(job.attempt) in \(stored.location)"
-            if let bytes = try stored.result(of: job) {
-                return try ResultFile.decode(ResultSummary.self, from: bytes, path: place, expectedSHA256: job.outputSHA256)
-            }
-            if job.outputPath == nil { throw ArtifactError.malformedResult(path: place, reason: "it is missing") }
-        }
-        guard let path = job.outputPath else { throw ArtifactError.malformedResult(path: "-", reason: "no result file recorded") }
-        return try ResultFile.read(ResultSummary.self, from: URL(fileURLWithPath: path), expectedSHA256: job.outputSHA256)
     }
 }

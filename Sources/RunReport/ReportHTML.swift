@@ -15,8 +15,7 @@ extension RunReport {
             let jobs: [ReportJob]
         }
         // Encodable values of plain strings and numbers always encode.
-        let json = String(decoding: try! encoder.encode(Payload(totals: totals, jobs: jobs)), as: UTF8.self)
-            .replacingOccurrences(of: "</", with: "<\\/")
+        let json = Self.scriptSafe(String(decoding: try! encoder.encode(Payload(totals: totals, jobs: jobs)), as: UTF8.self))
         let states = totals.states.keys.sorted()
         let keptShare = totals.imageTokensTotal > 0 ? String(format: "%.1f%%", 100 * Double(totals.imageTokensKept) / Double(totals.imageTokensTotal)) : "-"
         let perMinute = totals.wallSeconds > 0 ? String(format: "%.1f", Double(totals.states["succeeded", default: 0]) * 60 / totals.wallSeconds) : "-"
@@ -87,6 +86,33 @@ extension RunReport {
         if seconds < 120 { return String(format: "%.0f s", seconds) }
         if seconds < 7200 { return String(format: "%.0f min", seconds / 60) }
         return String(format: "%.1f h", seconds / 3600)
+    }
+
+    /// JSON that can sit inside a `<script>` element whatever its strings hold: `<`, `>`, `&`, U+2028 and U+2029 become
+    /// `\u003c`-style escapes, so no `</script>`, `<!--` or `<script` can end the element or switch the HTML
+    /// parser's script-data state, and the text is also valid JavaScript. These characters occur only inside JSON
+    /// strings, where the escape means the same character.
+    static func scriptSafe(_ json: String) -> String {
+        var escaped: [UInt8] = []
+        escaped.reserveCapacity(json.utf8.count)
+        let bytes = Array(json.utf8)
+        var index = 0
+        func append(_ escape: String) { escaped.append(contentsOf: escape.utf8) }
+        while index < bytes.count {
+            let byte = bytes[index]
+            switch byte {
+            case UInt8(ascii: "<"): append("\\u003c")
+            case UInt8(ascii: ">"): append("\\u003e")
+            case UInt8(ascii: "&"): append("\\u0026")
+            // U+2028 and U+2029 in UTF-8: E2 80 A8 and E2 80 A9.
+            case 0xE2 where index + 2 < bytes.count && bytes[index + 1] == 0x80 && (bytes[index + 2] == 0xA8 || bytes[index + 2] == 0xA9):
+                append(bytes[index + 2] == 0xA8 ? "\\u2028" : "\\u2029")
+                index += 2
+            default: escaped.append(byte)
+            }
+            index += 1
+        }
+        return String(decoding: escaped, as: UTF8.self)
     }
 
     static func escape(_ text: String) -> String {

@@ -1,7 +1,9 @@
 // `dllava report`: one self-contained HTML file that shows a queue's run: per job the image (a thumbnail embedded
 // as a data URI, with the kept image patches of a Dynamic-LLaVA job drawn over it), the caption or the error, state,
-// timings and tokens; the totals; jobs finished over time. It reads the queue and the result files, never the model.
+// timings and tokens; the totals; jobs finished over time. It reads the queue and its stored results (files, or the
+// database of a PostgreSQL queue, the way `export` does), never the model.
 import Artifacts
+import BatchDaemon
 import Foundation
 import Imaging
 import JobQueue
@@ -47,18 +49,22 @@ public struct ReportJob: Encodable, Sendable, Equatable {
     public var imageTokensKept: Int?
     /// The kept patches are drawn on the thumbnail.
     public var patchesDrawn = false
+    /// The job succeeded but its result could not be read; `error` says why.
+    public var resultUnreadable = false
     public var prefillMilliseconds: Double?
     public var decodeMilliseconds: Double?
     /// Unix milliseconds.
     public var startedAt: Int64?
     public var finishedAt: Int64?
-    /// `data:image/jpeg;base64,...`, or nil with `thumbnailNote` saying why.
+    /// `data:image/jpeg;base64,...`, or nil with `thumbnailNote` saying why (the image is gone or unreadable, or it
+    /// changed since the job ran: then neither it nor the kept patches are drawn).
     public var thumbnail: String?
     public var thumbnailNote: String?
 
     enum CodingKeys: String, CodingKey {
         case id, customID = "custom_id", image, prompt, state, attempts, text, error, finishReason = "finish_reason", tokens
         case imageTokensTotal = "image_tokens_total", imageTokensKept = "image_tokens_kept", patchesDrawn = "patches_drawn"
+        case resultUnreadable = "result_unreadable"
         case prefillMilliseconds = "prefill_ms", decodeMilliseconds = "decode_ms", startedAt = "started_at", finishedAt = "finished_at"
         case thumbnail, thumbnailNote = "thumbnail_note"
     }
@@ -83,23 +89,28 @@ public struct RunReport: Sendable {
     public var title: String
     public var jobs: [ReportJob] = []
     public var totals = ReportTotals()
+    /// One sentence per succeeded job whose result could not be read ("job 3: ..."); the page shows each on its job.
+    public var unreadableResults: [String] = []
 
     /// Thumbnails: the longer side in pixels, and the JPEG quality.
     public static let thumbnailSide = 128
     public static let thumbnailQuality = 72
 
-    /// Reads every job of `queue` (by id) and the result files of the succeeded ones. A result file that cannot be
-    /// read, or an image that is gone, is shown as such on its job; nothing here fails the report.
+    /// Reads every job of `queue` (by id) and the results of the succeeded ones (`RecordedResult`, from the files or
+    /// the database that holds them). A result that cannot be read (also listed in `unreadableResults`), an image that
+    /// is gone, or an image whose sha256 is no longer the one its job recorded is shown as such on its job.
     public static func build(from queue: JobQueue, title: String) throws -> RunReport {
         var report = RunReport(title: title)
         try queue.forEach(.all) { job in
-            report.jobs.append(reportJob(job))
+            let entry = reportJob(job, in: queue)
+            if entry.resultUnreadable, let error = entry.error { report.unreadableResults.append("job \(job.id): \(error)") }
+            report.jobs.append(entry)
         }
         report.totals = totals(of: report.jobs)
         return report
     }
 
-    static func reportJob(_ job: Job) -> ReportJob {
+    static func reportJob(_ job: Job, in queue: JobQueue) -> ReportJob {
         var entry = ReportJob(id: job.id, customID: job.customID, image: job.imagePath, prompt: job.prompt, state: job.state.rawValue,
                               attempts: job.attempt, error: job.state == .succeeded ? nil : job.error,
                               prefillMilliseconds: job.timings?.prefillMs, decodeMilliseconds: job.timings?.decodeMs,
@@ -107,8 +118,7 @@ public struct RunReport: Sendable {
         var kept: [Int]?
         if job.state == .succeeded {
             do {
-                guard let path = job.outputPath else { throw ArtifactError.malformedResult(path: "-", reason: "no result file recorded") }
-                let result = try ResultFile.read(ReportResult.self, from: URL(fileURLWithPath: path), expectedSHA256: job.outputSHA256)
+                let result = try RecordedResult.read(ReportResult.self, of: job, in: queue)
                 entry.text = result.text
                 entry.finishReason = result.finishReason
                 entry.tokens = result.tokenIDs.count
@@ -118,10 +128,17 @@ public struct RunReport: Sendable {
                 entry.prefillMilliseconds = result.stats?.prefillMilliseconds ?? entry.prefillMilliseconds
                 entry.decodeMilliseconds = result.stats?.decodeMilliseconds ?? entry.decodeMilliseconds
             } catch {
-                entry.error = "the result file cannot be read: \(error)"
+                entry.error = "the result cannot be read: \(error)"
+                entry.resultUnreadable = true
             }
         }
         do {
+            let current = try Checksum.sha256Hex(fileAt: URL(fileURLWithPath: job.imagePath))
+            guard current == job.imageSHA256 else {
+                // The job's caption and kept patches describe the image it was given, not the one there now.
+                entry.thumbnailNote = "image changed since the job ran: \(job.imagePath) has sha256 \(current), the job recorded \(job.imageSHA256)"
+                return entry
+            }
             let (thumbnail, drawn) = try thumbnail(of: job.imagePath, kept: kept, imageTokens: entry.imageTokensTotal)
             entry.thumbnail = "data:image/jpeg;base64," + thumbnail.base64EncodedString()
             entry.patchesDrawn = drawn

@@ -12,14 +12,17 @@ struct ExportCommand: ParsableCommand {
         file, or from a PostgreSQL queue's database, checked against its recorded sha256) and error. JSONL leaves out absent fields; CSV has a header row and \
         empty cells for them. The output file is written atomically. A result file that cannot be read is reported on \
         stderr, its record carries the error, and the exit status is 65. An --output that is the queue database or its \
-        -wal or -shm file (by device and inode, so links count), or an existing file that is not a regular file (a \
-        directory, FIFO or device), is refused with exit status 64 before anything is written.
+        -wal, -shm or -journal file (by device and inode, so links count, or by name when that file does not exist), \
+        another SQLite database, or an existing file that is not a regular file (a directory, FIFO, socket or device, \
+        or a link to one), is refused with exit status 64 before anything is written.
 
         --format sidecar writes no --output: one caption file per succeeded job, named like its image with \
         --extension (cat.png -> cat.txt), the layout kohya-ss, taggui and OneTrainer read. The files go beside the \
         images, or with --into DIR into a tree under DIR that mirrors the images' folders below the deepest folder \
         holding them all. A file that exists is skipped and reported unless --overwrite; when two jobs caption the \
-        same image, the first by job id writes the file and the other is reported.
+        same image, the first by job id writes the file and the other is reported. An --into that is not a folder, a \
+        symbolic link among the folders below it, or (with --overwrite) a caption's place holding a device, FIFO, \
+        socket or folder, is refused with exit status 64 before any file is written.
         """)
 
     enum Format: String, ExpressibleByArgument, CaseIterable { case jsonl, csv, sidecar }
@@ -59,29 +62,11 @@ struct ExportCommand: ParsableCommand {
         }
     }
 
-    /// Refuses an output that would destroy the queue (the database or its -wal or -shm, by device and inode: a
-    /// link or another spelling of the path is the same file) or that is not a regular file; renaming the export
-    /// over any of these would replace it.
-    static func checkOutput(_ output: String, database: String) throws {
-        var target = stat()
-        guard stat(output, &target) == 0 else { return }  // nothing there yet (or a dangling link, replaced as a name)
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            var file = stat()
-            if stat(database + suffix, &file) == 0 && file.st_dev == target.st_dev && file.st_ino == target.st_ino {
-                throw CommandFailure(message: "--output \(output) is the queue database\(suffix.isEmpty ? "" : "'s \(suffix) file") \(database + suffix); "
-                                     + "export to another file", code: 64)
-            }
-        }
-        guard target.st_mode & S_IFMT == S_IFREG else {
-            throw CommandFailure(message: "--output \(output) exists and is not a regular file; export to a regular file or to -", code: 64)
-        }
-    }
-
     func run() throws {
         if resolvedFormat == .sidecar { return try writeSidecars() }
         let output = output ?? "-"
         try runQueueCommand(self, database: database.path) {
-            if output != "-" { try Self.checkOutput(output, database: database.path) }
+            if output != "-" { try checkOutputFile(output, option: "--output", database: database) }
             let queue = try database.open(readOnly: true)
             let filter = JobFilter(states: state.isEmpty ? nil : Set(state))
             var unreadable = 0
@@ -111,6 +96,7 @@ struct ExportCommand: ParsableCommand {
     /// `--format sidecar`: the caption files, then one line per skipped job on stderr and a summary on stdout.
     func writeSidecars() throws {
         try runQueueCommand(self, database: database.path) {
+            if let into { try checkOutputDirectory(into, option: "--into") }
             let queue = try database.open(readOnly: true)
             let options = SidecarOptions(fileExtension: sidecarExtension, into: into.map { URL(fileURLWithPath: $0) }, overwrite: overwrite)
             let report = try CaptionSidecars.export(from: queue, .all, options: options)

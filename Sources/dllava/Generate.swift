@@ -155,6 +155,7 @@ struct Generate: ParsableCommand {
 
     func run() throws {
         try reportingFailures {
+            if let keptPatches { try checkOutputFile(keptPatches, option: "--kept-patches", database: nil) }
             let model = try modelOptions.load()
             let sampling = SamplingParameters(temperature: temperature, topK: topK, topP: topP, seed: seed)
             let mode = sparsity ?? Generator(model: model).defaultSparsityMode

@@ -18,7 +18,7 @@ struct Quantize: ParsableCommand {
     @Option(help: "The model directory to quantize (either checkpoint layout).")
     var model: String
 
-    @Option(help: "The directory to write (must not exist, or be empty).")
+    @Option(help: "The directory to write (must not exist, or be an empty folder; anything else there is refused with exit 64).")
     var output: String
 
     @Option(help: "The weight format: q8.")
@@ -26,6 +26,7 @@ struct Quantize: ParsableCommand {
 
     func run() throws {
         try reportingFailures {
+            try checkOutputDirectory(output, option: "--output")
             let outputURL = URL(fileURLWithPath: output)
             let summary = try ModelQuantizer.quantize(model: URL(fileURLWithPath: model), output: outputURL, type: type)
             _ = try LLaVAModel.load(directory: outputURL)

@@ -79,6 +79,26 @@ struct SelectionOptions: ParsableArguments {
     }
 }
 
+/// `OutputPath.checkFile` for the file a command's `option` names, before any work: a refusal is exit 64 naming the
+/// option and the path. `database`'s file and its -wal, -shm and -journal names are refused too.
+func checkOutputFile(_ path: String, option: String, database: DatabaseOptions?) throws {
+    let databases = database.map { $0.isPostgres ? [] : [$0.location] } ?? []
+    do {
+        try OutputPath.checkFile(path, protecting: databases)
+    } catch {
+        throw CommandFailure(message: "\(option) \(error)", code: 64)
+    }
+}
+
+/// `OutputPath.checkDirectory` for the folder a command's `option` names: a refusal is exit 64.
+func checkOutputDirectory(_ path: String, option: String) throws {
+    do {
+        try OutputPath.checkDirectory(path)
+    } catch {
+        throw CommandFailure(message: "\(option) \(error)", code: 64)
+    }
+}
+
 /// Runs a queue command body, mapping its errors to one sentence and a sysexits code (`queueCommandFailure`).
 func runQueueCommand(_ command: some ParsableCommand, database: String, _ body: () throws -> Void) throws {
     try command.reportingFailures {
@@ -92,9 +112,9 @@ func runQueueCommand(_ command: some ParsableCommand, database: String, _ body: 
     }
 }
 
-/// The one place queue, manifest, artifact, daemon and SQLite errors get their sentence and exit code: 65 bad data,
-/// 74 I/O error (a full disk, a file that cannot be written), 75 database busy, 78 configuration (no database, not a
-/// queue, another schema), 1 anything else.
+/// The one place queue, manifest, artifact, daemon and SQLite errors get their sentence and exit code: 64 an output
+/// path refused (`OutputPath`), 65 bad data, 74 I/O error (a full disk, a file that cannot be written), 75 database
+/// busy, 78 configuration (no database, not a queue, another schema), 1 anything else.
 func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
     switch error {
     case let error as JobQueueError:
@@ -124,6 +144,8 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
     case let error as DaemonFault:
         return CommandFailure(message: error.description, code: 74)
     case let error as ArtifactError:
+        if case .refusedOutput = error { return CommandFailure(message: error.description, code: 64) }
+        if case .inFile(_, .refusedOutput) = error { return CommandFailure(message: error.description, code: 64) }
         if case .io = error { return CommandFailure(message: error.description, code: 74) }
         if case .inFile(_, .io) = error { return CommandFailure(message: error.description, code: 74) }
         return CommandFailure(message: error.description, code: 65)

@@ -204,7 +204,10 @@ struct Run: ParsableCommand {
         textfile atomically whenever jobs finish (at most every 10 s otherwise) and at exit, for cron runs; \
         --metrics-port N serves GET /metrics over HTTP on --metrics-host (127.0.0.1 unless given), for a daemon \
         under systemd. A metrics file that cannot be written at start, or a port that cannot be bound, exits 78 \
-        before any job is claimed; a later failed write is logged and the run goes on.
+        before any job is claimed; a later failed write is logged and the run goes on. A --metrics-file that is \
+        not a regular file (a device, FIFO, socket, folder, or a link to one) or that names the queue database or \
+        its -wal, -shm or -journal file, and an --out that is not a folder, are refused with exit 64 before \
+        anything is written.
         """)
 
     @OptionGroup var database: DatabaseOptions
@@ -275,6 +278,8 @@ struct Run: ParsableCommand {
 
     func run() throws {
         try runQueueCommand(self, database: database.path) {
+            if let metricsFile { try checkOutputFile(metricsFile, option: "--metrics-file", database: database) }
+            if let out { try checkOutputDirectory(out, option: "--out") }
             if let lockFile { try holdLock(lockFile) }
             var options = DaemonOptions()
             options.batchSize = batchSize

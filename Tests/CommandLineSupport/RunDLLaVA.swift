@@ -14,8 +14,14 @@ public struct ProcessResult: Sendable {
 /// Runs `dllava arguments` (in `directory` when given, with `environment` when given) to completion.
 @discardableResult
 public func runDLLaVA(_ arguments: [String], in directory: URL? = nil, environment: [String: String]? = nil) throws -> ProcessResult {
+    try runProgram(dllavaExecutable, arguments, in: directory, environment: environment)
+}
+
+/// Runs `executable arguments` to completion (a helper the tests check dllava's output with, such as an HTML parser).
+@discardableResult
+public func runProgram(_ executable: URL, _ arguments: [String], in directory: URL? = nil, environment: [String: String]? = nil) throws -> ProcessResult {
     let process = Process()
-    process.executableURL = dllavaExecutable
+    process.executableURL = executable
     process.arguments = arguments
     if let directory { process.currentDirectoryURL = directory }
     if let environment { process.environment = environment }

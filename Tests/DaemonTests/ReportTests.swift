@@ -9,8 +9,7 @@ import Testing
 func reportData(_ html: String) throws -> [String: Any] {
     let start = try #require(html.range(of: #"<script type="application/json" id="report-data">"#))
     let end = try #require(html.range(of: "</script>", range: start.upperBound ..< html.endIndex))
-    let json = html[start.upperBound ..< end.lowerBound].replacingOccurrences(of: "<\\/", with: "</")
-    return try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])
+    return try #require(try JSONSerialization.jsonObject(with: Data(html[start.upperBound ..< end.lowerBound].utf8)) as? [String: Any])
 }
 
 /// Width and height from a PNG's IHDR chunk.

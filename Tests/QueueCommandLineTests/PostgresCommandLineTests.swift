@@ -1,4 +1,5 @@
 // The queue commands with `--db postgres://...` (and `DLLAVA_DB`), on the throwaway test server (TestPostgres).
+import Artifacts
 import CommandLineSupport
 import Foundation
 import JobQueue
@@ -69,6 +70,47 @@ struct PostgresCommandLineTests {
         #expect(exported.status == 65, "\(exported.standardError)")
         #expect(exported.errorLines.first?.hasPrefix("dllava: job 1: the stored result of attempt 1 in \(url) has sha256 ") == true, "\(exported.standardError)")
         #expect(exported.standardOutput.split(separator: "\n").count == 3)
+    }
+
+    @Test func reportReadsCaptionsFromTheDatabaseAsExportDoesAndExits65OnADamagedOne() throws {
+        let workspace = try Workspace()
+        defer { workspace.remove() }
+        let url = try TestPostgres.shared().createDatabase()
+        let database = String(url.split(separator: "/").last!)
+        #expect(try workspace.run(["init", "--db", url]).status == 0)
+        _ = try workspace.run(["enqueue", "--db", url, "--jsonl", try workspace.standardManifest().path])
+        // Jobs a and b succeeded with results stored only in the database, as a worker without --out leaves them.
+        for (customID, caption) in [("a", "A red circle."), ("b", "Two blue triangles.")] {
+            let record = ResultRecord(queueID: "q", jobID: 0, attempt: 1, customID: customID, text: caption, tokenIDs: [1, 2, 3], finishReason: "stop",
+                                      parameters: JobParameters(), stats: Stats(decode_ms: 1), model: ModelFingerprint(fingerprint: "f"),
+                                      timings: ResultTimings(startedAt: 1, finishedAt: 2))
+            let bytes = try ResultFile.encode(record)
+            let sha256 = Checksum.sha256Hex(bytes)
+            _ = try TestPostgres.shared().psql("""
+                UPDATE dllava.job SET state = 'succeeded', attempt = 1, finalized_at = 1, output_sha256 = '\(sha256)' WHERE custom_id = '\(customID)';
+                INSERT INTO dllava.result SELECT id, 1, '\(sha256)', '\\x\(bytes.map { String(format: "%02x", $0) }.joined())'::bytea, 1
+                    FROM dllava.job WHERE custom_id = '\(customID)'
+                """, database: database)
+        }
+        func shownJobs() throws -> (ProcessResult, [[String: Any]]) {
+            let report = try workspace.run(["report", "--db", url, "--output", "report.html"])
+            let page = try parseReportPage(workspace.directory.appendingPathComponent("report.html").path)
+            let data = try #require(try JSONSerialization.jsonObject(with: Data(page.scripts[0].text.utf8)) as? [String: Any])
+            return (report, try #require(data["jobs"] as? [[String: Any]]))
+        }
+        let (report, jobs) = try shownJobs()
+        #expect(report.status == 0, "\(report.standardError)")
+        #expect(jobs.map { $0["text"] as? String } == ["A red circle.", "Two blue triangles.", nil])
+        #expect(jobs.prefix(2).allSatisfy { $0["tokens"] as? Int == 3 && $0["error"] == nil })
+
+        // Job b's stored bytes no longer match the sha256 its row records: the page says so, and the exit status is 65.
+        _ = try TestPostgres.shared().psql("UPDATE dllava.result SET record = '\\x0102'::bytea WHERE job_id = (SELECT id FROM dllava.job WHERE custom_id = 'b')",
+                                           database: database)
+        let (damaged, shown) = try shownJobs()
+        #expect(damaged.status == 65, "\(damaged.standardError)")
+        #expect(damaged.errorLines.first?.hasPrefix("dllava: job 2: the result cannot be read: the stored result of attempt 1 in \(url) has sha256 ") == true,
+                "\(damaged.standardError)")
+        #expect(shown[0]["text"] as? String == "A red circle." && shown[1]["text"] == nil && shown[1]["result_unreadable"] as? Bool == true)
     }
 
     @Test func runOnAnSQLiteQueueNeedsAnOutputFolder() throws {

@@ -298,9 +298,9 @@ struct QueueCommandLineTests {
         let fifo = workspace.directory.appendingPathComponent("pipe.jsonl").path
         #expect(mkfifo(fifo, 0o644) == 0)
         let folder = workspace.directory.appendingPathComponent("images").path
-        for output in [fifo, folder] {
+        for (output, kind) in [(fifo, "a FIFO"), (folder, "a folder")] {
             let run = try workspace.queue("export", "--output", output)
-            #expect(run.status == 64 && run.errorLines == ["dllava: --output \(output) exists and is not a regular file; export to a regular file or to -"],
+            #expect(run.status == 64 && run.errorLines == ["dllava: --output \(output) is \(kind), not a regular file; nothing was written there"],
                     "\(run.standardError)")
         }
         var status = stat()

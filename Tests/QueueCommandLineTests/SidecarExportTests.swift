@@ -106,4 +106,37 @@ struct SidecarExportTests {
         #expect(try workspace.queue("export", "--format", "csv").status == 64)
         #expect(contents(workspace, "images/x/a.txt") == nil)
     }
+
+    @Test func intoRefusesASymlinkedFolderThatLeadsOutOfTheTreeAndWritesNothing() throws {
+        let workspace = try captionedQueue()
+        defer { workspace.remove() }
+        let outside = workspace.directory.appendingPathComponent("outside")
+        try FileManager.default.createDirectory(at: outside, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: workspace.directory.appendingPathComponent("captions"), withIntermediateDirectories: true)
+        let link = workspace.directory.appendingPathComponent("captions/x").path
+        #expect(symlink(outside.path, link) == 0)
+        for overwrite in [[], ["--overwrite"]] {
+            let result = try workspace.run(["export", "--db", workspace.database, "--format", "sidecar", "--into", "captions"] + overwrite)
+            #expect(result.status == 64, "\(result.standardError)")
+            #expect(result.errorLines == ["dllava: \(link) is a symbolic link inside --into \(workspace.directory.appendingPathComponent("captions").path); "
+                                          + "sidecars are not written through links, which could lead out of that folder; nothing was written there"],
+                    "\(result.standardError)")
+        }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: outside.path).isEmpty)
+        // Nothing at all: not even the captions of the folder without a link.
+        #expect(contents(workspace, "captions/y/b.txt") == nil)
+    }
+
+    @Test func overwriteRefusesAFIFOInACaptionsPlaceBeforeWritingAny() throws {
+        let workspace = try captionedQueue()
+        defer { workspace.remove() }
+        let fifo = workspace.directory.appendingPathComponent("images/y/b.txt").path
+        #expect(mkfifo(fifo, 0o644) == 0)
+        let result = try workspace.queue("export", "--format", "sidecar", "--overwrite")
+        #expect(result.status == 64, "\(result.standardError)")
+        #expect(result.errorLines == ["dllava: \(fifo) is a FIFO, not a regular file; nothing was written there"], "\(result.standardError)")
+        #expect(contents(workspace, "images/x/a.txt") == nil)
+        var status = stat()
+        #expect(lstat(fifo, &status) == 0 && status.st_mode & S_IFMT == S_IFIFO)
+    }
 }
