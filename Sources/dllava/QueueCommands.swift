@@ -99,7 +99,8 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
     switch error {
     case let error as JobQueueError:
         switch error {
-        case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue: return CommandFailure(message: error.description, code: 78)
+        case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue, .connectionSettings:
+            return CommandFailure(message: error.description, code: 78)
         case .corruptRow, .invalidJob, .corruptArtifact: return CommandFailure(message: "\(database): \(error)", code: 65)
         case .badLocation: return CommandFailure(message: error.description, code: 64)
         case .database(_, let failure, _):
