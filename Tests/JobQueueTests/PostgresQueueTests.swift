@@ -77,7 +77,12 @@ struct PostgresQueueTests {
     @Test func malformedURLsAreRefusedWithTheirReason() throws {
         for (url, reason) in [("postgres://host/db", "it names no user (postgres://USER@host/database)"),
                               ("postgres://u@host", "it names no database (postgres://user@host/DATABASE)"),
-                              ("postgres://u@host/db?sslmode=require", "the parameter 'sslmode' is not supported (only host=/socket/folder)")] {
+                              ("postgres://u@host/db?application_name=x", "the parameter 'application_name' is not supported (only host, sslmode, sslrootcert)"),
+                              ("postgres://u@host/db?sslmode=allow",
+                               "sslmode=allow is not supported (it tries clear text first): use prefer, require, verify-ca or verify-full"),
+                              ("postgres://u@host/db?sslmode=on", "sslmode must be one of disable, prefer, require, verify-ca, verify-full, not 'on'"),
+                              ("postgres://u@localhost/db?host=/run/postgresql&sslmode=require",
+                               "sslmode=require cannot be met over a Unix socket (host=/run/postgresql), which never uses TLS")] {
             #expect(throws: JobQueueError.badLocation(location: url, reason: reason)) { try PostgresAddress(url) }
         }
         // The password never shows in what errors print.

@@ -177,7 +177,7 @@ struct QueueTests {
         for (sql, index) in [(SQLiteJobQueue.claimSQL, "job_claim_order"), (SQLiteJobQueue.rescueSQL, "job_lease_expiry")] {
             let plan = try pool.read { db in
                 try Row.fetchAll(db, sql: "EXPLAIN QUERY PLAN " + sql.replacingOccurrences(of: "RETURNING *", with: ""),
-                                 arguments: sql.contains("?1") ? [0] : ["o", 0, 0, 0, 0, 0, 1]).map { $0["detail"] as String }
+                                 arguments: sql.contains("?1") ? [0, 3] : ["o", 0, 0, 0, 0, 0, 1]).map { $0["detail"] as String }
             }
             #expect(plan.contains { $0.contains("USING INDEX \(index)") || $0.contains("USING COVERING INDEX \(index)") }, "\(plan)")
             #expect(!plan.contains { $0.contains("TEMP B-TREE") }, "\(plan)")
