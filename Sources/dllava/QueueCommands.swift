@@ -16,8 +16,9 @@ extension JobState: ExpressibleByArgument {}
 /// `--db`, shared by every queue command: an SQLite file, or a PostgreSQL queue's `postgres://` URL.
 struct DatabaseOptions: ParsableArguments {
     @Option(name: .customLong("db"), help: ArgumentHelp(
-        "Queue: an SQLite file, or postgres://user[:password]@host[:port]/database for a queue that workers on many machines "
-            + "share (default: $DLLAVA_DB, else ./dllava.sqlite).", valueName: "path-or-url"))
+        "Queue: an SQLite file, or postgres://user@host[:port]/database[?sslmode=MODE&sslrootcert=FILE] for a queue that "
+            + "workers on many machines share, its password from $PGPASSWORD or ~/.pgpass ($PGPASSFILE), never the command line "
+            + "(default: $DLLAVA_DB, else ./dllava.sqlite).", valueName: "path-or-url"))
     var database: String?
 
     @Option(name: .customLong("busy-timeout"), help: """
