@@ -270,8 +270,8 @@ public final class SQLiteJobQueue: JobQueue {
         """
 
     /// The SET clause that ends a running row whose worker died (`event` says how, as an SQL text expression, and
-    /// `detail`, when not empty, why it was taken for dead), with
-    /// ?1 now and ?2 the death limit: `cancelled` when a cancel was requested; else, when the job progressed during the
+    /// `detail`, when not empty, why it was taken for dead), with ?1 now and ?2 the death limit (docs/FORMATS.md,
+    /// "Worker deaths and progress"): `cancelled` when a cancel was requested; else, when the job progressed during the
     /// attempt (`progress > progress_at_claim`), `retryable` at once with the attempt given back (`max_attempts` + 1)
     /// and its deaths without progress reset; else the death is counted, and the job is `failed` at the death limit
     /// ("suspected of crashing the worker") or when that was its last attempt, `retryable` at once otherwise. Every
@@ -436,8 +436,8 @@ public final class SQLiteJobQueue: JobQueue {
         return try chunked { db, now in
             try db.execute(sql: """
                 UPDATE job
-                SET state = 'available', max_attempts = attempt + ?, run_at = ?, finalized_at = NULL, cancel_requested = 0, deaths_without_progress = 0,
-                    error = NULL, output_path = NULL, output_sha256 = NULL, timings = NULL, updated_at = ?
+                SET state = 'available', max_attempts = attempt + ?, run_at = ?, finalized_at = NULL, cancel_requested = 0,
+                    deaths_without_progress = 0, error = NULL, output_path = NULL, output_sha256 = NULL, timings = NULL, updated_at = ?
                 WHERE id IN (SELECT id FROM job WHERE \(condition) AND state IN ('failed', 'cancelled') LIMIT ?)
                 """, arguments: [attempts, now, now] + arguments + [Self.chunkSize])
         }
