@@ -118,8 +118,9 @@ final class PostgresSession: @unchecked Sendable {
         do {
             return try PostgresConnection.connect(on: MultiThreadedEventLoopGroup.singleton.next(), configuration: configuration,
                                                   id: id, logger: logger).wait()
-        } catch let error where tlsRefusal(error) != nil {
-            throw JobQueueError.connectionSettings(location: address.description, reason: tlsRefusal(error)!)
+        } catch {
+            guard let reason = tlsRefusal(error) else { throw error }
+            throw JobQueueError.connectionSettings(location: address.description, reason: reason)
         }
     }
 
