@@ -11,8 +11,8 @@ import JobQueue
 final class Heartbeat: @unchecked Sendable {
     private let lock = NSLock()
     private var tracked: Set<Int64> = []
-    /// The latest progress of tracked jobs (`Job.progress`), sent with every beat.
-    private var progress: [Int64: Int64] = [:]
+    /// The latest progress of tracked jobs, sent with every beat.
+    private var progress: [Int64: JobProgress] = [:]
     private var lostLeases: Set<Int64> = []
     private var stopped = false
 
@@ -49,7 +49,7 @@ final class Heartbeat: @unchecked Sendable {
     }
 
     /// Records a tracked job's progress, sent at the next beat.
-    func record(progress value: Int64, of id: Int64) { lock.withLock { progress[id] = value } }
+    func record(_ value: JobProgress, of id: Int64) { lock.withLock { progress[id] = value } }
 
     /// Jobs whose lease was found lost since they were tracked.
     var lost: Set<Int64> { lock.withLock { lostLeases } }

@@ -47,7 +47,7 @@ public protocol JobQueue: AnyObject, Sendable {
     /// Extends the leases of `jobs` that `owner` still holds to `now + leaseDuration`, raises their recorded progress to
     /// what `progress` gives for them (never lowers it; jobs it leaves out keep theirs), beats the worker registry, and
     /// says which of them a `cancel` asked to stop.
-    func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: Int64]) throws -> HeartbeatResult
+    func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: JobProgress]) throws -> HeartbeatResult
 
     /// The jobs among `jobs` whose cancellation was requested (a read; cheap enough for every decode step).
     func cancelRequested(among jobs: [Int64]) throws -> Set<Int64>
@@ -331,7 +331,22 @@ public struct PruneResult: Sendable, Hashable {
 }
 
 
-extension Dictionary where Key == Int64, Value == Int64 {
-    /// `{"<id>": <progress>, ...}`: how a heartbeat's progress travels to either database as one argument.
-    package var jsonObject: String { "{" + map { "\"\($0.key)\":\($0.value)" }.joined(separator: ",") + "}" }
+/// What a worker reports of a running job's progress with each heartbeat. A worker's death costs the job no attempt
+/// when either figure got past its highest value before the attempt (docs/FORMATS.md, "Worker deaths and progress").
+public struct JobProgress: Sendable, Hashable {
+    /// How far the job has got: 1 once prefilled, plus each decode step its state has run (steps restored from a
+    /// snapshot included).
+    public var reached: Int64
+    /// `reached` as of the newest snapshot frame stored: where a restart would resume (0 when none is stored).
+    public var saved: Int64
+
+    public init(reached: Int64, saved: Int64) {
+        self.reached = reached
+        self.saved = saved
+    }
+}
+
+extension Dictionary where Key == Int64, Value == JobProgress {
+    /// `{"<id>": [<reached>, <saved>], ...}`: how a heartbeat's progress travels to either database as one argument.
+    package var jsonObject: String { "{" + map { "\"\($0.key)\":[\($0.value.reached),\($0.value.saved)]" }.joined(separator: ",") + "}" }
 }

@@ -247,8 +247,8 @@ public final class SQLiteJobQueue: JobQueue {
     /// then sort every claimable row on each claim (measured: 25 claims/s at 100k queued jobs, against thousands).
     static let claimSQL = """
         UPDATE job
-        SET state = 'running', attempt = attempt + 1, progress_at_claim = progress, lease_owner = ?, lease_expires_at = ?,
-            heartbeat_at = ?, started_at = ?, updated_at = ?
+        SET state = 'running', attempt = attempt + 1, progress_at_claim = progress, saved_progress_at_claim = saved_progress,
+            lease_owner = ?, lease_expires_at = ?, heartbeat_at = ?, started_at = ?, updated_at = ?
         WHERE id IN (SELECT id FROM job INDEXED BY job_claim_order
                      WHERE state IN ('available', 'retryable') AND run_at <= ?
                      ORDER BY priority, run_at, id
@@ -272,18 +272,19 @@ public final class SQLiteJobQueue: JobQueue {
     /// The SET clause that ends a running row whose worker died (`event` says how, as an SQL text expression, and
     /// `detail`, when not empty, why it was taken for dead), with ?1 now and ?2 the death limit (docs/FORMATS.md,
     /// "Worker deaths and progress"): `cancelled` when a cancel was requested; else, when the job progressed during the
-    /// attempt (`progress > progress_at_claim`), `retryable` at once with the attempt given back (`max_attempts` + 1)
+    /// attempt (it got further than ever before, or its stored snapshot did), `retryable` at once with the attempt given back (`max_attempts` + 1)
     /// and its deaths without progress reset; else the death is counted, and the job is `failed` at the death limit
     /// ("suspected of crashing the worker") or when that was its last attempt, `retryable` at once otherwise. Every
     /// expression reads the row as it was, so the conditions agree with each other.
     static func afterWorkerDeath(event: String, detail: String = "''") -> String {
-        let progressed = "progress > progress_at_claim"
+        let progressed = "(progress > progress_at_claim OR saved_progress > saved_progress_at_claim)"
         let suspected = "deaths_without_progress + 1 >= ?2"
         let final = "cancel_requested = 1 OR (NOT \(progressed) AND (\(suspected) OR attempt >= max_attempts))"
         return """
             state = CASE WHEN cancel_requested = 1 THEN 'cancelled' WHEN \(final) THEN 'failed' ELSE 'retryable' END,
                 error = CASE WHEN cancel_requested = 1 THEN error
-                             WHEN \(progressed) THEN \(event) || ' after progress (' || progress_at_claim || ' to ' || progress
+                             WHEN \(progressed) THEN \(event) || ' after progress (reached ' || progress_at_claim || ' to ' || progress
+                                                     || ', saved ' || saved_progress_at_claim || ' to ' || saved_progress
                                                      || '): not counted against its attempts' || \(detail)
                              WHEN \(suspected) THEN 'suspected of crashing the worker: present at ' || (deaths_without_progress + 1)
                                                     || ' worker deaths in a row without progress (' || \(event) || ')' || \(detail)
@@ -298,12 +299,13 @@ public final class SQLiteJobQueue: JobQueue {
     /// Extends the leases of `jobs` that `owner` still holds to `now + leaseDuration`, raises their recorded progress
     /// to what `progress` gives (never lowers it), and says which of them a `cancel` asked to stop. Call it from a
     /// thread that long matrix products cannot starve.
-    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: Int64]) throws -> HeartbeatResult {
+    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: JobProgress]) throws -> HeartbeatResult {
         let now = clock.now()
         let rows = try write { db in
             let rows = try Row.fetchAll(db.cachedStatement(sql: """
                 UPDATE job SET lease_expires_at = ?1, heartbeat_at = ?2, updated_at = ?2,
-                               progress = max(progress, coalesce(json_extract(?5, '$."' || id || '"'), 0))
+                               progress = max(progress, coalesce(json_extract(?5, '$."' || id || '"[0]'), 0)),
+                               saved_progress = max(saved_progress, coalesce(json_extract(?5, '$."' || id || '"[1]'), 0))
                 WHERE id IN (SELECT value FROM json_each(?3)) AND state = 'running' AND lease_owner = ?4
                 RETURNING id, cancel_requested
                 """), arguments: [now + leaseDuration, now, JobFilter.jsonArray(jobs.map { "\($0)" }), owner, progress.jsonObject])
@@ -572,8 +574,8 @@ public final class SQLiteJobQueue: JobQueue {
                 INSERT INTO job (id, custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority, state, attempt,
                                  max_attempts, run_at, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, error, output_path,
                                  output_sha256, timings, created_at, updated_at, started_at, finalized_at, snapshot_path, progress,
-                                 progress_at_claim, deaths_without_progress)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                 progress_at_claim, saved_progress, saved_progress_at_claim, deaths_without_progress)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """)
             for job in jobs {
                 let timings = try job.timings.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
@@ -582,7 +584,7 @@ public final class SQLiteJobQueue: JobQueue {
                     job.priority, job.state.rawValue, job.attempt, job.maxAttempts, job.runAt, job.leaseOwner, job.leaseExpiresAt,
                     job.heartbeatAt, job.cancelRequested, job.error, job.outputPath, job.outputSHA256, timings, job.createdAt,
                     job.updatedAt, job.startedAt, job.finalizedAt, job.snapshotPath, job.progress, job.progressAtClaim,
-                    job.deathsWithoutProgress,
+                    job.savedProgress, job.savedProgressAtClaim, job.deathsWithoutProgress,
                 ])
             }
         }

@@ -174,14 +174,15 @@ public final class PostgresJobQueue: JobQueue {
         }
     }
 
-    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: Int64]) throws -> HeartbeatResult {
+    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: JobProgress]) throws -> HeartbeatResult {
         let now = clock.now()
         // The worker registry's beat rides along in the same statement.
         let rows = try session.statement { statements in
             try statements.rows("""
                 WITH beat AS (UPDATE dllava.worker SET heartbeat_at = \(now) WHERE owner = \(owner))
                 UPDATE dllava.job SET lease_expires_at = \(now + leaseDuration), heartbeat_at = \(now), updated_at = \(now),
-                                      progress = GREATEST(progress, COALESCE((\(progress.jsonObject)::jsonb ->> id::text)::bigint, 0))
+                                      progress = GREATEST(progress, COALESCE((\(progress.jsonObject)::jsonb -> id::text ->> 0)::bigint, 0)),
+                                      saved_progress = GREATEST(saved_progress, COALESCE((\(progress.jsonObject)::jsonb -> id::text ->> 1)::bigint, 0))
                 WHERE id = ANY(\(jobs)) AND state = 'running' AND lease_owner = \(owner)
                 RETURNING id, cancel_requested
                 """).map { try $0.decode((Int64, Bool).self) }
@@ -477,12 +478,13 @@ public final class PostgresJobQueue: JobQueue {
                     INSERT INTO dllava.job (id, custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority, state, attempt,
                                             max_attempts, run_at, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, error,
                                             output_path, output_sha256, timings, created_at, updated_at, started_at, finalized_at, snapshot_path,
-                                            progress, progress_at_claim, deaths_without_progress)
+                                            progress, progress_at_claim, saved_progress, saved_progress_at_claim, deaths_without_progress)
                     VALUES (\(job.id), \(job.customID), \(job.idempotencyKey), \(job.imagePath), \(job.imageSHA256), \(job.prompt),
                             \(job.parameters.canonicalJSON()), \(job.priority), \(job.state.rawValue), \(job.attempt), \(job.maxAttempts),
                             \(job.runAt), \(job.leaseOwner), \(job.leaseExpiresAt), \(job.heartbeatAt), \(job.cancelRequested), \(job.error),
                             \(job.outputPath), \(job.outputSHA256), \(timings), \(job.createdAt), \(job.updatedAt), \(job.startedAt),
-                            \(job.finalizedAt), \(job.snapshotPath), \(job.progress), \(job.progressAtClaim), \(job.deathsWithoutProgress))
+                            \(job.finalizedAt), \(job.snapshotPath), \(job.progress), \(job.progressAtClaim),
+                            \(job.savedProgress), \(job.savedProgressAtClaim), \(job.deathsWithoutProgress))
                     """)
             }
         }
@@ -520,6 +522,7 @@ public final class PostgresJobQueue: JobQueue {
                    outputSHA256: try value("output_sha256"), timings: timings, createdAt: try value("created_at"),
                    updatedAt: try value("updated_at"), startedAt: try value("started_at"), finalizedAt: try value("finalized_at"),
                    snapshotPath: try value("snapshot_path"), progress: try value("progress"), progressAtClaim: try value("progress_at_claim"),
+                   savedProgress: try value("saved_progress"), savedProgressAtClaim: try value("saved_progress_at_claim"),
                    deathsWithoutProgress: try value("deaths_without_progress"))
     }
 }

@@ -297,7 +297,7 @@ struct ContinuousBatchingTests {
         }
         let report = try workspace.daemon(world, batchSize: 1) { $0.leaseMilliseconds = 2_000 }.run(stop: StopFlag(), log: { _ in })
         #expect(seen.text.hasPrefix("retryable 4 2 the lease of "), "\(seen.text)")
-        #expect(seen.text.hasSuffix(" expired during attempt 1 after progress (0 to 2): not counted against its attempts"), "\(seen.text)")
+        #expect(seen.text.hasSuffix(" expired during attempt 1 after progress (reached 0 to 2, saved 0 to 0): not counted against its attempts"), "\(seen.text)")
         let job = try #require(try queue.job(id: 1))
         #expect(job.state == .succeeded && job.attempt == 2 && job.maxAttempts == 4 && job.deathsWithoutProgress == 0, "\(job)")
         #expect(report.succeeded == 1)

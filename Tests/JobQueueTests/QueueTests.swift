@@ -326,24 +326,28 @@ struct QueueTests {
         let fixture = try Fixture(backend)
         defer { fixture.remove() }
         let queue = fixture.queue
-        let ids = try queue.enqueue(fixture.jobs(3)).inserted
-        let (steady, stalled, stuck) = (ids[0], ids[1], ids[2])
-        // Seven workers die in turn holding all three: `steady` progresses under each, `stalled` only under the first,
-        // `stuck` never.
+        let ids = try queue.enqueue(fixture.jobs(4)).inserted
+        let (steady, stalled, stuck, saving) = (ids[0], ids[1], ids[2], ids[3])
+        // Seven workers die in turn holding all four: `steady` gets further under each, `stalled` only under the first,
+        // `stuck` never; `saving` never gets further than under the first, but its stored snapshot advances each time
+        // (each attempt resumes from it).
         for death in 1...7 {
-            let claimed = try queue.claim(owner: "w\(death)", limit: 3, leaseDuration: 1_000).map(\.id)
-            var progress: [Int64: Int64] = [steady: Int64(10 * death)]
-            if death == 1 { progress[stalled] = 5 }
+            let claimed = try queue.claim(owner: "w\(death)", limit: 4, leaseDuration: 1_000).map(\.id)
+            var progress: [Int64: JobProgress] = [steady: JobProgress(reached: Int64(10 * death), saved: 0),
+                                                  saving: JobProgress(reached: death == 1 ? 100 : Int64(10 + 10 * death), saved: Int64(10 * death))]
             // A lower figure never lowers what was recorded.
-            if death > 1 { progress[stalled] = 1 }
+            progress[stalled] = death == 1 ? JobProgress(reached: 5, saved: 0) : JobProgress(reached: 1, saved: 0)
             _ = try queue.heartbeat(jobs: claimed, owner: "w\(death)", leaseDuration: 1_000, progress: progress)
             fixture.clock.advance(1_000)
             #expect(try queue.rescueExpiredLeases() == claimed.count)
             let job = try #require(try queue.job(id: steady))
             #expect(job.state == .retryable && job.attempt == death && job.maxAttempts == 3 + death, "death \(death): \(job)")
             #expect(job.progress == Int64(10 * death) && job.deathsWithoutProgress == 0)
-            #expect(job.error == "the lease of w\(death) expired during attempt \(death) after progress (\(10 * death - 10) to \(10 * death)): "
-                + "not counted against its attempts")
+            #expect(job.error == "the lease of w\(death) expired during attempt \(death) after progress (reached \(10 * death - 10) to \(10 * death), "
+                + "saved 0 to 0): not counted against its attempts")
+            let saved = try #require(try queue.job(id: saving))
+            #expect(saved.state == .retryable && saved.maxAttempts == 3 + death && saved.progress == 100 && saved.savedProgress == Int64(10 * death),
+                    "death \(death): \(saved)")
             if death == 3 {
                 let failed = try #require(try queue.job(id: stuck))
                 #expect(failed.state == .failed && failed.finalizedAt == fixture.clock.now && failed.deathsWithoutProgress == 3)
@@ -359,8 +363,8 @@ struct QueueTests {
         // A retry gives fresh tries and forgets the deaths; the steady job's attempt still grows as its fencing token.
         #expect(try queue.retry(ids: [stalled], attempts: 1) == 1)
         #expect(try queue.job(id: stalled)?.deathsWithoutProgress == 0)
-        let last = try queue.claim(owner: "live", limit: 3, leaseDuration: 1_000)
-        #expect(last.map(\.id).sorted() == [steady, stalled] && last.map(\.attempt).sorted() == [5, 8])
+        let last = try queue.claim(owner: "live", limit: 4, leaseDuration: 1_000)
+        #expect(last.map(\.id).sorted() == [steady, stalled, saving] && last.map(\.attempt).sorted() == [5, 8, 8])
     }
 
     @Test(arguments: Backend.allCases) func deadWorkersJobsFollowTheSameRuleWithTheConfiguredDeathLimit(_ backend: Backend) throws {
@@ -373,12 +377,12 @@ struct QueueTests {
             dead.pid = Int32.max  // above any pid_max: no such process on this host
             try queue.register(dead)
             let claimed = try queue.claim(owner: dead.owner, limit: 2, leaseDuration: 60_000).map(\.id)
-            _ = try queue.heartbeat(jobs: claimed, owner: dead.owner, leaseDuration: 60_000, progress: [ids[0]: Int64(death)])
+            _ = try queue.heartbeat(jobs: claimed, owner: dead.owner, leaseDuration: 60_000, progress: [ids[0]: JobProgress(reached: Int64(death), saved: 0)])
             #expect(try queue.reclaimJobsOfDeadWorkers() == 2)
         }
         let progressed = try #require(try queue.job(id: ids[0]))
         #expect(progressed.state == .retryable && progressed.maxAttempts == 7)
-        #expect(progressed.error == "the worker dead2 died during attempt 2 after progress (1 to 2): not counted against its attempts "
+        #expect(progressed.error == "the worker dead2 died during attempt 2 after progress (reached 1 to 2, saved 0 to 0): not counted against its attempts "
             + "(process \(Int32.max) is not running)")
         let suspect = try #require(try queue.job(id: ids[1]))
         #expect(suspect.state == .failed && suspect.maxAttempts == 5)
