@@ -24,12 +24,13 @@ struct WorkerDeathTests {
         let directory = try workspace(manifest: manifest)
         defer { try? FileManager.default.removeItem(at: directory) }
         let database = try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path)
-        // Whether the worker with this pid holds running jobs and every one of them has a progress recorded (by a
-        // heartbeat) beyond what it had when this attempt claimed it.
+        // Whether the worker with this pid holds running jobs and every one of them has progressed since this attempt
+        // claimed it, as its heartbeats recorded (further than ever before, or a newer stored snapshot frame).
         func holdsOnlyProgressedJobs(_ pid: Int32) throws -> Bool {
             try database.read { db in
                 let row = try Row.fetchOne(db, sql: """
-                    SELECT count(*) AS held, count(*) FILTER (WHERE progress <= progress_at_claim) AS stalled FROM job
+                    SELECT count(*) AS held, count(*) FILTER (WHERE progress <= progress_at_claim AND saved_progress <= saved_progress_at_claim) AS stalled
+                    FROM job
                     WHERE state = 'running' AND lease_owner IN (SELECT owner FROM worker WHERE pid = ?)
                     """, arguments: [pid])!
                 return (row["held"] as Int) > 0 && (row["stalled"] as Int) == 0
