@@ -29,9 +29,9 @@ struct WorkerDeathTests {
         func holdsOnlyProgressedJobs(_ pid: Int32) throws -> Bool {
             try database.read { db in
                 let row = try Row.fetchOne(db, sql: """
-                    SELECT count(*) AS held, count(*) FILTER (WHERE progress <= progress_at_claim AND saved_progress <= saved_progress_at_claim) AS stalled
-                    FROM job
-                    WHERE state = 'running' AND lease_owner IN (SELECT owner FROM worker WHERE pid = ?)
+                    SELECT count(*) AS held,
+                           count(*) FILTER (WHERE progress <= progress_at_claim AND saved_progress <= saved_progress_at_claim) AS stalled
+                    FROM job WHERE state = 'running' AND lease_owner IN (SELECT owner FROM worker WHERE pid = ?)
                     """, arguments: [pid])!
                 return (row["held"] as Int) > 0 && (row["stalled"] as Int) == 0
             }
