@@ -272,6 +272,10 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         var running: [Int64: Job] = [:]
         /// Decode steps each job in the batch has run since it entered.
         var steps: [Int64: Int] = [:]
+        /// Decode steps each job's state had run when it entered the batch (those of the snapshot it resumed from).
+        var resumedSteps: [Int64: Int] = [:]
+        /// Each job's progress (`JobProgress.reached`) as of its newest stored snapshot frame.
+        var savedProgress: [Int64: Int64] = [:]
         /// Bytes of each job's snapshot that the store holds and that end with a whole frame: where the next frame is
         /// appended. No entry: none known, and the next frame is written as a whole new snapshot.
         var storedSnapshotBytes: [Int64: Int] = [:]
@@ -384,7 +388,10 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 batch.step()
                 decodeNanoseconds += elapsed(since: stepStopwatch)
                 daemon.metrics.decodeStep.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - stepStart.uptimeNanoseconds))
-                for id in generating { steps[id, default: 0] += 1 }
+                for id in generating {
+                    steps[id, default: 0] += 1
+                    recordProgress(of: id, heartbeat: heartbeat)
+                }
                 tokensGenerated += generating.count
             }
         }
@@ -431,6 +438,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                         // The engine goes on from it (or starts afresh and then gives a full frame): no frame is due yet.
                         storedSnapshotBytes[job.id] = snapshot.goodBytes
                         lastFrame[job.id] = (0, options.stopwatch())
+                        resumedSteps[job.id] = snapshot.frames.last?.decodeSteps ?? 0
+                        savedProgress[job.id] = Int64(1 + (snapshot.frames.last?.decodeSteps ?? 0))
                     }
                     entries.append(BatchEntry(job: job, image: image, snapshot: snapshot?.payloads,
                                               snapshotLocation: daemon.artifacts.snapshotLocation(job: job.id)))
@@ -444,6 +453,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             for entry in entries {
                 if let outcome = refused[entry.job.id] {
                     try settle(entry.job, outcome, heartbeat: heartbeat)
+                } else {
+                    recordProgress(of: entry.job.id, heartbeat: heartbeat)
                 }
             }
             let counts = try queue.counts()
@@ -535,10 +546,19 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             forget(job.id, heartbeat: heartbeat)
         }
 
+        /// Hands the heartbeat a job in the batch's progress (`JobProgress`): 1 for its prefill, plus the decode steps
+        /// its state has run, those of the snapshot it resumed from included (a snapshot the engine then refuses makes
+        /// this overstate by steps an earlier attempt reached); and that figure as of its newest stored frame.
+        func recordProgress(of id: Int64, heartbeat: Heartbeat) {
+            heartbeat.record(JobProgress(reached: Int64(1 + (resumedSteps[id] ?? 0) + (steps[id] ?? 0)), saved: savedProgress[id] ?? 0), of: id)
+        }
+
         /// Drops what the loop holds about a job that has left the batch and been settled.
         mutating func forget(_ id: Int64, heartbeat: Heartbeat) {
             running[id] = nil
             steps[id] = nil
+            resumedSteps[id] = nil
+            savedProgress[id] = nil
             storedSnapshotBytes[id] = nil
             lastFrame[id] = nil
             unsettled.remove(id)
@@ -593,8 +613,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         /// Adds a frame of the job's state to its snapshot, stamped with its identity: appended after the frames the
         /// store holds, or, when none are known, as a whole new snapshot replacing the last one atomically. A
         /// snapshot that appending would make larger than `compactionFactor` times the job's live state is rewritten
-        /// as one full frame instead (compaction). A failure is logged, the batch goes on, and the next frame is
-        /// written whole.
+        /// as one full frame instead (compaction). A stored frame raises the job's saved progress, which the next
+        /// heartbeat carries. A failure is logged, the batch goes on, and the next frame is written whole.
         mutating func takeSnapshot(of job: Job, compactionFactor: Double) {
             let start = options.stopwatch()
             defer {
@@ -613,6 +633,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                         try daemon.artifacts.appendSnapshot(bytes, job: job.id, after: stored)
                         storedSnapshotBytes[job.id] = stored + bytes.count
                         self.stored(bytes.count)
+                        savedProgress[job.id] = Int64(1 + frame.decodeSteps)
                         return
                     }
                     guard let full = batch.snapshot(job: job.id, incremental: false) else { return }
@@ -624,6 +645,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                 try daemon.artifacts.putSnapshot(file, job: job.id)
                 storedSnapshotBytes[job.id] = file.count
                 self.stored(file.count)
+                savedProgress[job.id] = Int64(1 + frame.decodeSteps)
             } catch {
                 log("job \(job.id): cannot store its snapshot in \(location): \(error)", job: job, level: .warning)
             }

@@ -4,11 +4,15 @@ import Foundation
 import JobQueue
 
 /// A thread that renews the leases of the jobs it tracks every `1 / heartbeatsPerLease` of the
-/// lease. Jobs enter when claimed and leave when settled; a lease found lost (the job rescued by
-/// another worker, or finalised) is reported through `lost` and the job is no longer renewed.
+/// lease, and records the progress the loop last gave for each (so that a worker's death costs a job
+/// that progressed no attempt: docs/FORMATS.md, "Worker deaths and progress"). Jobs enter when
+/// claimed and leave when settled; a lease found lost (the job rescued by another worker, or
+/// finalised) is reported through `lost` and the job is no longer renewed.
 final class Heartbeat: @unchecked Sendable {
     private let lock = NSLock()
     private var tracked: Set<Int64> = []
+    /// The latest progress of tracked jobs, sent with every beat.
+    private var progress: [Int64: JobProgress] = [:]
     private var lostLeases: Set<Int64> = []
     private var stopped = false
 
@@ -20,8 +24,9 @@ final class Heartbeat: @unchecked Sendable {
             while !isStopped {
                 Thread.sleep(forTimeInterval: min(0.2, interval))
                 guard Date() >= next else { continue }
-                let ids = lock.withLock { Array(tracked) }
-                if !ids.isEmpty, let result = try? queue.heartbeat(jobs: ids, owner: owner, leaseDuration: leaseMilliseconds) {
+                let (ids, progress) = lock.withLock { (Array(tracked), self.progress) }
+                if !ids.isEmpty,
+                   let result = try? queue.heartbeat(jobs: ids, owner: owner, leaseDuration: leaseMilliseconds, progress: progress) {
                     lock.withLock {
                         lostLeases.formUnion(result.lost)
                         tracked.subtract(result.lost)
@@ -39,8 +44,12 @@ final class Heartbeat: @unchecked Sendable {
         lock.withLock {
             tracked.remove(id)
             lostLeases.remove(id)
+            progress[id] = nil
         }
     }
+
+    /// Records a tracked job's progress, sent at the next beat.
+    func record(_ value: JobProgress, of id: Int64) { lock.withLock { progress[id] = value } }
 
     /// Jobs whose lease was found lost since they were tracked.
     var lost: Set<Int64> { lock.withLock { lostLeases } }

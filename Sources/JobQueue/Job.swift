@@ -278,12 +278,24 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
     public var finalizedAt: Int64?
     /// Where the job's KV snapshot was last written (the file is deleted when the job finishes, unless kept).
     public var snapshotPath: String?
+    /// The most progress its workers have reported (`JobProgress.reached`). Only ever raised.
+    public var progress: Int64
+    /// `progress` when the current (or last) attempt was claimed.
+    public var progressAtClaim: Int64
+    /// The most progress its stored snapshots hold (`JobProgress.saved`). Only ever raised.
+    public var savedProgress: Int64
+    /// `savedProgress` when the current (or last) attempt was claimed. A worker that dies after raising either figure
+    /// past its value at the claim costs the job no attempt.
+    public var savedProgressAtClaim: Int64
+    /// Worker deaths in a row at which the job made no progress (reset by progress, and by `retry`).
+    public var deathsWithoutProgress: Int
 
     public init(id: Int64, customID: String?, idempotencyKey: String, imagePath: String, imageSHA256: String, prompt: String,
                 parameters: JobParameters, priority: Int, state: JobState, attempt: Int, maxAttempts: Int, runAt: Int64,
                 leaseOwner: String?, leaseExpiresAt: Int64?, heartbeatAt: Int64?, cancelRequested: Bool, error: String?,
                 outputPath: String?, outputSHA256: String?, timings: JobTimings?, createdAt: Int64, updatedAt: Int64,
-                startedAt: Int64?, finalizedAt: Int64?, snapshotPath: String?) {
+                startedAt: Int64?, finalizedAt: Int64?, snapshotPath: String?, progress: Int64 = 0, progressAtClaim: Int64 = 0,
+                savedProgress: Int64 = 0, savedProgressAtClaim: Int64 = 0, deathsWithoutProgress: Int = 0) {
         self.id = id
         self.customID = customID
         self.idempotencyKey = idempotencyKey
@@ -309,6 +321,11 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
         self.startedAt = startedAt
         self.finalizedAt = finalizedAt
         self.snapshotPath = snapshotPath
+        self.progress = progress
+        self.progressAtClaim = progressAtClaim
+        self.savedProgress = savedProgress
+        self.savedProgressAtClaim = savedProgressAtClaim
+        self.deathsWithoutProgress = deathsWithoutProgress
     }
 
     public init(row: Row) throws {
@@ -343,6 +360,11 @@ public struct Job: Sendable, Hashable, Identifiable, FetchableRecord {
         startedAt = row["started_at"]
         finalizedAt = row["finalized_at"]
         snapshotPath = row["snapshot_path"]
+        progress = row["progress"]
+        progressAtClaim = row["progress_at_claim"]
+        savedProgress = row["saved_progress"]
+        savedProgressAtClaim = row["saved_progress_at_claim"]
+        deathsWithoutProgress = row["deaths_without_progress"]
     }
 }
 
@@ -355,5 +377,7 @@ extension Job: Encodable {
         case heartbeatAt = "heartbeat_at", cancelRequested = "cancel_requested", error, outputPath = "output_path"
         case outputSHA256 = "output_sha256", timings, createdAt = "created_at", updatedAt = "updated_at"
         case startedAt = "started_at", finalizedAt = "finalized_at", snapshotPath = "snapshot_path"
+        case progress, progressAtClaim = "progress_at_claim", savedProgress = "saved_progress"
+        case savedProgressAtClaim = "saved_progress_at_claim", deathsWithoutProgress = "deaths_without_progress"
     }
 }

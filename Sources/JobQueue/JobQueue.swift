@@ -36,15 +36,18 @@ public protocol JobQueue: AnyObject, Sendable {
     /// workers. Returns them in claim order.
     func claim(owner: String, limit: Int, leaseDuration: Int64) throws -> [Job]
 
-    /// Puts running rows whose lease expired back in the queue: `cancelled` when a cancel was requested, `failed` when
-    /// the attempt that expired was the last, else `retryable` at once (the worker died; the job did not fail).
-    /// Returns how many rows were rescued. `claim` does this itself.
+    /// Puts running rows whose lease expired back in the queue, as a worker's death (`retryPolicy.deathLimit`,
+    /// docs/FORMATS.md "Worker deaths and progress"): `cancelled` when a cancel was requested; `retryable` at once, the
+    /// attempt not counted, when the job progressed during it; else the attempt and the death count, and the job is
+    /// `failed` at the death limit or after its last attempt, else `retryable` at once. Returns how many rows were
+    /// rescued. `claim` does this itself.
     @discardableResult
     func rescueExpiredLeases() throws -> Int
 
-    /// Extends the leases of `jobs` that `owner` still holds to `now + leaseDuration`, beats the worker registry, and
+    /// Extends the leases of `jobs` that `owner` still holds to `now + leaseDuration`, raises their recorded progress to
+    /// what `progress` gives for them (never lowers it; jobs it leaves out keep theirs), beats the worker registry, and
     /// says which of them a `cancel` asked to stop.
-    func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64) throws -> HeartbeatResult
+    func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: JobProgress]) throws -> HeartbeatResult
 
     /// The jobs among `jobs` whose cancellation was requested (a read; cheap enough for every decode step).
     func cancelRequested(among jobs: [Int64]) throws -> Set<Int64>
@@ -103,8 +106,8 @@ public protocol JobQueue: AnyObject, Sendable {
     func workers() throws -> [WorkerRecord]
     /// Running jobs leased by any of `owners`, by id.
     func runningLeases(ownedBy owners: [String]) throws -> [RunningLease]
-    /// Hands back `owner`'s running jobs as an expired lease would, with `reason` in their error, and drops its
-    /// record (one transaction). Returns how many jobs.
+    /// Hands back `owner`'s running jobs as an expired lease would (a worker's death), with `reason` in their error,
+    /// and drops its record (one transaction). Returns how many jobs.
     func reclaimJobs(ofDeadWorker owner: String, reason: String) throws -> Int
 
     /// Blocks until new work may have arrived or `seconds` have passed (an idle worker's wait between claims).
@@ -138,6 +141,11 @@ public struct RunningLease: Sendable, Hashable {
 }
 
 extension JobQueue {
+    /// A heartbeat that reports no progress.
+    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64) throws -> HeartbeatResult {
+        try heartbeat(jobs: jobs, owner: owner, leaseDuration: leaseDuration, progress: [:])
+    }
+
     public func cancel(ids: [Int64]) throws -> CancelResult { try cancel(JobFilter(ids: ids)) }
 
     public func retry(_ filter: JobFilter) throws -> Int { try retry(filter, attempts: 3) }
@@ -167,7 +175,7 @@ extension JobQueue {
     }
 
     /// Hands back at once the running jobs of workers on this host whose process is gone, as an expired lease would
-    /// (`retryable`, or `failed` when that was the last attempt, or `cancelled` if asked), and drops their records.
+    /// (a worker's death: see `rescueExpiredLeases`), and drops their records.
     /// Returns how many jobs were reclaimed. Workers on other hosts are left to their leases.
     @discardableResult
     public func reclaimJobsOfDeadWorkers() throws -> Int {
@@ -322,3 +330,23 @@ public struct PruneResult: Sendable, Hashable {
     public init() {}
 }
 
+
+/// What a worker reports of a running job's progress with each heartbeat. A worker's death costs the job no attempt
+/// when either figure got past its highest value before the attempt (docs/FORMATS.md, "Worker deaths and progress").
+public struct JobProgress: Sendable, Hashable {
+    /// How far the job has got: 1 once prefilled, plus each decode step its state has run (steps restored from a
+    /// snapshot included).
+    public var reached: Int64
+    /// `reached` as of the newest snapshot frame stored: where a restart would resume (0 when none is stored).
+    public var saved: Int64
+
+    public init(reached: Int64, saved: Int64) {
+        self.reached = reached
+        self.saved = saved
+    }
+}
+
+extension Dictionary where Key == Int64, Value == JobProgress {
+    /// `{"<id>": [<reached>, <saved>], ...}`: how a heartbeat's progress travels to either database as one argument.
+    package var jsonObject: String { "{" + map { "\"\($0.key)\":[\($0.value.reached),\($0.value.saved)]" }.joined(separator: ",") + "}" }
+}

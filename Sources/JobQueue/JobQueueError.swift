@@ -21,6 +21,9 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
     case corruptQueue(path: String, reason: String)
     /// A queue location that cannot be used at all (a malformed `postgres://` URL).
     case badLocation(location: String, reason: String)
+    /// A PostgreSQL connection that its settings rule out (a password file others can read, a missing root
+    /// certificate, a server certificate that fails verification, TLS required of a server without it).
+    case connectionSettings(location: String, reason: String)
     /// A stored result or snapshot that does not read back as it was stored (`location` names it).
     case corruptArtifact(location: String, reason: String)
     /// The database failed (`message` is its text).
@@ -75,6 +78,7 @@ public enum JobQueueError: Error, Sendable, Equatable, CustomStringConvertible {
             }
         case let .corruptQueue(path, reason): "\(path) is not a usable queue database: \(reason)"
         case let .badLocation(location, reason): "\(location) is not a usable queue location: \(reason)"
+        case let .connectionSettings(location, reason): "cannot connect to \(location) as configured: \(reason)"
         case let .corruptArtifact(location, reason): "\(location) is damaged: \(reason)"
         }
     }

@@ -226,7 +226,7 @@ public final class SQLiteJobQueue: JobQueue {
         precondition(limit >= 1 && leaseDuration >= 1, "claim needs limit >= 1 and a positive lease")
         let now = clock.now()
         let rows = try write { db in
-            _ = try Self.rescueExpiredLeases(db, now: now)
+            _ = try Self.rescueExpiredLeases(db, now: now, deathLimit: retryPolicy.deathLimit)
             return try Job.fetchAll(db.cachedStatement(sql: Self.claimSQL),
                                     arguments: [owner, now + leaseDuration, now, now, now, now, limit])
         }
@@ -240,15 +240,15 @@ public final class SQLiteJobQueue: JobQueue {
     @discardableResult
     public func rescueExpiredLeases() throws -> Int {
         let now = clock.now()
-        return try write { try Self.rescueExpiredLeases($0, now: now) }
+        return try write { try Self.rescueExpiredLeases($0, now: now, deathLimit: retryPolicy.deathLimit) }
     }
 
     /// The claim. `INDEXED BY` pins the plan to the claim-order index: without it SQLite may pick the state index,
     /// then sort every claimable row on each claim (measured: 25 claims/s at 100k queued jobs, against thousands).
     static let claimSQL = """
         UPDATE job
-        SET state = 'running', attempt = attempt + 1, lease_owner = ?, lease_expires_at = ?, heartbeat_at = ?,
-            started_at = ?, updated_at = ?
+        SET state = 'running', attempt = attempt + 1, progress_at_claim = progress, saved_progress_at_claim = saved_progress,
+            lease_owner = ?, lease_expires_at = ?, heartbeat_at = ?, started_at = ?, updated_at = ?
         WHERE id IN (SELECT id FROM job INDEXED BY job_claim_order
                      WHERE state IN ('available', 'retryable') AND run_at <= ?
                      ORDER BY priority, run_at, id
@@ -256,34 +256,59 @@ public final class SQLiteJobQueue: JobQueue {
         RETURNING *
         """
 
-    static func rescueExpiredLeases(_ db: Database, now: Int64) throws -> Int {
-        try db.cachedStatement(sql: rescueSQL).execute(arguments: [now])
+    static func rescueExpiredLeases(_ db: Database, now: Int64, deathLimit: Int) throws -> Int {
+        try db.cachedStatement(sql: rescueSQL).execute(arguments: [now, deathLimit])
         return db.changesCount
     }
 
-    /// Lease rescue, pinned to the expiry index (running rows only) for the same reason as `claimSQL`.
+    /// Lease rescue, pinned to the expiry index (running rows only) for the same reason as `claimSQL`. ?1 now, ?2 the
+    /// death limit.
     static let rescueSQL = """
         UPDATE job INDEXED BY job_lease_expiry
-        SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
-                         WHEN attempt >= max_attempts THEN 'failed'
-                         ELSE 'retryable' END,
-            error = CASE WHEN cancel_requested = 1 THEN error
-                         ELSE 'the lease of ' || lease_owner || ' expired during attempt ' || attempt || ' of ' || max_attempts END,
-            finalized_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 END,
-            run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1
+        SET \(afterWorkerDeath(event: "'the lease of ' || lease_owner || ' expired during attempt ' || attempt"))
         WHERE state = 'running' AND lease_expires_at <= ?1
         """
 
-    /// Extends the leases of `jobs` that `owner` still holds to `now + leaseDuration`, and says which of them
-    /// a `cancel` asked to stop. Call it from a thread that long matrix products cannot starve.
-    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64) throws -> HeartbeatResult {
+    /// The SET clause that ends a running row whose worker died (`event` says how, as an SQL text expression, and
+    /// `detail`, when not empty, why it was taken for dead), with ?1 now and ?2 the death limit (docs/FORMATS.md,
+    /// "Worker deaths and progress"): `cancelled` when a cancel was requested; else, when the job progressed during the
+    /// attempt (it got further than ever before, or its stored snapshot did), `retryable` at once with the attempt given back (`max_attempts` + 1)
+    /// and its deaths without progress reset; else the death is counted, and the job is `failed` at the death limit
+    /// ("suspected of crashing the worker") or when that was its last attempt, `retryable` at once otherwise. Every
+    /// expression reads the row as it was, so the conditions agree with each other.
+    static func afterWorkerDeath(event: String, detail: String = "''") -> String {
+        let progressed = "(progress > progress_at_claim OR saved_progress > saved_progress_at_claim)"
+        let suspected = "deaths_without_progress + 1 >= ?2"
+        let final = "cancel_requested = 1 OR (NOT \(progressed) AND (\(suspected) OR attempt >= max_attempts))"
+        return """
+            state = CASE WHEN cancel_requested = 1 THEN 'cancelled' WHEN \(final) THEN 'failed' ELSE 'retryable' END,
+                error = CASE WHEN cancel_requested = 1 THEN error
+                             WHEN \(progressed) THEN \(event) || ' after progress (reached ' || progress_at_claim || ' to ' || progress
+                                                     || ', saved ' || saved_progress_at_claim || ' to ' || saved_progress
+                                                     || '): not counted against its attempts' || \(detail)
+                             WHEN \(suspected) THEN 'suspected of crashing the worker: present at ' || (deaths_without_progress + 1)
+                                                    || ' worker deaths in a row without progress (' || \(event) || ')' || \(detail)
+                             ELSE \(event) || ' of ' || max_attempts || \(detail) END,
+                max_attempts = CASE WHEN cancel_requested = 0 AND \(progressed) THEN max_attempts + 1 ELSE max_attempts END,
+                deaths_without_progress = CASE WHEN \(progressed) THEN 0 ELSE deaths_without_progress + 1 END,
+                finalized_at = CASE WHEN \(final) THEN ?1 END,
+                run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1
+            """
+    }
+
+    /// Extends the leases of `jobs` that `owner` still holds to `now + leaseDuration`, raises their recorded progress
+    /// to what `progress` gives (never lowers it), and says which of them a `cancel` asked to stop. Call it from a
+    /// thread that long matrix products cannot starve.
+    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: JobProgress]) throws -> HeartbeatResult {
         let now = clock.now()
         let rows = try write { db in
             let rows = try Row.fetchAll(db.cachedStatement(sql: """
-                UPDATE job SET lease_expires_at = ?, heartbeat_at = ?, updated_at = ?
-                WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running' AND lease_owner = ?
+                UPDATE job SET lease_expires_at = ?1, heartbeat_at = ?2, updated_at = ?2,
+                               progress = max(progress, coalesce(json_extract(?5, '$."' || id || '"[0]'), 0)),
+                               saved_progress = max(saved_progress, coalesce(json_extract(?5, '$."' || id || '"[1]'), 0))
+                WHERE id IN (SELECT value FROM json_each(?3)) AND state = 'running' AND lease_owner = ?4
                 RETURNING id, cancel_requested
-                """), arguments: [now + leaseDuration, now, now, JobFilter.jsonArray(jobs.map { "\($0)" }), owner])
+                """), arguments: [now + leaseDuration, now, JobFilter.jsonArray(jobs.map { "\($0)" }), owner, progress.jsonObject])
             // The worker registry's beat: how other hosts tell a silent worker.
             try db.cachedStatement(sql: "UPDATE worker SET heartbeat_at = ? WHERE owner = ?").execute(arguments: [now, owner])
             return rows
@@ -414,7 +439,7 @@ public final class SQLiteJobQueue: JobQueue {
             try db.execute(sql: """
                 UPDATE job
                 SET state = 'available', max_attempts = attempt + ?, run_at = ?, finalized_at = NULL, cancel_requested = 0,
-                    error = NULL, output_path = NULL, output_sha256 = NULL, timings = NULL, updated_at = ?
+                    deaths_without_progress = 0, error = NULL, output_path = NULL, output_sha256 = NULL, timings = NULL, updated_at = ?
                 WHERE id IN (SELECT id FROM job WHERE \(condition) AND state IN ('failed', 'cancelled') LIMIT ?)
                 """, arguments: [attempts, now, now] + arguments + [Self.chunkSize])
         }
@@ -548,8 +573,9 @@ public final class SQLiteJobQueue: JobQueue {
             let insert = try db.cachedStatement(sql: """
                 INSERT INTO job (id, custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority, state, attempt,
                                  max_attempts, run_at, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, error, output_path,
-                                 output_sha256, timings, created_at, updated_at, started_at, finalized_at, snapshot_path)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                 output_sha256, timings, created_at, updated_at, started_at, finalized_at, snapshot_path, progress,
+                                 progress_at_claim, saved_progress, saved_progress_at_claim, deaths_without_progress)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """)
             for job in jobs {
                 let timings = try job.timings.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
@@ -557,7 +583,8 @@ public final class SQLiteJobQueue: JobQueue {
                     job.id, job.customID, job.idempotencyKey, job.imagePath, job.imageSHA256, job.prompt, job.parameters.canonicalJSON(),
                     job.priority, job.state.rawValue, job.attempt, job.maxAttempts, job.runAt, job.leaseOwner, job.leaseExpiresAt,
                     job.heartbeatAt, job.cancelRequested, job.error, job.outputPath, job.outputSHA256, timings, job.createdAt,
-                    job.updatedAt, job.startedAt, job.finalizedAt, job.snapshotPath,
+                    job.updatedAt, job.startedAt, job.finalizedAt, job.snapshotPath, job.progress, job.progressAtClaim,
+                    job.savedProgress, job.savedProgressAtClaim, job.deathsWithoutProgress,
                 ])
             }
         }

@@ -52,7 +52,27 @@ enum Schema {
         }
         registerIdentityMigration(&migrator)
         registerWorkerMigration(&migrator)
+        registerProgressMigration(&migrator)
         return migrator
+    }
+
+    /// v4: a worker's death is not its jobs' failure. Workers record each running job's progress (`JobProgress`: how
+    /// far it got, `progress`, and how far its stored snapshot holds, `saved_progress`; both only ever raised), a claim
+    /// notes both (`*_at_claim`), and a rescue compares: a job that progressed during the attempt its worker died in is
+    /// not charged that attempt; one that did not is, and counts the death in `deaths_without_progress` (reset by
+    /// progress), failing as suspected of crashing the worker at `RetryPolicy.deathLimit` such deaths in a row.
+    static func registerProgressMigration(_ migrator: inout DatabaseMigrator) {
+        migrator.registerMigration("v4-job-progress") { db in
+            try db.execute(sql: "ALTER TABLE job ADD COLUMN progress INTEGER NOT NULL DEFAULT 0 CHECK (progress >= 0)")
+            try db.execute(sql: "ALTER TABLE job ADD COLUMN progress_at_claim INTEGER NOT NULL DEFAULT 0 CHECK (progress_at_claim >= 0)")
+            try db.execute(sql: "ALTER TABLE job ADD COLUMN saved_progress INTEGER NOT NULL DEFAULT 0 CHECK (saved_progress >= 0)")
+            try db.execute(sql: """
+                ALTER TABLE job ADD COLUMN saved_progress_at_claim INTEGER NOT NULL DEFAULT 0 CHECK (saved_progress_at_claim >= 0)
+                """)
+            try db.execute(sql: """
+                ALTER TABLE job ADD COLUMN deaths_without_progress INTEGER NOT NULL DEFAULT 0 CHECK (deaths_without_progress >= 0)
+                """)
+        }
     }
 
     /// v3: the worker registry. Each `run` records who it is (host, boot id, pid and the process's start time, so a

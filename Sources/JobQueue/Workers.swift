@@ -132,15 +132,9 @@ extension SQLiteJobQueue {
         return try write { db in
             try db.execute(sql: """
                 UPDATE job
-                SET state = CASE WHEN cancel_requested = 1 THEN 'cancelled'
-                                 WHEN attempt >= max_attempts THEN 'failed'
-                                 ELSE 'retryable' END,
-                    error = CASE WHEN cancel_requested = 1 THEN error
-                                 ELSE 'the worker ' || lease_owner || ' died during attempt ' || attempt || ' of ' || max_attempts || ' (' || ?2 || ')' END,
-                    finalized_at = CASE WHEN cancel_requested = 1 OR attempt >= max_attempts THEN ?1 END,
-                    run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1
-                WHERE state = 'running' AND lease_owner = ?3
-                """, arguments: [now, reason, owner])
+                SET \(Self.afterWorkerDeath(event: "'the worker ' || lease_owner || ' died during attempt ' || attempt", detail: "' (' || ?3 || ')'"))
+                WHERE state = 'running' AND lease_owner = ?4
+                """, arguments: [now, retryPolicy.deathLimit, reason, owner])
             let reclaimed = db.changesCount
             try db.execute(sql: "DELETE FROM worker WHERE owner = ?", arguments: [owner])
             return reclaimed

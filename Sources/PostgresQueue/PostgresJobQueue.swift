@@ -157,7 +157,9 @@ public final class PostgresJobQueue: JobQueue {
         precondition(limit >= 1 && leaseDuration >= 1, "claim needs limit >= 1 and a positive lease")
         let now = clock.now()
         let jobs = try session.statement { statements in
-            try statements.rows("SELECT * FROM dllava.claim(\(owner), \(now + leaseDuration), \(now), \(limit)::integer)").map(Self.job)
+            try statements.rows("""
+                SELECT * FROM dllava.claim(\(owner), \(now + leaseDuration), \(now), \(limit)::integer, \(retryPolicy.deathLimit)::integer)
+                """).map(Self.job)
         }
         return jobs.sorted { ($0.priority, $0.runAt, $0.id) < ($1.priority, $1.runAt, $1.id) }
     }
@@ -166,17 +168,21 @@ public final class PostgresJobQueue: JobQueue {
     public func rescueExpiredLeases() throws -> Int {
         let now = clock.now()
         return try session.statement { statements in
-            try statements.rows("SELECT dllava.rescue_expired_leases(\(now))").first?.decode(Int.self) ?? 0
+            try statements.rows("""
+                SELECT dllava.end_dead_leases(\(now), \(retryPolicy.deathLimit)::integer, \(now), NULL, 'the lease of %W expired', '')
+                """).first?.decode(Int.self) ?? 0
         }
     }
 
-    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64) throws -> HeartbeatResult {
+    public func heartbeat(jobs: [Int64], owner: String, leaseDuration: Int64, progress: [Int64: JobProgress]) throws -> HeartbeatResult {
         let now = clock.now()
         // The worker registry's beat rides along in the same statement.
         let rows = try session.statement { statements in
             try statements.rows("""
                 WITH beat AS (UPDATE dllava.worker SET heartbeat_at = \(now) WHERE owner = \(owner))
-                UPDATE dllava.job SET lease_expires_at = \(now + leaseDuration), heartbeat_at = \(now), updated_at = \(now)
+                UPDATE dllava.job SET lease_expires_at = \(now + leaseDuration), heartbeat_at = \(now), updated_at = \(now),
+                                      progress = GREATEST(progress, COALESCE((\(progress.jsonObject)::jsonb -> id::text ->> 0)::bigint, 0)),
+                                      saved_progress = GREATEST(saved_progress, COALESCE((\(progress.jsonObject)::jsonb -> id::text ->> 1)::bigint, 0))
                 WHERE id = ANY(\(jobs)) AND state = 'running' AND lease_owner = \(owner)
                 RETURNING id, cancel_requested
                 """).map { try $0.decode((Int64, Bool).self) }
@@ -288,6 +294,7 @@ public final class PostgresJobQueue: JobQueue {
             try statements.execute("""
                 UPDATE dllava.job
                 SET state = 'available', max_attempts = attempt + \(attempts), run_at = \(now), finalized_at = NULL, cancel_requested = false,
+                    deaths_without_progress = 0,
                     error = NULL, output_path = NULL, output_sha256 = NULL, timings = NULL, updated_at = \(now)
                 WHERE id IN (SELECT id FROM dllava.job WHERE \(filter: filter) AND state IN ('failed', 'cancelled') LIMIT \(jobQueueChunkSize))
                 """)
@@ -435,15 +442,9 @@ public final class PostgresJobQueue: JobQueue {
     public func reclaimJobs(ofDeadWorker owner: String, reason: String) throws -> Int {
         let now = clock.now()
         return try session.transaction { statements in
-            let reclaimed = try statements.execute("""
-                UPDATE dllava.job
-                SET state = CASE WHEN cancel_requested THEN 'cancelled' WHEN attempt >= max_attempts THEN 'failed' ELSE 'retryable' END,
-                    error = CASE WHEN cancel_requested THEN error
-                                 ELSE 'the worker ' || lease_owner || ' died during attempt ' || attempt || ' of ' || max_attempts || ' (' || \(reason) || ')' END,
-                    finalized_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN \(now) END,
-                    run_at = \(now), lease_owner = NULL, lease_expires_at = NULL, updated_at = \(now)
-                WHERE state = 'running' AND lease_owner = \(owner)
-                """)
+            let reclaimed = try statements.rows("""
+                SELECT dllava.end_dead_leases(\(now), \(retryPolicy.deathLimit)::integer, NULL, \(owner), 'the worker %W died', \(" (\(reason))"))
+                """).first?.decode(Int.self) ?? 0
             try statements.execute("DELETE FROM dllava.worker WHERE owner = \(owner)")
             return reclaimed
         }
@@ -476,12 +477,14 @@ public final class PostgresJobQueue: JobQueue {
                 try statements.execute("""
                     INSERT INTO dllava.job (id, custom_id, idempotency_key, image_path, image_sha256, prompt, params, priority, state, attempt,
                                             max_attempts, run_at, lease_owner, lease_expires_at, heartbeat_at, cancel_requested, error,
-                                            output_path, output_sha256, timings, created_at, updated_at, started_at, finalized_at, snapshot_path)
+                                            output_path, output_sha256, timings, created_at, updated_at, started_at, finalized_at, snapshot_path,
+                                            progress, progress_at_claim, saved_progress, saved_progress_at_claim, deaths_without_progress)
                     VALUES (\(job.id), \(job.customID), \(job.idempotencyKey), \(job.imagePath), \(job.imageSHA256), \(job.prompt),
                             \(job.parameters.canonicalJSON()), \(job.priority), \(job.state.rawValue), \(job.attempt), \(job.maxAttempts),
                             \(job.runAt), \(job.leaseOwner), \(job.leaseExpiresAt), \(job.heartbeatAt), \(job.cancelRequested), \(job.error),
                             \(job.outputPath), \(job.outputSHA256), \(timings), \(job.createdAt), \(job.updatedAt), \(job.startedAt),
-                            \(job.finalizedAt), \(job.snapshotPath))
+                            \(job.finalizedAt), \(job.snapshotPath), \(job.progress), \(job.progressAtClaim),
+                            \(job.savedProgress), \(job.savedProgressAtClaim), \(job.deathsWithoutProgress))
                     """)
             }
         }
@@ -518,7 +521,9 @@ public final class PostgresJobQueue: JobQueue {
                    cancelRequested: try value("cancel_requested"), error: try value("error"), outputPath: try value("output_path"),
                    outputSHA256: try value("output_sha256"), timings: timings, createdAt: try value("created_at"),
                    updatedAt: try value("updated_at"), startedAt: try value("started_at"), finalizedAt: try value("finalized_at"),
-                   snapshotPath: try value("snapshot_path"))
+                   snapshotPath: try value("snapshot_path"), progress: try value("progress"), progressAtClaim: try value("progress_at_claim"),
+                   savedProgress: try value("saved_progress"), savedProgressAtClaim: try value("saved_progress_at_claim"),
+                   deathsWithoutProgress: try value("deaths_without_progress"))
     }
 }
 

@@ -178,6 +178,78 @@ enum PostgresSchema {
             "ALTER TABLE dllava.snapshot ALTER COLUMN sha256 DROP NOT NULL",
             "ALTER TABLE dllava.snapshot_chunk ADD COLUMN sha256 text CHECK (length(sha256) = 64)",
         ]),
+        // A worker's death is not its jobs' failure (the SQLite queue's migration v4-job-progress, docs/FORMATS.md "Worker
+        // deaths and progress"): workers record progress, a claim notes it, a rescue compares. The claim and the lease
+        // rescue take the death limit as an argument now; their old forms go (a build that called them refuses this
+        // schema as newer).
+        Migration(identifier: "v4-job-progress", statements: [
+            "ALTER TABLE dllava.job ADD COLUMN progress bigint NOT NULL DEFAULT 0 CHECK (progress >= 0)",
+            "ALTER TABLE dllava.job ADD COLUMN progress_at_claim bigint NOT NULL DEFAULT 0 CHECK (progress_at_claim >= 0)",
+            "ALTER TABLE dllava.job ADD COLUMN saved_progress bigint NOT NULL DEFAULT 0 CHECK (saved_progress >= 0)",
+            "ALTER TABLE dllava.job ADD COLUMN saved_progress_at_claim bigint NOT NULL DEFAULT 0 CHECK (saved_progress_at_claim >= 0)",
+            "ALTER TABLE dllava.job ADD COLUMN deaths_without_progress integer NOT NULL DEFAULT 0 CHECK (deaths_without_progress >= 0)",
+            "DROP FUNCTION dllava.claim(text, bigint, bigint, integer)",
+            "DROP FUNCTION dllava.rescue_expired_leases(bigint)",
+            // Ends the running rows `owner` leased (any owner when NULL) whose lease expired by `expired_by` (any when
+            // NULL), as after their worker's death: cancelled when asked; retryable at once, the attempt given back, when
+            // the job progressed during it (got further than ever before, or its stored snapshot did); else the death counts, and the job fails at `death_limit` deaths in a row
+            // without progress (suspected of crashing the worker) or after its last attempt, else is retryable at once.
+            // `event` says what happened ('the lease of W expired' or 'the worker W died'), `detail` why (or '').
+            """
+            CREATE FUNCTION dllava.end_dead_leases(now bigint, death_limit integer, expired_by bigint, of_owner text, event text, detail text)
+            RETURNS integer LANGUAGE plpgsql AS $$
+            DECLARE ended integer;
+            BEGIN
+                UPDATE dllava.job AS j
+                SET state = CASE WHEN j.cancel_requested THEN 'cancelled'
+                                 WHEN NOT (j.progress > j.progress_at_claim OR j.saved_progress > j.saved_progress_at_claim)
+                                      AND (j.deaths_without_progress + 1 >= death_limit OR j.attempt >= j.max_attempts) THEN 'failed'
+                                 ELSE 'retryable' END,
+                    error = CASE WHEN j.cancel_requested THEN j.error
+                                 WHEN (j.progress > j.progress_at_claim OR j.saved_progress > j.saved_progress_at_claim)
+                                     THEN replace(event, '%W', j.lease_owner) || ' during attempt ' || j.attempt || ' after progress (reached '
+                                          || j.progress_at_claim || ' to ' || j.progress || ', saved ' || j.saved_progress_at_claim || ' to '
+                                          || j.saved_progress || '): not counted against its attempts' || detail
+                                 WHEN j.deaths_without_progress + 1 >= death_limit
+                                     THEN 'suspected of crashing the worker: present at ' || (j.deaths_without_progress + 1)
+                                          || ' worker deaths in a row without progress (' || replace(event, '%W', j.lease_owner)
+                                          || ' during attempt ' || j.attempt || ')' || detail
+                                 ELSE replace(event, '%W', j.lease_owner) || ' during attempt ' || j.attempt || ' of ' || j.max_attempts || detail END,
+                    max_attempts = CASE WHEN NOT j.cancel_requested
+                                             AND (j.progress > j.progress_at_claim OR j.saved_progress > j.saved_progress_at_claim)
+                                        THEN j.max_attempts + 1 ELSE j.max_attempts END,
+                    deaths_without_progress = CASE WHEN j.progress > j.progress_at_claim OR j.saved_progress > j.saved_progress_at_claim THEN 0
+                                                   ELSE j.deaths_without_progress + 1 END,
+                    finalized_at = CASE WHEN j.cancel_requested
+                                             OR (NOT (j.progress > j.progress_at_claim OR j.saved_progress > j.saved_progress_at_claim)
+                                                 AND (j.deaths_without_progress + 1 >= death_limit OR j.attempt >= j.max_attempts))
+                                        THEN now END,
+                    run_at = now, lease_owner = NULL, lease_expires_at = NULL, updated_at = now
+                WHERE j.state = 'running' AND (expired_by IS NULL OR j.lease_expires_at <= expired_by)
+                      AND (of_owner IS NULL OR j.lease_owner = of_owner);
+                GET DIAGNOSTICS ended = ROW_COUNT;
+                RETURN ended;
+            END $$
+            """,
+            """
+            CREATE FUNCTION dllava.claim(owner text, lease_until bigint, now bigint, max_jobs integer, death_limit integer)
+            RETURNS SETOF dllava.job LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM dllava.end_dead_leases(now, death_limit, now, NULL, 'the lease of %W expired', '');
+                RETURN QUERY
+                UPDATE dllava.job
+                SET state = 'running', attempt = attempt + 1, progress_at_claim = progress, saved_progress_at_claim = saved_progress,
+                    lease_owner = owner,
+                    lease_expires_at = lease_until, heartbeat_at = now, started_at = now, updated_at = now
+                WHERE id IN (SELECT id FROM dllava.job
+                             WHERE state IN ('available', 'retryable') AND run_at <= now
+                             ORDER BY priority, run_at, id
+                             LIMIT max_jobs
+                             FOR UPDATE SKIP LOCKED)
+                RETURNING *;
+            END $$
+            """,
+        ]),
     ]
 
     static var identifiers: [String] { migrations.map(\.identifier) }

@@ -3,6 +3,7 @@ import JobQueue
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import PostgresNIO
 
 /// One PostgreSQL connection used from synchronous threads (the daemon's loop and its heartbeat, a CLI command).
@@ -86,6 +87,9 @@ final class PostgresSession: @unchecked Sendable {
                     delay = min(delay * 2, 5)
                 } catch let error as JobQueueError {
                     throw error
+                } catch where Self.sqlState(error)?.hasPrefix("28") == true {
+                    // Invalid authorization (a wrong or missing password, an unknown user): the settings, not the moment.
+                    throw JobQueueError.connectionSettings(location: address.description, reason: Self.describe(error))
                 } catch {
                     throw JobQueueError.database(path: address.description, failure: .other, message: Self.describe(error))
                 }
@@ -107,12 +111,53 @@ final class PostgresSession: @unchecked Sendable {
             configuration = .init(unixSocketPath: socketPath, username: address.user, password: address.password, database: address.database)
         } else {
             configuration = .init(host: address.host, port: address.port, username: address.user, password: address.password,
-                                  database: address.database, tls: .disable)
+                                  database: address.database, tls: try tls(address))
         }
         configuration.options.connectTimeout = .seconds(10)
         configuration.options.additionalStartupParameters = serverSettings
-        return try PostgresConnection.connect(on: MultiThreadedEventLoopGroup.singleton.next(), configuration: configuration,
-                                              id: id, logger: logger).wait()
+        do {
+            return try PostgresConnection.connect(on: MultiThreadedEventLoopGroup.singleton.next(), configuration: configuration,
+                                                  id: id, logger: logger).wait()
+        } catch {
+            guard let reason = tlsRefusal(error) else { throw error }
+            throw JobQueueError.connectionSettings(location: address.description, reason: reason)
+        }
+    }
+
+    /// The TLS of a TCP connection, by libpq's `sslmode` (`PostgresAddress.SSLMode`): none; offered (`prefer`) or required
+    /// without checking the certificate; or required with the certificate checked against the root certificates, and
+    /// for `verify-full` against the host name too (NIOSSL checks the name given, or the IP address connected to).
+    static func tls(_ address: PostgresAddress) throws -> PostgresConnection.Configuration.TLS {
+        guard address.sslMode != .disable else { return .disable }
+        var tls = TLSConfiguration.makeClientConfiguration()
+        if let root = address.rootCertificatePath {
+            tls.trustRoots = .file(root)
+            tls.certificateVerification = address.sslMode == .verifyFull ? .fullVerification : .noHostnameVerification
+        } else {
+            tls.certificateVerification = .none
+        }
+        let context: NIOSSLContext
+        do { context = try NIOSSLContext(configuration: tls) } catch {
+            throw JobQueueError.connectionSettings(location: address.description,
+                                                   reason: "the root certificate file \(address.rootCertificatePath ?? "") cannot be used: \(error)")
+        }
+        return address.sslMode == .prefer ? .prefer(context) : .require(context)
+    }
+
+    /// Why a connection failed for its TLS, in a sentence, or nil when it failed for something else: the server does not
+    /// offer TLS that the settings require, or its certificate failed verification. Neither is worth reconnecting for.
+    static func tlsRefusal(_ error: Error) -> String? {
+        let underlying = (error as? PSQLError).flatMap { $0.code == .sslUnsupported ? nil : $0.underlying } ?? error
+        if let error = error as? PSQLError, error.code == .sslUnsupported {
+            return "the server does not offer TLS, which sslmode requires"
+        }
+        if let failure = underlying as? NIOSSLExtraError, failure == .failedToValidateHostname {
+            return "the server's certificate does not name the host connected to (sslmode=verify-full): \(failure)"
+        }
+        if underlying is NIOSSLError || underlying is BoringSSLError || underlying is NIOSSLExtraError {
+            return "the TLS handshake failed (the server's certificate is not trusted by the root certificate, or TLS failed): \(underlying)"
+        }
+        return nil
     }
 
     /// Settings of every connection, for a client that vanishes without closing it (killed, its machine or network gone):

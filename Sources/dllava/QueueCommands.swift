@@ -16,8 +16,9 @@ extension JobState: ExpressibleByArgument {}
 /// `--db`, shared by every queue command: an SQLite file, or a PostgreSQL queue's `postgres://` URL.
 struct DatabaseOptions: ParsableArguments {
     @Option(name: .customLong("db"), help: ArgumentHelp(
-        "Queue: an SQLite file, or postgres://user[:password]@host[:port]/database for a queue that workers on many machines "
-            + "share (default: $DLLAVA_DB, else ./dllava.sqlite).", valueName: "path-or-url"))
+        "Queue: an SQLite file, or postgres://user@host[:port]/database[?sslmode=MODE&sslrootcert=FILE] for a queue that "
+            + "workers on many machines share, its password from $PGPASSWORD or ~/.pgpass ($PGPASSFILE), never the command line "
+            + "(default: $DLLAVA_DB, else ./dllava.sqlite).", valueName: "path-or-url"))
     var database: String?
 
     @Option(name: .customLong("busy-timeout"), help: """
@@ -119,7 +120,8 @@ func queueCommandFailure(_ error: Error, database: String) -> CommandFailure {
     switch error {
     case let error as JobQueueError:
         switch error {
-        case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue: return CommandFailure(message: error.description, code: 78)
+        case .noDatabase, .newerSchema, .olderSchema, .notAQueue, .corruptQueue, .connectionSettings:
+            return CommandFailure(message: error.description, code: 78)
         case .corruptRow, .invalidJob, .corruptArtifact: return CommandFailure(message: "\(database): \(error)", code: 65)
         case .badLocation: return CommandFailure(message: error.description, code: 64)
         case .database(_, let failure, _):

@@ -276,6 +276,33 @@ struct ContinuousBatchingTests {
         #expect(try workspace.state(4) == .available)
     }
 
+    @Test("the heartbeat records each job's progress (1 for the prefill, 1 per decode step): a worker that stalls past its lease after progress costs the job no attempt, and it succeeds on its next claim")
+    func heartbeatsRecordProgressSoADeathAfterProgressCostsNoAttempt() throws {
+        let workspace = try Workspace(prompts: ["tokens 5"])
+        defer { try? FileManager.default.removeItem(at: workspace.directory) }
+        let world = FakeWorld(clock: workspace.clock)
+        let queue = workspace.queue
+        let seen = LogLines()
+        world.afterStep = { step in
+            guard step == 2 else { return }
+            // One decode step has been counted (the second is under way): progress 2. The heartbeat beats every half
+            // second of real time with a 2 s lease; wait for it to record that.
+            let deadline = Date().addingTimeInterval(30)
+            while (try? queue.job(id: 1))?.progress != 2 && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+            // The worker now stalls past its lease (as if killed) and another worker's claim rescues the job.
+            workspace.clock.advance(2_001)
+            _ = try? queue.rescueExpiredLeases()
+            let job = try? queue.job(id: 1)
+            seen.append("\(job?.state.rawValue ?? "-") \(job?.maxAttempts ?? 0) \(job?.progress ?? 0) \(job?.error ?? "")")
+        }
+        let report = try workspace.daemon(world, batchSize: 1) { $0.leaseMilliseconds = 2_000 }.run(stop: StopFlag(), log: { _ in })
+        #expect(seen.text.hasPrefix("retryable 4 2 the lease of "), "\(seen.text)")
+        #expect(seen.text.hasSuffix(" expired during attempt 1 after progress (reached 0 to 2, saved 0 to 0): not counted against its attempts"), "\(seen.text)")
+        let job = try #require(try queue.job(id: 1))
+        #expect(job.state == .succeeded && job.attempt == 2 && job.maxAttempts == 4 && job.deathsWithoutProgress == 0, "\(job)")
+        #expect(report.succeeded == 1)
+    }
+
     @Test("--snapshot-every reads a step count or a duration; 0 is never; anything else is refused")
     func snapshotIntervals() {
         #expect(SnapshotInterval("32") == .steps(32) && SnapshotInterval("30s") == .milliseconds(30_000) && SnapshotInterval("2m") == .milliseconds(120_000))

@@ -12,6 +12,8 @@ public final class TestPostgres: @unchecked Sendable {
     public let port: Int
     /// `listen_addresses`: loopback, or every address when other networks are trusted.
     let listenAddresses: String
+    /// Server settings beyond the address, port and socket (TLS), for every start.
+    let settings: String
     public static let user = "dllava"
 
     /// The binaries of the installed major version (`/usr/lib/postgresql/<version>/bin`, the newest).
@@ -51,12 +53,18 @@ public final class TestPostgres: @unchecked Sendable {
     /// test's hosts); by default only loopback and the socket.
     public static func startDedicated(trustedNetworks: [String] = []) throws -> TestPostgres { try TestPostgres(trustedNetworks: trustedNetworks) }
 
+    /// A cluster of its own that offers TLS with `certificates`' server certificate (when given), and whose TCP
+    /// connections must give `password` (scram-sha-256; when given); the socket stays trusted for `psql`.
+    public static func startDedicated(certificates: TestCertificates?, password: String?) throws -> TestPostgres {
+        try TestPostgres(certificates: certificates, password: password)
+    }
+
     /// At exit, without the lock (a test thread may still hold it).
     private static func stopShared() {
         if case .success(let started) = cluster { started.stop() }
     }
 
-    private init(trustedNetworks: [String] = []) throws {
+    private init(trustedNetworks: [String] = [], certificates: TestCertificates? = nil, password: String? = nil) throws {
         let bin = try Self.binaries()
         folder = URL(fileURLWithPath: "/tmp").appendingPathComponent("dllava-pg-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
@@ -65,8 +73,23 @@ public final class TestPostgres: @unchecked Sendable {
             try FileManager.default.setAttributes([.ownerAccountID: 65534, .groupOwnerAccountID: 65534], ofItemAtPath: folder.path)
         }
         let data = folder.appendingPathComponent("data").path
+        let authentication = password == nil ? ["--auth=trust"] : ["--auth-local=trust", "--auth-host=scram-sha-256"]
         try Self.run(bin.appendingPathComponent("initdb").path,
-                     ["-D", data, "-U", Self.user, "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync"])
+                     ["-D", data, "-U", Self.user, "--encoding=UTF8", "--no-locale", "--no-sync"] + authentication)
+        var settings = ""
+        if let certificates {
+            // The server reads its key only when the server's user owns it and no one else may read it.
+            for (source, name) in [(certificates.serverCertificate, "server.crt"), (certificates.serverKey, "server.key")] {
+                let target = folder.appendingPathComponent(name).path
+                try FileManager.default.copyItem(atPath: source, toPath: target)
+                try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: target)
+                if getuid() == 0 {
+                    try FileManager.default.setAttributes([.ownerAccountID: 65534, .groupOwnerAccountID: 65534], ofItemAtPath: target)
+                }
+            }
+            settings = " -c ssl=on -c ssl_cert_file=\(folder.path)/server.crt -c ssl_key_file=\(folder.path)/server.key"
+        }
+        self.settings = settings
         if !trustedNetworks.isEmpty {
             let hba = URL(fileURLWithPath: data).appendingPathComponent("pg_hba.conf")
             let handle = try FileHandle(forWritingTo: hba)
@@ -80,7 +103,8 @@ public final class TestPostgres: @unchecked Sendable {
             let candidate = Int.random(in: 20_000..<60_000)
             let started = try? Self.run(bin.appendingPathComponent("pg_ctl").path, [
                 "-D", data, "-l", folder.appendingPathComponent("server.log").path, "-w", "-t", "60", "start", "-o",
-                "-c listen_addresses='\(listenAddresses)' -c port=\(candidate) -c unix_socket_directories=\(folder.path) -c fsync=off -c max_connections=200",
+                "-c listen_addresses='\(listenAddresses)' -c port=\(candidate) -c unix_socket_directories=\(folder.path) -c fsync=off -c max_connections=200"
+                    + settings,
             ])
             if started != nil { chosen = candidate; break }
         }
@@ -89,6 +113,7 @@ public final class TestPostgres: @unchecked Sendable {
             throw Failure(message: "pg_ctl could not start a server in \(folder.path):\n\(log.suffix(2_000))")
         }
         port = chosen
+        if let password { try psql("ALTER ROLE \(Self.user) PASSWORD '\(password)'") }
     }
 
     /// A URL on the loopback port.
@@ -121,7 +146,8 @@ public final class TestPostgres: @unchecked Sendable {
     public func startServer() throws {
         try Self.run(try Self.binaries().appendingPathComponent("pg_ctl").path, [
             "-D", folder.appendingPathComponent("data").path, "-l", folder.appendingPathComponent("server.log").path, "-w", "-t", "60",
-            "start", "-o", "-c listen_addresses='\(listenAddresses)' -c port=\(port) -c unix_socket_directories=\(folder.path) -c fsync=off -c max_connections=200",
+            "start", "-o", "-c listen_addresses='\(listenAddresses)' -c port=\(port) -c unix_socket_directories=\(folder.path) -c fsync=off -c max_connections=200"
+                + settings,
         ])
     }
 
@@ -170,5 +196,36 @@ public final class TestPostgres: @unchecked Sendable {
             throw Failure(message: "\((program as NSString).lastPathComponent) \(arguments.joined(separator: " ")) failed (wait status \(status)): \(error)")
         }
         return output
+    }
+}
+
+/// A certificate authority made for a test, and a server certificate it signed (`openssl`, elliptic-curve keys, valid
+/// for two days), as PEM files in `folder`.
+public struct TestCertificates: Sendable {
+    public let folder: URL
+    /// The authority's certificate: what a client's `sslrootcert` names to trust the server.
+    public let authority: String
+    public let serverCertificate: String
+    public let serverKey: String
+
+    /// Makes the files in `folder` (created): an authority `<prefix>ca`, and a server certificate signed by it for
+    /// `names` (its subject alternative names: `DNS:localhost`, `IP:127.0.0.1`, ...).
+    public init(in folder: URL, prefix: String = "", names: [String]) throws {
+        self.folder = folder
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        func file(_ name: String) -> String { folder.appendingPathComponent(prefix + name).path }
+        authority = file("ca.crt")
+        serverCertificate = file("server.crt")
+        serverKey = file("server.key")
+        let curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        try TestPostgres.run("/usr/bin/openssl", ["req", "-x509"] + curve + ["-keyout", file("ca.key"), "-out", authority, "-days", "2",
+                             "-subj", "/CN=dllava test authority \(prefix)", "-addext", "basicConstraints=critical,CA:TRUE",
+                             "-addext", "keyUsage=critical,keyCertSign,cRLSign"], asServerUser: false)
+        try TestPostgres.run("/usr/bin/openssl", ["req"] + curve + ["-keyout", serverKey, "-out", file("server.csr"),
+                             "-subj", "/CN=\(names.first.map { $0.split(separator: ":").last.map(String.init) ?? $0 } ?? "server")"], asServerUser: false)
+        try Data("subjectAltName=\(names.joined(separator: ","))\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n".utf8)
+            .write(to: URL(fileURLWithPath: file("server.ext")))
+        try TestPostgres.run("/usr/bin/openssl", ["x509", "-req", "-in", file("server.csr"), "-CA", authority, "-CAkey", file("ca.key"),
+                             "-CAcreateserial", "-out", serverCertificate, "-days", "2", "-extfile", file("server.ext")], asServerUser: false)
     }
 }

@@ -12,9 +12,9 @@ struct PostgresQueueTests {
     @Test func migrationsCreateTheQueueSchemaOnceAndKeepTheIdentity() throws {
         let fixture = try Fixture(.postgres)
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress"])
         let again = try PostgresJobQueue(url: fixture.location)
-        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames"])
+        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress"])
         #expect(again.identity == fixture.queue.identity && UUID(uuidString: again.identity) != nil)
         let tables = try TestPostgres.shared().psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'dllava'",
                                                    database: String(fixture.location.split(separator: "/").last!))
@@ -39,7 +39,7 @@ struct PostgresQueueTests {
         let location = try PostgresAddress(fixture.location).description
         #expect(throws: JobQueueError.olderSchema(path: location)) { try PostgresJobQueue(url: fixture.location, access: .readOnly) }
         let upgraded = try PostgresJobQueue(url: fixture.location)
-        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames"])
+        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress"])
         var exported: [ExportRecord] = []
         try ExportRecord.forEach(in: upgraded, .all) { exported.append($0) }
         #expect(exported.map(\.text) == ["three shapes"] && !exported[0].resultUnreadable, "\(exported)")
@@ -77,7 +77,12 @@ struct PostgresQueueTests {
     @Test func malformedURLsAreRefusedWithTheirReason() throws {
         for (url, reason) in [("postgres://host/db", "it names no user (postgres://USER@host/database)"),
                               ("postgres://u@host", "it names no database (postgres://user@host/DATABASE)"),
-                              ("postgres://u@host/db?sslmode=require", "the parameter 'sslmode' is not supported (only host=/socket/folder)")] {
+                              ("postgres://u@host/db?application_name=x", "the parameter 'application_name' is not supported (only host, sslmode, sslrootcert)"),
+                              ("postgres://u@host/db?sslmode=allow",
+                               "sslmode=allow is not supported (it tries clear text first): use prefer, require, verify-ca or verify-full"),
+                              ("postgres://u@host/db?sslmode=on", "sslmode must be one of disable, prefer, require, verify-ca, verify-full, not 'on'"),
+                              ("postgres://u@localhost/db?host=/run/postgresql&sslmode=require",
+                               "sslmode=require cannot be met over a Unix socket (host=/run/postgresql), which never uses TLS")] {
             #expect(throws: JobQueueError.badLocation(location: url, reason: reason)) { try PostgresAddress(url) }
         }
         // The password never shows in what errors print.

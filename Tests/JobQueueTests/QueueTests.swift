@@ -10,7 +10,7 @@ struct QueueTests {
     @Test func migrationsCreateTheStrictJobTableOnAFreshDatabase() throws {
         let fixture = try Fixture()
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress"])
         let pool = try DatabasePool(path: fixture.databasePath)
         let strict = try pool.read { try Bool.fetchOne($0, sql: "SELECT strict FROM pragma_table_list WHERE name = 'job'") }
         #expect(strict == true)
@@ -18,7 +18,7 @@ struct QueueTests {
         #expect(journal == "wal")
         // Opening again applies nothing new.
         let again = try SQLiteJobQueue(path: fixture.databasePath)
-        #expect(try again.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
+        #expect(try again.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress"])
         #expect(again.identity == fixture.queue.identity)
     }
 
@@ -62,7 +62,7 @@ struct QueueTests {
         }
         try database.close()
         let queue = try SQLiteJobQueue(path: path)
-        #expect(try queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry"])
+        #expect(try queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress"])
         #expect(UUID(uuidString: queue.identity) != nil)
         #expect(try queue.list().map(\.customID) == ["old-1", "old-2"])
         func jobs(_ count: Int, prefix: String) -> [NewJob] {
@@ -177,7 +177,7 @@ struct QueueTests {
         for (sql, index) in [(SQLiteJobQueue.claimSQL, "job_claim_order"), (SQLiteJobQueue.rescueSQL, "job_lease_expiry")] {
             let plan = try pool.read { db in
                 try Row.fetchAll(db, sql: "EXPLAIN QUERY PLAN " + sql.replacingOccurrences(of: "RETURNING *", with: ""),
-                                 arguments: sql.contains("?1") ? [0] : ["o", 0, 0, 0, 0, 0, 1]).map { $0["detail"] as String }
+                                 arguments: sql.contains("?1") ? [0, 3] : ["o", 0, 0, 0, 0, 0, 1]).map { $0["detail"] as String }
             }
             #expect(plan.contains { $0.contains("USING INDEX \(index)") || $0.contains("USING COVERING INDEX \(index)") }, "\(plan)")
             #expect(!plan.contains { $0.contains("TEMP B-TREE") }, "\(plan)")
@@ -320,6 +320,74 @@ struct QueueTests {
         #expect(try queue.workers().map(\.owner) == ["me", "silent"])
         try queue.unregister(owner: "me")
         #expect(try queue.workers().map(\.owner) == ["silent"])
+    }
+
+    @Test(arguments: Backend.allCases) func aWorkersDeathChargesAnAttemptOnlyToAJobThatMadeNoProgress(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(4)).inserted
+        let (steady, stalled, stuck, saving) = (ids[0], ids[1], ids[2], ids[3])
+        // Seven workers die in turn holding all four: `steady` gets further under each, `stalled` only under the first,
+        // `stuck` never; `saving` never gets further than under the first, but its stored snapshot advances each time
+        // (each attempt resumes from it).
+        for death in 1...7 {
+            let claimed = try queue.claim(owner: "w\(death)", limit: 4, leaseDuration: 1_000).map(\.id)
+            var progress: [Int64: JobProgress] = [steady: JobProgress(reached: Int64(10 * death), saved: 0),
+                                                  saving: JobProgress(reached: death == 1 ? 100 : Int64(10 + 10 * death), saved: Int64(10 * death))]
+            // A lower figure never lowers what was recorded.
+            progress[stalled] = death == 1 ? JobProgress(reached: 5, saved: 0) : JobProgress(reached: 1, saved: 0)
+            _ = try queue.heartbeat(jobs: claimed, owner: "w\(death)", leaseDuration: 1_000, progress: progress)
+            fixture.clock.advance(1_000)
+            #expect(try queue.rescueExpiredLeases() == claimed.count)
+            let job = try #require(try queue.job(id: steady))
+            #expect(job.state == .retryable && job.attempt == death && job.maxAttempts == 3 + death, "death \(death): \(job)")
+            #expect(job.progress == Int64(10 * death) && job.deathsWithoutProgress == 0)
+            #expect(job.error == "the lease of w\(death) expired during attempt \(death) after progress (reached \(10 * death - 10) to \(10 * death), "
+                + "saved 0 to 0): not counted against its attempts")
+            let saved = try #require(try queue.job(id: saving))
+            #expect(saved.state == .retryable && saved.maxAttempts == 3 + death && saved.progress == 100 && saved.savedProgress == Int64(10 * death),
+                    "death \(death): \(saved)")
+            if death == 3 {
+                let failed = try #require(try queue.job(id: stuck))
+                #expect(failed.state == .failed && failed.finalizedAt == fixture.clock.now && failed.deathsWithoutProgress == 3)
+                #expect(failed.error == "suspected of crashing the worker: present at 3 worker deaths in a row without progress "
+                    + "(the lease of w3 expired during attempt 3)")
+            }
+        }
+        let stalledJob = try #require(try queue.job(id: stalled))
+        // Not charged for the first death; charged for the next three, the third of which failed it.
+        #expect(stalledJob.state == .failed && stalledJob.attempt == 4 && stalledJob.maxAttempts == 4 && stalledJob.progress == 5)
+        #expect(stalledJob.error == "suspected of crashing the worker: present at 3 worker deaths in a row without progress "
+            + "(the lease of w4 expired during attempt 4)")
+        // A retry gives fresh tries and forgets the deaths; the steady job's attempt still grows as its fencing token.
+        #expect(try queue.retry(ids: [stalled], attempts: 1) == 1)
+        #expect(try queue.job(id: stalled)?.deathsWithoutProgress == 0)
+        let last = try queue.claim(owner: "live", limit: 4, leaseDuration: 1_000)
+        #expect(last.map(\.id).sorted() == [steady, stalled, saving] && last.map(\.attempt).sorted() == [5, 8, 8])
+    }
+
+    @Test(arguments: Backend.allCases) func deadWorkersJobsFollowTheSameRuleWithTheConfiguredDeathLimit(_ backend: Backend) throws {
+        let fixture = try Fixture(backend, retryPolicy: RetryPolicy(baseMs: 1_000, capMs: 60_000, deathLimit: 2, jitter: { 0.5 }))
+        defer { fixture.remove() }
+        let queue = fixture.queue
+        let ids = try queue.enqueue(fixture.jobs(2, maxAttempts: 5)).inserted
+        for death in 1...2 {
+            var dead = WorkerRecord.current(owner: "dead\(death)", leaseMilliseconds: 60_000, now: fixture.clock.now)
+            dead.pid = Int32.max  // above any pid_max: no such process on this host
+            try queue.register(dead)
+            let claimed = try queue.claim(owner: dead.owner, limit: 2, leaseDuration: 60_000).map(\.id)
+            _ = try queue.heartbeat(jobs: claimed, owner: dead.owner, leaseDuration: 60_000, progress: [ids[0]: JobProgress(reached: Int64(death), saved: 0)])
+            #expect(try queue.reclaimJobsOfDeadWorkers() == 2)
+        }
+        let progressed = try #require(try queue.job(id: ids[0]))
+        #expect(progressed.state == .retryable && progressed.maxAttempts == 7)
+        #expect(progressed.error == "the worker dead2 died during attempt 2 after progress (reached 1 to 2, saved 0 to 0): not counted against its attempts "
+            + "(process \(Int32.max) is not running)")
+        let suspect = try #require(try queue.job(id: ids[1]))
+        #expect(suspect.state == .failed && suspect.maxAttempts == 5)
+        #expect(suspect.error == "suspected of crashing the worker: present at 2 worker deaths in a row without progress "
+            + "(the worker dead2 died during attempt 2) (process \(Int32.max) is not running)")
     }
 
     @Test func backoffGrowsExponentiallyAndIsCapped() {
