@@ -11,15 +11,9 @@
 // path (AVX-512: a panel in one zmm; AVX2: in two ymm; scalar: fmaf). Tiles over rows and panels
 // only decide which chains run side by side, never the order inside a chain, so a row's bits are
 // the same alone or in any batch, for any thread count and on any path.
-#include "CKernels.h"
-#include "scalar.h"
+#include "simd.h"
 #include <math.h>
 #include <string.h>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define DL_X86 1
-#endif
 
 enum { PANEL = 16 };
 
@@ -86,9 +80,6 @@ static void panels_scalar(int type, const float *x, size_t ldx, size_t m, const 
 // ---------------------------------------------------------------------------------------------
 // AVX-512: tiles of MR rows x NP panels, one zmm accumulator per row and panel.
 
-#define DL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"), always_inline)) static inline
-#define DL_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))) static
-
 DL_AVX512 __m512 panel_row512(int type, const void *panel, size_t kk) {
     if (type == DL_WEIGHT_F32) return _mm512_loadu_ps((const float *)panel + kk * PANEL);
     __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + kk * PANEL));
@@ -147,9 +138,6 @@ DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const float *x, size_t
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA + F16C: a panel row in two ymm (columns 0-7 and 8-15); tiles of MR rows x NP panels.
-
-#define DL_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
-#define DL_AVX2_FN __attribute__((target("avx2,fma,f16c"))) static
 
 DL_AVX2 __m256 panel_half256(int type, const void *panel, size_t i) {
     if (type == DL_WEIGHT_F32) return _mm256_loadu_ps((const float *)panel + i);
