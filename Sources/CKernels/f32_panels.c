@@ -13,6 +13,7 @@
 // the same alone or in any batch, for any thread count and on any path.
 #include "simd.h"
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { PANEL = 16 };
@@ -210,21 +211,38 @@ typedef void (*dl_panel_rows_kernel)(size_t rows, int type, const float *x, size
 
 /// The blocking the vector paths share: the columns in chunks of panels small enough to stay in
 /// L2 while every row tile passes over them; the rows in tiles of `tile_rows`. Neither changes a
-/// chain's order.
+/// chain's order. f16 and bf16 panels serving many row tiles are first widened, a chunk at a time,
+/// into an f32 scratch (exact), so each weight is converted once per call rather than once per
+/// row tile: the conversions otherwise take issue slots from the fused multiply-adds.
 static void panels_tiled(dl_panel_rows_kernel kernel, size_t tile_rows, int type, const float *x, size_t ldx, size_t m,
                          const void *panels, size_t k, size_t n_begin, size_t n_end, float *y, size_t ldy) {
     size_t panel_stride = PANEL * k * element_bytes(type);
-    size_t chunk = (512u << 10) / (panel_stride ? panel_stride : 1);
+    int widens = type != DL_WEIGHT_F32 && m >= 4 * tile_rows;
+    size_t chunk = (512u << 10) / (PANEL * k * (widens ? 4 : element_bytes(type)) + 1);
     chunk = chunk < 2 ? 2 : chunk & ~(size_t)1;
+    float *scratch = widens ? malloc(chunk * PANEL * k * sizeof(float)) : NULL;
+    if (widens && !scratch) widens = 0;
     size_t p_end = (n_end + PANEL - 1) / PANEL;
     for (size_t p0 = n_begin / PANEL; p0 < p_end; p0 += chunk) {
         size_t p1 = p0 + chunk < p_end ? p0 + chunk : p_end;
+        if (widens) {
+            const uint16_t *source = (const uint16_t *)((const char *)panels + p0 * panel_stride);
+            if (type == DL_WEIGHT_F16) dl_widen_f16(source, scratch, (p1 - p0) * PANEL * k);
+            else dl_widen_bf16(source, scratch, (p1 - p0) * PANEL * k);
+        }
         for (size_t r = 0; r < m;) {
             size_t rows = m - r < tile_rows ? m - r : tile_rows;
-            kernel(rows, type, x + r * ldx, ldx, panels, panel_stride, k, p0, p1, n_end, y + r * ldy, ldy);
+            if (widens) {  // the scratch's panel 0 is panel p0: columns shift by 16 · p0
+                size_t shift = p0 * PANEL;
+                kernel(rows, DL_WEIGHT_F32, x + r * ldx, ldx, (const char *)scratch, PANEL * k * sizeof(float), k, 0, p1 - p0,
+                       n_end - shift, y + r * ldy + shift, ldy);
+            } else {
+                kernel(rows, type, x + r * ldx, ldx, panels, panel_stride, k, p0, p1, n_end, y + r * ldy, ldy);
+            }
             r += rows;
         }
     }
+    free(scratch);
 }
 #endif
 
