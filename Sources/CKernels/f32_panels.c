@@ -88,16 +88,24 @@ DL_AVX512 __m512 panel_row512(int type, const void *panel, size_t kk) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+/// Panel rows prefetched ahead of a one- or two-row tile (the bf16 kernel's distance in bytes).
+enum { F32_PREFETCH_ROWS = 32 };
+
 /// Rows `x[0..<MR]` times panels `p..<p + NP`; writes the columns of those panels below `n_end`.
 DL_AVX512 void tile512(const int MR, const int NP, int type, const float *x, size_t ldx, const char *panels, size_t panel_stride,
                        size_t k, size_t p, size_t n_end, float *y, size_t ldy) {
-    __m512 acc[12][4];
+    __m512 acc[12][8];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NP; j++) acc[i][j] = _mm512_setzero_ps();
     const char *base = panels + p * panel_stride;
+    size_t row_bytes = PANEL * element_bytes(type);
     for (size_t kk = 0; kk < k; kk++) {
-        __m512 wv[4];
-        for (int j = 0; j < NP; j++) wv[j] = panel_row512(type, base + j * panel_stride, kk);
+        __m512 wv[8];
+        for (int j = 0; j < NP; j++) {
+            // Few rows: little arithmetic per weight line, so the stream is prefetched ahead.
+            if (MR <= 2) _mm_prefetch(base + j * panel_stride + (kk + F32_PREFETCH_ROWS) * row_bytes, _MM_HINT_T0);
+            wv[j] = panel_row512(type, base + j * panel_stride, kk);
+        }
         for (int i = 0; i < MR; i++) {
             __m512 xv = _mm512_set1_ps(x[i * ldx + kk]);
             for (int j = 0; j < NP; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -116,12 +124,7 @@ DL_AVX512 void rows512(const int MR, const int NP, int type, const float *x, siz
                        size_t k, size_t p_begin, size_t p_end, size_t n_end, float *y, size_t ldy) {
     size_t p = p_begin;
     for (; p + NP <= p_end; p += NP) tile512(MR, NP, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy);
-    switch (p_end - p) {
-    case 3: tile512(MR, 3, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy); break;
-    case 2: tile512(MR, 2, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy); break;
-    case 1: tile512(MR, 1, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy); break;
-    default: break;
-    }
+    for (; p < p_end; p++) tile512(MR, 1, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy);
 }
 
 /// Up to 6 rows run against 4 panels at a time (enough independent chains for one decode row),
