@@ -1,6 +1,7 @@
 // The machine's own ceilings, measured in the same run as the products they judge: register-only
 // loops of the products' instructions and a STREAM-like read of a buffer much larger than the
 // last-level cache, each on `threads` threads at once.
+import ArgumentParser
 import CKernels
 import Dispatch
 import Foundation
@@ -15,24 +16,25 @@ struct Ceilings {
     /// Read bandwidth from memory, GB/s.
     var read: Double
 
-    /// The best of `repeats` measurements of each ceiling on `threads` threads, reading `buffer`.
-    static func measure(threads: Int, buffer: ReadBuffer, repeats: Int = 3) -> Ceilings {
+    /// The best of `repeats` measurements of each ceiling on `threads` threads, reading `buffer`,
+    /// timed by `clock`.
+    static func measure(threads: Int, buffer: ReadBuffer, clock: BenchmarkClock, repeats: Int = 3) -> Ceilings {
         func loopRate(_ instruction: Int32) -> Double? {
             var best = 0.0
             for _ in 0..<repeats {
-                let start = DispatchTime.now()
+                let start = clock.now()
                 let operations = concurrent(threads) { _ in dl_ceiling_loop(instruction, 2_000_000) }
                 guard operations > 0 else { return nil }
-                best = max(best, operations / seconds(since: start) / 1e9)
+                best = max(best, operations / clock.seconds(since: start, threads: threads) / 1e9)
             }
             return best
         }
         var read = 0.0
         for _ in 0..<repeats {
             let share = buffer.byteCount / threads / 256 * 256
-            let start = DispatchTime.now()
+            let start = clock.now()
             _ = concurrent(threads) { thread in Double(dl_ceiling_read(buffer.pointer + thread * share, share) & 1) }
-            read = max(read, Double(share * threads) / seconds(since: start) / 1e9)
+            read = max(read, Double(share * threads) / clock.seconds(since: start, threads: threads) / 1e9)
         }
         return Ceilings(fma: loopRate(Int32(DL_CEILING_FMA)), bf16: loopRate(Int32(DL_CEILING_BF16)),
                         vnni: loopRate(Int32(DL_CEILING_VNNI)), read: read)
@@ -79,4 +81,31 @@ private func concurrent(_ threads: Int, _ body: @Sendable (Int) -> Double) -> Do
 private struct UnsafeSendable<Value>: @unchecked Sendable {
     let value: Value
     init(_ value: Value) { self.value = value }
+}
+
+/// How the weights benchmark times its products and ceilings.
+enum BenchmarkClock: String, ExpressibleByArgument {
+    /// Elapsed time: what a user waits for; on a machine shared with other work it counts the time
+    /// the benchmark's threads were waiting for a CPU.
+    case wall
+    /// The process's CPU time divided by the thread count: the time the work would take with every
+    /// thread on a CPU of its own; robust to time-slicing on a busy machine, blind to threads
+    /// waiting for one another (cache and memory bandwidth shared with other work still count).
+    case cpu
+
+    /// Seconds on this clock.
+    func now() -> Double {
+        switch self {
+        case .wall: return Double(DispatchTime.now().uptimeNanoseconds) / 1e9
+        case .cpu:
+            var time = timespec()
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &time)
+            return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
+        }
+    }
+
+    /// The seconds since `start` of work run on `threads` threads.
+    func seconds(since start: Double, threads: Int) -> Double {
+        self == .wall ? now() - start : (now() - start) / Double(max(1, threads))
+    }
 }

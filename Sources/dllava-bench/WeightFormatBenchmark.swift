@@ -30,6 +30,9 @@ struct WeightFormatBenchmark: ParsableCommand {
     @Option(help: "Repeats; each figure is the fastest.")
     var repeats = 5
 
+    @Option(help: "wall (elapsed time) or cpu (the process's CPU time over the thread count: for a machine shared with other work).")
+    var clock = BenchmarkClock.wall
+
     @Option(name: .customLong("read-buffer-mb"), help: "Size of the buffer read for the bandwidth ceiling, MiB (much larger than the last-level cache).")
     var readBufferMegabytes = 1024
 
@@ -48,13 +51,13 @@ struct WeightFormatBenchmark: ParsableCommand {
             [("f16 weights, f32", f16, .f32)] + (Precision.bf16.isNative ? [("f16 weights, bf16", f16, .bf16)] : []) + [("q8", q8, .f32)]
         let bytes = variants.map { variant in variant.weights.reduce(0) { $0 + $1.byteCount } }
         let flopsPerRow = Double(f16.reduce(0) { $0 + 2 * $1.rows * $1.columns })
-        print("# dllava-bench weights: \(preset.name), \(layers) layers x \(shapes.count) products (\(bytes[0] >> 20) MiB of f16); kernel path \(Kernels.path.rawValue); best of \(repeats)")
+        print("# dllava-bench weights: \(preset.name), \(layers) layers x \(shapes.count) products (\(bytes[0] >> 20) MiB of f16); kernel path \(Kernels.path.rawValue); best of \(repeats); \(clock.rawValue) clock")
         let buffer = ReadBuffer(byteCount: readBufferMegabytes << 20)
         var lines: [String] = []
         for threadCount in threads.split(separator: ",").compactMap({ Int($0) }) {
             Parallelism.setThreads(threadCount)
             // Ceilings measured between the repeats too, so that they see the same load as the products.
-            var ceilings = Ceilings.measure(threads: threadCount, buffer: buffer)
+            var ceilings = Ceilings.measure(threads: threadCount, buffer: buffer, clock: clock)
             var measured: [(m: Int, index: Int, seconds: Double, perRowAtOne: Double)] = []
             var perRowAtOne: [Double] = []
             for m in rows.split(separator: ",").compactMap({ Int($0) }) {
@@ -65,11 +68,11 @@ struct WeightFormatBenchmark: ParsableCommand {
                 for _ in 0..<repeats {
                     for (index, variant) in variants.enumerated() {
                         Kernels.use(variant.precision)
-                        let start = DispatchTime.now()
+                        let start = clock.now()
                         for weight in variant.weights { _ = linear(inputs[weight.columns]!, weight) }
-                        best[index] = min(best[index], seconds(since: start))
+                        best[index] = min(best[index], clock.seconds(since: start, threads: threadCount))
                     }
-                    ceilings = ceilings.merged(with: Ceilings.measure(threads: threadCount, buffer: buffer, repeats: 1))
+                    ceilings = ceilings.merged(with: Ceilings.measure(threads: threadCount, buffer: buffer, clock: clock, repeats: 1))
                 }
                 Kernels.use(Precision.f32)
                 if perRowAtOne.isEmpty || m == 1 { perRowAtOne = best }
