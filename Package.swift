@@ -78,7 +78,7 @@ let package = Package(
         ]),
         // Benchmarks live outside the test targets: speed is never asserted in a test.
         .executableTarget(name: "dllava-bench", dependencies: [
-            "CBLAS", "DynamicLLaVA", "Numerics", "Llama", "Vision", "Sparsification", "Artifacts",
+            "CBLAS", "CKernels", "DynamicLLaVA", "Numerics", "Llama", "Vision", "Sparsification", "Artifacts",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ImagingBenchmark", dependencies: ["Imaging"]),

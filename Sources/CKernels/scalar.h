@@ -1,4 +1,4 @@
-// Scalar helpers shared by the kernels' plain paths (gemm.c, panels.c, softmax.c); not public API.
+// Scalar helpers shared by the kernels' plain paths (every kernel file); not public API.
 #ifndef DLLAVA_CKERNELS_SCALAR_H
 #define DLLAVA_CKERNELS_SCALAR_H
 

@@ -5,22 +5,16 @@
 //   with fused multiply-adds, then p · 2^n by adding n to the exponent (n >= -124, so the result
 //   stays normal); t < -86 gives 0 (e^-86 is within 2^-122 of the row's largest term, 1);
 // - the sum: lane j of 16 adds the terms i = j, j + 16, ... in increasing i from +0, then the
-//   lanes are added in the fixed tree of gemm.c (s8, s4, then (s4[0] + s4[2]) + (s4[1] + s4[3]));
+//   lanes are added in the fixed tree of scalar.h (s8, s4, then (s4[0] + s4[2]) + (s4[1] + s4[3]));
 // - each term is multiplied by 1 / sum.
 // A row whose values are all -infinity (fully masked) becomes zeros; a row holding a NaN, NaNs.
 //
 // The same exp serves the sigmoid-weighted activations (`dl_sigmoid_weighted`): with
 // e = exp(-a·|x|) (an argument <= 0), sigmoid(a·x) = 1 / (1 + e) for x >= 0 and e / (1 + e)
 // below, so nothing overflows; y = x · sigmoid(a·x), times `up` when given, in that order.
-#include "CKernels.h"
-#include "scalar.h"
+#include "simd.h"
 #include <math.h>
 #include <string.h>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define DL_X86 1
-#endif
 
 static const float LOG2E = 1.44269504088896341f, LN2_HIGH = 0.693359375f, LN2_LOW = -2.12194440e-4f;
 static const float C6 = 1.0f / 720, C5 = 1.0f / 120, C4 = 1.0f / 24, C3 = 1.0f / 6, C2 = 0.5f, C1 = 1.0f, C0 = 1.0f;
@@ -63,7 +57,6 @@ static inline float sigmoid_weighted_scalar(float x, float a) {
 }
 
 #ifdef DL_X86
-#define DL_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"), always_inline)) static inline __m512 exp512(__m512 t) {
     __mmask16 underflow = _mm512_cmp_ps_mask(t, _mm512_set1_ps(UNDERFLOW), _CMP_LT_OQ);

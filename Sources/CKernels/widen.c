@@ -1,12 +1,7 @@
 // Element-wise dtype conversion: the only hot loops that the Swift compiler, which targets
 // baseline x86-64, cannot vectorise well (no F16C). Each has a scalar path used as fallback.
-#include "CKernels.h"
+#include "simd.h"
 #include <string.h>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define DL_X86 1
-#endif
 
 static float half_to_float_scalar(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
@@ -78,26 +73,18 @@ static void narrow_f16_f16c(const float *source, uint16_t *destination, size_t c
     for (; i < count; i++) destination[i] = float_to_half_scalar(source[i]);
 }
 
-static int has_f16c(void) {
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-    }
-    return cached;
-}
 #endif
 
 void dl_widen_f16(const uint16_t *source, float *destination, size_t count) {
 #ifdef DL_X86
-    if (has_f16c()) { widen_f16_f16c(source, destination, count); return; }
+    if (dl_cpu_has_f16c()) { widen_f16_f16c(source, destination, count); return; }
 #endif
     for (size_t i = 0; i < count; i++) destination[i] = half_to_float_scalar(source[i]);
 }
 
 void dl_narrow_f16(const float *source, uint16_t *destination, size_t count) {
 #ifdef DL_X86
-    if (has_f16c()) { narrow_f16_f16c(source, destination, count); return; }
+    if (dl_cpu_has_f16c()) { narrow_f16_f16c(source, destination, count); return; }
 #endif
     for (size_t i = 0; i < count; i++) destination[i] = float_to_half_scalar(source[i]);
 }
@@ -127,8 +114,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void narrow_bf16_avx
 
 void dl_narrow_bf16(const float *source, uint16_t *destination, size_t count) {
 #ifdef DL_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+    if (dl_cpu_has_avx512bw()) {
         narrow_bf16_avx512(source, destination, count);
         return;
     }

@@ -36,12 +36,13 @@ struct UncheckedSendable<Value>: @unchecked Sendable {
 }
 
 /// `y = x · Wᵀ + bias`: `x` `[M, K]`, `weight` `[N, K]` (PyTorch Linear layout) in its stored
-/// dtype, `bias` `[N]`; result `[M, N]`. The native kernels (`dl_gemm`, `dl_gemm_bf16`) read the
-/// weight as stored; `Kernels.precision` chooses f32 multiply-adds or bf16 products summed in f32.
+/// dtype, `bias` `[N]`; result `[M, N]`. The native kernels read the weight packed once into panels
+/// of 16 columns (as stored for f32, rounded to bf16 for bf16); `Kernels.precision` chooses f32
+/// multiply-adds or bf16 products summed in f32.
 ///
 /// Row invariance: each output element is summed in one order fixed by K alone (f32: one chain of
-/// fused multiply-adds in increasing k over the weight's packed panels, `dl_gemm_panels`; bf16:
-/// 16 strided lanes of pairs, then a fixed tree; see `ReferenceKernels.linearInKernelOrder` and
+/// fused multiply-adds in increasing k, `dl_gemm_panels`; bf16: one chain over the pairs of k as
+/// `vdpbf16ps` adds them, `dl_gemm_bf16_panels`; see `ReferenceKernels.linearInKernelOrder` and
 /// `linearBF16InKernelOrder`), so row `r`'s bits are the same whatever other rows `x` holds,
 /// whatever the thread count and whichever CPU path runs. All rows of a batch (every image's
 /// patches, every prompt, every decode row) can therefore share one call, and the weights stream
@@ -70,9 +71,6 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
     var output = [Float](repeating: 0, count: m * n)
     if m > 0 && n > 0 {
         let path = kernelPath.cValue, type = weight.storageType.kernelType
-        // Activations of `rowBlock` rows (about 192 KiB) stay in cache while a group of weight
-        // rows passes over them; a function of K only, like the column blocks.
-        let rowBlock = max(6, (192 << 10) / max(k * 4, 1) / 6 * 6)
         let columnBlock = max(16, min(256, (n + 15) / 16 / max(Parallelism.threads * 4, 1) * 16))
         let blocks = (n + columnBlock - 1) / columnBlock
         // bf16: the activations are rounded once per call, not once per weight block.
@@ -82,9 +80,10 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
                 count = m * k
             }
         } : []
-        // f32: the packed panels; bf16 on AMX: the bf16 panels (made on the first product with this weight).
+        // f32: the packed panels; bf16: the bf16 panels (made on the first product with this weight).
         let usesAMX = precision == .bf16 && kernelPath == .amx
-        let weightBase = precision == .f32 ? weight.panels() : usesAMX ? weight.panelsBF16() : weight.base
+        let weightBase = precision == .f32 ? weight.panels() : weight.panelsBF16()
+        let bf16Path = kernelPath == .avx512bf16 ? Int32(DL_PATH_AVX512_BF16) : path
         x.values.withUnsafeBufferPointer { xp in
             roundedInput.withUnsafeBufferPointer { rp in
                 output.withUnsafeMutableBufferPointer { yp in
@@ -95,7 +94,7 @@ func linear(_ x: Matrix, _ weight: WeightMatrix, bias: [Float]? = nil, path kern
                         if usesAMX, let roundedBase {
                             dl_gemm_amx(roundedBase, k, m, weightBase, k, columns.0, columns.1, yBase, n)
                         } else if precision == .bf16, let roundedBase {
-                            dl_gemm_bf16(path, type, roundedBase, k, m, weightBase, k, columns.0, columns.1, yBase, n, rowBlock)
+                            dl_gemm_bf16_panels(bf16Path, roundedBase, k, m, weightBase, k, columns.0, columns.1, yBase, n)
                         } else {
                             dl_gemm_panels(path, type, xBase, k, m, weightBase, k, columns.0, columns.1, yBase, n)
                         }
@@ -142,31 +141,34 @@ public enum Precision: String, Sendable, Codable, CaseIterable {
     /// bf16 and llama.cpp's bf16 do; norms, attention and softmax stay f32.
     case bf16
 
-    /// The precision a command uses unless told otherwise: bf16 where the CPU has AMX-BF16 (there
-    /// it is several times faster with identical captions on the shipped model; README
-    /// "Performance"), else f32 (`vdpbf16ps` alone was measured slower than f32 on the AVX512-BF16
-    /// Xeon this was built on).
+    /// The precision a command uses unless told otherwise: bf16 where the kernel path has a bf16
+    /// instruction (`amx`: AMX-BF16; `avx512bf16`: AVX512-BF16's `vdpbf16ps`, as on AMD Zen 4
+    /// and 5), where it is faster with identical captions on the shipped model (docs/PERFORMANCE.md);
+    /// f32 elsewhere, and on any path `DLLAVA_KERNEL` forces without one.
     public static var preferred: Precision {
-        Kernels.path == .amx ? .bf16 : .f32
+        Kernels.path.hasBF16Instructions ? .bf16 : .f32
     }
 
     /// Whether this CPU runs the precision at full speed (bf16 needs AVX512-BF16 or AMX-BF16;
     /// elsewhere only the plain emulation would run it).
     public var isNative: Bool {
-        self == .f32 || dl_kernel_bf16_available() != 0 || dl_kernel_amx_available() != 0
+        self == .f32 || KernelPath.avx512bf16.isAvailable || KernelPath.amx.isAvailable
     }
 }
 
 /// The CPU path of the matrix kernels: the fastest this CPU runs, or the one `DLLAVA_KERNEL`
-/// names (`reference`, `scalar`, `avx2`, `avx512`, `amx`), so that tests and CI exercise every
-/// path on one machine. Every path computes the same bits, except bf16 products on `amx`, whose
-/// additions are the hardware's own (row and thread invariant all the same; see amx.c).
+/// names (`reference`, `scalar`, `avx2`, `avx512`, `avx512bf16`, `amx`), so that tests and CI
+/// exercise every path on one machine. Every path computes the same bits, except bf16 products on
+/// `amx`, whose additions are the hardware's own (row and thread invariant all the same; see
+/// bf16_amx.c). bf16 products on a path without a bf16 instruction run the plain twin.
 public enum KernelPath: String, Sendable, CaseIterable {
     /// `ReferenceKernels.linearInKernelOrder`: the plain Swift twin of the kernels.
     case reference
     case scalar
     case avx2
     case avx512
+    /// `avx512`, with bf16 products on AVX512-BF16's `vdpbf16ps` (packed panels).
+    case avx512bf16
     /// `avx512`, with bf16 products on Intel AMX tiles (`tdpbf16ps`).
     case amx
 
@@ -174,15 +176,19 @@ public enum KernelPath: String, Sendable, CaseIterable {
         switch self {
         case .reference, .scalar: Int32(DL_PATH_SCALAR)
         case .avx2: Int32(DL_PATH_AVX2)
-        case .avx512, .amx: Int32(DL_PATH_AVX512)
+        case .avx512, .avx512bf16, .amx: Int32(DL_PATH_AVX512)
         }
     }
+
+    /// Whether the path runs bf16 products on a bf16 instruction (else on the plain twin).
+    public var hasBF16Instructions: Bool { self == .avx512bf16 || self == .amx }
 
     /// Whether this CPU can run the path.
     public var isAvailable: Bool {
         switch self {
         case .reference: true
         case .amx: dl_kernel_amx_available() != 0
+        case .avx512bf16: dl_kernel_path_available(Int32(DL_PATH_AVX512_BF16)) != 0
         default: dl_kernel_path_available(cValue) != 0
         }
     }
@@ -195,7 +201,7 @@ public enum KernelError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .unknownPath(let name):
-            "DLLAVA_KERNEL=\(name) is not a kernel path (reference, scalar, avx2, avx512, amx)"
+            "DLLAVA_KERNEL=\(name) is not a kernel path (\(KernelPath.allCases.map(\.rawValue).joined(separator: ", ")))"
         case .unavailablePath(let path):
             "DLLAVA_KERNEL=\(path.rawValue): this CPU cannot run that kernel path"
         }
@@ -216,10 +222,28 @@ public enum Kernels {
     /// The fastest path this CPU runs.
     public static var best: KernelPath {
         if KernelPath.amx.isAvailable { return .amx }
+        if KernelPath.avx512bf16.isAvailable { return .avx512bf16 }
         return switch dl_kernel_path_best() {
         case Int32(DL_PATH_AVX512): .avx512
         case Int32(DL_PATH_AVX2): .avx2
         default: .scalar
+        }
+    }
+
+    /// The CPU features the kernels ask about (cpu_features.c answers each), with whether this
+    /// CPU has them: what `dllava doctor` prints as the reason for the path and precision.
+    public static var cpuFeatures: [(name: String, present: Bool)] {
+        [("AVX2+FMA+F16C", KernelPath.avx2.isAvailable), ("AVX-512 F/BW/VL/DQ", KernelPath.avx512.isAvailable),
+         ("AVX512-BF16", KernelPath.avx512bf16.isAvailable), ("AVX512-VNNI", dl_kernel_q8_vnni_available() != 0),
+         ("AMX-BF16 (tile data granted by the OS)", KernelPath.amx.isAvailable)]
+    }
+
+    /// Why `Precision.preferred` is what it is on `path`, in words.
+    public static func precisionReason(on path: KernelPath) -> String {
+        switch path {
+        case .amx: "bf16 products on AMX tiles (tdpbf16ps)"
+        case .avx512bf16: "bf16 products on AVX512-BF16 (vdpbf16ps), no AMX"
+        default: "the \(path.rawValue) path has no bf16 instruction, so bf16 would run the plain emulation"
         }
     }
 

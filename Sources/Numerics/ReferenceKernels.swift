@@ -55,10 +55,10 @@ public enum ReferenceKernels {
     }
 
     /// The bf16 precision's product written plainly: `x` and the weight rounded to bf16 (nearest
-    /// even), then per lane `j` of 16 the pairs `k = 32t + 2j, 32t + 2j + 1`, the odd product
-    /// added before the even one, each a fused multiply-add whose bf16 subnormal inputs count as
-    /// zero and whose subnormal result is flushed to zero (the definition of `vdpbf16ps`); lanes
-    /// reduced as in `dotProductsInLaneOrder`.
+    /// even), then one chain per element over the pairs `k = 2t, 2t + 1` in increasing `t` from
+    /// +0, the odd product added before the even one, each a fused multiply-add whose bf16
+    /// subnormal inputs count as zero and whose subnormal result is flushed to zero (the
+    /// definition of `vdpbf16ps`; the order of `dl_gemm_bf16_panels`).
     public static func linearBF16InKernelOrder(_ x: Matrix, _ weight: WeightMatrix) -> Matrix {
         let k = x.columns, n = weight.rows
         func flushed(_ v: Float) -> Float {
@@ -81,15 +81,13 @@ public enum ReferenceKernels {
         for o in 0..<n {
             let w = rounded(weight.widenedRows(o..<o + 1), zeroingSubnormals: true)
             for r in 0..<x.rows {
-                var lanes = [Float](repeating: 0, count: 16)
+                var sum: Float = 0
                 for i in stride(from: 0, to: k, by: 2) {
-                    let lane = (i % 32) / 2
-                    if i + 1 < k { lanes[lane] = flushed(lanes[lane].addingProduct(input[r * k + i + 1], w[i + 1])) }
-                    lanes[lane] = flushed(lanes[lane].addingProduct(input[r * k + i], w[i]))
+                    // An odd K's last pair: a zero activation and a zero weight.
+                    sum = flushed(sum.addingProduct(i + 1 < k ? input[r * k + i + 1] : 0, i + 1 < k ? w[i + 1] : 0))
+                    sum = flushed(sum.addingProduct(input[r * k + i], w[i]))
                 }
-                let s8 = (0..<8).map { lanes[$0] + lanes[$0 + 8] }
-                let s4 = (0..<4).map { s8[$0] + s8[$0 + 4] }
-                out[r * n + o] = (s4[0] + s4[2]) + (s4[1] + s4[3])
+                out[r * n + o] = sum
             }
         }
         return Matrix(rows: x.rows, columns: n, values: out)

@@ -187,13 +187,14 @@ public struct WeightMatrix: @unchecked Sendable {
         packed(into: panelCache, byteCount: dl_panel_bytes(storageType.kernelType, rows, columns), with: dl_pack_panels)
     }
 
-    /// The weight rounded to bf16 and packed into AMX B tiles for `dl_gemm_amx`: made once, on
-    /// first use; the stored rows' pages are then released as for `panels()`.
+    /// The weight rounded to bf16 and packed into panels of pairs of k (AMX B tiles) for
+    /// `dl_gemm_bf16_panels` and `dl_gemm_amx`: made once, on first use; the stored rows' pages are
+    /// then released as for `panels()`.
     func panelsBF16() -> UnsafeRawPointer {
         packed(into: panelCacheBF16, byteCount: dl_panel_bytes_bf16(rows, columns), with: dl_pack_panels_bf16)
     }
 
-    /// Packs the weight once into `cache` (`byteCount` bytes) with a packer of panels.c or amx.c,
+    /// Packs the weight once into `cache` (`byteCount` bytes) with a packer of f32_panels.c or bf16_panels.c,
     /// groups of 64 panels spread over the workers, then releases the stored rows' pages.
     private func packed(into cache: PanelCache, byteCount packedBytes: Int,
                         with pack: @escaping @Sendable (Int32, UnsafeRawPointer?, Int, Int, Int, UnsafeMutableRawPointer?, Int, Int) -> Void)

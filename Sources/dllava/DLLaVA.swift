@@ -7,7 +7,7 @@ struct DLLaVA: ParsableCommand {
         commandName: "dllava",
         abstract: "Batch captioning with Dynamic-LLaVA on CPU.",
         version: BuildInfo.versionLine,
-        subcommands: [Generate.self, Tokenize.self, Flops.self, Quantize.self, Run.self, Snapshot.self] + queueSubcommands)
+        subcommands: [Generate.self, Tokenize.self, Flops.self, Quantize.self, Run.self, Snapshot.self, Doctor.self] + queueSubcommands)
 }
 
 /// A failure the CLI reports as one sentence on stderr with a sysexits-style code:

@@ -16,8 +16,9 @@ struct ModelOptions: ParsableArguments {
 
     @Option(help: """
         Arithmetic of the matrix products: f32, or bf16 (activations and weights rounded to bf16, \
-        sums in f32; needs AVX512-BF16 or AMX-BF16). Default: bf16 where the CPU has AMX-BF16, else \
-        f32. Results do not depend on the thread count or batch in either.
+        sums in f32; needs AVX512-BF16 or AMX-BF16). Default: bf16 where the kernel path has a bf16 \
+        instruction (AMX-BF16 or AVX512-BF16; `dllava doctor` says), else f32. Results do not depend on \
+        the thread count or batch in either.
         """)
     var precision: Precision?
 

@@ -282,7 +282,7 @@ struct SnapshotDaemonTests {
         let file = snapshotFile(directory, job: 1)
         let text = try run(["snapshot", "inspect", file.path], in: directory)
         #expect(text.status == 0, "\(text.standardError)")
-        // The K/V are stored as the run's default precision keeps them: bf16 where AMX makes bf16 the default.
+        // The K/V are stored as the run's default precision keeps them: bf16 where the CPU has a bf16 instruction.
         let dtype = Precision.preferred == .bf16 ? "bf16" : "f32"
         #expect(text.standardOutput.contains("file version 3, state version 2") && text.standardOutput.contains("\(dtype), 4 layers of width 32"))
         #expect(text.standardOutput.contains("5 generated") && text.standardOutput.contains("checksums:       ok"))

@@ -1,14 +1,14 @@
-// The native matrix kernels in the manner of llama.cpp's test-backend-ops: every CPU path x
-// stored dtype x batch size x odd shapes, bit for bit against the plain twin that sums in the
-// kernels' order, within a K-dependent tolerance of a double-precision product, NaN/Inf
-// propagation, guard bytes around outputs, and row invariance across batches and thread counts.
+// The native matrix kernels beyond the table of KernelTableTests (operations x paths x batch
+// sizes against the plain twins): NaN/Inf propagation, guard bytes around outputs, row
+// invariance across batches and thread counts, and attention's products.
 import CKernels
 import Foundation
 import Testing
 @testable import Numerics
 
 /// Values across the range a weight or activation can take: mostly unit-sized, some tiny
-/// (f16 subnormal, f32 subnormal) and some large, with both signs.
+/// (f16 subnormal, f32 subnormal, bf16 products below f32's normal range) and some large, with
+/// both signs.
 func wideRangeValues(_ count: Int, seed: UInt64) -> [Float] {
     let base = randomValues(count, seed: seed)
     return base.enumerated().map { i, v in
@@ -16,6 +16,7 @@ func wideRangeValues(_ count: Int, seed: UInt64) -> [Float] {
         case 3: v * 1e-6
         case 7: v * 1e-39
         case 11: v * 300
+        case 13: v * 1e-20  // two of these multiply to an f32 subnormal, which vdpbf16ps flushes
         default: v
         }
     }
@@ -42,38 +43,6 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
 }
 
 @Suite struct MatrixKernelTests {
-    @Test("every kernel path equals the plain twin bit for bit, and the double-precision product within tolerance",
-          arguments: [StorageType.float32, .float16, .bfloat16], rowCounts)
-    func pathsEqualThePlainTwin(storage: StorageType, rows: Int) {
-        let (x, weight, exact) = kernelOperands(storage: storage, rows: rows, seed: 31)
-        let twin = ReferenceKernels.linearInKernelOrder(x, weight)
-        // f32 rounding of K products and sums: a bound that grows with K.
-        let tolerance = Float(x.columns) * 1.2e-7 * 4
-        #expect(maxRelativeDifference(twin.values, exact.values) < tolerance)
-        for path in kernelPaths {
-            let fast = linear(x, weight, path: path)
-            #expect(firstBitDifference(fast.values, twin.values) == nil, "\(path) \(storage) M=\(rows)")
-        }
-    }
-
-    @Test("bf16 precision: every path but AMX equals the plain emulation of vdpbf16ps bit for bit; all are within bf16 rounding of the exact product",
-          arguments: [StorageType.float32, .float16, .bfloat16], rowCounts)
-    func bf16PathsEqualThePlainTwin(storage: StorageType, rows: Int) {
-        let (x, weight, exact) = kernelOperands(storage: storage, rows: rows, seed: 71)
-        let twin = ReferenceKernels.linearBF16InKernelOrder(x, weight)
-        // Each operand rounded to 8 significant bits: relative 2^-8 per product, partly cancelling.
-        #expect(maxRelativeDifference(twin.values, exact.values) < 2e-2)
-        for path in kernelPaths {
-            let fast = linear(x, weight, path: path, precision: .bf16)
-            if path == .amx {
-                // AMX adds in its own order: held to the exact product like the twin.
-                #expect(maxRelativeDifference(fast.values, exact.values) < 2e-2, "amx \(storage) M=\(rows)")
-            } else {
-                #expect(firstBitDifference(fast.values, twin.values) == nil, "\(path) \(storage) M=\(rows)")
-            }
-        }
-    }
-
     @Test("bf16 on AMX: guard values around the output stay, and rows past a 32-row block and K past a 32-wide tile are right",
           .enabled(if: KernelPath.amx.isAvailable, "this CPU or OS has no AMX-BF16"), arguments: [StorageType.float32, .float16, .bfloat16])
     func amxWritesOnlyItsOutput(storage: StorageType) {
@@ -106,12 +75,13 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
         let k = 301, n = 531
         let weight = WeightMatrix(rows: n, columns: k, values: randomValues(n * k, seed: 41), storageType: storage)
         let bias = randomValues(n, seed: 42)
-        let x = Matrix(rows: 33, columns: k, values: randomValues(33 * k, seed: 43))
+        // 61 rows: a batch large enough that f16 and bf16 panels are widened to f32 first, unlike one row.
+        let x = Matrix(rows: 61, columns: k, values: randomValues(61 * k, seed: 43))
         let cases = kernelPaths.filter { $0 != .reference }.flatMap { path in Precision.allCases.map { (path, $0) } }
         for (path, precision) in cases {
             Parallelism.setThreads(1)
             let batched = linear(x, weight, bias: bias, path: path, precision: precision)
-            for r in 0..<33 {
+            for r in 0..<61 {
                 #expect(firstBitDifference(linear(x.rows(r..<r + 1), weight, bias: bias, path: path, precision: precision).values, batched.row(r)) == nil,
                         "\(path) \(precision) row \(r)")
             }
@@ -120,15 +90,15 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
                 #expect(firstBitDifference(linear(x, weight, bias: bias, path: path, precision: precision).values, batched.values) == nil,
                         "\(path) \(precision) \(threads) threads")
             }
-            let shuffled = linear(x.gatherRows([32, 7, 0, 16, 7]), weight, bias: bias, path: path, precision: precision)
-            for (position, row) in [32, 7, 0, 16, 7].enumerated() {
+            let shuffled = linear(x.gatherRows([60, 7, 0, 33, 7]), weight, bias: bias, path: path, precision: precision)
+            for (position, row) in [60, 7, 0, 33, 7].enumerated() {
                 #expect(firstBitDifference(shuffled.row(position), batched.row(row)) == nil, "\(path) \(precision) row \(row) at \(position)")
             }
         }
     }
 
-    @Test("NaN and infinity propagate to exactly the outputs they touch, on every path")
-    func nanAndInfinityPropagate() {
+    @Test("NaN and infinity propagate to exactly the outputs they touch, on every path, at f32 and bf16", arguments: Precision.allCases)
+    func nanAndInfinityPropagate(precision: Precision) {
         let k = 45, n = 21, rows = 9
         var weightValues = randomValues(n * k, seed: 51)
         weightValues[5 * k + 17] = .infinity  // column 5
@@ -137,13 +107,13 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
         let weight = WeightMatrix(rows: n, columns: k, values: weightValues, storageType: .float16)
         let x = Matrix(rows: rows, columns: k, values: xValues)
         for path in kernelPaths {
-            let y = linear(x, weight, path: path)
+            let y = linear(x, weight, path: path, precision: precision)
             for r in 0..<rows {
                 for c in 0..<n {
                     let value = y.values[r * n + c]
-                    if r == 2 { #expect(value.isNaN, "\(path) (\(r), \(c))") }
-                    else if c == 5 { #expect(value.isInfinite || value.isNaN, "\(path) (\(r), \(c))") }
-                    else { #expect(value.isFinite, "\(path) (\(r), \(c))") }
+                    if r == 2 { #expect(value.isNaN, "\(path) \(precision) (\(r), \(c))") }
+                    else if c == 5 { #expect(value.isInfinite || value.isNaN, "\(path) \(precision) (\(r), \(c))") }
+                    else { #expect(value.isFinite, "\(path) \(precision) (\(r), \(c))") }
                 }
             }
         }
@@ -180,6 +150,43 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
                 }
                 expectGuardedOutput(y, expected: expected, columns: columns, stride: stride, sentinel: sentinel, path: path)
             }
+        }
+    }
+
+    @Test("bf16: products and sums below f32's normal range are flushed to zero on every path, as vdpbf16ps flushes them")
+    func bf16FlushesSubnormalResults() {
+        // Every product about 1e-41 and every partial sum below 2^-126: each step is flushed to ±0.
+        let k = 301, n = 37, rows = 9
+        let weight = WeightMatrix(rows: n, columns: k, values: randomValues(n * k, seed: 67).map { $0 * 1e-20 }, storageType: .float32)
+        let x = Matrix(rows: rows, columns: k, values: randomValues(rows * k, seed: 68).map { $0 * 1e-20 })
+        let twin = ReferenceKernels.linearBF16InKernelOrder(x, weight)
+        #expect(twin.values.allSatisfy { $0 == 0 })
+        for path in kernelPaths where path != .amx {
+            #expect(firstBitDifference(linear(x, weight, path: path, precision: .bf16).values, twin.values) == nil, "\(path)")
+        }
+    }
+
+    @Test("bf16 panels: guard values around the output stay on every path, for odd K and a short last panel",
+          arguments: [StorageType.float32, .float16, .bfloat16])
+    func bf16PanelsWriteOnlyTheirOutput(storage: StorageType) {
+        let k = 77, n = 50, rows = 17, stride = 64, columns = 16 ..< 43
+        let weight = WeightMatrix(rows: n, columns: k, values: wideRangeValues(n * k, seed: 65), storageType: storage)
+        let x = Matrix(rows: rows, columns: k, values: wideRangeValues(rows * k, seed: 66))
+        let expected = ReferenceKernels.linearBF16InKernelOrder(x, weight)
+        var rounded = [UInt16](repeating: 0, count: rows * k)
+        dl_narrow_bf16(x.values, &rounded, rows * k)
+        let sentinel = Float(bitPattern: 0x7FC0_DEAD)
+        let panels = weight.panelsBF16()
+        for path in kernelPaths where path != .reference && path != .amx {
+            let cPath = path == .avx512bf16 ? Int32(DL_PATH_AVX512_BF16) : path.cValue
+            var y = [Float](repeating: sentinel, count: (rows + 4) * stride)
+            rounded.withUnsafeBufferPointer { xp in
+                y.withUnsafeMutableBufferPointer { yp in
+                    dl_gemm_bf16_panels(cPath, xp.baseAddress!, k, rows, panels, k, columns.lowerBound, columns.upperBound,
+                                        yp.baseAddress! + 2 * stride, stride)
+                }
+            }
+            expectGuardedOutput(y, expected: expected, columns: columns, stride: stride, sentinel: sentinel, path: path)
         }
     }
 
@@ -264,6 +271,7 @@ func kernelOperands(storage: StorageType, rows: Int, seed: UInt64) -> (x: Matrix
     @Test("DLLAVA_KERNEL names a path; an unknown name is an error")
     func pathNames() {
         #expect(KernelPath(rawValue: "avx512") == .avx512 && KernelPath(rawValue: "reference") == .reference)
+        #expect(KernelPath(rawValue: "avx512bf16") == .avx512bf16)
         #expect(KernelPath.reference.isAvailable && KernelPath.scalar.isAvailable)
         #expect(Kernels.best.isAvailable)
     }

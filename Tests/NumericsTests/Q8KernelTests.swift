@@ -1,6 +1,6 @@
-// The 8-bit kernels as the float ones are tested (MatrixKernelTests): every CPU path x batch size
-// x odd shapes, bit for bit against the plain twin, within the quantization error of the exact
-// product, NaN/Inf, guard values around the output, row and thread invariance.
+// The 8-bit kernels as the float ones are tested (MatrixKernelTests; the table of paths x batch
+// sizes x odd shapes against the plain twin is KernelTableTests): quantization, NaN/Inf, guard
+// values around the output, row and thread invariance.
 import CKernels
 import Foundation
 import Testing
@@ -23,25 +23,6 @@ func q8ErrorBound(_ x: [Float], _ dequantized: [Float]) -> Float {
 }
 
 @Suite struct Q8KernelTests {
-    @Test("q8: every kernel path equals the plain twin bit for bit, and the exact product within the quantization error", arguments: rowCounts)
-    func pathsEqualThePlainTwin(rows: Int) {
-        let (x, weight, _) = kernelOperands(storage: .q8, rows: rows, seed: 91)
-        let twin = ReferenceKernels.linearQ8InKernelOrder(x, weight)
-        let dequantized = weight.widened(), k = x.columns, n = weight.rows
-        let exact = ReferenceKernels.linear(x, dequantized, outFeatures: n)
-        for r in stride(from: 0, to: rows, by: max(1, rows / 9)) {
-            for o in 0..<n {
-                let bound = q8ErrorBound(Array(x.values[r * k ..< (r + 1) * k]), Array(dequantized[o * k ..< (o + 1) * k]))
-                let error = (twin.values[r * n + o] - exact.values[r * n + o]).magnitude
-                #expect(error <= bound, "M=\(rows) (\(r), \(o)): error \(error), bound \(bound)")
-            }
-        }
-        for path in kernelPaths {
-            let fast = linear(x, weight, path: path)
-            #expect(firstBitDifference(fast.values, twin.values) == nil, "\(path) q8 M=\(rows)")
-        }
-    }
-
     @Test("q8 weights hold each value within half a step of its block's scale; the padding is zero")
     func weightQuantizationRoundTrips() throws {
         let rows = 5, columns = 75  // three blocks per row, the last one 11 wide

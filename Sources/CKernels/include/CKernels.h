@@ -20,8 +20,10 @@ void dl_narrow_bf16(const float *source, uint16_t *destination, size_t count);
 /// How a weight matrix's elements are stored.
 enum { DL_WEIGHT_F32 = 0, DL_WEIGHT_F16 = 1, DL_WEIGHT_BF16 = 2 };
 
-/// The CPU paths of the matrix product. Every path computes the same bits (see gemm.c).
-enum { DL_PATH_SCALAR = 1, DL_PATH_AVX2 = 2, DL_PATH_AVX512 = 3 };
+/// The CPU paths of the matrix product. Every path computes the same bits (see f32_rows.c).
+/// `DL_PATH_AVX512_BF16` is AVX-512 with AVX512-BF16: the f32 kernels run as on `DL_PATH_AVX512`,
+/// the bf16 products on `vdpbf16ps` (bf16_panels.c).
+enum { DL_PATH_SCALAR = 1, DL_PATH_AVX2 = 2, DL_PATH_AVX512 = 3, DL_PATH_AVX512_BF16 = 4 };
 
 /// Whether this CPU can run `path` (CPUID, checked at run time).
 int dl_kernel_path_available(int path);
@@ -37,7 +39,7 @@ int dl_kernel_path_best(void);
 void dl_gemm(int path, int weight_type, const float *x, size_t ldx, size_t m, const void *w, size_t k, size_t ldw,
              size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block);
 
-/// Bytes of a `[n, k]` weight of `weight_type` packed into panels of 16 columns (see panels.c).
+/// Bytes of a `[n, k]` weight of `weight_type` packed into panels of 16 columns (see f32_panels.c).
 size_t dl_panel_bytes(int weight_type, size_t n, size_t k);
 
 /// Packs panels `panel_begin..<panel_end` of the weight `w` (`[n, k]`, row stride `ldw`, in
@@ -74,20 +76,10 @@ void dl_softmax(int path, float *x, size_t count);
 /// one order of operations on every path, so the bits never depend on the path (see softmax.c).
 void dl_sigmoid_weighted(int path, float *x, const float *up, size_t count, float a);
 
-/// Whether this CPU has AVX512-BF16 (`vdpbf16ps`), which `dl_gemm_bf16` uses on the AVX-512 path.
-int dl_kernel_bf16_available(void);
-
-/// bf16 compute: as `dl_gemm` with `x` already rounded to bf16 (`[m, k]`, row stride `ldx`),
-/// weights rounded to bf16 on the fly (exact for bf16 weights), products summed in f32 in pairs
-/// as `vdpbf16ps` does (see gemm.c). Every path computes the same bits; paths other than AVX-512
-/// with AVX512-BF16 run the plain scalar emulation.
-void dl_gemm_bf16(int path, int weight_type, const uint16_t *x, size_t ldx, size_t m, const void *w, size_t k,
-                  size_t n_begin, size_t n_end, float *y, size_t ldy, size_t row_block);
-
 /// 8-bit weights (q8_0 layout, as llama.cpp's): each weight row is split into blocks of 32
 /// along K (the last block padded with zeros); a block holds 32 signed 8-bit values in
 /// -127...127 and one f16 scale, its value `scale · q`. Quants are `[N, blocks · 32]` int8, scales
-/// `[N, blocks]` f16, both row-major. See gemm.c for the arithmetic.
+/// `[N, blocks]` f16, both row-major. See q8.c for the arithmetic.
 enum { DL_Q8_BLOCK = 32 };
 
 /// Bytes of one row of activations quantized by `dl_quantize_activations_q8` for a `k`-wide input.
@@ -116,7 +108,7 @@ int dl_kernel_q8_vnni_available(void);
 /// 8-bit product: `y[r, n] = Σ_k x[r, k] · w[n, k]` with `x` quantized by
 /// `dl_quantize_activations_q8` (`m` records) and `w` in q8_0 (`quants`, `scales`, `k` the
 /// unpadded width), for columns `n_begin..<n_end`. Per block, groups of 4 products are summed
-/// exactly in int32, then scaled and added in f32 in one fixed order (gemm.c), the same bits on
+/// exactly in int32, then scaled and added in f32 in one fixed order (q8.c), the same bits on
 /// every path and for any rows, columns, `row_block` or thread count. The AVX-512 path uses
 /// VNNI where the CPU has it, else the AVX2 kernel.
 void dl_gemm_q8(int path, const void *activations, size_t m, const int8_t *quants, const uint16_t *scales, size_t k,
@@ -137,13 +129,34 @@ void dl_pack_panels_bf16(int weight_type, const void *w, size_t ldw, size_t n, s
 /// such as attention's values, in `weight_type`) as `dl_pack_panels_bf16` packs `[n, k]`.
 void dl_pack_panels_bf16_from_columns(int weight_type, const void *v, size_t ldv, size_t n, size_t k, void *panels);
 
+/// bf16 product: `y[r, n] = Σ_k x[r, k] · w[n, k]` for rows `0..<m` of `x` (rounded to bf16,
+/// `[m, k]`, row stride `ldx`) and columns `n_begin..<n_end` (`n_begin` a multiple of 16) from the
+/// `dl_pack_panels_bf16` panels of `w`. Each element is one chain over the pairs of k in increasing
+/// order, each pair added as `vdpbf16ps` adds it (see bf16_panels.c); `DL_PATH_AVX512_BF16` runs
+/// that instruction, every other path a plain twin with the same bits. A row's result is the same
+/// whatever rows, columns, thread count or path the call uses.
+void dl_gemm_bf16_panels(int path, const uint16_t *x, size_t ldx, size_t m, const void *panels, size_t k, size_t n_begin,
+                         size_t n_end, float *y, size_t ldy);
+
 /// bf16 product on AMX: `y[r, n]` for rows `0..<m` of `x` (bf16, `[m, k]`, row stride `ldx`) and
 /// columns `n_begin..<n_end` (`n_begin` a multiple of 16) from `dl_pack_panels_bf16` panels.
 /// Each element accumulates K-tiles of 32 in increasing order with `tdpbf16ps`, so a row's result
-/// never depends on the other rows, the columns or the thread count (see amx.c). Call only when
+/// never depends on the other rows, the columns or the thread count (see bf16_amx.c). Call only when
 /// `dl_kernel_amx_available()`.
 void dl_gemm_amx(const uint16_t *x, size_t ldx, size_t m, const void *panels, size_t k, size_t n_begin, size_t n_end, float *y,
                  size_t ldy);
+
+/// The instructions whose register-only peak `dl_ceiling_loop` measures: AVX-512 f32 FMA
+/// (32 flops each), AVX512-BF16 `vdpbf16ps` (64 flops) and AVX512-VNNI `vpdpbusd` (128 integer ops).
+enum { DL_CEILING_FMA = 1, DL_CEILING_BF16 = 2, DL_CEILING_VNNI = 3 };
+
+/// Runs `iterations` rounds of 12 independent `instruction`s on registers only (see ceilings.c)
+/// and returns the operations done, or 0 when this CPU lacks the instruction. Time it per thread.
+double dl_ceiling_loop(int instruction, size_t iterations);
+
+/// Reads `bytes` of `buffer` once with wide loads (a multiple of 256 bytes is read in full) and
+/// returns a sum of them: a STREAM-like read for the memory bandwidth ceiling.
+uint64_t dl_ceiling_read(const void *buffer, size_t bytes);
 
 /// Makes glibc keep freed memory for reuse: no `mmap` for large allocations and no trimming below
 /// 2 GB of free heap (see `AllocatorTuning`); nothing elsewhere.

@@ -1,10 +1,8 @@
 // bf16 products on Intel AMX (`tdpbf16ps`): the bf16 precision's path where the CPU has AMX-BF16
 // and the kernel grants the process its tile data (Linux: arch_prctl ARCH_REQ_XCOMP_PERM).
 //
-// Layout: the weight `[N, K]` rounded to bf16 (as `vcvtne2ps2bf16` rounds: an f32 subnormal read
-// as zero, then nearest even; bf16 weights as stored) in panels of 16 columns; panel p holds
-// `[Kp / 2][16][2]` with Kp = K rounded up to 32: pair `(k, k + 1)` of column n adjacent, which
-// is the layout of an AMX B tile (16 pairs of rows by 16 columns). Padding is zero.
+// Layout: the bf16 panels of bf16_panels.c, `[Kp / 2][16][2]` per 16 columns (Kp = K rounded up
+// to 32), which is the layout of an AMX B tile (16 pairs of rows by 16 columns).
 //
 // Arithmetic: each output element accumulates, in increasing K-tiles of 32, the tile's 32
 // products as `tdpbf16ps` adds them into an f32 accumulator (bf16 subnormal inputs read as zero,
@@ -13,15 +11,11 @@
 // the other rows of the tile or call, the thread count or the tiling, so batches stay invariant.
 // It is not bit-identical to the `vdpbf16ps` path and its plain twin; tests hold it to the exact
 // product within bf16 rounding, and to row and thread invariance bit for bit.
-#include "CKernels.h"
+#include "simd.h"
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__linux__)
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#if defined(DL_X86) && defined(__linux__)
 #define DL_AMX 1
 #endif
 
@@ -29,78 +23,7 @@ enum { PANEL = 16, KTILE = 32 };
 
 static inline size_t padded_k(size_t k) { return (k + KTILE - 1) / KTILE * KTILE; }
 
-size_t dl_panel_bytes_bf16(size_t n, size_t k) { return (n + PANEL - 1) / PANEL * PANEL * padded_k(k) * 2; }
-
-/// Row `row` of `w` (`k` values) rounded to bf16 into `out`, through the f32 scratch `widened`.
-static void rounded_row(int type, const void *w, size_t row, size_t k, float *widened, uint16_t *out) {
-    if (type == DL_WEIGHT_BF16) {
-        memcpy(out, (const uint16_t *)w + row, k * 2);
-        return;
-    }
-    if (type == DL_WEIGHT_F16) dl_widen_f16((const uint16_t *)w + row, widened, k);
-    else memcpy(widened, (const float *)w + row, k * 4);
-    for (size_t i = 0; i < k; i++) {  // a subnormal is read as zero, sign kept
-        uint32_t bits;
-        memcpy(&bits, widened + i, sizeof bits);
-        if ((bits & 0x7f800000u) == 0) {
-            bits &= 0x80000000u;
-            memcpy(widened + i, &bits, sizeof bits);
-        }
-    }
-    dl_narrow_bf16(widened, out, k);
-}
-
-void dl_pack_panels_bf16(int weight_type, const void *w, size_t ldw, size_t n, size_t k, void *panels, size_t panel_begin,
-                         size_t panel_end) {
-    size_t kp = padded_k(k);
-    float *widened = malloc((k ? k : 1) * sizeof(float));
-    uint16_t *rounded = malloc((k ? k : 1) * sizeof(uint16_t));
-    for (size_t p = panel_begin; p < panel_end; p++) {
-        uint16_t *panel = (uint16_t *)panels + p * PANEL * kp;
-        memset(panel, 0, PANEL * kp * 2);
-        for (size_t c = 0; c < PANEL && p * PANEL + c < n; c++) {
-            rounded_row(weight_type, w, (p * PANEL + c) * ldw, k, widened, rounded);
-            for (size_t kk = 0; kk < k; kk++) panel[(kk / 2) * 2 * PANEL + c * 2 + (kk & 1)] = rounded[kk];
-        }
-    }
-    free(widened);
-    free(rounded);
-}
-
-void dl_pack_panels_bf16_from_columns(int weight_type, const void *v, size_t ldv, size_t n, size_t k, void *panels) {
-    size_t kp = padded_k(k), panel_count = (n + PANEL - 1) / PANEL;
-    memset(panels, 0, panel_count * PANEL * kp * 2);
-    float *widened = malloc((n ? n : 1) * sizeof(float));
-    uint16_t *rounded = malloc((n ? n : 1) * sizeof(uint16_t));
-    for (size_t kk = 0; kk < k; kk++) {
-        rounded_row(weight_type, v, kk * ldv, n, widened, rounded);
-        for (size_t column = 0; column < n; column++) {
-            uint16_t *panel = (uint16_t *)panels + (column / PANEL) * PANEL * kp;
-            panel[(kk / 2) * 2 * PANEL + (column % PANEL) * 2 + (kk & 1)] = rounded[column];
-        }
-    }
-    free(widened);
-    free(rounded);
-}
-
 #ifdef DL_AMX
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-static int amx_state = -1;  // -1 unknown, 0 unavailable, 1 available
-
-int dl_kernel_amx_available(void) {
-    int state = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
-    if (state >= 0) return state;
-    unsigned a, b, c, d;
-    int available = 0;
-    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) && (d & (1u << 24)) &&
-        dl_kernel_path_available(DL_PATH_AVX512))
-        available = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    __atomic_store_n(&amx_state, available, __ATOMIC_RELEASE);
-    return available;
-}
-
 /// The tile configuration (palette 1): tiles 0-3 accumulators (C[row tile][panel]), 4-5 the row
 /// tiles of activations (A), 6-7 the panels' K-tiles (B).
 typedef struct {
@@ -215,8 +138,6 @@ void dl_gemm_amx(const uint16_t *x, size_t ldx, size_t m, const void *panels, si
     gemm_amx(x, ldx, m, panels, k, n_begin, n_end, y, ldy);
 }
 #else
-int dl_kernel_amx_available(void) { return 0; }
-
 void dl_gemm_amx(const uint16_t *x, size_t ldx, size_t m, const void *panels, size_t k, size_t n_begin, size_t n_end, float *y,
                  size_t ldy) {
     (void)x, (void)ldx, (void)m, (void)panels, (void)k, (void)n_begin, (void)n_end, (void)y, (void)ldy;

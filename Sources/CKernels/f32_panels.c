@@ -11,15 +11,10 @@
 // path (AVX-512: a panel in one zmm; AVX2: in two ymm; scalar: fmaf). Tiles over rows and panels
 // only decide which chains run side by side, never the order inside a chain, so a row's bits are
 // the same alone or in any batch, for any thread count and on any path.
-#include "CKernels.h"
-#include "scalar.h"
+#include "simd.h"
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define DL_X86 1
-#endif
 
 enum { PANEL = 16 };
 
@@ -86,9 +81,6 @@ static void panels_scalar(int type, const float *x, size_t ldx, size_t m, const 
 // ---------------------------------------------------------------------------------------------
 // AVX-512: tiles of MR rows x NP panels, one zmm accumulator per row and panel.
 
-#define DL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"), always_inline)) static inline
-#define DL_AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))) static
-
 DL_AVX512 __m512 panel_row512(int type, const void *panel, size_t kk) {
     if (type == DL_WEIGHT_F32) return _mm512_loadu_ps((const float *)panel + kk * PANEL);
     __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + kk * PANEL));
@@ -96,16 +88,24 @@ DL_AVX512 __m512 panel_row512(int type, const void *panel, size_t kk) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+/// Panel rows prefetched ahead of a one- or two-row tile (the bf16 kernel's distance in bytes).
+enum { F32_PREFETCH_ROWS = 32 };
+
 /// Rows `x[0..<MR]` times panels `p..<p + NP`; writes the columns of those panels below `n_end`.
 DL_AVX512 void tile512(const int MR, const int NP, int type, const float *x, size_t ldx, const char *panels, size_t panel_stride,
                        size_t k, size_t p, size_t n_end, float *y, size_t ldy) {
-    __m512 acc[12][4];
+    __m512 acc[12][8];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NP; j++) acc[i][j] = _mm512_setzero_ps();
     const char *base = panels + p * panel_stride;
+    size_t row_bytes = PANEL * element_bytes(type);
     for (size_t kk = 0; kk < k; kk++) {
-        __m512 wv[4];
-        for (int j = 0; j < NP; j++) wv[j] = panel_row512(type, base + j * panel_stride, kk);
+        __m512 wv[8];
+        for (int j = 0; j < NP; j++) {
+            // Few rows: little arithmetic per weight line, so the stream is prefetched ahead.
+            if (MR <= 2) _mm_prefetch(base + j * panel_stride + (kk + F32_PREFETCH_ROWS) * row_bytes, _MM_HINT_T0);
+            wv[j] = panel_row512(type, base + j * panel_stride, kk);
+        }
         for (int i = 0; i < MR; i++) {
             __m512 xv = _mm512_set1_ps(x[i * ldx + kk]);
             for (int j = 0; j < NP; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -124,12 +124,7 @@ DL_AVX512 void rows512(const int MR, const int NP, int type, const float *x, siz
                        size_t k, size_t p_begin, size_t p_end, size_t n_end, float *y, size_t ldy) {
     size_t p = p_begin;
     for (; p + NP <= p_end; p += NP) tile512(MR, NP, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy);
-    switch (p_end - p) {
-    case 3: tile512(MR, 3, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy); break;
-    case 2: tile512(MR, 2, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy); break;
-    case 1: tile512(MR, 1, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy); break;
-    default: break;
-    }
+    for (; p < p_end; p++) tile512(MR, 1, type, x, ldx, panels, panel_stride, k, p, n_end, y, ldy);
 }
 
 /// Up to 6 rows run against 4 panels at a time (enough independent chains for one decode row),
@@ -147,9 +142,6 @@ DL_AVX512_FN void rows512_dispatch(size_t rows, int type, const float *x, size_t
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA + F16C: a panel row in two ymm (columns 0-7 and 8-15); tiles of MR rows x NP panels.
-
-#define DL_AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
-#define DL_AVX2_FN __attribute__((target("avx2,fma,f16c"))) static
 
 DL_AVX2 __m256 panel_half256(int type, const void *panel, size_t i) {
     if (type == DL_WEIGHT_F32) return _mm256_loadu_ps((const float *)panel + i);
@@ -222,21 +214,38 @@ typedef void (*dl_panel_rows_kernel)(size_t rows, int type, const float *x, size
 
 /// The blocking the vector paths share: the columns in chunks of panels small enough to stay in
 /// L2 while every row tile passes over them; the rows in tiles of `tile_rows`. Neither changes a
-/// chain's order.
+/// chain's order. f16 and bf16 panels serving many row tiles are first widened, a chunk at a time,
+/// into an f32 scratch (exact), so each weight is converted once per call rather than once per
+/// row tile: the conversions otherwise take issue slots from the fused multiply-adds.
 static void panels_tiled(dl_panel_rows_kernel kernel, size_t tile_rows, int type, const float *x, size_t ldx, size_t m,
                          const void *panels, size_t k, size_t n_begin, size_t n_end, float *y, size_t ldy) {
     size_t panel_stride = PANEL * k * element_bytes(type);
-    size_t chunk = (512u << 10) / (panel_stride ? panel_stride : 1);
+    int widens = type != DL_WEIGHT_F32 && m >= 4 * tile_rows;
+    size_t chunk = (512u << 10) / (PANEL * k * (widens ? 4 : element_bytes(type)) + 1);
     chunk = chunk < 2 ? 2 : chunk & ~(size_t)1;
+    float *scratch = widens ? malloc(chunk * PANEL * k * sizeof(float)) : NULL;
+    if (widens && !scratch) widens = 0;
     size_t p_end = (n_end + PANEL - 1) / PANEL;
     for (size_t p0 = n_begin / PANEL; p0 < p_end; p0 += chunk) {
         size_t p1 = p0 + chunk < p_end ? p0 + chunk : p_end;
+        if (widens) {
+            const uint16_t *source = (const uint16_t *)((const char *)panels + p0 * panel_stride);
+            if (type == DL_WEIGHT_F16) dl_widen_f16(source, scratch, (p1 - p0) * PANEL * k);
+            else dl_widen_bf16(source, scratch, (p1 - p0) * PANEL * k);
+        }
         for (size_t r = 0; r < m;) {
             size_t rows = m - r < tile_rows ? m - r : tile_rows;
-            kernel(rows, type, x + r * ldx, ldx, panels, panel_stride, k, p0, p1, n_end, y + r * ldy, ldy);
+            if (widens) {  // the scratch's panel 0 is panel p0: columns shift by 16 · p0
+                size_t shift = p0 * PANEL;
+                kernel(rows, DL_WEIGHT_F32, x + r * ldx, ldx, (const char *)scratch, PANEL * k * sizeof(float), k, 0, p1 - p0,
+                       n_end - shift, y + r * ldy + shift, ldy);
+            } else {
+                kernel(rows, type, x + r * ldx, ldx, panels, panel_stride, k, p0, p1, n_end, y + r * ldy, ldy);
+            }
             r += rows;
         }
     }
+    free(scratch);
 }
 #endif
 
