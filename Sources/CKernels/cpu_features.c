@@ -1,7 +1,8 @@
 // Every question about the CPU the kernels ask, answered here and nowhere else: which dispatch
 // paths this CPU runs (CPUID feature bits read at run time, never the family or model, never the
 // build host's), which extensions the fast paths add (AVX512-BF16, AVX512-VNNI, AMX-BF16 with the
-// OS's permission for tile data) and F16C for the conversions.
+// OS's permission for tile data) and F16C for the conversions. The vendor is asked once, for the
+// default precision only (never for which instructions run).
 #include "simd.h"
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -55,6 +56,17 @@ int dl_cpu_has_f16c(void) {
 int dl_cpu_has_avx512bw(void) {
 #ifdef DL_X86
     return DL_HAS("avx512f") && DL_HAS("avx512bw");
+#else
+    return 0;
+#endif
+}
+
+int dl_cpu_is_amd(void) {
+#ifdef DL_LINUX_X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+    // "AuthenticAMD" in EBX, EDX, ECX.
+    return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;
 #else
     return 0;
 #endif

@@ -141,12 +141,18 @@ public enum Precision: String, Sendable, Codable, CaseIterable {
     /// bf16 and llama.cpp's bf16 do; norms, attention and softmax stay f32.
     case bf16
 
-    /// The precision a command uses unless told otherwise: bf16 where the kernel path has a bf16
-    /// instruction (`amx`: AMX-BF16; `avx512bf16`: AVX512-BF16's `vdpbf16ps`, as on AMD Zen 4
-    /// and 5), where it is faster with identical captions on the shipped model (docs/PERFORMANCE.md);
-    /// f32 elsewhere, and on any path `DLLAVA_KERNEL` forces without one.
+    /// The precision a command uses unless told otherwise: bf16 where its products are faster than
+    /// f32 ones, with identical captions on the shipped model (docs/PERFORMANCE.md, "Kernels on
+    /// AVX512-BF16 without AMX"): on `amx` (AMX-BF16 tiles), and on `avx512bf16` where the CPU runs
+    /// `vdpbf16ps` at the f32 FMA rate (AMD Zen 4 and 5). f32 elsewhere: on Intel CPUs with
+    /// AVX512-BF16 but no AMX, `vdpbf16ps` runs at half the FMA rate, so bf16 prompts were 0.6x as
+    /// fast as f32 ones when measured; and on any path without a bf16 instruction.
     public static var preferred: Precision {
-        Kernels.path.hasBF16Instructions ? .bf16 : .f32
+        switch Kernels.path {
+        case .amx: .bf16
+        case .avx512bf16: Kernels.bf16DotProductsAtFMARate ? .bf16 : .f32
+        default: .f32
+        }
     }
 
     /// Whether this CPU runs the precision at full speed (bf16 needs AVX512-BF16 or AMX-BF16;
@@ -235,14 +241,22 @@ public enum Kernels {
     public static var cpuFeatures: [(name: String, present: Bool)] {
         [("AVX2+FMA+F16C", KernelPath.avx2.isAvailable), ("AVX-512 F/BW/VL/DQ", KernelPath.avx512.isAvailable),
          ("AVX512-BF16", KernelPath.avx512bf16.isAvailable), ("AVX512-VNNI", dl_kernel_q8_vnni_available() != 0),
-         ("AMX-BF16 (tile data granted by the OS)", KernelPath.amx.isAvailable)]
+         ("AMX-BF16 (tile data granted by the OS)", KernelPath.amx.isAvailable),
+         ("vendor AMD (vdpbf16ps at the f32 FMA rate)", bf16DotProductsAtFMARate)]
     }
+
+    /// Whether this CPU runs `vdpbf16ps` (64 FLOPs an instruction) at the rate of an f32 FMA (32):
+    /// AMD's Zen 4 and 5. Measured Intel Xeons without AMX run it at half that rate.
+    public static var bf16DotProductsAtFMARate: Bool { dl_cpu_is_amd() != 0 }
 
     /// Why `Precision.preferred` is what it is on `path`, in words.
     public static func precisionReason(on path: KernelPath) -> String {
         switch path {
         case .amx: "bf16 products on AMX tiles (tdpbf16ps)"
-        case .avx512bf16: "bf16 products on AVX512-BF16 (vdpbf16ps), no AMX"
+        case .avx512bf16 where bf16DotProductsAtFMARate:
+            "bf16 products on AVX512-BF16 (vdpbf16ps), no AMX; this AMD CPU runs vdpbf16ps at the f32 FMA rate"
+        case .avx512bf16:
+            "AVX512-BF16 without AMX on an Intel CPU, where vdpbf16ps runs at half the f32 FMA rate, so f32 prompts are faster; --precision bf16 halves the K/V cache and speeds one-row decode (docs/PERFORMANCE.md)"
         default: "the \(path.rawValue) path has no bf16 instruction, so bf16 would run the plain emulation"
         }
     }

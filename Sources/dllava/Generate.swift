@@ -16,8 +16,8 @@ struct ModelOptions: ParsableArguments {
 
     @Option(help: """
         Arithmetic of the matrix products: f32, or bf16 (activations and weights rounded to bf16, \
-        sums in f32; needs AVX512-BF16 or AMX-BF16). Default: bf16 where the kernel path has a bf16 \
-        instruction (AMX-BF16 or AVX512-BF16; `dllava doctor` says), else f32. Results do not depend on \
+        sums in f32; needs AVX512-BF16 or AMX-BF16). Default: bf16 where bf16 products are the faster \
+        (AMX-BF16; AVX512-BF16 on AMD), else f32; `dllava doctor` says which and why. Results do not depend on \
         the thread count or batch in either.
         """)
     var precision: Precision?

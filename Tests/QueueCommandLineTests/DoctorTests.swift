@@ -17,8 +17,9 @@ struct DoctorTests {
         #expect(best.status == 0)
         let lines = best.standardOutput.split(separator: "\n").map(String.init)
         let path = try #require(lines.first?.wholeMatch(of: #/kernel path: (\w+) \(the fastest this CPU runs\)/#)?.1)
-        // bf16 by default exactly where the path has a bf16 instruction.
-        let precision = path == "avx512bf16" || path == "amx" ? "bf16" : "f32"
+        // bf16 by default on AMX, and on AVX512-BF16 where the CPU is AMD's (vdpbf16ps at the FMA rate).
+        let amd = lines.contains { $0.contains("vendor AMD (vdpbf16ps at the f32 FMA rate) yes") }
+        let precision = path == "amx" || (path == "avx512bf16" && amd) ? "bf16" : "f32"
         #expect(lines.contains { $0.hasPrefix("default precision: \(precision) (") }, "\(best.standardOutput)")
         #expect(lines.contains { $0.hasPrefix("CPU features: AVX2+FMA+F16C ") && $0.contains("AVX512-BF16 ") }, "\(best.standardOutput)")
 

@@ -117,6 +117,11 @@ void dl_gemm_q8(int path, const void *activations, size_t m, const int8_t *quant
 /// Whether this CPU has AMX-BF16 and the OS grants this process tile data (requested once).
 int dl_kernel_amx_available(void);
 
+/// Whether the CPU's vendor is AMD (CPUID leaf 0). AMD's Zen 4 and 5 run `vdpbf16ps` (64 FLOPs an
+/// instruction) at the rate of an f32 FMA (32 FLOPs); the Intel Xeons measured without AMX run it at
+/// half that rate, where bf16 products are slower than f32 ones (docs/PERFORMANCE.md).
+int dl_cpu_is_amd(void);
+
 /// Bytes of a `[n, k]` weight packed by `dl_pack_panels_bf16`.
 size_t dl_panel_bytes_bf16(size_t n, size_t k);
 
