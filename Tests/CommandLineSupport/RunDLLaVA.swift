@@ -11,11 +11,13 @@ public struct ProcessResult: Sendable {
     public var errorLines: [String] { standardError.split(separator: "\n").map(String.init) }
 }
 
-/// Runs `dllava arguments` (in `directory` when given, with `environment` when given) to completion.
+/// Runs `dllava arguments` (or another built executable's: the library example) in `directory` when given, with
+/// `environment` when given, to completion.
 @discardableResult
-public func runDLLaVA(_ arguments: [String], in directory: URL? = nil, environment: [String: String]? = nil) throws -> ProcessResult {
+public func runDLLaVA(_ arguments: [String], in directory: URL? = nil, environment: [String: String]? = nil,
+                      executable: URL = dllavaExecutable) throws -> ProcessResult {
     let process = Process()
-    process.executableURL = dllavaExecutable
+    process.executableURL = executable
     process.arguments = arguments
     if let directory { process.currentDirectoryURL = directory }
     if let environment { process.environment = environment }
