@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The bf16 quality gate (docs/CORRECTNESS.md, "Quality gates"): caption accuracy of the shipped scene model with the Swift
-engine in f32 and in bf16 precision, full context and Dynamic-LLaVA, on the same test scenes
+"""The bf16 quality gate (docs/CORRECTNESS.md, "Quality gates"): caption accuracy of the shipped
+scene model with the Swift engine in f32 and in bf16 precision, full context and Dynamic-LLaVA, on the same test scenes
 (score.py's caption metric, greedy, as eval_swift.py), plus how many captions are identical, the
 largest difference between the two precisions' log-probabilities of the chosen token over the
 steps before the greedy ids first differ, and that first differing step per caption.
