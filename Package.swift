@@ -10,6 +10,12 @@ let package = Package(
         .executable(name: "dllava-bench", targets: ["dllava-bench"]),
         .executable(name: "dllava-queue-bench", targets: ["dllava-queue-bench"]),
         .executable(name: "dllava-report-bench", targets: ["dllava-report-bench"]),
+        // The engine as a library: load a checkpoint, turn an image and a question into a request, generate (one call
+        // or a step-driven batch). Its modules are listed so that an app can import the types its API shows.
+        .library(name: "DynamicLLaVA", targets: ["DynamicLLaVA", "Numerics", "SafeTensors", "Tokenizer", "Imaging", "Vision", "Llama",
+                                                 "Sparsification"]),
+        // The queue contract (`JobQueue`, `Job`, errors, manifests) and its SQLite implementation.
+        .library(name: "JobQueue", targets: ["JobQueue"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -21,6 +27,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        // `swift package generate-documentation --target DynamicLLaVA` (or JobQueue): the DocC catalogs.
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
     targets: [
         // System libraries (Debian -dev packages, installed by Scripts/setup).
@@ -89,6 +97,8 @@ let package = Package(
         .executableTarget(name: "dllava-report-bench", dependencies: [
             "JobQueue", "Artifacts", "RunReport", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // The library's smallest use: caption one image (run by EngineTests on the shipped demo model).
+        .executableTarget(name: "dllava-example-caption", dependencies: ["DynamicLLaVA", "Numerics", "SafeTensors"]),
 
         .testTarget(name: "NumericsTests", dependencies: ["Numerics", "CKernels"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
@@ -101,7 +111,7 @@ let package = Package(
             "dllava", "CommandLineSupport", "Artifacts", "Numerics", .product(name: "GRDB", package: "GRDB.swift"),
         ]),
         // Fixtures are read in place (located from #filePath), not copied into a bundle.
-        .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama", "Sparsification",
+        .testTarget(name: "EngineTests", dependencies: ["CommandLineSupport", "dllava-example-caption", "DynamicLLaVA", "Numerics", "SafeTensors", "Vision", "Llama", "Sparsification",
                                                         "Artifacts"],
                     exclude: ["Fixtures"]),
         .testTarget(name: "JobQueueTests", dependencies: ["JobQueue", "PostgresQueue", "BatchDaemon", "Artifacts", "CommandLineSupport"]),

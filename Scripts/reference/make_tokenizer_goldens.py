@@ -22,6 +22,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -179,7 +180,10 @@ def corpus_lines():
     lines.append(" ".join(rng.choice(source).strip() for _ in range(400)))
     lines.append("a" * 5000)
     lines.append("ab" * 3000 + " " * 500 + "😀" * 300)
-    return lines
+    # CPython's comments cite its tracker as the word "issue" and a number, which in this repository
+    # reads as a reference to the project's own tracker: such lines take CPython's other spelling,
+    # "bpo-" and the number. The random draws are unchanged, so every other line stays as it was.
+    return [re.sub(r"\b([Ii]ssue) ([0-9])", r"bpo-\2", line) for line in lines]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""The bf16 quality gate (issue 10): caption accuracy of the shipped scene model with the Swift
-engine in f32 and in bf16 precision, full context and Dynamic-LLaVA, on the same test scenes
+"""The bf16 quality gate (docs/CORRECTNESS.md, "Quality gates"): caption accuracy of the shipped
+scene model with the Swift engine in f32 and in bf16 precision, full context and Dynamic-LLaVA, on the same test scenes
 (score.py's caption metric, greedy, as eval_swift.py), plus how many captions are identical, the
 largest difference between the two precisions' log-probabilities of the chosen token over the
 steps before the greedy ids first differ, and that first differing step per caption.
 
-With --quantized DIR (the model quantized by `dllava quantize`), the q8 quality gate (issue 13)
+With --quantized DIR (the model quantized by `dllava quantize`), the q8 quality gate
 instead: the f16 model against the q8 one, both computed in f32 precision (the q8 layers in the
 8-bit arithmetic), written to QUANTIZED.md and quantized.json.
 

@@ -3,7 +3,8 @@
 and question accuracy (score.py's metrics) for full context, Dynamic-LLaVA, FastV and random
 image dropping at the same image budget; the realised keep rates; kept-patch pictures; and,
 optionally, a parity check of the full-context captions against the PyTorch reference
-(eval_reference.py, which rebuilds the model from the same exported files). Issue 6, scope item 4.
+(eval_reference.py, which rebuilds the model from the same exported files). Writes RESULTS.md: the
+scene model's evaluation with the Swift engine.
 
 Modes (every call greedy):
   full     --sparsity full
@@ -335,7 +336,7 @@ def write_markdown(meta, summary, parity, records, out_dir):
     pts = lambda x, y: f"{100 * (x - y):+.1f} points"  # noqa: E731
     L = []
     L.append("# dllava-scenes: evaluation with the Swift engine\n")
-    L.append(f"Issue 6, scope item 4. {meta['scenes']} {meta['split']} scenes (indices "
+    L.append(f"The Swift engine on the scene model. {meta['scenes']} {meta['split']} scenes (indices "
              f"{scenes.SPLITS[meta['split']] + meta['start']}..{scenes.SPLITS[meta['split']] + meta['start'] + meta['scenes'] - 1}, "
              f"never used in training or tuning), every answer generated greedily by `dllava generate` "
              f"(release build of {meta['binary_mtime_utc']} UTC, repository at `{meta['git_head']}`, "

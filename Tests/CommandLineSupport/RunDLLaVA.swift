@@ -11,10 +11,12 @@ public struct ProcessResult: Sendable {
     public var errorLines: [String] { standardError.split(separator: "\n").map(String.init) }
 }
 
-/// Runs `dllava arguments` (in `directory` when given, with `environment` when given) to completion.
+/// Runs `dllava arguments` (or another built executable's: the library example) in `directory` when given, with
+/// `environment` when given, to completion.
 @discardableResult
-public func runDLLaVA(_ arguments: [String], in directory: URL? = nil, environment: [String: String]? = nil) throws -> ProcessResult {
-    try runProgram(dllavaExecutable, arguments, in: directory, environment: environment)
+public func runDLLaVA(_ arguments: [String], in directory: URL? = nil, environment: [String: String]? = nil,
+                      executable: URL = dllavaExecutable) throws -> ProcessResult {
+    try runProgram(executable, arguments, in: directory, environment: environment)
 }
 
 /// Runs `executable arguments` to completion (a helper the tests check dllava's output with, such as an HTML parser).
