@@ -1,7 +1,7 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Targets form a layered DAG; see README.md ("Targets") and docs/.
+// Targets form a layered DAG; see docs/ARCHITECTURE.md ("Module map").
 let package = Package(
     name: "dllava",
     platforms: [.macOS(.v14)],

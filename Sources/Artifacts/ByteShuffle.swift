@@ -3,7 +3,7 @@ import Foundation
 /// The byte shuffle of Blosc and HDF5: for elements of `width` bytes, byte 0 of every element, then byte 1 of
 /// every element, and so on. The sign and exponent bytes of neighbouring floats are alike, so the shuffled bytes
 /// compress better than the floats as they lie. Trailing bytes that do not fill an element stay at the end as
-/// they are. A plain loop: the shuffle is not the cost of a snapshot (see the README's measurements).
+/// they are. A plain loop: the shuffle is not the cost of a snapshot (docs/PERFORMANCE.md, "KV snapshots").
 public enum ByteShuffle {
     /// `data` `[count, width]` -> `[width, count]`, byte for byte, then the trailing bytes.
     public static func shuffle(_ data: Data, width: Int) -> Data {

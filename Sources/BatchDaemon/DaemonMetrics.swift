@@ -31,7 +31,7 @@ public struct AdmissionTimings: Sendable, Equatable {
 }
 
 /// The metrics of the daemon, named as Prometheus expects (`_total` counters, `_seconds` histograms). Documented in
-/// the README ("Metrics").
+/// docs/OPERATIONS.md ("Metrics").
 public struct DaemonMetrics: Sendable {
     public let jobsClaimed: Counter
     public let jobsSucceeded: Counter

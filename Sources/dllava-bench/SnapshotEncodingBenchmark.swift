@@ -1,4 +1,4 @@
-// The encodings a KV snapshot frame can be stored in (issue 15), on real K/V: the full-frame payload
+// The encodings a KV snapshot frame can be stored in, on real K/V: the full-frame payload
 // of each given snapshot file (`dllava run --keep-kv` writes them) stored as it is, with zstd, and
 // byte-shuffled then zstd. Bytes, and encode and decode speed in MB/s of payload; each time is the
 // best of several repeats, the encodings taking turns within every repeat.

@@ -1,4 +1,4 @@
-// Dynamic-LLaVA's efficiency on this machine (issue 4): prefill time of full, dynamic and FastV
+// Dynamic-LLaVA's efficiency on this machine: prefill time of full, dynamic and FastV
 // in one run, decode speed and KV bytes after 128 and 512 generated tokens, and the step time of
 // decoding without a KV cache after 256 tokens. Random weights; the output gate is calibrated to
 // keep about half of the generated tokens (see `calibratedOutputPredictor`).

@@ -200,7 +200,7 @@ struct Run: ParsableCommand {
         message, and job_id, custom_id and worker where they apply, for log shippers. The progress line on a \
         terminal is drawn below them either way.
 
-        Metrics (Prometheus; the names are in the README): --metrics-file PATH rewrites a node_exporter \
+        Metrics (Prometheus; the names are in docs/OPERATIONS.md): --metrics-file PATH rewrites a node_exporter \
         textfile atomically whenever jobs finish (at most every 10 s otherwise) and at exit, for cron runs; \
         --metrics-port N serves GET /metrics over HTTP on --metrics-host (127.0.0.1 unless given), for a daemon \
         under systemd. A metrics file that cannot be written at start, or a port that cannot be bound, exits 78 \

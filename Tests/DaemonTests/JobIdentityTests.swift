@@ -1,4 +1,4 @@
-// Job identity (issue 11, items 1-4 and 6): a result or snapshot written for one job is never taken for
+// Job identity: a result or snapshot written for one job is never taken for
 // another's, whether the id was pruned and handed out again, the file was swapped, a second queue shares
 // `--out`, the model was retrained to the same size, or the image was replaced after enqueue.
 import Artifacts

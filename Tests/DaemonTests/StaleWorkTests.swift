@@ -1,4 +1,4 @@
-// Stale work after a crash (issue 11, item 12): workers register themselves, a dead worker's jobs
+// Stale work after a crash: workers register themselves, a dead worker's jobs
 // are reclaimed at once by a worker on its host, `status` and `list` name orphaned jobs and when
 // they are reclaimed, and `run --until-empty` waits for reclaimable work instead of leaving it.
 import CommandLineSupport

@@ -1,4 +1,4 @@
-// Faults of the storage under the queue and its outputs (issue 11, items 7, 8 and 11): a full
+// Faults of the storage under the queue and its outputs: a full
 // `--out`, a full database disk, leftovers of failed completions and killed writers, a read-only
 // database. The full and read-only disks are small tmpfs mounts, so these tests run only where the
 // test process may mount (root in a container or VM); elsewhere they are skipped.
