@@ -144,6 +144,19 @@ public struct GenerationSnapshot: Sendable, Equatable {
         return Frame(isFull: base == nil, payload: writer.data, cells: count, decodeSteps: decodeSteps, stateBytes: stateBytes)
     }
 
+    /// Payload bytes of one cell in a frame: its position, then its key and value rows.
+    public static func cellBytes(keyValueWidth: Int, storage: Numerics.StorageType) -> Int {
+        4 + 2 * keyValueWidth * StorageType(storage).cacheType.byteCount
+    }
+
+    /// The most bytes a frame's fields other than its cells take for a request of a model with `layers` decoder
+    /// layers and a context of `contextLength` tokens: the fixed fields (72 bytes), the prompt's ids (4 bytes a
+    /// token), 8 bytes per layer, and the parameters and result JSON (64 KiB, plus 2 KiB per token of context for the
+    /// text, ids, log-probabilities and kept indices each token adds). Readers refuse frames that declare more.
+    public static func maxOtherBytes(layers: Int, contextLength: Int) -> Int {
+        72 + 4 * contextLength + 8 * layers + (64 << 10) + (2 << 10) * contextLength
+    }
+
     /// The state a snapshot's frames make: `payloads[0]` a full frame's payload, each later one an append frame's,
     /// each checked (version, storage type, every length, and that it appends to the cells the frames before it
     /// left). Everything but the cells is the last frame's.

@@ -169,6 +169,20 @@ public struct LLaVAModel: Sendable {
         throw .invalidConfiguration(file: configURL.path, reason: "neither a llava-hf (text_config) nor an original LLaVA (mm_vision_tower) configuration")
     }
 
+    /// The language model's configuration from `directory`'s config.json alone, in either layout, no weights read:
+    /// what bounds the snapshots of the model's jobs (`dllava snapshot inspect --model`).
+    public static func languageConfiguration(directory: URL) throws(CheckpointError) -> LlamaConfiguration {
+        let configURL = directory.appendingPathComponent("config.json")
+        let data = try readJSON(configURL)
+        guard let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+            throw .invalidConfiguration(file: configURL.path, reason: "not a JSON object")
+        }
+        if object["text_config"] != nil || (object["model_type"] as? String) == "llava" {
+            return try decode(HFLayoutConfiguration.self, from: data, file: configURL).textConfiguration
+        }
+        return try decode(LlamaConfiguration.self, from: data, file: configURL)
+    }
+
     static func readJSON(_ url: URL) throws(CheckpointError) -> Data {
         guard let data = FileManager.default.contents(atPath: url.path) else {
             throw .invalidConfiguration(file: url.path, reason: "the file is missing or unreadable")

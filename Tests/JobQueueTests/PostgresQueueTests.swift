@@ -12,9 +12,9 @@ struct PostgresQueueTests {
     @Test func migrationsCreateTheQueueSchemaOnceAndKeepTheIdentity() throws {
         let fixture = try Fixture(.postgres)
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-snapshot-secret"])
         let again = try PostgresJobQueue(url: fixture.location)
-        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames"])
+        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-snapshot-secret"])
         #expect(again.identity == fixture.queue.identity && UUID(uuidString: again.identity) != nil)
         let tables = try TestPostgres.shared().psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'dllava'",
                                                    database: String(fixture.location.split(separator: "/").last!))
@@ -39,7 +39,7 @@ struct PostgresQueueTests {
         let location = try PostgresAddress(fixture.location).description
         #expect(throws: JobQueueError.olderSchema(path: location)) { try PostgresJobQueue(url: fixture.location, access: .readOnly) }
         let upgraded = try PostgresJobQueue(url: fixture.location)
-        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames"])
+        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-snapshot-secret"])
         var exported: [ExportRecord] = []
         try ExportRecord.forEach(in: upgraded, .all) { exported.append($0) }
         #expect(exported.map(\.text) == ["three shapes"] && !exported[0].resultUnreadable, "\(exported)")
