@@ -101,8 +101,8 @@ struct SnapshotDaemonTests {
         try #require(released.count == 3, "the stop did not land in the middle of a batch: \(stopped)")
         for job in released { #expect(FileManager.default.fileExists(atPath: snapshotFile(directory, job: job).path), "job \(job)") }
 
-        // One snapshot cut inside its first frame, one claiming another model, one whose last frame is torn (a crash
-        // mid-append): that one resumes from the frame before.
+        // One snapshot cut inside its first frame, one whose header was edited to claim another model (its tag then
+        // fails), one whose last frame is torn (a crash mid-append): that one resumes from the frame before.
         let truncated = snapshotFile(directory, job: released[0]), otherModel = snapshotFile(directory, job: released[1])
         let torn = snapshotFile(directory, job: released[2])
         let bytes = try Data(contentsOf: truncated)
@@ -122,7 +122,7 @@ struct SnapshotDaemonTests {
         #expect(restart.terminationStatus == 0)
         let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
         #expect(log.contains("\(truncated.path) holds no complete snapshot frame: frame 1 is cut short"), "\(log)")
-        #expect(log.contains("\(otherModel.path) was taken with model"), "\(log)")
+        #expect(log.contains("\(otherModel.path) is not authentic: its header fails its HMAC check"), "\(log)")
         #expect(log.contains("job \(released[2]): \(torn.path) is damaged from byte \(lastFrame.offset) on, frame \(tornFrames.count) is cut short"), "\(log)")
         #expect(log.contains("resuming from \(torn.path) at decode step \(tornFrames[tornFrames.count - 2].decodeSteps)"), "\(log)")
         let records = try export(directory)
@@ -362,7 +362,7 @@ struct SnapshotDaemonTests {
         let crafted = [3: try renamed(Data(contentsOf: snapshotFile(directory, job: 1)), job: 3, frames: [bomb], keepFirstFrame: false),
                        4: try renamed(Data(contentsOf: snapshotFile(directory, job: 2)), job: 4, frames: [appendBomb, appendBomb, appendBomb], keepFirstFrame: true)]
         for (job, bytes) in crafted {
-            #expect(bytes.count < 200_000)
+            #expect(bytes.count < 1 << 20)
             try bytes.write(to: snapshotFile(directory, job: job))
             try bytes.write(to: directory.appendingPathComponent("crafted-\(job).kv.zst"))
         }

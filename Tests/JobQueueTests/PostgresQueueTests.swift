@@ -16,9 +16,10 @@ struct PostgresQueueTests {
         let again = try PostgresJobQueue(url: fixture.location)
         #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-snapshot-secret"])
         #expect(again.identity == fixture.queue.identity && UUID(uuidString: again.identity) != nil)
+        #expect(again.snapshotSecret == fixture.queue.snapshotSecret && again.snapshotSecret.count == 32)
         let tables = try TestPostgres.shared().psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'dllava'",
                                                    database: String(fixture.location.split(separator: "/").last!))
-        #expect(tables.trimmingCharacters(in: .whitespacesAndNewlines) == "job,migration,queue,result,snapshot,snapshot_chunk,worker")
+        #expect(tables.trimmingCharacters(in: .whitespacesAndNewlines) == "job,migration,queue,result,snapshot,snapshot_chunk,snapshot_secret,worker")
     }
 
     @Test func aVersion1QueueGainsStoredArtifactsAndStillExportsItsResultFiles() throws {
