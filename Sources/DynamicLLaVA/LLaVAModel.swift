@@ -177,10 +177,15 @@ public struct LLaVAModel: Sendable {
         guard let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
             throw .invalidConfiguration(file: configURL.path, reason: "not a JSON object")
         }
-        if object["text_config"] != nil || (object["model_type"] as? String) == "llava" {
-            return try decode(HFLayoutConfiguration.self, from: data, file: configURL).textConfiguration
+        let configuration = object["text_config"] != nil || (object["model_type"] as? String) == "llava"
+            ? try decode(HFLayoutConfiguration.self, from: data, file: configURL).textConfiguration
+            : try decode(LlamaConfiguration.self, from: data, file: configURL)
+        let sizes = [configuration.hiddenLayers, configuration.attentionHeads, configuration.keyValueHeads, configuration.hiddenSize,
+                     configuration.maxPositionEmbeddings]
+        guard sizes.allSatisfy({ (1...(1 << 24)).contains($0) }) else {
+            throw .invalidConfiguration(file: configURL.path, reason: "layers, heads, hidden size and context must lie in 1...\(1 << 24)")
         }
-        return try decode(LlamaConfiguration.self, from: data, file: configURL)
+        return configuration
     }
 
     static func readJSON(_ url: URL) throws(CheckpointError) -> Data {

@@ -35,9 +35,9 @@ struct EngineRunner: BatchRunner {
     /// A job's state holds at most every layer's cells for the whole context, at the precision of this run's cache.
     var snapshotLimits: SnapshotLimits {
         let c = pipeline.model.language.configuration
-        return SnapshotLimits(maxCells: c.hiddenLayers * c.maxPositionEmbeddings,
-                              cellBytes: GenerationSnapshot.cellBytes(keyValueWidth: c.keyValueWidth, storage: KeyValueCache.storage(for: Kernels.precision)),
-                              otherBytes: GenerationSnapshot.maxOtherBytes(layers: c.hiddenLayers, contextLength: c.maxPositionEmbeddings))
+        let bounds = GenerationSnapshot.bounds(layers: c.hiddenLayers, keyValueWidth: c.keyValueWidth, contextLength: c.maxPositionEmbeddings,
+                                               storage: KeyValueCache.storage(for: Kernels.precision))
+        return SnapshotLimits(maxCells: bounds.maxCells, cellBytes: bounds.cellBytes, otherBytes: bounds.otherBytes)
     }
 
     /// Weights, configuration and tokenizer files: what decides the model's outputs.

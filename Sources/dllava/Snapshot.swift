@@ -52,9 +52,9 @@ struct Snapshot: ParsableCommand {
                 var limits = SnapshotLimits.absolute(maxBytes: Self.maxBytesWithoutModel)
                 if let model {
                     let c = try LLaVAModel.languageConfiguration(directory: URL(fileURLWithPath: model))
-                    limits = SnapshotLimits(maxCells: c.hiddenLayers * c.maxPositionEmbeddings,
-                                            cellBytes: GenerationSnapshot.cellBytes(keyValueWidth: c.keyValueWidth, storage: .float32),
-                                            otherBytes: GenerationSnapshot.maxOtherBytes(layers: c.hiddenLayers, contextLength: c.maxPositionEmbeddings))
+                    let bounds = GenerationSnapshot.bounds(layers: c.hiddenLayers, keyValueWidth: c.keyValueWidth, contextLength: c.maxPositionEmbeddings,
+                                                           storage: .float32)
+                    limits = SnapshotLimits(maxCells: bounds.maxCells, cellBytes: bounds.cellBytes, otherBytes: bounds.otherBytes)
                 }
                 var key: SnapshotKey?
                 if let database {
