@@ -105,7 +105,7 @@ let package = Package(
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer"], resources: [.copy("Fixtures")]),
         .testTarget(name: "ImagingTests", dependencies: ["Imaging"], resources: [.copy("Fixtures")]),
         // Runs the built `dllava` executable for the command-line tests.
-        .target(name: "CommandLineSupport", path: "Tests/CommandLineSupport"),
+        .target(name: "CommandLineSupport", dependencies: [.product(name: "Crypto", package: "swift-crypto")], path: "Tests/CommandLineSupport"),
         // Real `dllava run` processes on a real queue with the shipped model.
         .testTarget(name: "DaemonTests", dependencies: [
             "dllava", "CommandLineSupport", "Artifacts", "Numerics", .product(name: "GRDB", package: "GRDB.swift"),
@@ -120,7 +120,7 @@ let package = Package(
             "BatchDaemon", "JobQueue", "Artifacts", .product(name: "MetricsTestKit", package: "swift-metrics"),
         ]),
         .testTarget(name: "TelemetryTests", dependencies: ["Telemetry", "BatchDaemon", .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts"]),
+        .testTarget(name: "ArtifactsTests", dependencies: ["Artifacts", "CommandLineSupport"]),
         // Runs the built `dllava` executable (found beside the test bundle) on queue databases.
         .testTarget(name: "QueueCommandLineTests", dependencies: [
             "CommandLineSupport", "JobQueue", "Artifacts", .product(name: "GRDB", package: "GRDB.swift"),

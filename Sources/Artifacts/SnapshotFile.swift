@@ -72,6 +72,65 @@ public struct SnapshotFrame: Sendable, Equatable {
     }
 }
 
+/// The most a job's snapshot can hold, from the model and context that will resume it. A reader checks every frame's
+/// declared cells and decoded size against these before it decompresses anything, decompresses no frame past the size
+/// it declares, and refuses (`SnapshotFileError.tooLarge`) a snapshot that declares more than its job could ever
+/// have written, so a few kilobytes of crafted file cannot make it allocate gigabytes.
+public struct SnapshotLimits: Sendable, Equatable {
+    /// K/V cells the live state can hold, all layers together: layers x context length.
+    public var maxCells: Int
+    /// Payload bytes of one cell: its position and its key and value rows (2 x K/V width x element size + 4).
+    public var cellBytes: Int
+    /// Payload bytes of everything in one frame but its cells: tokens, sampler, parameters and result, per-layer counts.
+    public var otherBytes: Int
+
+    /// The largest sum of the decoded payloads of the frames a state is made of (the last full frame and the append
+    /// frames after it).
+    public var maxFramesBytes: Int
+
+    /// Bounds for a model whose state holds at most `maxCells` cells of `cellBytes` bytes and `otherBytes` of the
+    /// rest. The frames of one state may decode to twice the largest state: the writer rewrites a snapshot as one
+    /// full frame before its frames pass twice the live state.
+    public init(maxCells: Int, cellBytes: Int, otherBytes: Int) {
+        self.maxCells = max(0, maxCells)
+        self.cellBytes = max(0, cellBytes)
+        self.otherBytes = max(0, otherBytes)
+        maxFramesBytes = 0
+        let (twice, overflow) = maxStateBytes.multipliedReportingOverflow(by: 2)
+        maxFramesBytes = overflow ? Int.max : twice
+    }
+
+    /// The largest payload of one frame carrying `cells` cells (saturating at `Int.max`).
+    public func maxPayloadBytes(cells: Int) -> Int {
+        let (cellPart, overflow) = cells.multipliedReportingOverflow(by: cellBytes)
+        let (sum, overflowAgain) = cellPart.addingReportingOverflow(otherBytes)
+        return overflow || overflowAgain ? Int.max : sum
+    }
+
+    /// The live state's largest payload: every cell the context holds, once.
+    public var maxStateBytes: Int { maxPayloadBytes(cells: maxCells) }
+
+    /// The largest file these frames could be stored in: their decoded bytes, zstd's worst-case expansion of them
+    /// (under 1/64), and 16 MiB for the identity header, the frame headers and a torn tail.
+    public var maxFileBytes: Int {
+        let (sum, overflow) = maxFramesBytes.addingReportingOverflow(maxFramesBytes / 64 + (16 << 20))
+        return overflow ? Int.max : sum
+    }
+
+    /// Why a snapshot of `bytes` bytes is refused unread, or nil when it is not.
+    func fileSizeProblem(_ bytes: Int) -> String? {
+        bytes > maxFileBytes ? "the file has \(bytes) bytes, more than the frames of one state may take (\(maxFileBytes))" : nil
+    }
+
+    /// A bound for reading a snapshot without its model (`dllava snapshot inspect`): at most `maxBytes` decoded in
+    /// all, whatever the frames declare.
+    public static func absolute(maxBytes: Int) -> SnapshotLimits {
+        var limits = SnapshotLimits(maxCells: maxBytes, cellBytes: 0, otherBytes: maxBytes)
+        limits.maxFramesBytes = max(0, maxBytes)
+        return limits
+    }
+}
+
 /// How a frame's payload is stored.
 public enum SnapshotEncoding: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     /// The payload as it is.
@@ -111,22 +170,44 @@ public enum SnapshotEncoding: UInt8, Sendable, CaseIterable, CustomStringConvert
     }
 }
 
+/// The queue's secret that snapshots are authenticated with (HMAC-SHA256), kept in the queue's database
+/// (`JobQueue.snapshotSecret`) and never in a snapshot: a snapshot whose header or frames were edited by anyone who can
+/// write the file but not read the database fails its tags and is refused, as a damaged one is.
+public struct SnapshotKey: Sendable {
+    let secret: Data
+
+    /// The key of a queue whose secret is `secret` (32 random bytes).
+    public init(secret: Data) {
+        self.secret = secret
+    }
+
+    /// HMAC-SHA256 over the concatenation of `parts`.
+    func tag(_ parts: Data...) -> Data {
+        var authenticator = HMAC<SHA256>(key: SymmetricKey(data: secret))
+        for part in parts { authenticator.update(data: part) }
+        return Data(authenticator.finalize())
+    }
+}
+
 /// KV-cache snapshot files: an identity header, then frames appended one after another, like a write-ahead log.
 /// The first frame (written after prefill) holds the whole state; each later one appends the K/V cells added since
 /// (`SnapshotFrame`). Each frame carries its length and a sha256 over its header and its stored bytes, so a reader
 /// takes the frames in order and stops at the first one that is cut short (a crash mid-append) or damaged, using
-/// the state up to the frame before. Little-endian:
+/// the state up to the frame before. The header and each frame also carry an HMAC-SHA256 tag under the queue's
+/// secret (`SnapshotKey`); a frame's tag covers the header's tag, its own offset, its header and its sha256, so it
+/// cannot be moved to another file or place. Tags are checked before anything is decoded. Little-endian:
 ///
 /// ```
-/// offset  size  field (file format version 3)
+/// offset  size  field (file format version 4)
 /// 0       8     magic "DLLAVAKV"
-/// 8       4     u32 file format version (3)
+/// 8       4     u32 file format version (4)
 /// 12      4     u32 F, then F bytes: the model's content fingerprint, UTF-8
 ///         4     u32 Q, then Q bytes: the queue's identity (UUID), UTF-8
 ///         8     i64 job id
 ///         4     u32 S, then S bytes: the image's sha256 (hex), UTF-8
 ///         4     u32 P, then P bytes: the prompt, UTF-8
 ///         4     u32 J, then J bytes: the generation parameters (canonical JSON), UTF-8
+///         32    HMAC-SHA256 (queue secret) of every header byte before it: the header's tag
 ///               frames, each (`frameHeaderSize` bytes, then the stored bytes):
 ///         4       magic "KVFR"
 ///         1       u8 kind (1 = full: replaces everything before; 2 = append)
@@ -137,17 +218,21 @@ public enum SnapshotEncoding: UInt8, Sendable, CaseIterable, CustomStringConvert
 ///         8       u64 payload bytes (decoded)
 ///         8       u64 N = stored bytes
 ///         32      sha256 of the 40 bytes above and the N stored bytes
+///         32      HMAC-SHA256 (queue secret) of the header's tag, u64 this frame's offset, the 40 bytes and the sha256
 ///         N       the stored (encoded) payload
 /// ```
 ///
-/// Versions 1 and 2 are no longer read: such a file is refused like any unknown version and its job restarts. A
+/// Versions 1 to 3 (version 3: the same without tags) are not read: such a file is refused like any unknown version
+/// and its job restarts. A
 /// reader checks everything before it returns anything, never changes the file, and never allocates what a
 /// header declares before the bytes are there.
 public enum SnapshotFile {
     public static let magic = Data("DLLAVAKV".utf8)
     public static let frameMagic = Data("KVFR".utf8)
-    public static let formatVersion: UInt32 = 3
-    public static let frameHeaderSize = 72
+    public static let formatVersion: UInt32 = 4
+    public static let frameHeaderSize = 104
+    /// Bytes of an HMAC-SHA256 tag.
+    static let tagSize = 32
     /// Frame payloads larger than this are refused on reading.
     public static let maxPayloadSize = 4 << 30
     /// What frames are stored as: measured in the README ("Incremental snapshots").
@@ -188,10 +273,13 @@ public enum SnapshotFile {
         public var goodBytes: Int
         /// Why the bytes after `goodBytes` were not used (a torn or corrupt tail); nil when there are none.
         public var damage: Damage?
+        /// Whether the header's and the frames' tags were checked against the queue's secret (a reader without it,
+        /// `snapshot inspect`, checks the sha256s only).
+        public var authenticated: Bool
     }
 
-    /// The identity header every snapshot file starts with.
-    public static func header(_ identity: SnapshotIdentity) -> Data {
+    /// The identity header every snapshot file starts with, tagged under `key`.
+    public static func header(_ identity: SnapshotIdentity, key: SnapshotKey) -> Data {
         var data = magic
         append(formatVersion, to: &data)
         appendString(identity.model, to: &data)
@@ -200,11 +288,14 @@ public enum SnapshotFile {
         appendString(identity.imageSHA256, to: &data)
         appendString(identity.prompt, to: &data)
         appendString(identity.parameters, to: &data)
+        data.append(key.tag(data))
         return data
     }
 
-    /// One frame's bytes, to follow a header or the frames before it.
-    public static func frame(_ frame: SnapshotFrame, encoding: SnapshotEncoding = defaultEncoding) throws -> Data {
+    /// One frame's bytes, to be written at `offset` of the file whose header is `header` (after that header or
+    /// the frames before it), tagged under `key`.
+    public static func frame(_ frame: SnapshotFrame, encoding: SnapshotEncoding = defaultEncoding, key: SnapshotKey, header: Data,
+                             offset: Int) throws -> Data {
         let stored = try encoding.encode(frame.payload)
         var data = frameMagic
         data.append(contentsOf: [frame.kind.rawValue, encoding.rawValue, 0, 0])
@@ -215,32 +306,54 @@ public enum SnapshotFile {
         var hasher = SHA256()
         hasher.update(data: data)
         hasher.update(data: stored)
-        data.append(contentsOf: hasher.finalize())
+        let digest = Data(hasher.finalize())
+        data.append(key.tag(header.suffix(tagSize), littleEndianBytes(UInt64(offset)), data, digest))
+        data.insert(contentsOf: digest, at: data.startIndex + 40)
         data.append(stored)
         return data
     }
 
     /// A whole file: the header and `frames` (the first of them full).
-    public static func encode(_ frames: [SnapshotFrame], identity: SnapshotIdentity, encoding: SnapshotEncoding = defaultEncoding) throws -> Data {
+    public static func encode(_ frames: [SnapshotFrame], identity: SnapshotIdentity, encoding: SnapshotEncoding = defaultEncoding,
+                              key: SnapshotKey) throws -> Data {
         precondition(frames.first?.kind == .full, "a snapshot file starts with a full frame")
-        var data = header(identity)
-        for frame in frames { data.append(try Self.frame(frame, encoding: encoding)) }
+        let header = header(identity, key: key)
+        var data = header
+        for frame in frames { data.append(try Self.frame(frame, encoding: encoding, key: key, header: header, offset: data.count)) }
         return data
     }
 
     /// Reads and checks a snapshot: magic, version, identity (when `expected` is given: the model first, then
-    /// queue and job, image, prompt and parameters), then the frames up to the first torn or damaged one.
-    public static func read(from url: URL, expected: SnapshotIdentity? = nil) throws(SnapshotFileError) -> Contents {
+    /// queue and job, image, prompt and parameters), then the frames up to the first torn or damaged one, within
+    /// `limits`. A file larger than the frames `limits` allow could hold is refused before it is read.
+    public static func read(from url: URL, expected: SnapshotIdentity? = nil, limits: SnapshotLimits, key: SnapshotKey?) throws(SnapshotFileError) -> Contents {
         let data: Data
-        do { data = try Data(contentsOf: url) } catch {
+        do {
+            let handle = try FileHandle(forReadingFrom: url)
+            defer { try? handle.close() }
+            var status = stat()
+            guard fstat(handle.fileDescriptor, &status) == 0, status.st_mode & S_IFMT == S_IFREG else {
+                throw SnapshotFileError.unreadable(path: url.path, reason: "not a regular file")
+            }
+            if let reason = limits.fileSizeProblem(Int(status.st_size)) { throw SnapshotFileError.tooLarge(path: url.path, reason: reason) }
+            data = try handle.readToEnd() ?? Data()
+        } catch let error as SnapshotFileError {
+            throw error
+        } catch {
             throw .unreadable(path: url.path, reason: (error as NSError).localizedFailureReason ?? error.localizedDescription)
         }
-        return try decode(data, path: url.path, expected: expected)
+        return try decode(data, path: url.path, expected: expected, limits: limits, key: key)
     }
 
     /// Checks and unpacks a snapshot file's bytes; `path` names it in errors. A file whose first frame is not
-    /// whole and intact is refused (`noCompleteFrame`): there is no state to go on from.
-    public static func decode(_ data: Data, path: String, expected: SnapshotIdentity? = nil) throws(SnapshotFileError) -> Contents {
+    /// whole and intact is refused (`noCompleteFrame`): there is no state to go on from. A frame that declares more
+    /// cells or bytes than `limits` allow, or frames that together do, refuse the whole snapshot (`tooLarge`): that
+    /// is no torn tail but a file no job of this model wrote. With `key`, the header's tag is checked before the
+    /// identity is compared (`notAuthentic`) and each frame's before it is used (a frame that fails it ends the good
+    /// frames, as a damaged one does); without it (`snapshot inspect` without the queue) only the sha256s are.
+    public static func decode(_ data: Data, path: String, expected: SnapshotIdentity? = nil, limits: SnapshotLimits,
+                              key: SnapshotKey?) throws(SnapshotFileError) -> Contents {
+        if let reason = limits.fileSizeProblem(data.count) { throw .tooLarge(path: path, reason: reason) }
         let data = Data(data)
         guard data.count >= magic.count, data.prefix(magic.count) == magic else { throw .notASnapshot(path: path) }
         var offset = magic.count
@@ -263,16 +376,21 @@ public enum SnapshotFile {
         let version = try integer(UInt32.self)
         guard version == formatVersion else { throw .unsupportedVersion(path: path, version: version, supported: formatVersion) }
         let model = try string("model fingerprint")
-        if let expected, model != expected.model {
-            throw .differentModel(path: path, found: model, expected: expected.model)
-        }
         let identity = SnapshotIdentity(model: model, queue: try string("queue identity"), job: try integer(Int64.self),
                                         imageSHA256: try string("image sha256"), prompt: try string("prompt"),
                                         parameters: try string("parameters"))
+        let headerTag = try take(tagSize)
+        if let key, key.tag(data.prefix(offset - tagSize)) != headerTag {
+            throw .notAuthentic(path: path, reason: "its header fails its HMAC check (edited, or written for another queue)")
+        }
+        if let expected, model != expected.model {
+            throw .differentModel(path: path, found: model, expected: expected.model)
+        }
         if let expected, let reason = identity.mismatch(expected: expected) {
             throw .differentJob(path: path, reason: reason)
         }
-        var (frames, damage) = scanFrames(data, from: offset)
+        var (frames, damage) = scanFrames(data, from: offset, key: key, headerTag: headerTag)
+        try checkLimits(frames, limits: limits, path: path)
         // Decoding can still fail on a frame whose checksum holds (a writer's bug): the frames stop there too.
         while true {
             guard let first = frames.first else {
@@ -305,12 +423,39 @@ public enum SnapshotFile {
             }
             let goodBytes = frames.last.map { $0.offset + $0.fileBytes } ?? offset
             return Contents(formatVersion: version, identity: identity, frames: frames, payloads: payloads, fileBytes: data.count,
-                            goodBytes: goodBytes, damage: damage)
+                            goodBytes: goodBytes, damage: damage, authenticated: key != nil)
         }
     }
 
-    /// The frames from `start` on whose header and checksum hold, up to the first that does not (and why).
-    static func scanFrames(_ data: Data, from start: Int) -> (frames: [FrameRecord], damage: Damage?) {
+    /// Refuses frames that declare more than `limits` allow: one frame's cells or decoded bytes, or, over the frames
+    /// a state is made of (the last full frame and the append frames after it), the cells or decoded bytes together.
+    static func checkLimits(_ frames: [FrameRecord], limits: SnapshotLimits, path: String) throws(SnapshotFileError) {
+        for (index, frame) in frames.enumerated() {
+            guard frame.cells <= limits.maxCells else {
+                throw .tooLarge(path: path, reason: "frame \(index + 1) declares \(frame.cells) K/V cells, more than the model's context holds (\(limits.maxCells))")
+            }
+            guard frame.payloadBytes <= limits.maxPayloadBytes(cells: frame.cells) else {
+                throw .tooLarge(path: path, reason: "frame \(index + 1) declares \(frame.payloadBytes) bytes for \(frame.cells) K/V cells, "
+                                + "more than such a frame can hold (\(limits.maxPayloadBytes(cells: frame.cells)))")
+            }
+        }
+        guard let base = frames.lastIndex(where: { $0.kind == .full }) else { return }
+        var cells = 0, bytes = 0
+        for (index, frame) in frames.enumerated().dropFirst(base) {
+            cells += frame.cells
+            bytes += frame.payloadBytes
+            guard cells <= limits.maxCells else {
+                throw .tooLarge(path: path, reason: "frames \(base + 1)-\(index + 1) declare \(cells) K/V cells, more than the model's context holds (\(limits.maxCells))")
+            }
+            guard bytes <= limits.maxFramesBytes else {
+                throw .tooLarge(path: path, reason: "frames \(base + 1)-\(index + 1) declare \(bytes) bytes, more than the frames of one state may hold (\(limits.maxFramesBytes))")
+            }
+        }
+    }
+
+    /// The frames from `start` on whose header, checksum and (with `key`) tag hold, up to the first that does not
+    /// (and why).
+    static func scanFrames(_ data: Data, from start: Int, key: SnapshotKey?, headerTag: Data) -> (frames: [FrameRecord], damage: Damage?) {
         var frames: [FrameRecord] = []
         var offset = start
         func integer<T: FixedWidthInteger>(_: T.Type, at position: Int) -> T {
@@ -330,10 +475,15 @@ public enum SnapshotFile {
             }
             let storedBytes = Int(stored)
             var hasher = SHA256()
-            hasher.update(data: data.subdata(in: offset ..< offset + 40))
+            let fields = data.subdata(in: offset ..< offset + 40)
+            hasher.update(data: fields)
             hasher.update(data: data.subdata(in: offset + frameHeaderSize ..< offset + frameHeaderSize + storedBytes))
-            guard Data(hasher.finalize()) == data.subdata(in: offset + 40 ..< offset + frameHeaderSize) else {
+            let digest = Data(hasher.finalize())
+            guard digest == data.subdata(in: offset + 40 ..< offset + 72) else {
                 return damaged("fails its sha256 check")
+            }
+            if let key, key.tag(headerTag, littleEndianBytes(UInt64(offset)), fields, digest) != data.subdata(in: offset + 72 ..< offset + frameHeaderSize) {
+                return damaged("fails its HMAC check (edited, moved, or written for another queue)")
             }
             let kindByte = data[offset + 4], encodingByte = data[offset + 5]
             guard let kind = SnapshotFrame.Kind(rawValue: kindByte) else { return damaged("is of an unknown kind \(kindByte)") }
@@ -348,6 +498,10 @@ public enum SnapshotFile {
             offset += frameHeaderSize + storedBytes
         }
         return (frames, nil)
+    }
+
+    private static func littleEndianBytes(_ value: UInt64) -> Data {
+        withUnsafeBytes(of: value.littleEndian) { Data($0) }
     }
 
     private static func appendString(_ text: String, to data: inout Data) {
@@ -377,11 +531,16 @@ public enum SnapshotFileError: Error, Sendable, Equatable, CustomStringConvertib
     /// The file has no whole, intact first frame: there is no state in it.
     case noCompleteFrame(path: String, reason: String)
     case corrupt(path: String, reason: String)
+    /// The snapshot declares more than its job's model and context could hold (`SnapshotLimits`).
+    case tooLarge(path: String, reason: String)
+    /// The header fails its tag under the queue's secret: edited, or written for another queue.
+    case notAuthentic(path: String, reason: String)
 
     public var path: String {
         switch self {
         case let .unreadable(path, _), let .unwritable(path, _), let .notASnapshot(path), let .unsupportedVersion(path, _, _),
-             let .differentModel(path, _, _), let .differentJob(path, _), let .truncated(path), let .noCompleteFrame(path, _), let .corrupt(path, _):
+             let .differentModel(path, _, _), let .differentJob(path, _), let .truncated(path), let .noCompleteFrame(path, _), let .corrupt(path, _),
+             let .tooLarge(path, _), let .notAuthentic(path, _):
             path
         }
     }
@@ -399,6 +558,8 @@ public enum SnapshotFileError: Error, Sendable, Equatable, CustomStringConvertib
         case let .truncated(path): "\(path) is truncated"
         case let .noCompleteFrame(path, reason): "\(path) holds no complete snapshot frame: \(reason)"
         case let .corrupt(path, reason): "\(path) is a corrupt snapshot: \(reason)"
+        case let .tooLarge(path, reason): "\(path) is refused: \(reason)"
+        case let .notAuthentic(path, reason): "\(path) is not authentic: \(reason)"
         }
     }
 }

@@ -176,6 +176,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
     public let files: DirectoryArtifactStore?
     public let options: DaemonOptions
     public let metrics: DaemonMetrics
+    /// The queue's snapshot key: every snapshot this daemon writes is tagged with it, and one whose tags fail is refused.
+    let snapshotKey: SnapshotKey
 
     /// Files go under `<out>/<queue identity>/`: results `<job id>-<attempt>.json.zst`, snapshots
     /// `snapshots/job-<job id>.kv.zst`. Job ids are never reused within a queue and the identity is a UUID, so
@@ -186,6 +188,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         self.runner = runner
         self.options = options
         self.metrics = metrics
+        snapshotKey = SnapshotKey(secret: queue.snapshotSecret)
         files = try out.map { try DirectoryArtifactStore(queue: queue, out: $0) }
         if let stored = queue.storedArtifacts {
             artifacts = files.map { ResultFileMirror(stored: stored, files: $0) } ?? stored
@@ -628,7 +631,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             let location = daemon.artifacts.snapshotLocation(job: job.id)
             do {
                 if let stored, frame.kind == .append {
-                    let bytes = try SnapshotFile.frame(frame)
+                    let header = SnapshotFile.header(daemon.snapshotIdentity(job), key: daemon.snapshotKey)
+                    let bytes = try SnapshotFile.frame(frame, key: daemon.snapshotKey, header: header, offset: stored)
                     if Double(stored + bytes.count) <= compactionFactor * Double(frame.stateBytes) {
                         try daemon.artifacts.appendSnapshot(bytes, job: job.id, after: stored)
                         storedSnapshotBytes[job.id] = stored + bytes.count
@@ -641,7 +645,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
                         + "\(frame.stateBytes) live)", job: job, level: .debug)
                     frame = full
                 }
-                let file = try SnapshotFile.encode([frame], identity: daemon.snapshotIdentity(job))
+                let file = try SnapshotFile.encode([frame], identity: daemon.snapshotIdentity(job), key: daemon.snapshotKey)
                 try daemon.artifacts.putSnapshot(file, job: job.id)
                 storedSnapshotBytes[job.id] = file.count
                 self.stored(file.count)
@@ -746,7 +750,8 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
         let location = artifacts.snapshotLocation(job: job.id)
         do {
             guard let stored = try artifacts.snapshot(job: job.id) else { return nil }
-            let contents = try SnapshotFile.decode(stored, path: location, expected: snapshotIdentity(job))
+            let contents = try SnapshotFile.decode(stored, path: location, expected: snapshotIdentity(job), limits: runner.snapshotLimits,
+                                                   key: snapshotKey)
             if let damage = contents.damage {
                 log("job \(job.id): \(location) is damaged \(damage); going on from the \(contents.frames.count) good frame\(contents.frames.count == 1 ? "" : "s") before it")
             }

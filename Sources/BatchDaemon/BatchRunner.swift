@@ -74,6 +74,9 @@ public protocol BatchRunner: Sendable {
     associatedtype Batch: RunningBatch
     /// Identifies the model in result and snapshot files.
     var fingerprint: ModelFingerprint { get }
+    /// The most a job's snapshot can hold on this model (layers, K/V width, context): larger snapshots are refused
+    /// unread and their jobs start from scratch.
+    var snapshotLimits: SnapshotLimits { get }
     /// A new, empty batch.
     func makeBatch() -> Batch
 }

@@ -144,6 +144,20 @@ public struct GenerationSnapshot: Sendable, Equatable {
         return Frame(isFull: base == nil, payload: writer.data, cells: count, decodeSteps: decodeSteps, stateBytes: stateBytes)
     }
 
+    /// What the frames of a request's snapshot can hold on a model with `layers` decoder layers of K/V width
+    /// `keyValueWidth` and a context of `contextLength` tokens, K/V stored as `storage`: at most `maxCells` cells (all
+    /// layers together) of `cellBytes` each (a position, then a key and a value row), and `otherBytes` of everything
+    /// else in one frame: the fixed fields (72 bytes), the prompt's ids (4 bytes a token), 8 bytes per layer, and the
+    /// parameters and result JSON (64 KiB, plus 2 KiB per token of context for the text, ids, log-probabilities and
+    /// kept indices each token adds). Readers refuse frames that declare more. Each dimension is taken as at most
+    /// 2^24 (a configuration can say anything), so the products never overflow.
+    public static func bounds(layers: Int, keyValueWidth: Int, contextLength: Int,
+                              storage: Numerics.StorageType) -> (maxCells: Int, cellBytes: Int, otherBytes: Int) {
+        let (layers, width, context) = (min(max(layers, 0), 1 << 24), min(max(keyValueWidth, 0), 1 << 24), min(max(contextLength, 0), 1 << 24))
+        return (layers * context, 4 + 2 * width * StorageType(storage).cacheType.byteCount,
+                72 + 4 * context + 8 * layers + (64 << 10) + (2 << 10) * context)
+    }
+
     /// The state a snapshot's frames make: `payloads[0]` a full frame's payload, each later one an append frame's,
     /// each checked (version, storage type, every length, and that it appends to the cells the frames before it
     /// left). Everything but the cells is the last frame's.

@@ -169,6 +169,25 @@ public struct LLaVAModel: Sendable {
         throw .invalidConfiguration(file: configURL.path, reason: "neither a llava-hf (text_config) nor an original LLaVA (mm_vision_tower) configuration")
     }
 
+    /// The language model's configuration from `directory`'s config.json alone, in either layout, no weights read:
+    /// what bounds the snapshots of the model's jobs (`dllava snapshot inspect --model`).
+    public static func languageConfiguration(directory: URL) throws(CheckpointError) -> LlamaConfiguration {
+        let configURL = directory.appendingPathComponent("config.json")
+        let data = try readJSON(configURL)
+        guard let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+            throw .invalidConfiguration(file: configURL.path, reason: "not a JSON object")
+        }
+        let configuration = object["text_config"] != nil || (object["model_type"] as? String) == "llava"
+            ? try decode(HFLayoutConfiguration.self, from: data, file: configURL).textConfiguration
+            : try decode(LlamaConfiguration.self, from: data, file: configURL)
+        let sizes = [configuration.hiddenLayers, configuration.attentionHeads, configuration.keyValueHeads, configuration.hiddenSize,
+                     configuration.maxPositionEmbeddings]
+        guard sizes.allSatisfy({ (1...(1 << 24)).contains($0) }) else {
+            throw .invalidConfiguration(file: configURL.path, reason: "layers, heads, hidden size and context must lie in 1...\(1 << 24)")
+        }
+        return configuration
+    }
+
     static func readJSON(_ url: URL) throws(CheckpointError) -> Data {
         guard let data = FileManager.default.contents(atPath: url.path) else {
             throw .invalidConfiguration(file: url.path, reason: "the file is missing or unreadable")

@@ -99,11 +99,8 @@ public enum ModelQuantizer {
     /// `model.safetensors`, or every `*.safetensors`.
     static func tensorFiles(in directory: URL) throws(CheckpointError) -> (files: [String], index: [String: Any]?) {
         let indexURL = directory.appendingPathComponent("model.safetensors.index.json")
-        if let data = FileManager.default.contents(atPath: indexURL.path) {
-            guard let index = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
-                  let weightMap = index["weight_map"] as? [String: String] else {
-                throw .invalidConfiguration(file: indexURL.path, reason: "expected a JSON object with a \"weight_map\"")
-            }
+        if FileManager.default.fileExists(atPath: indexURL.path) {
+            let (weightMap, index) = try Checkpoint.readIndex(indexURL)
             return (Array(Set(weightMap.values)).sorted(), index)
         }
         if FileManager.default.fileExists(atPath: directory.appendingPathComponent("model.safetensors").path) {

@@ -15,6 +15,10 @@ public protocol JobQueue: AnyObject, Sendable {
     /// are named under it, so neither a second queue sharing an output folder nor a restored copy of another queue can
     /// write or read this queue's files by job id alone.
     var identity: String { get }
+    /// The queue's snapshot secret: 32 random bytes created once with the queue (migration v5-snapshot-secret), kept in
+    /// its database only. Snapshots are authenticated with it (`SnapshotKey`), so a snapshot file edited by anyone who
+    /// cannot read the database is refused.
+    var snapshotSecret: Data { get }
     var clock: QueueClock { get }
     /// The queue's own storage of result records and KV snapshots when it keeps them in its database (PostgreSQL), so
     /// that workers need only its location; nil when they are files under the worker's `--out` (SQLite:

@@ -42,6 +42,7 @@ public final class SQLiteJobQueue: JobQueue {
     /// snapshot files are named under it, so neither a second queue sharing an output folder nor a restored copy of
     /// another queue's database can write or read this queue's files by job id alone.
     public let identity: String
+    public let snapshotSecret: Data
     /// None: an SQLite queue's results and snapshots are files under the worker's `--out` (`DirectoryArtifactStore`),
     /// whose paths its rows record.
     public var storedArtifacts: ArtifactStore? { nil }
@@ -113,6 +114,8 @@ public final class SQLiteJobQueue: JobQueue {
             }
             identity = try pool.read { try String.fetchOne($0, sql: "SELECT uuid FROM queue WHERE singleton = 1") } ?? ""
             if identity.isEmpty { throw JobQueueError.corruptQueue(path: path, reason: "it has no queue identity") }
+            snapshotSecret = try pool.read { try Data.fetchOne($0, sql: "SELECT secret FROM snapshot_secret WHERE singleton = 1") } ?? Data()
+            if snapshotSecret.count != 32 { throw JobQueueError.corruptQueue(path: path, reason: "it has no snapshot secret") }
         } catch let error as DatabaseError {
             throw JobQueueError(error, path: path)
         }

@@ -53,6 +53,7 @@ enum Schema {
         registerIdentityMigration(&migrator)
         registerWorkerMigration(&migrator)
         registerProgressMigration(&migrator)
+        registerSnapshotSecretMigration(&migrator)
         return migrator
     }
 
@@ -73,6 +74,27 @@ enum Schema {
                 ALTER TABLE job ADD COLUMN deaths_without_progress INTEGER NOT NULL DEFAULT 0 CHECK (deaths_without_progress >= 0)
                 """)
         }
+    }
+
+
+    /// v5: the queue's snapshot secret (`JobQueue.snapshotSecret`), 32 bytes from the system's secure random source,
+    /// created once and never changed.
+    static func registerSnapshotSecretMigration(_ migrator: inout DatabaseMigrator) {
+        migrator.registerMigration("v5-snapshot-secret") { db in
+            try db.execute(sql: """
+                CREATE TABLE snapshot_secret (
+                    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+                    secret    BLOB NOT NULL CHECK (length(secret) = 32)
+                ) STRICT
+                """)
+            try db.execute(sql: "INSERT INTO snapshot_secret (singleton, secret) VALUES (1, ?)", arguments: [newSnapshotSecret()])
+        }
+    }
+
+    /// 32 bytes from the system's secure random source.
+    static func newSnapshotSecret() -> Data {
+        var generator = SystemRandomNumberGenerator()
+        return Data((0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) })
     }
 
     /// v3: the worker registry. Each `run` records who it is (host, boot id, pid and the process's start time, so a

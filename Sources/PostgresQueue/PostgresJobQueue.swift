@@ -17,6 +17,7 @@ public final class PostgresJobQueue: JobQueue {
     public let clock: QueueClock
     public let retryPolicy: RetryPolicy
     public let identity: String
+    public let snapshotSecret: Data
     let session: PostgresSession
     let work: WorkListener
     /// Result records and snapshots live in this database, reached on a second connection (opened at first use): a
@@ -41,7 +42,7 @@ public final class PostgresJobQueue: JobQueue {
         storedArtifacts = PostgresArtifactStore(session: PostgresSession(address: address, reconnectWindow: reconnectWindow, report: report),
                                                 clock: clock)
         let location = address.description
-        identity = try session.transaction { statements in
+        (identity, snapshotSecret) = try session.transaction { statements in
             let applied = try PostgresSchema.applied(statements)
             if let applied, !Set(applied).isSubset(of: PostgresSchema.identifiers) { throw JobQueueError.newerSchema(path: location) }
             if applied == nil && access != .create { throw JobQueueError.noDatabase(path: location) }
@@ -52,7 +53,10 @@ public final class PostgresJobQueue: JobQueue {
             guard let uuid = try statements.rows("SELECT uuid FROM dllava.queue WHERE singleton = 1").first?.decode(String.self) else {
                 throw JobQueueError.corruptQueue(path: location, reason: "it has no queue identity")
             }
-            return uuid
+            let hex = try statements.rows("SELECT encode(secret, 'hex') FROM dllava.snapshot_secret WHERE singleton = 1").first?.decode(String.self) ?? ""
+            let bytes = stride(from: 0, to: hex.count - 1, by: 2).compactMap { UInt8(hex.dropFirst($0).prefix(2), radix: 16) }
+            guard bytes.count == 32 else { throw JobQueueError.corruptQueue(path: location, reason: "it has no snapshot secret") }
+            return (uuid, Data(bytes))
         }
     }
 

@@ -250,6 +250,16 @@ enum PostgresSchema {
             END $$
             """,
         ]),
+        // The queue's snapshot secret (`JobQueue.snapshotSecret`): 32 bytes from the secure random source of the machine
+        // that migrates, inserted by `migrate`, never changed.
+        Migration(identifier: "v5-snapshot-secret", statements: [
+            """
+            CREATE TABLE dllava.snapshot_secret (
+                singleton integer PRIMARY KEY CHECK (singleton = 1),
+                secret    bytea NOT NULL CHECK (length(secret) = 32)
+            )
+            """,
+        ]),
     ]
 
     static var identifiers: [String] { migrations.map(\.identifier) }
@@ -279,6 +289,11 @@ enum PostgresSchema {
             for statement in migration.statements { try statements.execute(PostgresQuery(unsafeSQL: statement)) }
             if migration.identifier == "v1-queue" {
                 try statements.execute("INSERT INTO dllava.queue (singleton, uuid, created_at) VALUES (1, \(UUID().uuidString.lowercased()), \(now))")
+            }
+            if migration.identifier == "v5-snapshot-secret" {
+                var generator = SystemRandomNumberGenerator()
+                let hex = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined()
+                try statements.execute("INSERT INTO dllava.snapshot_secret (singleton, secret) VALUES (1, decode(\(hex), 'hex'))")
             }
             try statements.execute("INSERT INTO dllava.migration (identifier, applied_order, applied_at) VALUES (\(migration.identifier), \(order + 1), \(now))")
         }

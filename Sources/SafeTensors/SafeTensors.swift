@@ -72,14 +72,18 @@ public final class MappedFile: StorageOwner, @unchecked Sendable {
     public let base: UnsafeRawPointer
     public let byteCount: Int
 
+    /// Maps the regular file at `path`; opened without blocking, so a FIFO named like a checkpoint is refused
+    /// rather than waited on.
     public init(path: String) throws(CheckpointError) {
         self.path = path
-        let descriptor = open(path, O_RDONLY)
+        let descriptor = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         guard descriptor >= 0 else { throw .unreadable(file: path, reason: String(cString: strerror(errno))) }
         defer { close(descriptor) }
         var status = stat()
         guard fstat(descriptor, &status) == 0 else { throw .unreadable(file: path, reason: String(cString: strerror(errno))) }
-        byteCount = Int(status.st_size)
+        guard status.st_mode & S_IFMT == S_IFREG else { throw .unreadable(file: path, reason: "not a regular file") }
+        guard let size = Int(exactly: status.st_size) else { throw .unreadable(file: path, reason: "its size \(status.st_size) is out of range") }
+        byteCount = size
         guard byteCount > 0 else { throw .malformed(file: path, reason: "the file is empty") }
         guard let mapped = mmap(nil, byteCount, PROT_READ, MAP_PRIVATE, descriptor, 0), mapped != MAP_FAILED else {
             throw .unreadable(file: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
@@ -147,17 +151,32 @@ public struct TensorView: @unchecked Sendable {
 /// Format: 8-byte little-endian header length N, N bytes of JSON
 /// `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the data;
 /// offsets are relative to the end of the header.
+///
+/// Every number in the file is untrusted: the header length is bounded (`maxHeaderBytes`, the format's own
+/// cap) before it is converted, shapes are multiplied with overflow checks and bounded (`maxTensorBytes`), and
+/// offsets must lie inside the data with begin <= end; any violation is `CheckpointError.malformed` naming the
+/// file (exit 65), never a trap.
 public struct SafeTensorsFile: Sendable {
     public let file: MappedFile
     public let tensors: [String: TensorView]
     public let metadata: [String: String]
 
+    /// The largest header the format allows (the reference reader's `MAX_HEADER_SIZE`, 100 MB).
+    public static let maxHeaderBytes = 100_000_000
+    /// The largest tensor, in bytes, a shape may describe, zero dimensions counted as one: far above any model's
+    /// tensor, and low enough that no arithmetic on a shape's dimensions (rows times padded blocks, ...) overflows.
+    public static let maxTensorBytes = 1 << 48
+
     public init(path: String) throws(CheckpointError) {
         let file = try MappedFile(path: path)
         self.file = file
         guard file.byteCount >= 8 else { throw .malformed(file: path, reason: "shorter than the 8-byte header length") }
-        let headerLength = Int(UInt64(littleEndian: file.base.loadUnaligned(as: UInt64.self)))
-        guard headerLength > 0, headerLength <= file.byteCount - 8 else {
+        let declaredLength = UInt64(littleEndian: file.base.loadUnaligned(as: UInt64.self))
+        guard declaredLength > 0, declaredLength <= UInt64(Self.maxHeaderBytes) else {
+            throw .malformed(file: path, reason: "header length \(declaredLength) is not in 1...\(Self.maxHeaderBytes) (the format's limit)")
+        }
+        let headerLength = Int(declaredLength)
+        guard headerLength <= file.byteCount - 8 else {
             throw .malformed(file: path, reason: "header length \(headerLength) does not fit in a file of \(file.byteCount) bytes")
         }
         let headerBytes = Data(bytes: file.base + 8, count: headerLength)
@@ -189,11 +208,12 @@ public struct SafeTensorsFile: Sendable {
             guard begin >= 0, end >= begin, end <= dataLength else {
                 throw .malformed(file: path, reason: "tensor '\(name)' data_offsets [\(begin), \(end)] lie outside the \(dataLength) data bytes (truncated file?)")
             }
-            let (count, overflow) = shape.reduce((1, false)) { acc, d in
-                let (p, o) = acc.0.multipliedReportingOverflow(by: d); return (p, acc.1 || o)
+            guard let extent = Self.byteExtent(shape: shape, elementBytes: dtype.byteCount) else {
+                throw .malformed(file: path, reason: "tensor '\(name)' has shape \(shape), larger than \(Self.maxTensorBytes) bytes of \(dtypeName)")
             }
-            guard !overflow, count * dtype.byteCount == end - begin else {
-                throw .malformed(file: path, reason: "tensor '\(name)' has \(end - begin) bytes, but shape \(shape) of \(dtypeName) needs \(overflow ? -1 : count * dtype.byteCount)")
+            let bytes = shape.contains(0) ? 0 : extent
+            guard bytes == end - begin else {
+                throw .malformed(file: path, reason: "tensor '\(name)' has \(end - begin) bytes, but shape \(shape) of \(dtypeName) needs \(bytes)")
             }
             extents.append((begin, end, name))
             tensors[name] = TensorView(name: name, dtype: dtype, shape: shape, file: file, base: file.base + dataStart + begin,
@@ -205,6 +225,18 @@ public struct SafeTensorsFile: Sendable {
         }
         self.tensors = tensors
         self.metadata = metadata
+    }
+
+    /// The bytes `shape` of `elementBytes`-byte elements spans with every zero dimension counted as one, nil when
+    /// that overflows or exceeds `maxTensorBytes` (a bound on every product of the dimensions).
+    static func byteExtent(shape: [Int], elementBytes: Int) -> Int? {
+        var product = elementBytes
+        for dimension in shape {
+            let (next, overflow) = product.multipliedReportingOverflow(by: max(dimension, 1))
+            guard !overflow, next <= maxTensorBytes else { return nil }
+            product = next
+        }
+        return product
     }
 }
 
@@ -220,14 +252,10 @@ public struct Checkpoint: Sendable {
         let index = directory.appendingPathComponent("model.safetensors.index.json")
         var files: [String]
         if fileManager.fileExists(atPath: index.path) {
-            guard let data = fileManager.contents(atPath: index.path),
-                  let json = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
-                  let weightMap = json["weight_map"] as? [String: String]
-            else { throw .invalidConfiguration(file: index.path, reason: "expected a JSON object with a \"weight_map\"") }
+            let weightMap = try Self.readIndex(index).weightMap
             files = Array(Set(weightMap.values)).sorted()
             var shardTensors: [String: [String: TensorView]] = [:]
             for name in files {
-                guard !name.contains("/") else { throw .invalidConfiguration(file: index.path, reason: "shard name '\(name)' is not a plain file name") }
                 shardTensors[name] = try SafeTensorsFile(path: directory.appendingPathComponent(name).path).tensors
             }
             for (tensor, shard) in weightMap {
@@ -252,6 +280,39 @@ public struct Checkpoint: Sendable {
         }
     }
 
+    /// The largest `model.safetensors.index.json` read (a real one is tens of kilobytes).
+    public static let maxIndexBytes = SafeTensorsFile.maxHeaderBytes
+
+    /// A sharded checkpoint's index: the JSON object and its `weight_map` (tensor -> shard file). Refused
+    /// (`invalidConfiguration`, naming the file) when it is not a regular file of at most `maxIndexBytes`, not a
+    /// JSON object with a string-to-string `weight_map`, or a shard is not a plain file name in the same directory.
+    public static func readIndex(_ url: URL) throws(CheckpointError) -> (weightMap: [String: String], object: [String: Any]) {
+        let data: Data
+        do {
+            let handle = try FileHandle(forReadingFrom: url)
+            defer { try? handle.close() }
+            var status = stat()
+            guard fstat(handle.fileDescriptor, &status) == 0, status.st_mode & S_IFMT == S_IFREG else {
+                throw CheckpointError.unreadable(file: url.path, reason: "not a regular file")
+            }
+            guard status.st_size <= maxIndexBytes else {
+                throw CheckpointError.invalidConfiguration(file: url.path, reason: "\(status.st_size) bytes, more than an index may have (\(maxIndexBytes))")
+            }
+            data = try handle.readToEnd() ?? Data()
+        } catch let error as CheckpointError {
+            throw error
+        } catch {
+            throw .unreadable(file: url.path, reason: error.localizedDescription)
+        }
+        guard let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
+              let weightMap = object["weight_map"] as? [String: String]
+        else { throw .invalidConfiguration(file: url.path, reason: "expected a JSON object with a \"weight_map\" of tensor names to file names") }
+        for name in Set(weightMap.values) where name.isEmpty || name.contains("/") || name == "." || name == ".." || name.contains("\0") {
+            throw .invalidConfiguration(file: url.path, reason: "shard name '\(name)' is not a plain file name")
+        }
+        return (weightMap, object)
+    }
+
     /// The tensor `name`, checked against `shape` when given.
     public func tensor(_ name: String, shape: [Int]? = nil) throws(CheckpointError) -> TensorView {
         guard let view = tensors[name] else { throw .missingTensor(file: directory.path, tensor: name) }
@@ -274,7 +335,12 @@ public struct Checkpoint: Sendable {
             throw .invalidConfiguration(file: view.file.path, reason: "tensor '\(view.name)' is I8 but the file's metadata does not declare \(Q8Checkpoint.metadataKey) = \(Q8Checkpoint.format)")
         }
         guard shape.count == 2 else { throw .unsupportedDType(file: view.file.path, tensor: view.name, dtype: view.dtype.rawValue) }
-        let (rows, columns) = (shape[0], shape[1]), blocks = Q8Layout.blocks(columns: columns)
+        let (rows, columns) = (shape[0], shape[1])
+        // The expected shape comes from the configuration: keep its arithmetic from overflowing.
+        guard rows >= 0, columns >= 0, columns <= SafeTensorsFile.maxTensorBytes, SafeTensorsFile.byteExtent(shape: [rows, columns + Q8Layout.blockSize], elementBytes: 1) != nil else {
+            throw .wrongShape(file: view.file.path, tensor: view.name, expected: shape, found: view.shape)
+        }
+        let blocks = Q8Layout.blocks(columns: columns)
         let quants = try tensor(view.name, shape: [rows, blocks * Q8Layout.blockSize])
         let scales = try tensor(Q8Checkpoint.scaleName(view.name), shape: [rows, blocks])
         guard scales.dtype == .f16 else {

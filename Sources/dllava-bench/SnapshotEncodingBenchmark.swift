@@ -22,7 +22,7 @@ struct SnapshotEncodingBenchmark: ParsableCommand {
     func run() throws {
         var payloads: [Data] = []
         for file in files {
-            let contents = try SnapshotFile.read(from: URL(fileURLWithPath: file))
+            let contents = try SnapshotFile.read(from: URL(fileURLWithPath: file), limits: .absolute(maxBytes: 1 << 30), key: nil)
             payloads.append(try GenerationSnapshot(frames: contents.payloads).frame().payload)
         }
         let total = payloads.reduce(0) { $0 + $1.count }

@@ -4,7 +4,9 @@ import BatchDaemon
 import DynamicLLaVA
 import Foundation
 import JobQueue
+import Llama
 import Logging
+import Numerics
 import Telemetry
 
 /// The engine as the daemon sees it: one LLaVA pipeline, loaded once.
@@ -28,6 +30,14 @@ struct EngineRunner: BatchRunner {
             }
         }
         fingerprint = try ModelFingerprint.content(of: files, name: model.directory.lastPathComponent, cache: cache)
+    }
+
+    /// A job's state holds at most every layer's cells for the whole context, at the precision of this run's cache.
+    var snapshotLimits: SnapshotLimits {
+        let c = pipeline.model.language.configuration
+        let bounds = GenerationSnapshot.bounds(layers: c.hiddenLayers, keyValueWidth: c.keyValueWidth, contextLength: c.maxPositionEmbeddings,
+                                               storage: KeyValueCache.storage(for: Kernels.precision))
+        return SnapshotLimits(maxCells: bounds.maxCells, cellBytes: bounds.cellBytes, otherBytes: bounds.otherBytes)
     }
 
     /// Weights, configuration and tokenizer files: what decides the model's outputs.

@@ -20,19 +20,53 @@ struct Snapshot: ParsableCommand {
             it and resumes from the frames before); then the K/V storage type, layers and cells per \
             layer, prompt and generated tokens, decode step, sampler and sizes. A file with no intact \
             first frame, or otherwise bad, exits 65 with a sentence naming it.
+
+            With --model, frames are bounded by what that model's jobs can hold (layers x K/V width x \
+            context, as `run` bounds them); without it, by what the frames declare and at most \
+            \(Inspect.maxBytesWithoutModel >> 20) MiB decoded in all. A snapshot declaring more is refused \
+            (exit 65) before anything is decompressed.
+
+            With --db, the header's and the frames' HMAC tags are checked with the queue's snapshot secret, as \
+            `run` checks them (a snapshot edited outside dllava, or written for another queue, is refused); \
+            without it only the sha256s are, and the output says authenticity was not checked.
             """)
+
+        /// The most a snapshot inspected without its model may decode to.
+        static let maxBytesWithoutModel = 256 << 20
 
         @Argument(help: "A .kv.zst snapshot file.")
         var file: String
+
+        @Option(help: "The model directory whose jobs wrote the snapshot: bounds its frames by the model's shape and context.")
+        var model: String?
+
+        @Option(name: .customLong("db"), help: ArgumentHelp("The queue whose workers wrote the snapshot (SQLite file or postgres:// URL): checks its HMAC tags.",
+                                                            valueName: "path-or-url"))
+        var database: String?
 
         @Flag(help: "Print one JSON object.")
         var json = false
 
         func run() throws {
             try reportingFailures {
+                var limits = SnapshotLimits.absolute(maxBytes: Self.maxBytesWithoutModel)
+                if let model {
+                    let c = try LLaVAModel.languageConfiguration(directory: URL(fileURLWithPath: model))
+                    let bounds = GenerationSnapshot.bounds(layers: c.hiddenLayers, keyValueWidth: c.keyValueWidth, contextLength: c.maxPositionEmbeddings,
+                                                           storage: .float32)
+                    limits = SnapshotLimits(maxCells: bounds.maxCells, cellBytes: bounds.cellBytes, otherBytes: bounds.otherBytes)
+                }
+                var key: SnapshotKey?
+                if let database {
+                    do {
+                        key = SnapshotKey(secret: try DatabaseOptions.open(database, access: .readOnly, busyTimeout: 10).snapshotSecret)
+                    } catch {
+                        throw queueCommandFailure(error, database: DatabaseOptions.displayed(database))
+                    }
+                }
                 let contents: SnapshotFile.Contents
                 do {
-                    contents = try SnapshotFile.read(from: URL(fileURLWithPath: file))
+                    contents = try SnapshotFile.read(from: URL(fileURLWithPath: file), limits: limits, key: key)
                 } catch {
                     throw CommandFailure(message: "\(error)", code: 65)
                 }
@@ -85,6 +119,8 @@ struct SnapshotHeader: Encodable {
     var keyValueBytes: Int
     /// Every frame intact, to the end of the file.
     var checksumOK: Bool
+    /// Whether the HMAC tags were checked with the queue's secret (`--db`).
+    var authenticated: Bool
 
     /// One frame as the file holds it.
     struct Frame: Encodable {
@@ -143,6 +179,7 @@ struct SnapshotHeader: Encodable {
         dtype = storage == .bfloat16 ? "bf16" : "f32"
         keyValueBytes = cellsPerLayer.reduce(0, +) * keyValueWidth * 2 * storage.byteCount
         checksumOK = contents.damage == nil
+        authenticated = contents.authenticated
     }
 
     /// The sampling parameters, spelled as manifests spell them.
@@ -185,6 +222,7 @@ struct SnapshotHeader: Encodable {
           sampler:         \(sampling); state \(samplerState.joined(separator: " "))
           sizes:           \(fileBytes) bytes on disk, \(keyValueBytes) of live K/V
           checksums:       \(checksumOK ? "ok" : "a frame is torn or damaged (see damage)")
+          authenticity:    \(authenticated ? "ok: the HMAC tags hold under the queue's secret" : "not checked (pass --db with the queue that wrote it)")
         """
     }
 
@@ -195,6 +233,6 @@ struct SnapshotHeader: Encodable {
         case cellsPerLayer = "cells_per_layer", promptTokens = "prompt_tokens", imageTokens = "image_tokens"
         case generatedTokens = "generated_tokens", decodeSteps = "decode_steps", finished, sampler
         case samplerState = "sampler_state", fileBytes = "file_bytes"
-        case keyValueBytes = "key_value_bytes", checksumOK = "checksum_ok"
+        case keyValueBytes = "key_value_bytes", checksumOK = "checksum_ok", authenticated
     }
 }

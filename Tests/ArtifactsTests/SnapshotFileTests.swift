@@ -6,6 +6,11 @@ import Foundation
 import Testing
 @testable import Artifacts
 
+/// Generous bounds for the tests that are not about them.
+let testLimits = SnapshotLimits.absolute(maxBytes: 1 << 30)
+/// The queue secret the tests' snapshots are tagged with.
+let testKey = SnapshotKey(secret: Data(repeating: 7, count: 32))
+
 @Suite("Snapshot files")
 struct SnapshotFileTests {
     let fingerprint = "model-a"
@@ -32,10 +37,10 @@ struct SnapshotFileTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
         let url = directory.appendingPathComponent("job-1.kv.zst")
-        let file = try SnapshotFile.encode(frames, identity: identity, encoding: encoding)
+        let file = try SnapshotFile.encode(frames, identity: identity, encoding: encoding, key: testKey)
         try AtomicFile.write(file, to: url)
-        let contents = try SnapshotFile.read(from: url, expected: identity)
-        #expect(contents.identity == identity && contents.formatVersion == 3 && contents.damage == nil)
+        let contents = try SnapshotFile.read(from: url, expected: identity, limits: testLimits, key: testKey)
+        #expect(contents.identity == identity && contents.formatVersion == 4 && contents.damage == nil)
         #expect(contents.payloads == frames.map(\.payload))
         #expect(contents.frames.map(\.kind) == [.full, .append, .append] && contents.frames.map(\.decodeSteps) == [0, 5, 9])
         #expect(contents.frames.map(\.cells) == [40, 5, 4] && contents.frames.allSatisfy { $0.encoding == encoding })
@@ -43,7 +48,7 @@ struct SnapshotFileTests {
         #expect(contents.fileBytes == file.count && contents.goodBytes == file.count)
         if encoding == .shuffledZstd {
             // The shuffle is what makes floats compress: fewer bytes than zstd alone.
-            let plain = try SnapshotFile.encode(frames, identity: identity, encoding: .zstd)
+            let plain = try SnapshotFile.encode(frames, identity: identity, encoding: .zstd, key: testKey)
             #expect(file.count < plain.count)
         }
     }
@@ -53,20 +58,20 @@ struct SnapshotFileTests {
         var frames = frames
         frames.append(SnapshotFrame(kind: .full, decodeSteps: 12, cells: 49, payload: Self.floats(14_000, seed: 4), stateBytes: 56_000))
         frames.append(SnapshotFrame(kind: .append, decodeSteps: 14, cells: 2, payload: Self.floats(600, seed: 5), stateBytes: 58_400))
-        let contents = try SnapshotFile.decode(try SnapshotFile.encode(frames, identity: identity), path: "f")
+        let contents = try SnapshotFile.decode(try SnapshotFile.encode(frames, identity: identity, key: testKey), path: "f", limits: testLimits, key: testKey)
         #expect(contents.frames.count == 5 && contents.payloads == [frames[3].payload, frames[4].payload])
     }
 
     @Test("a file cut at any frame boundary or inside a frame, or with a byte flipped in a frame, yields the frames before the damage")
     func tornAndDamagedTails() throws {
-        let file = try SnapshotFile.encode(frames, identity: identity, encoding: .shuffledZstd)
-        let good = try SnapshotFile.decode(file, path: "good")
+        let file = try SnapshotFile.encode(frames, identity: identity, encoding: .shuffledZstd, key: testKey)
+        let good = try SnapshotFile.decode(file, path: "good", limits: testLimits, key: testKey)
         let ends = good.frames.map { $0.offset + $0.fileBytes }
         let headerEnd = good.frames[0].offset
         func check(_ bytes: Data, intactFrames: Int, name: String) {
             guard intactFrames > 0 else {
                 do {
-                    _ = try SnapshotFile.decode(bytes, path: "torn.kv.zst")
+                    _ = try SnapshotFile.decode(bytes, path: "torn.kv.zst", limits: testLimits, key: testKey)
                     Issue.record("\(name): accepted")
                 } catch {
                     guard case .noCompleteFrame(let path, _) = error else { Issue.record("\(name): \(error)"); return }
@@ -75,7 +80,7 @@ struct SnapshotFileTests {
                 return
             }
             do {
-                let contents = try SnapshotFile.decode(bytes, path: "torn.kv.zst")
+                let contents = try SnapshotFile.decode(bytes, path: "torn.kv.zst", limits: testLimits, key: testKey)
                 #expect(contents.frames.count == intactFrames, "\(name)")
                 #expect(contents.payloads == frames.prefix(intactFrames).map(\.payload), "\(name)")
                 #expect(contents.goodBytes == ends[intactFrames - 1], "\(name)")
@@ -110,20 +115,27 @@ struct SnapshotFileTests {
     func badFilesAreRefused() throws {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
-        let good = try SnapshotFile.encode(frames, identity: identity)
-        let headerEnd = SnapshotFile.header(identity).count
+        let good = try SnapshotFile.encode(frames, identity: identity, key: testKey)
+        let headerEnd = SnapshotFile.header(identity, key: testKey).count
         func damaged(_ change: (inout Data) -> Void) -> Data {
             var data = good
             change(&data)
             return data
         }
-        let appendFirst = SnapshotFile.header(identity) + (try SnapshotFile.frame(frames[1]))
+        let appendFirst = SnapshotFile.header(identity, key: testKey)
+            + (try SnapshotFile.frame(frames[1], key: testKey, header: SnapshotFile.header(identity, key: testKey), offset: headerEnd))
         let cases: [(String, Data, (String) -> SnapshotFileError?)] = [
             ("magic", damaged { $0[0] = UInt8(ascii: "X") }, { .notASnapshot(path: $0) }),
-            ("version", damaged { $0[8] = 9 }, { .unsupportedVersion(path: $0, version: 9, supported: 3) }),
-            ("version 2", damaged { $0[8] = 2 }, { .unsupportedVersion(path: $0, version: 2, supported: 3) }),
-            ("version 1", damaged { $0[8] = 1 }, { .unsupportedVersion(path: $0, version: 1, supported: 3) }),
-            ("model", damaged { $0[16] = UInt8(ascii: "b") }, { .differentModel(path: $0, found: "bodel-a", expected: "model-a") }),
+            ("version", damaged { $0[8] = 9 }, { .unsupportedVersion(path: $0, version: 9, supported: 4) }),
+            ("version 2", damaged { $0[8] = 2 }, { .unsupportedVersion(path: $0, version: 2, supported: 4) }),
+            ("version 1", damaged { $0[8] = 1 }, { .unsupportedVersion(path: $0, version: 1, supported: 4) }),
+            ("version 3", damaged { $0[8] = 3 }, { .unsupportedVersion(path: $0, version: 3, supported: 4) }),
+            ("model", try SnapshotFile.encode(frames, identity: { var other = identity; other.model = "bodel-a"; return other }(), key: testKey),
+             { .differentModel(path: $0, found: "bodel-a", expected: "model-a") }),
+            ("header edited", damaged { $0[16] = UInt8(ascii: "b") },
+             { .notAuthentic(path: $0, reason: "its header fails its HMAC check (edited, or written for another queue)") }),
+            ("another queue's secret", try SnapshotFile.encode(frames, identity: identity, key: SnapshotKey(secret: Data(repeating: 8, count: 32))),
+             { .notAuthentic(path: $0, reason: "its header fails its HMAC check (edited, or written for another queue)") }),
             ("header cut", good.prefix(headerEnd - 20), { .truncated(path: $0) }),
             ("first frame cut", good.prefix(headerEnd + 100), { _ in nil }),
             ("append frame first", appendFirst, { .noCompleteFrame(path: $0, reason: "its first frame is an append frame, not a full one") }),
@@ -133,7 +145,7 @@ struct SnapshotFileTests {
             let url = directory.appendingPathComponent("\(name).kv.zst")
             try bytes.write(to: url)
             do {
-                _ = try SnapshotFile.read(from: url, expected: identity)
+                _ = try SnapshotFile.read(from: url, expected: identity, limits: testLimits, key: testKey)
                 Issue.record("\(name): accepted")
             } catch {
                 #expect(error.path == url.path, "\(name)")
@@ -148,7 +160,7 @@ struct SnapshotFileTests {
             #expect(try Data(contentsOf: url) == bytes, "\(name): the file changed")
         }
         let missing = directory.appendingPathComponent("none").path
-        let error = #expect(throws: SnapshotFileError.self) { try SnapshotFile.read(from: URL(fileURLWithPath: missing)) }
+        let error = #expect(throws: SnapshotFileError.self) { try SnapshotFile.read(from: URL(fileURLWithPath: missing), limits: testLimits, key: testKey) }
         #expect(error?.path == missing && error?.description.hasPrefix("cannot read the snapshot \(missing)") == true)
     }
 
@@ -157,7 +169,7 @@ struct SnapshotFileTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
         let url = directory.appendingPathComponent("job-7.kv.zst")
-        try AtomicFile.write(try SnapshotFile.encode(frames, identity: identity), to: url)
+        try AtomicFile.write(try SnapshotFile.encode(frames, identity: identity, key: testKey), to: url)
         let before = try Data(contentsOf: url)
         var otherJob = identity, otherQueue = identity, otherImage = identity, otherPrompt = identity, otherParameters = identity, otherModel = identity
         otherJob.job = 8
@@ -174,11 +186,11 @@ struct SnapshotFileTests {
             (otherParameters, #"it was taken with parameters {"max_tokens":8}, the job asks for {"max_tokens":9}"#),
         ]
         for (expected, reason) in cases {
-            let error = #expect(throws: SnapshotFileError.self) { try SnapshotFile.read(from: url, expected: expected) }
+            let error = #expect(throws: SnapshotFileError.self) { try SnapshotFile.read(from: url, expected: expected, limits: testLimits, key: testKey) }
             #expect(error == .differentJob(path: url.path, reason: reason))
             #expect(error?.description == "\(url.path) does not belong to this job: \(reason)")
         }
-        let error = #expect(throws: SnapshotFileError.self) { try SnapshotFile.read(from: url, expected: otherModel) }
+        let error = #expect(throws: SnapshotFileError.self) { try SnapshotFile.read(from: url, expected: otherModel, limits: testLimits, key: testKey) }
         #expect(error == .differentModel(path: url.path, found: "model-a", expected: "model-b"))
         #expect(try Data(contentsOf: url) == before)
     }
@@ -188,19 +200,21 @@ struct SnapshotFileTests {
         let directory = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
         let url = directory.appendingPathComponent("job-7.kv.zst")
-        let first = try SnapshotFile.encode([frames[0]], identity: identity)
+        let first = try SnapshotFile.encode([frames[0]], identity: identity, key: testKey)
         try AtomicFile.write(first, to: url)
-        let second = try SnapshotFile.frame(frames[1]), third = try SnapshotFile.frame(frames[2])
+        let header = SnapshotFile.header(identity, key: testKey)
+        let second = try SnapshotFile.frame(frames[1], key: testKey, header: header, offset: first.count)
+        let third = try SnapshotFile.frame(frames[2], key: testKey, header: header, offset: first.count + second.count)
         try AppendFile.append(second, to: url, at: first.count)
         // A crash in the middle of the next append leaves half a frame.
         let handle = try FileHandle(forWritingTo: url)
         try handle.seekToEnd()
         try handle.write(contentsOf: third.prefix(third.count / 2))
         try handle.close()
-        #expect(try SnapshotFile.read(from: url).frames.count == 2)
+        #expect(try SnapshotFile.read(from: url, limits: testLimits, key: testKey).frames.count == 2)
         try AppendFile.append(third, to: url, at: first.count + second.count)
         #expect(try Data(contentsOf: url) == first + second + third)
-        #expect(try SnapshotFile.read(from: url, expected: identity).payloads == frames.map(\.payload))
+        #expect(try SnapshotFile.read(from: url, expected: identity, limits: testLimits, key: testKey).payloads == frames.map(\.payload))
 
         let error = #expect(throws: ArtifactError.self) { try AppendFile.append(third, to: url, at: first.count + second.count + third.count + 1) }
         #expect(error?.description.contains(url.path) == true)

@@ -118,6 +118,7 @@ final class FakeBatch: RunningBatch {
 struct FakeRunner: BatchRunner {
     let world: FakeWorld
     var fingerprint: ModelFingerprint { ModelFingerprint(fingerprint: "fake-model", name: "fake") }
+    var snapshotLimits: SnapshotLimits { .absolute(maxBytes: 1 << 20) }
     func makeBatch() -> FakeBatch { FakeBatch(world: world) }
 }
 
@@ -328,9 +329,10 @@ struct ContinuousBatchingTests {
         #expect(world.snapshots == [1: [1, 3, 4]] && world.frameKinds == [1: [.full, .append, .append]])
         let url = URL(fileURLWithPath: daemon.artifacts.snapshotLocation(job: 1))
         let first = try Data(contentsOf: url)
-        #expect(try SnapshotFile.read(from: url).frames.map(\.decodeSteps) == [0, 2, 3])
+        #expect(try SnapshotFile.read(from: url, limits: .absolute(maxBytes: 1 << 20), key: nil).frames.map(\.decodeSteps) == [0, 2, 3])
         // A crash in the middle of an append left half a frame.
-        try (first + SnapshotFile.frame(SnapshotFrame(kind: .append, decodeSteps: 9, cells: 1, payload: Data(count: 100), stateBytes: 0)).prefix(90))
+        try (first + SnapshotFile.frame(SnapshotFrame(kind: .append, decodeSteps: 9, cells: 1, payload: Data(count: 100), stateBytes: 0),
+                                        key: SnapshotKey(secret: Data(count: 32)), header: Data(count: 32), offset: first.count).prefix(90))
             .write(to: url)
 
         let again = FakeWorld(clock: workspace.clock)
@@ -347,7 +349,7 @@ struct ContinuousBatchingTests {
         #expect(again.frameKinds == [1: [.append, .append]] && again.snapshots == [1: [6, 8]])
         let kept = try Data(contentsOf: url)
         #expect(kept.prefix(first.count) == first, "the frames written before were rewritten")
-        let contents = try SnapshotFile.read(from: url)
+        let contents = try SnapshotFile.read(from: url, limits: .absolute(maxBytes: 1 << 20), key: nil)
         #expect(contents.damage == nil && contents.frames.map(\.kind) == [.full, .append, .append, .append, .append])
         let finalTokens = try JSONEncoder().encode((1...8).map { Int32($0) })
         #expect(contents.payloads.last == finalTokens)
@@ -370,7 +372,7 @@ struct ContinuousBatchingTests {
         #expect(Set(try #require(world.snapshots[1])) == Set(1...9) && kinds[0] == .full)
         // Compactions (full frames) come between appends: the file never holds more than twice the live size.
         #expect(kinds.dropFirst().contains(.full) && kinds.dropFirst().contains(.append), "\(kinds)")
-        let contents = try SnapshotFile.read(from: URL(fileURLWithPath: daemon.artifacts.snapshotLocation(job: 1)))
+        let contents = try SnapshotFile.read(from: URL(fileURLWithPath: daemon.artifacts.snapshotLocation(job: 1)), limits: .absolute(maxBytes: 1 << 20), key: nil)
         #expect(contents.frames.count == 1 && contents.frames[0].kind == .full && contents.frames[0].decodeSteps == 8)
     }
 

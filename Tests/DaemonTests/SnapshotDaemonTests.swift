@@ -8,6 +8,9 @@ import GRDB
 import Numerics
 import Testing
 
+/// Generous bounds for the tests that are not about them.
+let testLimits = SnapshotLimits.absolute(maxBytes: 1 << 30)
+
 /// The tiny Dynamic-LLaVA test checkpoint: random weights that rarely emit end-of-sequence, so
 /// jobs run to max_tokens and stay in their batch long enough to be interrupted.
 let tinyModel = repository.appendingPathComponent("Tests/EngineTests/Fixtures/models/dynamic_llava_tiny").path
@@ -98,18 +101,18 @@ struct SnapshotDaemonTests {
         try #require(released.count == 3, "the stop did not land in the middle of a batch: \(stopped)")
         for job in released { #expect(FileManager.default.fileExists(atPath: snapshotFile(directory, job: job).path), "job \(job)") }
 
-        // One snapshot cut inside its first frame, one claiming another model, one whose last frame is torn (a crash
-        // mid-append): that one resumes from the frame before.
+        // One snapshot cut inside its first frame, one whose header was edited to claim another model (its tag then
+        // fails), one whose last frame is torn (a crash mid-append): that one resumes from the frame before.
         let truncated = snapshotFile(directory, job: released[0]), otherModel = snapshotFile(directory, job: released[1])
         let torn = snapshotFile(directory, job: released[2])
         let bytes = try Data(contentsOf: truncated)
-        let firstFrame = try SnapshotFile.decode(bytes, path: truncated.path).frames[0]
+        let firstFrame = try SnapshotFile.decode(bytes, path: truncated.path, limits: testLimits, key: nil).frames[0]
         try bytes.prefix(firstFrame.offset + firstFrame.fileBytes / 2).write(to: truncated)
         var foreign = try Data(contentsOf: otherModel)
         foreign[16] = foreign[16] == UInt8(ascii: "0") ? UInt8(ascii: "1") : UInt8(ascii: "0")
         try foreign.write(to: otherModel)
         let tornBytes = try Data(contentsOf: torn)
-        let tornFrames = try SnapshotFile.decode(tornBytes, path: torn.path).frames
+        let tornFrames = try SnapshotFile.decode(tornBytes, path: torn.path, limits: testLimits, key: nil).frames
         try #require(tornFrames.count >= 2 && tornFrames[0].kind == .full && tornFrames.dropFirst().allSatisfy { $0.kind == .append }, "\(tornFrames)")
         let lastFrame = tornFrames[tornFrames.count - 1]
         try tornBytes.prefix(lastFrame.offset + lastFrame.fileBytes - 3).write(to: torn)
@@ -119,7 +122,7 @@ struct SnapshotDaemonTests {
         #expect(restart.terminationStatus == 0)
         let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
         #expect(log.contains("\(truncated.path) holds no complete snapshot frame: frame 1 is cut short"), "\(log)")
-        #expect(log.contains("\(otherModel.path) was taken with model"), "\(log)")
+        #expect(log.contains("\(otherModel.path) is not authentic: its header fails its HMAC check"), "\(log)")
         #expect(log.contains("job \(released[2]): \(torn.path) is damaged from byte \(lastFrame.offset) on, frame \(tornFrames.count) is cut short"), "\(log)")
         #expect(log.contains("resuming from \(torn.path) at decode step \(tornFrames[tornFrames.count - 2].decodeSteps)"), "\(log)")
         let records = try export(directory)
@@ -229,7 +232,7 @@ struct SnapshotDaemonTests {
         #expect(second.terminationStatus == 0)
         let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
         let queue = try queueID(directory)
-        #expect(log.contains("\(snapshotFile(directory, job: 4).path) is snapshot format version 99; this build reads version 3; starting it from scratch"), "\(log)")
+        #expect(log.contains("\(snapshotFile(directory, job: 4).path) is snapshot format version 99; this build reads version 4; starting it from scratch"), "\(log)")
         #expect(log.contains("job 5: \(snapshotFile(directory, job: 5).path)"), "\(log)")
         for job in [6, 7] {
             #expect(log.contains("job \(job): \(snapshotFile(directory, job: job).path) does not belong to this job: it was written for job 1 of queue \(queue), "
@@ -284,9 +287,12 @@ struct SnapshotDaemonTests {
         #expect(text.status == 0, "\(text.standardError)")
         // The K/V are stored as the run's default precision keeps them: bf16 where the CPU has a bf16 instruction.
         let dtype = Precision.preferred == .bf16 ? "bf16" : "f32"
-        #expect(text.standardOutput.contains("file version 3, state version 2") && text.standardOutput.contains("\(dtype), 4 layers of width 32"))
+        #expect(text.standardOutput.contains("file version 4, state version 2") && text.standardOutput.contains("\(dtype), 4 layers of width 32"))
         #expect(text.standardOutput.contains("5 generated") && text.standardOutput.contains("checksums:       ok"))
         #expect(text.standardOutput.contains("  frame 1:         full, step 0, ") && text.standardOutput.contains("none: every frame is intact"), "\(text.standardOutput)")
+        #expect(text.standardOutput.contains("authenticity:    not checked"), "\(text.standardOutput)")
+        let authenticated = try run(["snapshot", "inspect", file.path, "--db", "q.sqlite"], in: directory)
+        #expect(authenticated.status == 0 && authenticated.standardOutput.contains("authenticity:    ok"), "\(authenticated.standardOutput)")
         let json = try run(["snapshot", "inspect", file.path, "--json"], in: directory)
         let header = try JSONSerialization.jsonObject(with: Data(json.standardOutput.utf8)) as! [String: Any]
         #expect(header["layers"] as? Int == 4 && header["generated_tokens"] as? Int == 5 && header["decode_steps"] as? Int == 4)
@@ -302,7 +308,7 @@ struct SnapshotDaemonTests {
         let listed = try run(["snapshot", "inspect", tornTail.path], in: directory)
         #expect(listed.status == 0 && listed.standardOutput.contains("torn tail from byte \(bytes.count) (ignored"), "\(listed.standardOutput)")
         let cut = directory.appendingPathComponent("cut.kv.zst"), garbage = directory.appendingPathComponent("garbage.kv.zst")
-        let first = try SnapshotFile.decode(bytes, path: file.path).frames[0]
+        let first = try SnapshotFile.decode(bytes, path: file.path, limits: testLimits, key: nil).frames[0]
         try bytes.prefix(first.offset + first.fileBytes - 1).write(to: cut)
         try Data("not a snapshot".utf8).write(to: garbage)
         for (bad, sentence) in [(cut, "holds no complete snapshot frame"), (garbage, "is not a dllava KV snapshot")] {
@@ -310,5 +316,115 @@ struct SnapshotDaemonTests {
             #expect(result.status == 65)
             #expect(result.standardError.contains(bad.path) && result.standardError.contains(sentence), "\(result.standardError)")
         }
+    }
+
+    @Test("crafted snapshots (a 1 GiB zstd bomb, three 256 MiB append bombs) are refused by run and snapshot inspect before decompressing: their jobs restart from scratch, and peak memory stays within 64 MB of a run without them")
+    func snapshotBombsAreRefusedCheaply() throws {
+        let lines = (0..<2).map { i -> [String: Any] in
+            var line = manifest[i]
+            line["max_tokens"] = 6
+            return line
+        }
+        let directory = try workspace(manifest: lines)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let arguments = ["run", "--db", "q.sqlite", "--model", tinyModel, "--out", "out", "--until-empty"]
+        let (first, baseline) = try runDLLaVAMeasuringMemory(arguments + ["--keep-kv"], in: directory)
+        #expect(first.status == 0, "\(first.standardError)")
+        let expected = try outputs(directory)
+        let again = lines.enumerated().map { k, line -> [String: Any] in
+            var line = line
+            line["custom_id"] = "again\(k)"
+            return line
+        }
+        let text = again.map { String(decoding: try! JSONSerialization.data(withJSONObject: $0, options: [.sortedKeys]), as: UTF8.self) }
+        try Data((text.joined(separator: "\n") + "\n").utf8).write(to: directory.appendingPathComponent("again.jsonl"))
+        try #require(try run(["enqueue", "--db", "q.sqlite", "--jsonl", "again.jsonl"], in: directory).status == 0)
+
+        // Jobs 3 and 4 ask what jobs 1 and 2 asked: their snapshots are job 1's and 2's headers, renamed, with bombs, all
+        // tagged with the queue's secret (read from its database), so that the bounds and not the tags must refuse them.
+        let secret = try #require(try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path).read {
+            try Data.fetchOne($0, sql: "SELECT secret FROM snapshot_secret")
+        })
+        let key = SnapshotKey(secret: secret)
+        let gibibyte = 1 << 30
+        func renamed(_ kept: Data, job: Int64, frames bombs: [CraftedSnapshot.Frame], keepFirstFrame: Bool) throws -> Data {
+            let contents = try SnapshotFile.decode(kept, path: "kept", limits: testLimits, key: key)
+            var identity = contents.identity
+            identity.job = job
+            let first = contents.frames[0], start = first.offset + SnapshotFile.frameHeaderSize
+            let firstFrame = CraftedSnapshot.Frame(kind: 1, encoding: first.encoding.rawValue, steps: UInt64(first.decodeSteps), cells: UInt64(first.cells),
+                                                   payloadBytes: UInt64(first.payloadBytes), stored: kept.subdata(in: start ..< start + first.storedBytes))
+            return CraftedSnapshot.file(header: SnapshotFile.header(identity, key: key), frames: (keepFirstFrame ? [firstFrame] : []) + bombs, secret: secret)
+        }
+        let bomb = CraftedSnapshot.Frame(kind: 1, encoding: 1, steps: 0, cells: 0, payloadBytes: UInt64(gibibyte), stored: CraftedSnapshot.zstdZeros(count: gibibyte))
+        let appendBomb = CraftedSnapshot.Frame(kind: 2, encoding: 1, steps: 1, cells: 0, payloadBytes: UInt64(gibibyte / 4),
+                                               stored: CraftedSnapshot.zstdZeros(count: gibibyte / 4))
+        let crafted = [3: try renamed(Data(contentsOf: snapshotFile(directory, job: 1)), job: 3, frames: [bomb], keepFirstFrame: false),
+                       4: try renamed(Data(contentsOf: snapshotFile(directory, job: 2)), job: 4, frames: [appendBomb, appendBomb, appendBomb], keepFirstFrame: true)]
+        for (job, bytes) in crafted {
+            #expect(bytes.count < 1 << 20)
+            try bytes.write(to: snapshotFile(directory, job: job))
+            try bytes.write(to: directory.appendingPathComponent("crafted-\(job).kv.zst"))
+        }
+
+        let (second, peak) = try runDLLaVAMeasuringMemory(arguments, in: directory)
+        #expect(second.status == 0, "\(second.standardError)")
+        #expect(second.standardError.contains("\(snapshotFile(directory, job: 3).path) is refused: frame 1 declares 1073741824 bytes for 0 K/V cells"), "\(second.standardError)")
+        #expect(second.standardError.contains("\(snapshotFile(directory, job: 4).path) is refused: frame 2 declares 268435456 bytes for 0 K/V cells"), "\(second.standardError)")
+        #expect(!second.standardError.contains("resuming from"))
+        #expect(peak < baseline + 64 << 10, "run's peak resident set: \(peak) kB, \(baseline) kB without the crafted snapshots")
+        let results = try outputs(directory)
+        for k in 0..<2 { #expect(results["again\(k)"]?.0 == expected["job\(k)"]?.0, "again\(k)") }
+
+        let (valid, inspectBaseline) = try runDLLaVAMeasuringMemory(["snapshot", "inspect", snapshotFile(directory, job: 1).path])
+        #expect(valid.status == 0, "\(valid.standardError)")
+        for job in [3, 4] {
+            let file = directory.appendingPathComponent("crafted-\(job).kv.zst").path
+            for extra in [[], ["--model", tinyModel]] {
+                let (inspect, inspectPeak) = try runDLLaVAMeasuringMemory(["snapshot", "inspect", file] + extra)
+                #expect(inspect.status == 65 && inspect.standardError.contains("\(file) is refused: frame"), "\(extra): \(inspect.standardError)")
+                #expect(inspectPeak < inspectBaseline + 64 << 10, "inspect \(extra): \(inspectPeak) kB, \(inspectBaseline) kB on a valid snapshot")
+            }
+        }
+    }
+
+    @Test("a snapshot whose header job id and image sha256 were rewritten to another job's is refused as not authentic, and that job starts from scratch")
+    func rewrittenHeaderIsRefused() throws {
+        var lines = [manifest[0], manifest[0]]
+        lines[1]["custom_id"] = "other-image"
+        lines[1]["image"] = sample("test_000003.png")
+        for k in lines.indices { lines[k]["max_tokens"] = 6 }
+        let directory = try workspace(manifest: [lines[0]])
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let first = try startRun(["--keep-kv"], in: directory)
+        first.waitUntilExit()
+        #expect(first.terminationStatus == 0)
+        let expected = try outputs(directory)["job0"]
+        try Data(String(decoding: try JSONSerialization.data(withJSONObject: lines[1], options: [.sortedKeys]), as: UTF8.self).utf8 + [10])
+            .write(to: directory.appendingPathComponent("again.jsonl"))
+        try #require(try run(["enqueue", "--db", "q.sqlite", "--jsonl", "again.jsonl"], in: directory).status == 0)
+        let imageSHA256 = try #require(try DatabaseQueue(path: directory.appendingPathComponent("q.sqlite").path).read {
+            try String.fetchOne($0, sql: "SELECT image_sha256 FROM job WHERE id = 2")
+        })
+        // What someone who can write the snapshot folder but not read the database can do: job 1's file, its header
+        // naming job 2 and job 2's image, every sha256 right, the tags left as they were or made with a guessed secret.
+        let kept = try Data(contentsOf: snapshotFile(directory, job: 1))
+        let contents = try SnapshotFile.decode(kept, path: "kept", limits: testLimits, key: nil)
+        var identity = contents.identity
+        identity.job = 2
+        identity.imageSHA256 = imageSHA256
+        let forged = SnapshotFile.header(identity, key: SnapshotKey(secret: Data(count: 32))) + kept.suffix(from: contents.frames[0].offset)
+        try forged.write(to: snapshotFile(directory, job: 2))
+        let inspected = try run(["snapshot", "inspect", snapshotFile(directory, job: 2).path, "--db", "q.sqlite"], in: directory)
+        #expect(inspected.status == 65 && inspected.standardError.contains("is not authentic: its header fails its HMAC check"), "\(inspected.standardError)")
+
+        let second = try startRun([], in: directory)
+        second.waitUntilExit()
+        #expect(second.terminationStatus == 0)
+        let log = try String(contentsOf: directory.appendingPathComponent("run.log"), encoding: .utf8)
+        #expect(log.contains("job 2: \(snapshotFile(directory, job: 2).path) is not authentic: its header fails its HMAC check"), "\(log)")
+        #expect(!log.contains("resuming from"), "\(log)")
+        #expect(try outputs(directory)["job0"]?.0 == expected?.0)
+        #expect(try export(directory)["other-image"]?["state"] as? String == "succeeded")
     }
 }

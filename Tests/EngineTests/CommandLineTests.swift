@@ -145,6 +145,31 @@ struct CommandLineTests {
         #expect(run.standardError.contains("truncated"))
     }
 
+    @Test("a model.safetensors of random bytes, or with a header length of 2^63+5, exits 65 from generate and quantize, naming the file",
+          arguments: ["random bytes", "header length 2^63+5"])
+    func malformedHeaderExits65(_ damage: String) throws {
+        let model = try copyOfFixtureModel("dynamic_llava_tiny")
+        defer { try? FileManager.default.removeItem(at: model) }
+        let shard = model.appendingPathComponent("model.safetensors")
+        var bytes: [UInt8]
+        if damage == "random bytes" {
+            var generator = SplitMix64(seed: 5)
+            bytes = (0..<4096).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        } else {
+            bytes = try Array(Data(contentsOf: shard))
+            withUnsafeBytes(of: (UInt64(1) << 63 + 5).littleEndian) { bytes.replaceSubrange(0..<8, with: $0) }
+        }
+        try Data(bytes).write(to: shard)
+        let output = model.deletingLastPathComponent().appendingPathComponent("dllava-q8-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: output) }
+        for arguments in [["generate", "--model", model.path, "--token-ids-before", "1,2,3", "--max-tokens", "2"],
+                          ["quantize", "--model", model.path, "--output", output.path]] {
+            let run = try runDLLaVA(arguments)
+            #expect(run.status == 65, "\(arguments[0]), \(damage): exit \(run.status), \(run.standardError)")
+            #expect(run.standardError.contains(shard.path), "\(arguments[0]), \(damage): \(run.standardError)")
+        }
+    }
+
     @Test("a missing tensor or a wrong shape exits 78 and names the tensor")
     func missingTensorAndWrongShape() throws {
         let model = try copyOfFixtureModel("llava_orig_tiny")

@@ -162,6 +162,27 @@ struct QuantizeTests {
                 "\(invalid.standardError)")
     }
 
+    @Test("an index naming a shard outside the model directory exits 78 from quantize, naming the index, and nothing is written there")
+    func indexShardOutsideTheModelIsRefused() throws {
+        let model = try copyOfFixtureModel("llava_orig_tiny")
+        defer { try? FileManager.default.removeItem(at: model) }
+        let index = model.appendingPathComponent("model.safetensors.index.json")
+        var object = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: index)) as? [String: Any])
+        var weightMap = try #require(object["weight_map"] as? [String: String])
+        let shard = "model-00002-of-00002.safetensors", outsideName = "outside-\(UUID().uuidString).safetensors"
+        let parent = model.deletingLastPathComponent()
+        try FileManager.default.copyItem(at: model.appendingPathComponent(shard), to: parent.appendingPathComponent(outsideName))
+        defer { try? FileManager.default.removeItem(at: parent.appendingPathComponent(outsideName)) }
+        for (tensor, file) in weightMap where file == shard { weightMap[tensor] = "../" + outsideName }
+        object["weight_map"] = weightMap
+        try JSONSerialization.data(withJSONObject: object).write(to: index)
+        // The output sits one level down, so "../outside" from it would be the model directory's own folder.
+        let output = model.appendingPathComponent("q8")
+        let run = try runDLLaVA(["quantize", "--model", model.path, "--output", output.path])
+        #expect(run.status == 78 && run.standardError.contains(index.path) && run.standardError.contains("not a plain file name"), "\(run.standardError)")
+        #expect(!FileManager.default.fileExists(atPath: model.appendingPathComponent(outsideName).path))
+    }
+
     @Test("quantizing into a non-empty directory exits 74, quantizing a q8 model exits 78")
     func refusesToOverwriteOrRequantize() throws {
         let output = try quantizedFixture("dynamic_llava_tiny")

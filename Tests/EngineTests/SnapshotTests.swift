@@ -10,6 +10,11 @@ import Testing
 @testable import DynamicLLaVA
 @testable import Llama
 
+/// Generous bounds for the tests that are not about them.
+let testLimits = SnapshotLimits.absolute(maxBytes: 1 << 30)
+/// The queue secret the tests' snapshots are tagged with.
+let testKey = SnapshotKey(secret: Data(repeating: 7, count: 32))
+
 /// A model and a sparsity mode to resume in.
 struct ResumeCase: Sendable, CustomTestStringConvertible {
     let model: String
@@ -201,8 +206,8 @@ struct SnapshotTests {
         for encoding in SnapshotEncoding.allCases {
             let file = try SnapshotFile.encode(frames[r].map {
                 SnapshotFrame(kind: $0.isFull ? .full : .append, decodeSteps: $0.decodeSteps, cells: $0.cells, payload: $0.payload, stateBytes: $0.stateBytes)
-            }, identity: identity, encoding: encoding)
-            let records = try SnapshotFile.decode(file, path: "f").frames
+            }, identity: identity, encoding: encoding, key: testKey)
+            let records = try SnapshotFile.decode(file, path: "f", limits: testLimits, key: testKey).frames
             #expect(records.count == frames[r].count)
             var cases: [(Data, Int, String)] = []
             for (k, record) in records.enumerated() {
@@ -219,10 +224,10 @@ struct SnapshotTests {
             }
             for (bytes, last, name) in cases {
                 guard last >= 0 else {
-                    #expect(throws: SnapshotFileError.self, "\(encoding), \(name)") { try SnapshotFile.decode(bytes, path: "f") }
+                    #expect(throws: SnapshotFileError.self, "\(encoding), \(name)") { try SnapshotFile.decode(bytes, path: "f", limits: testLimits, key: testKey) }
                     continue
                 }
-                let state = try GenerationSnapshot(frames: try SnapshotFile.decode(bytes, path: "f").payloads)
+                let state = try GenerationSnapshot(frames: try SnapshotFile.decode(bytes, path: "f", limits: testLimits, key: testKey).payloads)
                 #expect(state == states[r][last], "\(encoding), \(name)")
             }
         }

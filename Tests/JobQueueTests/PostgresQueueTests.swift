@@ -12,13 +12,14 @@ struct PostgresQueueTests {
     @Test func migrationsCreateTheQueueSchemaOnceAndKeepTheIdentity() throws {
         let fixture = try Fixture(.postgres)
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret"])
         let again = try PostgresJobQueue(url: fixture.location)
-        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress"])
+        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret"])
         #expect(again.identity == fixture.queue.identity && UUID(uuidString: again.identity) != nil)
+        #expect(again.snapshotSecret == fixture.queue.snapshotSecret && again.snapshotSecret.count == 32)
         let tables = try TestPostgres.shared().psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'dllava'",
                                                    database: String(fixture.location.split(separator: "/").last!))
-        #expect(tables.trimmingCharacters(in: .whitespacesAndNewlines) == "job,migration,queue,result,snapshot,snapshot_chunk,worker")
+        #expect(tables.trimmingCharacters(in: .whitespacesAndNewlines) == "job,migration,queue,result,snapshot,snapshot_chunk,snapshot_secret,worker")
     }
 
     @Test func aVersion1QueueGainsStoredArtifactsAndStillExportsItsResultFiles() throws {
@@ -39,7 +40,7 @@ struct PostgresQueueTests {
         let location = try PostgresAddress(fixture.location).description
         #expect(throws: JobQueueError.olderSchema(path: location)) { try PostgresJobQueue(url: fixture.location, access: .readOnly) }
         let upgraded = try PostgresJobQueue(url: fixture.location)
-        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress"])
+        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret"])
         var exported: [ExportRecord] = []
         try ExportRecord.forEach(in: upgraded, .all) { exported.append($0) }
         #expect(exported.map(\.text) == ["three shapes"] && !exported[0].resultUnreadable, "\(exported)")

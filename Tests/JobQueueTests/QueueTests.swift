@@ -10,7 +10,7 @@ struct QueueTests {
     @Test func migrationsCreateTheStrictJobTableOnAFreshDatabase() throws {
         let fixture = try Fixture()
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress", "v5-snapshot-secret"])
         let pool = try DatabasePool(path: fixture.databasePath)
         let strict = try pool.read { try Bool.fetchOne($0, sql: "SELECT strict FROM pragma_table_list WHERE name = 'job'") }
         #expect(strict == true)
@@ -18,7 +18,7 @@ struct QueueTests {
         #expect(journal == "wal")
         // Opening again applies nothing new.
         let again = try SQLiteJobQueue(path: fixture.databasePath)
-        #expect(try again.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress"])
+        #expect(try again.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress", "v5-snapshot-secret"])
         #expect(again.identity == fixture.queue.identity)
     }
 
@@ -62,7 +62,7 @@ struct QueueTests {
         }
         try database.close()
         let queue = try SQLiteJobQueue(path: path)
-        #expect(try queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress"])
+        #expect(try queue.appliedMigrations() == ["v1-job", "v2-job-identity", "v3-worker-registry", "v4-job-progress", "v5-snapshot-secret"])
         #expect(UUID(uuidString: queue.identity) != nil)
         #expect(try queue.list().map(\.customID) == ["old-1", "old-2"])
         func jobs(_ count: Int, prefix: String) -> [NewJob] {

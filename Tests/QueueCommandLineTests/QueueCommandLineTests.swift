@@ -151,7 +151,7 @@ struct QueueCommandLineTests {
         #expect(try workspace.run(["init"], environment: ["DLLAVA_DB": fromEnvironment]).status == 0)
         #expect(FileManager.default.fileExists(atPath: fromEnvironment))
         let local = try workspace.run(["init"])
-        #expect(local.status == 0 && local.standardOutput == "created dllava.sqlite (schema v4-job-progress)\n")
+        #expect(local.status == 0 && local.standardOutput == "created dllava.sqlite (schema v5-snapshot-secret)\n")
         #expect(FileManager.default.fileExists(atPath: workspace.directory.appendingPathComponent("dllava.sqlite").path))
     }
 

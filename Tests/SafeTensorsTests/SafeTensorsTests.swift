@@ -99,4 +99,77 @@ func floatBytes(_ values: [Float]) -> [UInt8] {
             try Checkpoint(directory: directory)
         }
     }
+
+    @Test("a header length past the format's 100 MB cap, 2^63+5 among them, is refused as malformed, naming the file",
+          arguments: [UInt64(1) << 63 + 5, UInt64.max, UInt64(SafeTensorsFile.maxHeaderBytes) + 1])
+    func hugeHeaderLength(_ declared: UInt64) throws {
+        let directory = try temporaryDirectory()
+        let path = try writeSafeTensors("huge.safetensors", header: "{}", data: [], in: directory, declaredLength: declared)
+        do {
+            _ = try SafeTensorsFile(path: path)
+            Issue.record("accepted a header length of \(declared)")
+        } catch {
+            #expect(error.exitCode == 65)
+            #expect(error.description.contains(path) && error.description.contains("header length"), "\(error)")
+        }
+    }
+
+    @Test("files of random bytes, and random bytes after a valid length, are refused with an error, never a trap")
+    func randomBytes() throws {
+        let directory = try temporaryDirectory()
+        var generator = SplitMix64(seed: 22)
+        for round in 0..<200 {
+            var bytes = (0..<Int.random(in: 1...300, using: &generator)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            if round % 2 == 1, bytes.count > 8 {
+                // A plausible length, so the JSON parser sees the random bytes.
+                withUnsafeBytes(of: UInt64(bytes.count - 8).littleEndian) { bytes.replaceSubrange(0..<8, with: $0) }
+            }
+            let url = directory.appendingPathComponent("random-\(round).safetensors")
+            try Data(bytes).write(to: url)
+            #expect(throws: CheckpointError.self) { try SafeTensorsFile(path: url.path) }
+        }
+    }
+
+    @Test("shapes whose products overflow or exceed any real tensor, and numbers that are no Int, are refused as malformed", arguments: [
+        ("shape product overflows", #"{"w":{"dtype":"F32","shape":[4294967296,4294967296,1],"data_offsets":[0,0]}}"#, "w"),
+        ("zero-size tensor with huge dimensions", #"{"w":{"dtype":"F32","shape":[0,4611686018427387904,4611686018427387904],"data_offsets":[0,0]}}"#, "w"),
+        ("dimension past Int", #"{"w":{"dtype":"F32","shape":[18446744073709551615],"data_offsets":[0,4]}}"#, "w"),
+        ("offset past Int", #"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}}"#, "w"),
+        ("fractional offset", #"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.5]}}"#, "w"),
+        ("begin after end", #"{"w":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}}"#, "w"),
+        ("negative offset", #"{"w":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}}"#, "w"),
+    ])
+    func hostileNumbers(_ label: String, header: String, mentions: String) throws {
+        let directory = try temporaryDirectory()
+        let path = try writeSafeTensors("bad.safetensors", header: header, data: Array(repeating: 0, count: 8), in: directory)
+        do {
+            let file = try SafeTensorsFile(path: path)
+            Issue.record("\(label): accepted \(file.tensors.mapValues(\.shape))")
+        } catch {
+            #expect(error.exitCode == 65, "\(label): \(error)")
+            #expect(error.description.contains(path) && error.description.contains(mentions), "\(label): \(error)")
+        }
+    }
+
+    @Test("a FIFO named like a checkpoint is refused at once, not waited on")
+    func fifoIsRefused() throws {
+        let directory = try temporaryDirectory()
+        let path = directory.appendingPathComponent("model.safetensors").path
+        #expect(mkfifo(path, 0o600) == 0)
+        #expect(throws: CheckpointError.unreadable(file: path, reason: "not a regular file")) { try SafeTensorsFile(path: path) }
+    }
+
+    @Test("an index whose shard is not a plain file name in the model directory is refused, naming the index",
+          arguments: ["../model.safetensors", "/etc/passwd", "..", ""])
+    func indexShardOutsideTheDirectory(_ shard: String) throws {
+        let directory = try temporaryDirectory()
+        let index = directory.appendingPathComponent("model.safetensors.index.json")
+        try JSONSerialization.data(withJSONObject: ["weight_map": ["a": shard]]).write(to: index)
+        do {
+            _ = try Checkpoint(directory: directory)
+            Issue.record("accepted the shard '\(shard)'")
+        } catch {
+            #expect(error == .invalidConfiguration(file: index.path, reason: "shard name '\(shard)' is not a plain file name"))
+        }
+    }
 }
