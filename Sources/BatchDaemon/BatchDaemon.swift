@@ -455,7 +455,7 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             let seconds = String(format: "%.1f", Double(queue.clock.now() - admissionStart) / 1000)
             var stages = "vision and prefill"
             if let timings = batch.lastAdmissionTimings {
-                if timings.packingSeconds > 0 { stages += String(format: "; %.2f s of it packing weights on first use", timings.packingSeconds) }
+                if timings.packingSeconds >= 0.005 { stages += String(format: "; %.2f s of it packing weights on first use", timings.packingSeconds) }
                 if timings.sharedPrefixJobs > 0 { stages += "; \(timings.sharedPrefixJobs) on a cached image prefix" }
             }
             log("admitted \(admitted) job\(admitted == 1 ? "" : "s") in \(seconds) s (\(stages)); \(running.count) running; "
