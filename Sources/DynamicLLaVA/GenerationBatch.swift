@@ -113,8 +113,9 @@ public struct GenerationBatch {
     }
 
     /// Embeds, prefills and takes the first token of new rows. Rows whose image prefix is shared
-    /// (`Generator.prefixKey`) take its cells from the prefix cache, or from one computation here
-    /// for all the rows with that prefix, and prefill only their own tokens on top.
+    /// (`Generator.prefixKey`) take its cells from the prefix cache and prefill only their own
+    /// tokens on top; the first row of a prefix not held is prefilled whole, and the prefix's cells
+    /// are cut from its own (a token's cells never depend on the tokens after it).
     /// Sets `lastVisionMilliseconds` (0 when no row was fresh).
     mutating func prefill(_ fresh: [(row: Row, request: GenerationRequest)], start: DispatchTime) {
         guard !fresh.isEmpty else { return }
@@ -122,7 +123,7 @@ public struct GenerationBatch {
         let c = generator.model.language.configuration, patches = generator.model.vision.configuration.patchCount
         let requests = fresh.map(\.request)
         let keys = requests.map { prefixCache.isEnabled ? generator.prefixKey($0) : nil }
-        // The shared prefixes this call needs: those held, and those to compute (once each, for its first row).
+        // The shared prefixes this call needs: those held, and those its first row computes whole.
         var prefixes: [PrefixCache.Key: PrefixCache.Entry] = [:]
         var toCompute: [(key: PrefixCache.Key, row: Int)] = []
         var pending = Set<PrefixCache.Key>()
@@ -135,15 +136,10 @@ public struct GenerationBatch {
                 toCompute.append((key, i))
             }
         }
-        let whole = requests.indices.filter { keys[$0] == nil }
-        let prefixRequests = toCompute.map { item in
-            var request = requests[item.row]
-            request.idsAfterImage = []
-            request.generatedPrefix = []
-            return request
-        }
+        let computing = Set(toCompute.map(\.row))
+        let whole = requests.indices.filter { keys[$0] == nil || computing.contains($0) }
         let visionStart = DispatchTime.now(), visionPackingBefore = WeightPacking.milliseconds
-        let prompts = generator.promptEmbeddings(whole.map { requests[$0] } + prefixRequests)
+        let prompts = generator.promptEmbeddings(whole.map { requests[$0] })
         lastVisionMilliseconds = milliseconds(since: visionStart) - (WeightPacking.milliseconds - visionPackingBefore)
 
         var prefilled = [Generator.RequestState?](repeating: nil, count: fresh.count)
@@ -153,8 +149,8 @@ public struct GenerationBatch {
             prefilled[i] = freshState(requests[i], embeddings: prompt.embeddings, promptLength: prompt.embeddings.rows, imageSpan: prompt.imageSpan)
             if prompt.imageSpan != nil { flops[i] += generator.visionFlops() }
         }
-        // Rows with a KV cache and no shared prefix, and the prefixes to compute: one packed pass. Rows without a
-        // KV cache recompute their sequence (a replayed prefix is simply part of it).
+        // Rows with a KV cache and no prefix held: one packed pass. Rows without a KV cache recompute their sequence
+        // (a replayed prefix is simply part of it).
         let cachedWhole = whole.filter { prefilled[$0]!.sparsity.usesKeyValueCache }
         var group = cachedWhole.map { i in
             var state = prefilled[i]!
@@ -162,36 +158,26 @@ public struct GenerationBatch {
             state.forced = state.request.generatedPrefix
             return state
         }
-        for (request, prompt) in zip(prefixRequests, prompts[whole.count...]) {
-            group.append(Generator.RequestState(request: request, sequence: takeSequence(), sampler: Sampler(request.parameters.sampling),
-                                                promptEmbeddings: prompt.embeddings, promptLength: prompt.embeddings.rows,
-                                                imageSpan: prompt.imageSpan))
-        }
         if !group.isEmpty {
-            var groupFlops = cachedWhole.map { flops[$0] } + Array(repeating: 0, count: toCompute.count)
+            var groupFlops = cachedWhole.map { flops[$0] }
             let groupLogits = generator.prefill(&group, cache: &cache, flops: &groupFlops)
             for (j, i) in cachedWhole.enumerated() {
                 prefilled[i] = group[j]
                 flops[i] = groupFlops[j]
                 logits[i] = groupLogits[j]
             }
-            for (j, item) in toCompute.enumerated() {
-                let state = group[cachedWhole.count + j]
-                let cells = cache.layers.map { $0[state.sequence] }
-                cache.clear(sequence: state.sequence)
-                freeSequences.append(state.sequence)
-                let bytes = cells.reduce(0) { $0 + $1.keys.count + $1.values.count + 4 * $1.cellCount }
-                    + 4 * (item.key.pixelBits.count + item.key.idsBeforeImage.count)
-                let entry = PrefixCache.Entry(cells: cells, tokens: state.promptLength, keptImageIndices: state.result.keptImageIndices,
-                                              byteCount: bytes)
-                prefixes[item.key] = entry
-                prefixCache.insert(entry, for: item.key)
-                // The row that needed the prefix first is charged for computing it.
-                flops[item.row] += generator.visionFlops() + groupFlops[cachedWhole.count + j]
-            }
         }
-        // Rows on a shared prefix: its cells, then their own tokens in one packed pass.
-        let keyed = requests.indices.filter { keys[$0] != nil }
+        for item in toCompute {
+            let state = prefilled[item.row]!, tokens = state.promptLength - state.request.idsAfterImage.count
+            let cells = cache.layers.map { $0[state.sequence].prefix(before: Int32(tokens)) }
+            let bytes = cells.reduce(0) { $0 + $1.keys.count + $1.values.count + 4 * $1.cellCount }
+                + 4 * (item.key.pixelBits.count + item.key.idsBeforeImage.count)
+            let entry = PrefixCache.Entry(cells: cells, tokens: tokens, keptImageIndices: state.result.keptImageIndices, byteCount: bytes)
+            prefixes[item.key] = entry
+            prefixCache.insert(entry, for: item.key)
+        }
+        // The other rows on a shared prefix: its cells, then their own tokens in one packed pass.
+        let keyed = requests.indices.filter { keys[$0] != nil && !computing.contains($0) }
         if !keyed.isEmpty {
             var group = keyed.map { i in
                 let request = requests[i], entry = prefixes[keys[i]!]!
@@ -205,7 +191,7 @@ public struct GenerationBatch {
                 state.result.stats.imageTokensKept = entry.keptImageIndices?.count ?? patches
                 state.result.keptImageIndices = entry.keptImageIndices
                 state.result.stats.keptImageIndices = entry.keptImageIndices
-                state.result.stats.cachedPrefixTokens = toCompute.contains { $0.row == i } ? nil : entry.tokens
+                state.result.stats.cachedPrefixTokens = entry.tokens
                 return state
             }
             var groupFlops = keyed.map { flops[$0] }
