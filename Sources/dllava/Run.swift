@@ -308,7 +308,9 @@ struct Run: ParsableCommand {
             defer { server?.close() }
             let loadStart = DispatchTime.now()
             let pipeline = try LLaVAPipeline(model: try modelOptions.load())
-            logger.info("loaded the model in \(String(format: "%.2f", Double(DispatchTime.now().uptimeNanoseconds - loadStart.uptimeNanoseconds) / 1e9)) s")
+            var workerLogger = logger
+            workerLogger[metadataKey: "worker"] = .string(options.owner)
+            workerLogger.info("loaded the model in \(String(format: "%.2f", Double(DispatchTime.now().uptimeNanoseconds - loadStart.uptimeNanoseconds) / 1e9)) s")
             let digests = FileDigestCache(location: FileDigestCache.defaultLocation())
             let runner = try EngineRunner(pipeline: pipeline, cache: digests, prefixCacheBytes: prefixCacheMegabytes << 20)
             do {
