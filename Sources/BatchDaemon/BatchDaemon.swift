@@ -467,7 +467,12 @@ public struct BatchDaemon<Runner: BatchRunner>: Sendable {
             doneAtAdmission = done
             let admitted = entries.count - refused.count
             let seconds = String(format: "%.1f", Double(queue.clock.now() - admissionStart) / 1000)
-            log("admitted \(admitted) job\(admitted == 1 ? "" : "s") in \(seconds) s (vision and prefill); \(running.count) running; "
+            var stages = "vision and prefill"
+            if let timings = batch.lastAdmissionTimings {
+                if timings.packingSeconds >= 0.005 { stages += String(format: "; %.2f s of it packing weights on first use", timings.packingSeconds) }
+                if timings.sharedPrefixJobs > 0 { stages += "; \(timings.sharedPrefixJobs) on a cached image prefix" }
+            }
+            log("admitted \(admitted) job\(admitted == 1 ? "" : "s") in \(seconds) s (\(stages)); \(running.count) running; "
                 + "\(report.succeeded) succeeded, \(report.failed) failed so far; \(report.generatedTokens) tokens generated; \(remainingAtAdmission) left in the queue")
         }
 

@@ -22,11 +22,17 @@ public struct AdmissionTimings: Sendable, Equatable {
     public var imageDecodeSeconds: Double
     public var visionSeconds: Double
     public var prefillSeconds: Double
+    /// Time spent packing weights on their first use (a fresh process's first admissions), apart from the stages.
+    public var packingSeconds: Double
+    /// Jobs that took their image prefix (vision and the prompt's shared part) from the prefix cache.
+    public var sharedPrefixJobs: Int
 
-    public init(imageDecodeSeconds: Double, visionSeconds: Double, prefillSeconds: Double) {
+    public init(imageDecodeSeconds: Double, visionSeconds: Double, prefillSeconds: Double, packingSeconds: Double = 0, sharedPrefixJobs: Int = 0) {
         self.imageDecodeSeconds = imageDecodeSeconds
         self.visionSeconds = visionSeconds
         self.prefillSeconds = prefillSeconds
+        self.packingSeconds = packingSeconds
+        self.sharedPrefixJobs = sharedPrefixJobs
     }
 }
 

@@ -34,12 +34,20 @@ public struct GenerationBatch {
     /// frame appends to. A row without an entry has had no frame.
     var framedPositions: [Row: [[Int32]]] = [:]
     var nextRow = 0
-    /// Time the vision tower and projector took in the last `add` (over all its fresh rows' images), a part of
-    /// those rows' `prefillMilliseconds`; for metrics.
+    /// Image prefixes shared by the rows asking about one image, kept across `add` calls.
+    var prefixCache: PrefixCache
+    /// Time the vision tower and projector took in the last `add` (over all its fresh rows' images, less weight
+    /// packing), a part of those rows' `prefillMilliseconds`; for metrics.
     public private(set) var lastVisionMilliseconds = 0.0
 
-    public init(generator: Generator) {
+    /// The image-prefix cache's default bound: room for the prefixes of a few images of a 7B model.
+    public static let defaultPrefixCacheBytes = 512 << 20
+
+    /// - Parameter prefixCacheBytes: bytes the image-prefix cache may hold (`PrefixCache`); 0 turns it off, so
+    ///   that every row is prefilled whole.
+    public init(generator: Generator, prefixCacheBytes: Int = defaultPrefixCacheBytes) {
         self.generator = generator
+        prefixCache = PrefixCache(capacityBytes: prefixCacheBytes)
         let c = generator.model.language.configuration
         cache = KeyValueCache(layers: c.hiddenLayers, sequences: 0, keyValueWidth: c.keyValueWidth,
                                storage: KeyValueCache.storage(for: Kernels.precision))
@@ -54,6 +62,12 @@ public struct GenerationBatch {
     /// Rows in the batch.
     public var count: Int { rows.count }
 
+    /// Whether the row took its image prefix's cells from the prefix cache (computed for an earlier row).
+    public func usedCachedPrefix(_ row: Row) -> Bool {
+        guard let state = states[row] else { preconditionFailure("\(row) is not in the batch") }
+        return state.result.stats.cachedPrefixTokens != nil
+    }
+
     /// Whether the row has reached a stop rule.
     public func isFinished(_ row: Row) -> Bool {
         guard let state = states[row] else { preconditionFailure("\(row) is not in the batch") }
@@ -64,7 +78,8 @@ public struct GenerationBatch {
     /// no prefill: its cells, tokens and sampler are restored). The others run the vision tower
     /// together, over all their images at once, and are prefilled together in one packed pass;
     /// each then has its first token (and may already be finished, e.g. at `maxTokens` 1).
-    /// Their `prefillMilliseconds` is the time of this whole call: their time to first token.
+    /// Their `prefillMilliseconds` is the time of this whole call, their time to first token, less the time spent
+    /// packing weights on their first use (`packingMilliseconds`).
     ///
     /// Nothing is added when a request or snapshot does not fit (the error names its index).
     @discardableResult
@@ -97,59 +112,124 @@ public struct GenerationBatch {
         return added
     }
 
-    /// Embeds, prefills and takes the first token of new rows.
+    /// Embeds, prefills and takes the first token of new rows. Rows whose image prefix is shared
+    /// (`Generator.prefixKey`) take its cells from the prefix cache and prefill only their own
+    /// tokens on top; the first row of a prefix not held is prefilled whole, and the prefix's cells
+    /// are cut from its own (a token's cells never depend on the tokens after it).
     /// Sets `lastVisionMilliseconds` (0 when no row was fresh).
     mutating func prefill(_ fresh: [(row: Row, request: GenerationRequest)], start: DispatchTime) {
         guard !fresh.isEmpty else { return }
-        let c = generator.model.language.configuration
-        var prefilled: [Generator.RequestState] = []
-        var flops: [Int] = []
-        let visionStart = DispatchTime.now()
-        let prompts = generator.promptEmbeddings(fresh.map(\.request))
-        lastVisionMilliseconds = milliseconds(since: visionStart)
-        for ((_, request), prompt) in zip(fresh, prompts) {
-            var state = Generator.RequestState(request: request, sequence: -1, sampler: Sampler(request.parameters.sampling),
-                                               promptEmbeddings: prompt.embeddings, promptLength: prompt.embeddings.rows,
-                                               imageSpan: prompt.imageSpan)
-            state.result.stats.promptTokens = prompt.embeddings.rows
-            state.result.stats.precision = Kernels.precision
-            state.result.stats.imageTokensTotal = prompt.imageSpan?.count ?? 0
-            prefilled.append(state)
-            flops.append(2 * c.hiddenSize * c.vocabularySize + (prompt.imageSpan == nil ? 0 : generator.visionFlops()))
-        }
-        var logits = [[Float]](repeating: [], count: fresh.count)
-        // Rows with a KV cache: one packed pass. Rows without one recompute their sequence
-        // (a replayed prefix is simply part of it).
-        let cached = prefilled.indices.filter { prefilled[$0].sparsity.usesKeyValueCache }
-        if !cached.isEmpty {
-            var group = cached.map { i in
-                var state = prefilled[i]
-                state.sequence = takeSequence()
-                state.forced = state.request.generatedPrefix
-                return state
+        let packingBefore = WeightPacking.milliseconds
+        let c = generator.model.language.configuration, patches = generator.model.vision.configuration.patchCount
+        let requests = fresh.map(\.request)
+        let keys = requests.map { prefixCache.isEnabled ? generator.prefixKey($0) : nil }
+        // The shared prefixes this call needs: those held, and those its first row computes whole.
+        var prefixes: [PrefixCache.Key: PrefixCache.Entry] = [:]
+        var toCompute: [(key: PrefixCache.Key, row: Int)] = []
+        var pending = Set<PrefixCache.Key>()
+        for (i, key) in keys.enumerated() {
+            guard let key, prefixes[key] == nil, !pending.contains(key) else { continue }
+            if let entry = prefixCache.entry(key) {
+                prefixes[key] = entry
+            } else {
+                pending.insert(key)
+                toCompute.append((key, i))
             }
-            var groupFlops = cached.map { flops[$0] }
+        }
+        let computing = Set(toCompute.map(\.row))
+        let whole = requests.indices.filter { keys[$0] == nil || computing.contains($0) }
+        let visionStart = DispatchTime.now(), visionPackingBefore = WeightPacking.milliseconds
+        let prompts = generator.promptEmbeddings(whole.map { requests[$0] })
+        lastVisionMilliseconds = milliseconds(since: visionStart) - (WeightPacking.milliseconds - visionPackingBefore)
+
+        var prefilled = [Generator.RequestState?](repeating: nil, count: fresh.count)
+        var flops = [Int](repeating: 2 * c.hiddenSize * c.vocabularySize, count: fresh.count)
+        var logits = [[Float]](repeating: [], count: fresh.count)
+        for (i, prompt) in zip(whole, prompts) {
+            prefilled[i] = freshState(requests[i], embeddings: prompt.embeddings, promptLength: prompt.embeddings.rows, imageSpan: prompt.imageSpan)
+            if prompt.imageSpan != nil { flops[i] += generator.visionFlops() }
+        }
+        // Rows with a KV cache and no prefix held: one packed pass. Rows without a KV cache recompute their sequence
+        // (a replayed prefix is simply part of it).
+        let cachedWhole = whole.filter { prefilled[$0]!.sparsity.usesKeyValueCache }
+        var group = cachedWhole.map { i in
+            var state = prefilled[i]!
+            state.sequence = takeSequence()
+            state.forced = state.request.generatedPrefix
+            return state
+        }
+        if !group.isEmpty {
+            var groupFlops = cachedWhole.map { flops[$0] }
             let groupLogits = generator.prefill(&group, cache: &cache, flops: &groupFlops)
-            for (j, i) in cached.enumerated() {
+            for (j, i) in cachedWhole.enumerated() {
                 prefilled[i] = group[j]
                 flops[i] = groupFlops[j]
                 logits[i] = groupLogits[j]
-                prefilled[i].result.stats.kvCellsPerLayer = cache.cellCounts(sequence: group[j].sequence)
-                cache.reserveCapacity(sequence: group[j].sequence, additionalCells: generator.cellsToCome(group[j]))
             }
         }
-        for i in prefilled.indices where !prefilled[i].sparsity.usesKeyValueCache {
-            prefilled[i].result.tokenIDs = prefilled[i].request.generatedPrefix
-            logits[i] = generator.recompute(&prefilled[i], flops: &flops[i])
+        for item in toCompute {
+            let state = prefilled[item.row]!, tokens = state.promptLength - state.request.idsAfterImage.count
+            let cells = cache.layers.map { $0[state.sequence].prefix(before: Int32(tokens)) }
+            let bytes = cells.reduce(0) { $0 + $1.keys.count + $1.values.count + 4 * $1.cellCount }
+                + 4 * (item.key.pixelBits.count + item.key.idsBeforeImage.count)
+            let entry = PrefixCache.Entry(cells: cells, tokens: tokens, keptImageIndices: state.result.keptImageIndices, byteCount: bytes)
+            prefixes[item.key] = entry
+            prefixCache.insert(entry, for: item.key)
         }
-        let elapsed = milliseconds(since: start)
+        // The other rows on a shared prefix: its cells, then their own tokens in one packed pass.
+        let keyed = requests.indices.filter { keys[$0] != nil && !computing.contains($0) }
+        if !keyed.isEmpty {
+            var group = keyed.map { i in
+                let request = requests[i], entry = prefixes[keys[i]!]!
+                let imageSpan = request.idsBeforeImage.count ..< request.idsBeforeImage.count + patches
+                var state = freshState(request, embeddings: generator.model.language.embed(request.idsAfterImage),
+                                       promptLength: entry.tokens + request.idsAfterImage.count, imageSpan: imageSpan)
+                state.cachedPrefixLength = entry.tokens
+                state.sequence = takeSequence()
+                state.forced = request.generatedPrefix
+                for l in cache.layers.indices { cache.layers[l][state.sequence] = entry.cells[l] }
+                state.result.stats.imageTokensKept = entry.keptImageIndices?.count ?? patches
+                state.result.keptImageIndices = entry.keptImageIndices
+                state.result.stats.keptImageIndices = entry.keptImageIndices
+                state.result.stats.cachedPrefixTokens = entry.tokens
+                return state
+            }
+            var groupFlops = keyed.map { flops[$0] }
+            let groupLogits = generator.prefill(&group, cache: &cache, flops: &groupFlops)
+            for (j, i) in keyed.enumerated() {
+                prefilled[i] = group[j]
+                flops[i] = groupFlops[j]
+                logits[i] = groupLogits[j]
+            }
+        }
+        for i in prefilled.indices where prefilled[i]!.sparsity.usesKeyValueCache {
+            prefilled[i]!.result.stats.kvCellsPerLayer = cache.cellCounts(sequence: prefilled[i]!.sequence)
+            cache.reserveCapacity(sequence: prefilled[i]!.sequence, additionalCells: generator.cellsToCome(prefilled[i]!))
+        }
+        for i in prefilled.indices where !prefilled[i]!.sparsity.usesKeyValueCache {
+            prefilled[i]!.result.tokenIDs = prefilled[i]!.request.generatedPrefix
+            logits[i] = generator.recompute(&prefilled[i]!, flops: &flops[i])
+        }
+        let packing = WeightPacking.milliseconds - packingBefore
+        let elapsed = milliseconds(since: start) - packing
         for (i, (row, _)) in fresh.enumerated() {
-            var state = prefilled[i]
+            var state = prefilled[i]!
             state.result.stats.prefillMilliseconds = elapsed
+            state.result.stats.packingMilliseconds = packing > 0 ? packing : nil
             state.result.stats.prefillFlops = flops[i]
             generator.accept(logits[i], into: &state, cellsNow: state.result.stats.kvCellsPerLayer)
             states[row] = state
         }
+    }
+
+    /// A new row's state before prefill (no cache sequence yet), with the statistics known from its prompt.
+    func freshState(_ request: GenerationRequest, embeddings: Matrix, promptLength: Int, imageSpan: Range<Int>?) -> Generator.RequestState {
+        var state = Generator.RequestState(request: request, sequence: -1, sampler: Sampler(request.parameters.sampling),
+                                           promptEmbeddings: embeddings, promptLength: promptLength, imageSpan: imageSpan)
+        state.result.stats.promptTokens = promptLength
+        state.result.stats.precision = Kernels.precision
+        state.result.stats.imageTokensTotal = imageSpan?.count ?? 0
+        return state
     }
 
     /// One decode step: every generating row gets one token. Rows with a KV cache step together

@@ -131,12 +131,23 @@ public struct GenerationStats: Sendable, Codable, Equatable {
     /// as `GenerationResult.keptImageIndices`; absent when none were dropped, and in files written before it was
     /// recorded. `dllava report` draws them over the image.
     public var keptImageIndices: [Int]?
+    /// Prompt tokens (the text before the image and the image) whose K/V this request took from the image-prefix
+    /// cache, computed for an earlier request about the same image: it ran neither the vision tower nor their
+    /// prefill. Absent when it computed its whole prompt.
+    public var cachedPrefixTokens: Int?
+    /// Time spent packing weights for the kernels during this request's prefill (a fresh process packs each weight
+    /// on its first product), not counted in `prefillMilliseconds`; absent when no weight was packed.
+    public var packingMilliseconds: Double?
+    /// Time to load the model (configuration, checkpoint memory-mapped, weights converted where their type needs it),
+    /// when the caller loaded it for this request (`dllava generate`); absent otherwise.
+    public var loadMilliseconds: Double?
 
     enum CodingKeys: String, CodingKey {
         case promptTokens = "prompt_tokens", imageTokensTotal = "image_tokens_total", imageTokensKept = "image_tokens_kept"
         case kvCellsPerLayer = "kv_cells_per_layer", prefillMilliseconds = "prefill_ms", decodeMilliseconds = "decode_ms"
         case prefillFlops = "prefill_flops", decodeFlops = "decode_flops", kvBytesPeak = "kv_bytes_peak"
-        case precision, keptImageIndices = "kept_image_indices"
+        case precision, keptImageIndices = "kept_image_indices", cachedPrefixTokens = "cached_prefix_tokens"
+        case packingMilliseconds = "packing_ms", loadMilliseconds = "load_ms"
     }
 }
 

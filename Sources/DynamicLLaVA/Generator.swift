@@ -36,6 +36,9 @@ public struct Generator: Sendable {
         var promptLength: Int
         /// Where the image sits in the prompt.
         var imageSpan: Range<Int>?
+        /// Prompt tokens whose cells came from the prefix cache at prefill (0: none); `promptEmbeddings` then holds
+        /// only the tokens after them.
+        var cachedPrefixLength = 0
         var result = GenerationResult()
         var finished = false
         /// Decode steps run, counting those before a resume.

@@ -30,19 +30,21 @@ extension Generator {
 
     /// Runs the prompts of `states` (rows with a KV cache, fresh sequences) through every layer
     /// in one packed pass, pruning each row's image tokens at its mode's layer, and leaves their
-    /// cells in `cache`. Returns each row's logits for its last prompt token, and adds each row's
-    /// multiply-adds to `flops`.
+    /// cells in `cache`. A row with a `cachedPrefixLength` already holds its image prefix's cells
+    /// (from the prefix cache) and runs only the tokens after it, none pruned. Returns each row's
+    /// logits for its last prompt token, and adds each row's multiply-adds to `flops`.
     func prefill(_ states: inout [RequestState], cache: inout KeyValueCache, flops: inout [Int]) -> [[Float]] {
         let language = model.language, layerCount = language.layerCount
         var hidden = Matrix.concatenateRows(states.map { state in
             guard let embeddings = state.promptEmbeddings else { preconditionFailure("a prefilled request has its embeddings") }
+            precondition(embeddings.rows == state.promptLength - state.cachedPrefixLength, "embeddings of the tokens after the cached prefix")
             return embeddings
         })
-        var batch = TokenBatch(positions: states.flatMap { (0..<Int32($0.promptLength)).map { $0 } },
-                               sequences: states.flatMap { Array(repeating: $0.sequence, count: $0.promptLength) })
-        let pruning = states.map { pruningLayer($0.sparsity) }
+        var batch = TokenBatch(positions: states.flatMap { (Int32($0.cachedPrefixLength)..<Int32($0.promptLength)).map { $0 } },
+                               sequences: states.flatMap { Array(repeating: $0.sequence, count: $0.promptLength - $0.cachedPrefixLength) })
+        let pruning = states.map { $0.cachedPrefixLength > 0 ? (layer: layerCount, observedAttention: []) : pruningLayer($0.sparsity) }
         var observation = ForwardObservation(attentionLayers: pruning.reduce(into: Set<Int>()) { $0.formUnion($1.observedAttention) })
-        for r in states.indices { states[r].result.stats.imageTokensKept = states[r].imageSpan?.count ?? 0 }
+        for r in states.indices where states[r].cachedPrefixLength == 0 { states[r].result.stats.imageTokensKept = states[r].imageSpan?.count ?? 0 }
         // Run up to each layer where some rows prune, prune them there, and go on.
         var layer = 0
         for split in Set(pruning.map(\.layer)).sorted() where split < layerCount {

@@ -35,9 +35,9 @@ public protocol JobQueue: AnyObject, Sendable {
     @discardableResult
     func enqueue(_ jobs: [NewJob]) throws -> EnqueueResult
 
-    /// Claims up to `limit` jobs for `owner`, in the order priority, run_at, id, and leases them until
-    /// `now + leaseDuration` milliseconds. First rescues rows whose lease expired. No job is ever handed to two
-    /// workers. Returns them in claim order.
+    /// Claims up to `limit` jobs for `owner`, in the order priority, run_at, id with the jobs about one image
+    /// together (`ClaimOrder`), and leases them until `now + leaseDuration` milliseconds. First rescues rows whose
+    /// lease expired. No job is ever handed to two workers. Returns them sorted by priority, run_at, id.
     func claim(owner: String, limit: Int, leaseDuration: Int64) throws -> [Job]
 
     /// Puts running rows whose lease expired back in the queue, as a worker's death (`retryPolicy.deathLimit`,

@@ -104,6 +104,15 @@ public struct SequenceCells: Sendable, Equatable {
         }
     }
 
+    /// The leading cells whose positions are below `position` (cells are written in increasing position order
+    /// within a prompt): the cells of the prompt's first `position` tokens.
+    public func prefix(before position: Int32) -> SequenceCells {
+        let count = positions.firstIndex { $0 >= position } ?? cellCount
+        let rowBytes = count == 0 ? 0 : keys.count / cellCount
+        return SequenceCells(storage: storage, positions: Array(positions[..<count]), keys: Array(keys[..<(count * rowBytes)]),
+                             values: Array(values[..<(count * rowBytes)]))
+    }
+
     /// Drops, among the last `writes.count` cells, those whose token does not write K/V (order kept).
     mutating func compactNewest(writes: ArraySlice<Bool>, width: Int) {
         let previous = cellCount - writes.count, rowBytes = width * storage.byteCount

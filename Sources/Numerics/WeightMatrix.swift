@@ -278,8 +278,30 @@ final class PanelCache: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         if let storage { return UnsafeRawPointer(storage.pointer) }
+        let start = DispatchTime.now().uptimeNanoseconds
         let made = make()
+        WeightPacking.add(nanoseconds: DispatchTime.now().uptimeNanoseconds - start)
         storage = made
         return UnsafeRawPointer(made.pointer)
+    }
+}
+
+/// Time this process has spent packing weights for the kernels (each weight once, on its first product), so
+/// that callers can report it apart from the products: the difference of two readings is the packing between them.
+public enum WeightPacking {
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var nanoseconds: UInt64 = 0
+
+    /// Milliseconds spent packing so far, all weights and threads (packing one weight is itself spread over the workers).
+    public static var milliseconds: Double {
+        lock.lock()
+        defer { lock.unlock() }
+        return Double(nanoseconds) / 1e6
+    }
+
+    static func add(nanoseconds elapsed: UInt64) {
+        lock.lock()
+        nanoseconds += elapsed
+        lock.unlock()
     }
 }

@@ -260,6 +260,33 @@ enum PostgresSchema {
             )
             """,
         ]),
+        // The claim takes the jobs about one image together (`ClaimOrder`, as the SQLite queue does): among the next
+        // `max_jobs * 32` claimable rows (ClaimOrder.lookahead), groups of one priority and image in the order of
+        // their first row. Only those rows are locked and read, however long the queue.
+        Migration(identifier: "v6-claim-by-image", statements: [
+            """
+            CREATE OR REPLACE FUNCTION dllava.claim(owner text, lease_until bigint, now bigint, max_jobs integer, death_limit integer)
+            RETURNS SETOF dllava.job LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM dllava.end_dead_leases(now, death_limit, now, NULL, 'the lease of %W expired', '');
+                RETURN QUERY
+                UPDATE dllava.job
+                SET state = 'running', attempt = attempt + 1, progress_at_claim = progress, saved_progress_at_claim = saved_progress,
+                    lease_owner = owner, lease_expires_at = lease_until, heartbeat_at = now, started_at = now, updated_at = now
+                WHERE id IN (SELECT numbered.id
+                             FROM (SELECT candidate.id, candidate.priority, candidate.image_sha256,
+                                          row_number() OVER (ORDER BY candidate.priority, candidate.run_at, candidate.id) AS position
+                                   FROM (SELECT j.id, j.priority, j.run_at, j.image_sha256 FROM dllava.job j
+                                         WHERE j.state IN ('available', 'retryable') AND j.run_at <= now
+                                         ORDER BY j.priority, j.run_at, j.id
+                                         LIMIT max_jobs * 32
+                                         FOR UPDATE SKIP LOCKED) candidate) numbered
+                             ORDER BY min(numbered.position) OVER (PARTITION BY numbered.priority, numbered.image_sha256), numbered.position
+                             LIMIT max_jobs)
+                RETURNING *;
+            END $$
+            """,
+        ]),
     ]
 
     static var identifiers: [String] { migrations.map(\.identifier) }

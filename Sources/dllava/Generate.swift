@@ -157,7 +157,9 @@ struct Generate: ParsableCommand {
     func run() throws {
         try reportingFailures {
             if let keptPatches { try checkOutputFile(keptPatches, option: "--kept-patches", database: nil) }
+            let loadStart = DispatchTime.now()
             let model = try modelOptions.load()
+            let loadMilliseconds = Double(DispatchTime.now().uptimeNanoseconds - loadStart.uptimeNanoseconds) / 1e6
             let sampling = SamplingParameters(temperature: temperature, topK: topK, topP: topP, seed: seed)
             let mode = sparsity ?? Generator(model: model).defaultSparsityMode
             var parameters = GenerationParameters(
@@ -185,7 +187,8 @@ struct Generate: ParsableCommand {
                 }
                 generator = loaded.generator
             }
-            let result = try generator.generate([request])[0]
+            var result = try generator.generate([request])[0]
+            result.stats.loadMilliseconds = loadMilliseconds
             if let keptPatches, let image, let pipeline {
                 let drawn = try pipeline.keptPatchesImage(imageAt: URL(fileURLWithPath: image), keptImageIndices: result.keptImageIndices)
                 do {

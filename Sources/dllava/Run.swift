@@ -13,12 +13,15 @@ import Telemetry
 struct EngineRunner: BatchRunner {
     let pipeline: LLaVAPipeline
     let fingerprint: ModelFingerprint
+    /// Bytes each batch's image-prefix cache may hold (0: off).
+    let prefixCacheBytes: Int
 
     /// The model is named in result and snapshot files by its contents: every weight, configuration and tokenizer
     /// file of the model directory and of its vision tower directory (`ModelFingerprint.content`). Digests of
     /// unchanged files come from `cache`, so a large checkpoint is read once, not at every start.
-    init(pipeline: LLaVAPipeline, cache: FileDigestCache) throws {
+    init(pipeline: LLaVAPipeline, cache: FileDigestCache, prefixCacheBytes: Int = GenerationBatch.defaultPrefixCacheBytes) throws {
         self.pipeline = pipeline
+        self.prefixCacheBytes = prefixCacheBytes
         let model = pipeline.model
         var files: [(label: String, url: URL)] = []
         let directories: [(role: String, directory: URL?)] = [("model", model.directory), ("vision", model.visionTowerDirectory)]
@@ -49,7 +52,7 @@ struct EngineRunner: BatchRunner {
         (try? url.resourceValues(forKeys: [.isRegularFileKey]).isRegularFile) == true
     }
 
-    func makeBatch() -> EngineBatch { EngineBatch(pipeline: pipeline) }
+    func makeBatch() -> EngineBatch { EngineBatch(pipeline: pipeline, prefixCacheBytes: prefixCacheBytes) }
 }
 
 /// A running batch of jobs on the engine: a `GenerationBatch` whose rows are jobs.
@@ -60,9 +63,9 @@ final class EngineBatch: RunningBatch {
     var jobOfRow: [GenerationBatch.Row: Int64] = [:]
     private(set) var lastAdmissionTimings: AdmissionTimings?
 
-    init(pipeline: LLaVAPipeline) {
+    init(pipeline: LLaVAPipeline, prefixCacheBytes: Int) {
         self.pipeline = pipeline
-        generation = GenerationBatch(generator: pipeline.generator)
+        generation = GenerationBatch(generator: pipeline.generator, prefixCacheBytes: prefixCacheBytes)
     }
 
     var generating: [Int64] { generation.generating.map { jobOfRow[$0]! } }
@@ -97,18 +100,21 @@ final class EngineBatch: RunningBatch {
                 refused[entry.job.id] = .failed(reason: "\(error)", permanent: true)
             }
         }
-        let addStart = DispatchTime.now()
+        let addStart = DispatchTime.now(), packingBefore = WeightPacking.milliseconds
+        var sharedPrefixJobs = 0
         defer {
             let end = DispatchTime.now().uptimeNanoseconds
-            let vision = generation.lastVisionMilliseconds / 1000
+            let vision = generation.lastVisionMilliseconds / 1000, packing = (WeightPacking.milliseconds - packingBefore) / 1000
             lastAdmissionTimings = AdmissionTimings(imageDecodeSeconds: Double(addStart.uptimeNanoseconds - decodeStart.uptimeNanoseconds) / 1e9,
                                                     visionSeconds: vision,
-                                                    prefillSeconds: max(0, Double(end - addStart.uptimeNanoseconds) / 1e9 - vision))
+                                                    prefillSeconds: max(0, Double(end - addStart.uptimeNanoseconds) / 1e9 - vision - packing),
+                                                    packingSeconds: packing, sharedPrefixJobs: sharedPrefixJobs)
         }
         do {
             for (job, row) in zip(jobs, try generation.add(requests, resuming: snapshots)) {
                 rowOfJob[job] = row
                 jobOfRow[row] = job
+                if generation.usedCachedPrefix(row) { sharedPrefixJobs += 1 }
             }
         } catch {
             // Each request was validated and each snapshot checked above: not expected, but never fatal to the daemon.
@@ -238,6 +244,11 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("batch-size"), help: "Jobs generating at once (freed places are refilled at every decode step).")
     var batchSize = 8
 
+    @Option(name: .customLong("prefix-cache-mb"), help: ArgumentHelp(
+        "Memory for the image-prefix cache in MiB: jobs about one image (same mode and keep rate) run the vision tower and the prompt's shared prefix once; 0 turns it off.",
+        valueName: "MiB"))
+    var prefixCacheMegabytes = GenerationBatch.defaultPrefixCacheBytes >> 20
+
     @Option(name: .customLong("lock-file"), help: "Hold this lock while running; exit 75 if another process holds it.")
     var lockFile: String?
 
@@ -272,6 +283,7 @@ struct Run: ParsableCommand {
             throw ValidationError("--out is required on an SQLite queue (its results and snapshots are files there)")
         }
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
+        guard (0...(1 << 30)).contains(prefixCacheMegabytes) else { throw ValidationError("--prefix-cache-mb must be 0 (off) or a number of MiB up to 2^30") }
         guard SnapshotInterval(snapshotEvery) != nil else {
             throw ValidationError("--snapshot-every: '\(snapshotEvery)' is neither a step count like 32 nor a duration like 30s or 2m")
         }
@@ -308,9 +320,13 @@ struct Run: ParsableCommand {
             let metricsWriter = try registry.flatMap { registry in try metricsFile.map { try startMetricsFile($0, registry: registry, logger: logger) } }
             let server = try registry.flatMap { registry in try metricsPort.map { try startMetricsServer($0, registry: registry, logger: logger) } }
             defer { server?.close() }
+            let loadStart = DispatchTime.now()
             let pipeline = try LLaVAPipeline(model: try modelOptions.load())
+            var workerLogger = logger
+            workerLogger[metadataKey: "worker"] = .string(options.owner)
+            workerLogger.info("loaded the model in \(String(format: "%.2f", Double(DispatchTime.now().uptimeNanoseconds - loadStart.uptimeNanoseconds) / 1e9)) s")
             let digests = FileDigestCache(location: FileDigestCache.defaultLocation())
-            let runner = try EngineRunner(pipeline: pipeline, cache: digests)
+            let runner = try EngineRunner(pipeline: pipeline, cache: digests, prefixCacheBytes: prefixCacheMegabytes << 20)
             do {
                 try digests.save()
             } catch {

@@ -54,7 +54,7 @@ struct CommandLineTests {
                 }
             }
             for key in ["image_tokens_total", "image_tokens_kept", "kv_cells_per_layer", "prefill_ms", "decode_ms",
-                        "prefill_flops", "decode_flops", "kv_bytes_peak"] {
+                        "prefill_flops", "decode_flops", "kv_bytes_peak", "load_ms"] {
                 #expect(output.stats[key] != nil, "stats.\(key) missing")
             }
         }

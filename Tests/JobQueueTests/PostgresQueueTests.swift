@@ -12,9 +12,9 @@ struct PostgresQueueTests {
     @Test func migrationsCreateTheQueueSchemaOnceAndKeepTheIdentity() throws {
         let fixture = try Fixture(.postgres)
         defer { fixture.remove() }
-        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret"])
+        #expect(try fixture.queue.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret", "v6-claim-by-image"])
         let again = try PostgresJobQueue(url: fixture.location)
-        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret"])
+        #expect(try again.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret", "v6-claim-by-image"])
         #expect(again.identity == fixture.queue.identity && UUID(uuidString: again.identity) != nil)
         #expect(again.snapshotSecret == fixture.queue.snapshotSecret && again.snapshotSecret.count == 32)
         let tables = try TestPostgres.shared().psql("SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables WHERE schemaname = 'dllava'",
@@ -35,12 +35,12 @@ struct PostgresQueueTests {
         // As a queue made before results were stored in the database: v1 alone, its result a file.
         try TestPostgres.shared().psql("""
             DROP TABLE dllava.snapshot_chunk, dllava.snapshot, dllava.result;
-            DELETE FROM dllava.migration WHERE identifier IN ('v2-stored-artifacts', 'v3-snapshot-frames')
+            DELETE FROM dllava.migration WHERE identifier IN ('v2-stored-artifacts', 'v3-snapshot-frames', 'v4-claim-by-image')
             """, database: String(fixture.location.split(separator: "/").last!))
         let location = try PostgresAddress(fixture.location).description
         #expect(throws: JobQueueError.olderSchema(path: location)) { try PostgresJobQueue(url: fixture.location, access: .readOnly) }
         let upgraded = try PostgresJobQueue(url: fixture.location)
-        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret"])
+        #expect(try upgraded.appliedMigrations() == ["v1-queue", "v2-stored-artifacts", "v3-snapshot-frames", "v4-job-progress", "v5-snapshot-secret", "v6-claim-by-image"])
         var exported: [ExportRecord] = []
         try ExportRecord.forEach(in: upgraded, .all) { exported.append($0) }
         #expect(exported.map(\.text) == ["three shapes"] && !exported[0].resultUnreadable, "\(exported)")

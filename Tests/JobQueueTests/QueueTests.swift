@@ -169,15 +169,37 @@ struct QueueTests {
         #expect(try fixture.queue.claim(owner: "w", limit: 10, leaseDuration: 60_000).isEmpty)
     }
 
+    @Test(arguments: Backend.allCases) func claimTakesTheJobsAboutOneImageTogether(_ backend: Backend) throws {
+        let fixture = try Fixture(backend)
+        defer { fixture.remove() }
+        var jobs = fixture.jobs(8)
+        let images = ["a", "b", "c", "a", "b", "c", "a", "a"]
+        for (i, image) in images.enumerated() { jobs[i].imageSHA256 = String(repeating: image, count: 64) }
+        jobs[7].priority = 1  // never moves ahead of the jobs of a better priority
+        let ids = try fixture.queue.enqueue(jobs).inserted
+        let first = try fixture.queue.claim(owner: "w", limit: 4, leaseDuration: 60_000)
+        #expect(first.map(\.id) == [ids[0], ids[1], ids[3], ids[6]], "image a's jobs of priority 0, then b's first")
+        let second = try fixture.queue.claim(owner: "w", limit: 3, leaseDuration: 60_000)
+        #expect(second.map(\.id) == [ids[2], ids[4], ids[5]])
+        #expect(try fixture.queue.claim(owner: "w", limit: 3, leaseDuration: 60_000).map(\.id) == [ids[7]])
+    }
+
+    @Test func claimOrderLooksAheadABoundedStretch() {
+        let candidates = (0..<10).map { ClaimOrder.Candidate(id: Int64($0), priority: 0, imageSHA256: $0 % 2 == 0 ? "x" : "y") }
+        #expect(ClaimOrder.choose(candidates, limit: 4) == [0, 2, 4, 6])
+        #expect(ClaimOrder.choose(candidates, limit: 20) == [0, 2, 4, 6, 8, 1, 3, 5, 7, 9])
+        #expect(ClaimOrder.lookahead(8) >= 8)
+    }
+
     @Test func claimAndRescueWalkTheirIndexesWithoutSorting() throws {
         let fixture = try Fixture()
         defer { fixture.remove() }
         try fixture.queue.enqueue(fixture.jobs(2_000))
         let pool = try DatabasePool(path: fixture.databasePath)
-        for (sql, index) in [(SQLiteJobQueue.claimSQL, "job_claim_order"), (SQLiteJobQueue.rescueSQL, "job_lease_expiry")] {
+        for (sql, index) in [(SQLiteJobQueue.claimCandidatesSQL, "job_claim_order"), (SQLiteJobQueue.rescueSQL, "job_lease_expiry")] {
             let plan = try pool.read { db in
                 try Row.fetchAll(db, sql: "EXPLAIN QUERY PLAN " + sql.replacingOccurrences(of: "RETURNING *", with: ""),
-                                 arguments: sql.contains("?1") ? [0, 3] : ["o", 0, 0, 0, 0, 0, 1]).map { $0["detail"] as String }
+                                 arguments: sql.contains("?1") ? [0, 3] : [0, 1]).map { $0["detail"] as String }
             }
             #expect(plan.contains { $0.contains("USING INDEX \(index)") || $0.contains("USING COVERING INDEX \(index)") }, "\(plan)")
             #expect(!plan.contains { $0.contains("TEMP B-TREE") }, "\(plan)")

@@ -15,7 +15,7 @@ struct PostgresCommandLineTests {
         func queue(_ command: String, _ arguments: String...) throws -> ProcessResult { try workspace.run([command, "--db", url] + arguments) }
 
         let created = try queue("init")
-        #expect(created.status == 0 && created.standardOutput == "\(location) is ready (schema v5-snapshot-secret)\n", "\(created.standardError)")
+        #expect(created.status == 0 && created.standardOutput == "\(location) is ready (schema v6-claim-by-image)\n", "\(created.standardError)")
         let manifest = try workspace.standardManifest()
         let enqueue = try queue("enqueue", "--jsonl", manifest.path)
         #expect(enqueue.status == 65 && enqueue.standardOutput == "enqueued 3 jobs from \(manifest.path)\n")
