@@ -1,5 +1,4 @@
 import Foundation
-import JobQueue
 
 /// Where a PostgreSQL queue lives, parsed from `postgres://user[:password]@host[:port]/database[?host=/socket/dir]`
 /// (`postgresql://` too). The password may also come from `PGPASSWORD`; a `host` query parameter that is a folder
