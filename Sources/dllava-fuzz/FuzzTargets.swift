@@ -8,18 +8,20 @@ import SafeTensors
 import Tokenizer
 
 /// One parser of untrusted bytes, driven with arbitrary input. A target returns normally for every input: a thrown
-/// error is the expected answer to bad bytes; only a crash (trap, sanitizer report, leak of control) is a finding.
+/// error is the expected answer to bad bytes; a crash, a trap, a sanitizer report, an allocation over libFuzzer's limit or
+/// a hang is a finding.
 struct FuzzTarget: Sendable {
     /// The name `Scripts/fuzz` and the corpus folder (`Tests/Fuzz/corpus/<name>`) use.
     let name: String
     let run: @Sendable (Data) -> Void
 }
 
-/// Files the file-based readers read, one scratch folder per process, rewritten on every input.
+/// Files the file-based readers read, one scratch folder per process, rewritten on every input and removed at exit.
 enum Scratch {
     static let folder: URL = {
         let folder = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-fuzz-\(getpid())", isDirectory: true)
         try? FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        atexit { try? FileManager.default.removeItem(at: Scratch.folder) }
         return folder
     }()
 
