@@ -100,6 +100,12 @@ let package = Package(
         // The library's smallest use: caption one image (run by EngineTests on the shipped demo model).
         .executableTarget(name: "dllava-example-caption", dependencies: ["DynamicLLaVA", "Numerics", "SafeTensors"]),
 
+        // libFuzzer harnesses for every parser of untrusted bytes (docs/SECURITY.md, "Fuzzing"): Scripts/fuzz builds
+        // this with the fuzzer and address sanitizers in its own scratch folder; the normal build replays inputs.
+        .executableTarget(name: "dllava-fuzz", dependencies: [
+            "Artifacts", "BatchDaemon", "Imaging", "JobQueue", "SafeTensors", "Tokenizer", .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+
         .testTarget(name: "NumericsTests", dependencies: ["Numerics", "CKernels"]),
         .testTarget(name: "SafeTensorsTests", dependencies: ["SafeTensors", "Numerics"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer"], resources: [.copy("Fixtures")]),

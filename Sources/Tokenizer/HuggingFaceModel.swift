@@ -114,6 +114,12 @@ struct HuggingFaceModel: Sendable {
             addedTokens.append(AddedToken(content: content, id: id, special: item["special"]?.bool ?? false))
             maxID = max(maxID, Int(id))
         }
+        // The id table has one slot per id up to the largest: an id far beyond the tokens the file defines would make
+        // a few bytes of JSON allocate gigabytes.
+        let definedTokens = entries.count + addedTokens.count
+        guard maxID < definedTokens else {
+            throw malformed("token id \(maxID) lies beyond the \(definedTokens) tokens the file defines (ids run from 0 without large gaps)")
+        }
         tokens = Array(repeating: [], count: maxID + 1)
         vocab = ByteTable(capacity: entries.count + addedTokens.count)
         for (token, id) in entries {

@@ -76,6 +76,19 @@ import Tokenizer
         #expect(error.description.contains(url.path))
     }
 
+    /// Found by fuzzing: one vocab id of 2^31 - 1 made the loader allocate a 16 GiB id table
+    /// (Tests/Fuzz/corpus/tokenizer-json/crash-vocab-id-int32-max); 10^7 is enough to show the rule.
+    @Test func jsonTokenIDBeyondTheDefinedTokensIsMalformed() throws {
+        let id = 10_000_000
+        let json = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"<unk>\": 0, \"<s>\": 1, \"</s>\": 2, \"a\": \(id)}, \"merges\": [], "
+            + "\"unk_token\": \"<unk>\"}}"
+        let url = try write(Array(json.utf8), as: "tokenizer.json")
+        let error = try #require(loadError(url))
+        #expect(error.kind == .malformed)
+        #expect(error.description.contains(url.path))
+        #expect(error.description.contains("token id \(id) lies beyond the 4 tokens"))
+    }
+
     @Test func jsonWithoutAModelIsMalformed() throws {
         let url = try write(Array("{\"version\": \"1.0\"}".utf8), as: "tokenizer.json")
         let error = try #require(loadError(url))

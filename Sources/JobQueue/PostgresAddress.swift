@@ -1,5 +1,4 @@
 import Foundation
-import JobQueue
 
 /// Where a PostgreSQL queue lives and how to reach it, parsed from
 /// `postgres://user[:password]@host[:port]/database[?host=/socket/dir&sslmode=MODE&sslrootcert=FILE]` (`postgresql://`
