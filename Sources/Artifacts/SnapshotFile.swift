@@ -232,7 +232,7 @@ public enum SnapshotFile {
     public static let formatVersion: UInt32 = 4
     public static let frameHeaderSize = 104
     /// Bytes of an HMAC-SHA256 tag.
-    static let tagSize = 32
+    public static let tagSize = 32
     /// Frame payloads larger than this are refused on reading.
     public static let maxPayloadSize = 4 << 30
     /// What frames are stored as: measured in the README ("Incremental snapshots").

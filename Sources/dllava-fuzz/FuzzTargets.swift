@@ -47,6 +47,10 @@ let manifestQueue: SQLiteJobQueue = {
     }
 }()
 
+/// The bounds a snapshot is read under: a small model's (4 layers x 256 tokens of context, K/V width 64 in f32), so
+/// that frames which declare more are refused before anything is decompressed, as `run` refuses them.
+let snapshotLimits = SnapshotLimits(maxCells: 4 * 256, cellBytes: 4 + 2 * 64 * 4, otherBytes: 64 * 1024 + 2048 * 256)
+
 enum FuzzTargets {
     static let all: [FuzzTarget] = [
         // The 8-byte length, the JSON header, tensor extents and the q8 `__metadata__`.
@@ -60,12 +64,15 @@ enum FuzzTargets {
                 _ = try? tensor.integers()
             }
         },
-        // A snapshot file: envelope, identity header and format-3 frames (torn-tail recovery, zstd payloads).
-        // The frames' sha256 stops almost every mutation at the first frame, so each input is also decoded with
-        // the checksums made to hold, which takes the fuzzer on to the frame fields and the payload decoding.
+        // A snapshot file: envelope, identity header and format-4 frames (torn-tail recovery, size bounds, zstd
+        // payloads), read as `snapshot inspect` reads it without the queue (tags unchecked) under the bounds of a
+        // small model. The frames' sha256 stops almost every mutation at the first frame, so each input is also
+        // decoded with the checksums made to hold, which takes the fuzzer on to the frame fields and the payloads.
         FuzzTarget(name: "snapshot") { data in
-            _ = try? SnapshotFile.decode(data, path: "fuzz.kv")
-            if let fixed = SnapshotChecksums.fixed(data) { _ = try? SnapshotFile.decode(fixed, path: "fuzz.kv") }
+            _ = try? SnapshotFile.decode(data, path: "fuzz.kv", limits: snapshotLimits, key: nil)
+            if let fixed = SnapshotChecksums.fixed(data) {
+                _ = try? SnapshotFile.decode(fixed, path: "fuzz.kv", limits: snapshotLimits, key: nil)
+            }
         },
         // A result file as stored (zstd), and the same bytes as the JSON inside one.
         FuzzTarget(name: "result") { data in
@@ -140,19 +147,21 @@ enum SnapshotChecksums {
             return bytes[offset ..< offset + size].reversed().reduce(0) { $0 << 8 | UInt64($1) }
         }
         var offset = SnapshotFile.magic.count + 4
-        // Five length-prefixed strings with the i64 job id after the second.
+        // Five length-prefixed strings with the i64 job id after the second, then the header's tag.
         for field in 0 ..< 5 {
             guard let length = integer(at: offset, size: 4), length <= UInt64(bytes.count) else { return nil }
             offset += 4 + Int(length)
             if field == 1 { offset += 8 }
         }
+        offset += SnapshotFile.tagSize
+        // A frame's header: 40 bytes of fields, their sha256 (with the stored bytes), the frame's tag.
         let header = SnapshotFile.frameHeaderSize
         while bytes.count - offset >= header, let stored = integer(at: offset + 32, size: 8), stored <= UInt64(bytes.count - offset - header) {
             let end = offset + header + Int(stored)
             var hasher = SHA256()
             hasher.update(data: bytes[offset ..< offset + 40])
             hasher.update(data: bytes[offset + header ..< end])
-            bytes.replaceSubrange(offset + 40 ..< offset + header, with: Array(hasher.finalize()))
+            bytes.replaceSubrange(offset + 40 ..< offset + 72, with: Array(hasher.finalize()))
             offset = end
         }
         return Data(bytes)
