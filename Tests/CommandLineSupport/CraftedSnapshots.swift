@@ -78,20 +78,10 @@ public func residentSetKilobytes() throws -> (peak: Int, now: Int) {
 public func runDLLaVAMeasuringMemory(_ arguments: [String], in directory: URL? = nil) throws -> (result: ProcessResult, peakKilobytes: Int) {
     let report = FileManager.default.temporaryDirectory.appendingPathComponent("dllava-time-\(UUID().uuidString)")
     defer { try? FileManager.default.removeItem(at: report) }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/time")
-    process.arguments = ["-f", "%M", "-o", report.path, dllavaExecutable.path] + arguments
-    if let directory { process.currentDirectoryURL = directory }
-    let output = Pipe(), error = Pipe()
-    process.standardOutput = output
-    process.standardError = error
-    try process.run()
-    let outputData = output.fileHandleForReading.readDataToEndOfFile()
-    let errorData = error.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
+    let result = try runProgram(URL(fileURLWithPath: "/usr/bin/time"), ["-f", "%M", "-o", report.path, dllavaExecutable.path] + arguments,
+                                in: directory)
     // time(1) writes "Command exited with non-zero status N" before the figure when the command fails.
     let lines = try String(contentsOf: report, encoding: .utf8).split(separator: "\n")
     let peak = Int(lines.last ?? "") ?? -1
-    return (ProcessResult(status: process.terminationStatus, standardOutput: String(decoding: outputData, as: UTF8.self),
-                          standardError: String(decoding: errorData, as: UTF8.self)), peak)
+    return (result, peak)
 }

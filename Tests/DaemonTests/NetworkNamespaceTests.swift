@@ -9,20 +9,11 @@ import Testing
 /// Runs `arguments` (found on PATH) to completion; its standard output, or an error with its standard error.
 @discardableResult
 func command(_ arguments: [String]) throws -> String {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = arguments
-    let output = Pipe(), error = Pipe()
-    process.standardOutput = output
-    process.standardError = error
-    try process.run()
-    let outputData = output.fileHandleForReading.readDataToEndOfFile()
-    let errorData = error.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        throw CommandFailed(description: "\(arguments.joined(separator: " ")) failed: \(String(decoding: errorData, as: UTF8.self))")
+    let result = try runProgram(URL(fileURLWithPath: "/usr/bin/env"), arguments)
+    guard result.status == 0 else {
+        throw CommandFailed(description: "\(arguments.joined(separator: " ")) failed: \(result.standardError)")
     }
-    return String(decoding: outputData, as: UTF8.self)
+    return result.standardOutput
 }
 
 struct CommandFailed: Error, CustomStringConvertible {
