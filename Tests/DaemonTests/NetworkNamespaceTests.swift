@@ -96,7 +96,7 @@ struct NetworkNamespaceTests {
         let hosts = try (0..<2).map { try NamespaceHost(index: $0, subnet: subnet + $0, tag: tag) }
         defer { hosts.forEach { $0.remove() } }
 
-        let count = 32
+        let count = 64
         let (url, directory) = try postgresWorkspace(manifest: (0..<count).map { PostgresDaemonTests.manifestLine($0, id: "job\($0)") }, cluster: cluster)
         defer { try? FileManager.default.removeItem(at: directory) }
         let database = String(url.split(separator: "/").last!)
@@ -105,13 +105,19 @@ struct NetworkNamespaceTests {
                             "--until-empty", "--batch-size", "4", "--threads", "1", "--lease", "4s", "--snapshot-every", "4"],
                            in: directory, log: "host\(index).log")
         }
-        // Mid-batch: once host 0 has a running job with a stored snapshot. Host 0 is stopped (SIGSTOP) and the
-        // condition checked again while it cannot move, so that it still holds when the plug is pulled: a loaded
-        // machine could otherwise let host 0 finish those jobs (and drop their snapshots) between check and pull.
+        // Mid-batch: once host 0 has a running job with a stored snapshot, while enough jobs are still queued to keep
+        // host 1 busy until host 0 looks silent (half a lease without a beat): a host 1 with nothing left to do
+        // before then takes host 0 for a live worker and leaves its jobs to it (`--until-empty`). Host 0 is stopped
+        // (SIGSTOP) and the condition checked again while it cannot move, so that it still holds when the plug is
+        // pulled: a loaded machine could otherwise let host 0 finish those jobs (and drop their snapshots) between
+        // check and pull.
         let ofHost0 = "state = 'running' AND lease_owner LIKE '\(hosts[0].hostName)-%'"
         func host0HoldsASnapshottedJob() throws -> Bool {
-            try cluster.psql("SELECT count(*) FROM dllava.snapshot WHERE job_id IN (SELECT id FROM dllava.job WHERE \(ofHost0))",
-                             database: database).trimmingCharacters(in: .whitespacesAndNewlines) != "0"
+            let snapshotted = try cluster.psql("SELECT count(*) FROM dllava.snapshot WHERE job_id IN (SELECT id FROM dllava.job WHERE \(ofHost0))",
+                                               database: database).trimmingCharacters(in: .whitespacesAndNewlines)
+            let queued = try cluster.psql("SELECT count(*) FROM dllava.job WHERE state IN ('available', 'retryable')",
+                                          database: database).trimmingCharacters(in: .whitespacesAndNewlines)
+            return snapshotted != "0" && (Int(queued) ?? 0) >= count / 2
         }
         let deadline = Date().addingTimeInterval(120)
         while Date() < deadline {
